@@ -1,0 +1,77 @@
+-- handler.errors: the error values handler returns, as API.md describes them.
+local setmetatable, tostring, type, format, floor =
+  setmetatable, tostring, type, string.format, math.floor
+
+local M = {}
+
+-- Every error value shares this metatable: tostring(err) is its message, so
+-- error(err) re-raises it cleanly and an uncaught one prints its message.
+local meta = {
+  __tostring = function(e) return e.message end,
+}
+M.meta = meta
+
+local function new(t)
+  return setmetatable(t, meta)
+end
+M.new = new
+
+-- Whole numbers print without a decimal point ("10ms", "4096 bytes").
+local function num(n)
+  if n == floor(n) and n < 2^53 and n > -2^53 then return format("%d", n) end
+  return tostring(n)
+end
+M.num = num
+
+local function exit(reason, fields)
+  local e = fields or {}
+  e.type = "ProcessExit"
+  e.reason = reason
+  e.message = "Process exited with " .. tostring(reason)
+  return new(e)
+end
+
+function M.user_killed()
+  return new({ type = "ProcessExit", message = "User killed the process", reason = "user_killed" })
+end
+
+local rejects = {
+  NoWorkersAvailable = "No workers available",
+  InsufficientMemory = "Not enough memory available",
+  PoolTimeout = "Timed out waiting for pool capacity",
+}
+
+function M.reject(kind)
+  return new({ type = kind, message = rejects[kind], rejected = true })
+end
+
+-- Turns what the core reports about a failed job into an error value.
+-- kind and a, b come from handler.core; max_ms and heap are the job's limits.
+function M.from_core(max_ms, heap, kind, a, b)
+  if kind == "error" then
+    return exit(a, { traceback = b })
+  elseif kind == "timeout" then
+    return new({ type = "Timeout", message = "Took more than " .. num(max_ms) .. "ms to complete" })
+  elseif kind == "oom" then
+    return new({ type = "OOM",
+      message = "Process tried to use more than " .. num(heap) .. " bytes of memory" })
+  elseif kind == "exit" then
+    return exit(a and ("exit " .. num(a)) or "exit (status unknown)")
+  elseif kind == "signal" then
+    return exit(a)
+  elseif kind == "killed" then
+    if type(a) == "table" then return a end
+    return M.user_killed()
+  elseif kind == "badresult" then
+    return exit("result cannot travel: " .. tostring(a))
+  elseif kind == "badreply" then
+    return exit("bad reply from worker: " .. tostring(a))
+  elseif kind == "failed" then
+    return exit(tostring(a))
+  elseif rejects[kind] then
+    return M.reject(kind)
+  end
+  return exit("unknown outcome " .. tostring(kind))
+end
+
+return M

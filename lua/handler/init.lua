@@ -1,0 +1,312 @@
+-- handler: run dangerous Lua closures in worker processes and keep them in check.
+local core = require("handler.core")
+local errors = require("handler.errors")
+
+local type, error, pairs, setmetatable, getmetatable, tostring, format, floor =
+  type, error, pairs, setmetatable, getmetatable, tostring, string.format, math.floor
+local huge = math.huge
+local from_core, reject = errors.from_core, errors.reject
+local core_run, core_submit, core_await = core.run, core.submit, core.await
+
+local M = {}
+
+local DEFAULT_MAX_MS = 60000
+local DEFAULT_HEAP = 10 * 1024 * 1024
+local DEFAULT_RESULT = 64 * 1024 * 1024
+local DEFAULT_IDLE_MS = 10000
+
+-- Pools by name. A named pool stays here until pool:close().
+M.pools = {}
+
+---------------------------------------------------------------------------
+-- Option checking: misuse raises at the caller's level, naming the culprit.
+
+local function typename(v)
+  local t = type(v)
+  if t == "number" and v ~= v then return "nan" end
+  return t
+end
+
+local function nonneg(v)
+  return type(v) == "number" and v == v and v >= 0
+end
+
+local function positive(v)
+  return type(v) == "number" and v == v and v > 0 and v < huge
+end
+
+local function whole(v)
+  return nonneg(v) and v == floor(v)
+end
+
+local RUN_OPTS = {
+  max_ms = { nonneg, "a non-negative number of milliseconds" },
+  max_heap_bytes = { positive, "a positive number of bytes" },
+  max_result_bytes = { positive, "a positive number of bytes" },
+}
+
+local POOL_OPTS = {
+  max_ms = RUN_OPTS.max_ms,
+  max_heap_bytes = RUN_OPTS.max_heap_bytes,
+  max_result_bytes = RUN_OPTS.max_result_bytes,
+  task_name = { function(v) return type(v) == "string" end, "a string" },
+  delegate_param = { function() return true end, "any value" },
+  pool_timeout = { nonneg, "a non-negative number of milliseconds" },
+}
+
+local POOL_CONFIG = {
+  name = { function(v) return type(v) == "string" and v ~= "" end, "a non-empty string" },
+  max_workers = { whole, "a non-negative whole number" },
+  max_memory_bytes = { nonneg, "a non-negative number of bytes" },
+  delegate_to = { function(v) return type(v) == "string" or M.is_pool(v) end,
+    "a pool or a pool's name" },
+  delegate_fun = { function(v) return type(v) == "function" end, "a function" },
+  idle_ms = { nonneg, "a non-negative number of milliseconds" },
+}
+
+local function check_table(what, t, spec, level)
+  if type(t) ~= "table" then
+    error(format("%s: options must be a table, got %s", what, typename(t)), level + 1)
+  end
+  for k, v in pairs(t) do
+    local rule = spec[k]
+    if rule == nil then
+      error(format("%s: unknown option '%s'", what, tostring(k)), level + 1)
+    end
+    if not rule[1](v) then
+      error(format("%s: bad option '%s' (expected %s, got %s)", what, k, rule[2],
+        typename(v)), level + 1)
+    end
+  end
+  return t
+end
+
+local function check_fn(what, fn)
+  if type(fn) ~= "function" then
+    error(format("bad argument #1 to '%s' (function expected, got %s)", what, typename(fn)), 3)
+  end
+end
+
+---------------------------------------------------------------------------
+-- Outcomes: true, results... or false, err.
+
+local function finish(max_ms, heap, ok, ...)
+  if ok then return true, ... end
+  return false, from_core(max_ms, heap, ...)
+end
+
+---------------------------------------------------------------------------
+-- Pools.
+
+local Pool = {}
+Pool.__index = Pool
+
+function M.is_pool(v)
+  return type(v) == "table" and getmetatable(v) == Pool
+end
+
+local function resolve_pool(what, v, level)
+  if type(v) == "string" then
+    local p = M.pools[v]
+    if p == nil then error(format("%s: no pool named '%s'", what, v), level + 1) end
+    return p
+  end
+  if not M.is_pool(v) then
+    error(format("%s: expected a pool or a pool's name, got %s", what, typename(v)), level + 1)
+  end
+  return v
+end
+
+--- handler.pool(config) -> pool
+function M.pool(config)
+  config = check_table("handler.pool", config == nil and {} or config, POOL_CONFIG, 2)
+  local name = config.name
+  if name ~= nil and M.pools[name] ~= nil then
+    error(format("handler.pool: a pool named '%s' already exists", name), 2)
+  end
+  if config.delegate_to ~= nil and config.delegate_fun ~= nil then
+    error("handler.pool: give delegate_to or delegate_fun, not both", 2)
+  end
+  local parent
+  if config.delegate_to ~= nil then
+    parent = resolve_pool("handler.pool: delegate_to", config.delegate_to, 2)
+    if parent._closed then error("handler.pool: delegate_to names a closed pool", 2) end
+  end
+  local ud = core.pool_new(name, config.max_workers or 100,
+    config.max_memory_bytes or 10 * 2^30, parent and parent._ud,
+    config.idle_ms or DEFAULT_IDLE_MS)
+  local self = setmetatable({
+    name = name,
+    max_workers = config.max_workers or 100,
+    max_memory_bytes = config.max_memory_bytes or 10 * 2^30,
+    _ud = ud,
+    _parent = parent,
+    _fun = config.delegate_fun,
+    -- Chains go through Lua only when some pool up the chain has a delegate_fun.
+    _dynamic = config.delegate_fun ~= nil or (parent ~= nil and parent._dynamic),
+  }, Pool)
+  if name ~= nil then M.pools[name] = self end
+  return self
+end
+
+-- The candidate chains of a job started in `pool`: lists of core pools from
+-- `pool` to a root, in the order delegate_fun gave them.
+local function chains_of(pool, param, prefix, out, depth)
+  if depth > 16 then error("handler: delegation deeper than 16 pools", 4) end
+  local chain = {}
+  for i = 1, #prefix do chain[i] = prefix[i] end
+  chain[#chain + 1] = pool._ud
+  if pool._fun ~= nil then
+    local cands = pool._fun(param)
+    if type(cands) ~= "table" then
+      error(format("handler: delegate_fun of pool '%s' returned %s, expected a list of pools",
+        tostring(pool.name), typename(cands)), 4)
+    end
+    for i = 1, #cands do
+      local c = resolve_pool("handler: delegate_fun", cands[i], 4)
+      if not c._closed then chains_of(c, param, chain, out, depth + 1) end
+    end
+  elseif pool._parent ~= nil then
+    chains_of(pool._parent, param, chain, out, depth + 1)
+  else
+    out[#out + 1] = chain
+  end
+  return out
+end
+
+local function pool_args(self, what, opts)
+  local max_ms, heap, result = DEFAULT_MAX_MS, DEFAULT_HEAP, DEFAULT_RESULT
+  local task, wait, chains
+  if opts ~= nil then
+    check_table(what, opts, POOL_OPTS, 3)
+    max_ms = opts.max_ms or max_ms
+    heap = opts.max_heap_bytes or heap
+    result = opts.max_result_bytes or result
+    task, wait = opts.task_name, opts.pool_timeout
+  end
+  if self._closed then error(what .. ": the pool is closed", 3) end
+  if self._dynamic then
+    chains = chains_of(self, opts and opts.delegate_param, {}, {}, 1)
+  end
+  return max_ms, heap, result, task, wait or 0, chains
+end
+
+function Pool:run(fn, opts)
+  check_fn("run", fn)
+  local max_ms, heap, result, task, wait, chains = pool_args(self, "pool:run", opts)
+  if chains ~= nil and #chains == 0 then return false, reject("NoWorkersAvailable") end
+  return finish(max_ms, heap, core_run(self._ud, chains, fn, max_ms, heap, task, wait, result))
+end
+
+local Job = {}
+Job.__index = Job
+
+function Pool:async(fn, opts)
+  check_fn("async", fn)
+  local max_ms, heap, result, task, wait, chains = pool_args(self, "pool:async", opts)
+  if chains ~= nil and #chains == 0 then return nil, reject("NoWorkersAvailable") end
+  local job, why = core_submit(self._ud, chains, fn, max_ms, heap, task, wait, result)
+  if job == nil then return nil, reject(why) end
+  return setmetatable({ _ud = job, _max_ms = max_ms, _heap = heap, pool = self,
+    task_name = task }, Job)
+end
+
+local function check_job(job, level)
+  if type(job) ~= "table" or getmetatable(job) ~= Job then
+    error(format("bad argument #1 to 'await' (job expected, got %s)", typename(job)), level + 1)
+  end
+end
+
+function Job:await()
+  check_job(self, 2)
+  return finish(self._max_ms, self._heap, core_await(self._ud))
+end
+
+--- job:done() -> whether await would return at once.
+function Job:done()
+  return core.done(self._ud)
+end
+
+function M.await(job)
+  check_job(job, 2)
+  return finish(job._max_ms, job._heap, core_await(job._ud))
+end
+
+local function check_err(what, err)
+  if err ~= nil and type(err) ~= "table" then
+    error(format("%s: the error must be a table, got %s", what, typename(err)), 3)
+  end
+end
+
+function Pool:kill(task_name, err)
+  if type(task_name) ~= "string" then
+    error(format("bad argument #1 to 'kill' (string expected, got %s)", typename(task_name)), 2)
+  end
+  check_err("pool:kill", err)
+  return core.kill(self._ud, task_name, err)
+end
+
+function Pool:kill_by_ref(job, err)
+  check_job(job, 2)
+  check_err("pool:kill_by_ref", err)
+  if core.kill_job(self._ud, job._ud, err) then return true end
+  return false, "no_such_worker"
+end
+
+function Pool:flush(err)
+  check_err("pool:flush", err)
+  return core.flush(self._ud, err)
+end
+
+function Pool:stats()
+  return core.stats(self._ud)
+end
+
+function Pool:close()
+  if self._closed then return end
+  self._closed = true
+  core.close(self._ud)
+  if self.name ~= nil and M.pools[self.name] == self then M.pools[self.name] = nil end
+end
+
+function Pool:__tostring()
+  return format("handler.pool(%s)", self.name or "unnamed")
+end
+
+---------------------------------------------------------------------------
+-- handler.run: the default pool.
+
+local default_pool
+
+function M.default_pool()
+  if default_pool == nil then
+    default_pool = M.pool({ max_workers = 100 })
+  end
+  return default_pool
+end
+
+--- handler.run(fn [, opts]) -> true, results... | false, err
+function M.run(fn, opts)
+  check_fn("run", fn)
+  local max_ms, heap, result = DEFAULT_MAX_MS, DEFAULT_HEAP, DEFAULT_RESULT
+  if opts ~= nil then
+    check_table("handler.run", opts, RUN_OPTS, 2)
+    max_ms = opts.max_ms or max_ms
+    heap = opts.max_heap_bytes or heap
+    result = opts.max_result_bytes or result
+  end
+  local pool = default_pool or M.default_pool()
+  return finish(max_ms, heap, core_run(pool._ud, nil, fn, max_ms, heap, nil, 0, result))
+end
+
+---------------------------------------------------------------------------
+-- Driving the loop from a host: a pollable fd, the next timeout, a step.
+
+M.fd = core.fd
+M.timeout = core.timeout
+M.step = core.step
+
+M.errors = errors
+M._core = core
+
+return M
