@@ -1,7 +1,33 @@
-/* alloc.c: the worker's counting allocator. */
+/* alloc.c: the worker's allocator and its state image. */
 #include "alloc.h"
 
+#include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+int hd_alloc_init(hd_alloc *a, size_t region_cap) {
+  memset(a, 0, sizeof *a);
+  a->region = mmap(NULL, region_cap, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (a->region == MAP_FAILED) {
+    a->region = NULL;
+    return -1;
+  }
+  a->region_cap = region_cap;
+  a->building = 1;
+  a->head.next = a->head.prev = &a->head;
+  return 0;
+}
+
+int hd_alloc_snapshot(hd_alloc *a) {
+  a->snapshot = malloc(a->bump ? a->bump : 1);
+  if (a->snapshot == NULL) return -1;
+  memcpy(a->snapshot, a->region, a->bump);
+  a->building = 0;
+  a->snap_used = a->used;
+  return 0;
+}
 
 void hd_alloc_arm(hd_alloc *a, size_t limit) {
   a->base = a->used;
@@ -9,16 +35,57 @@ void hd_alloc_arm(hd_alloc *a, size_t limit) {
   a->tripped = 0;
 }
 
+void hd_alloc_restore(hd_alloc *a) {
+  hd_blk *b = a->head.next;
+  while (b != &a->head) {
+    hd_blk *next = b->next;
+    free(b);
+    b = next;
+  }
+  a->head.next = a->head.prev = &a->head;
+  memcpy(a->region, a->snapshot, a->bump);
+  a->used = a->snap_used;
+  a->limit = 0;
+  a->tripped = 0;
+  a->taint = 0;
+}
+
+static int in_region(const hd_alloc *a, const void *p) {
+  return p != NULL && (const char *)p >= a->region && (const char *)p < a->region + a->region_cap;
+}
+
+static void *blk_new(hd_alloc *a, size_t n) {
+  hd_blk *b;
+  if (n > SIZE_MAX - sizeof *b) return NULL;
+  b = malloc(sizeof *b + n);
+  if (b == NULL) return NULL;
+  b->size = n;
+  b->next = a->head.next;
+  b->prev = &a->head;
+  a->head.next->prev = b;
+  a->head.next = b;
+  return b + 1;
+}
+
+static void blk_free(void *p) {
+  hd_blk *b = (hd_blk *)p - 1;
+  b->prev->next = b->next;
+  b->next->prev = b->prev;
+  free(b);
+}
+
 /* A lua_Alloc that counts every byte the state holds and refuses growth past
- * the limit. Once it has refused it keeps refusing, so a job cannot pcall its
- * way past the limit: the worker sees `tripped` and reports OOM whatever the
- * job returned. Frees and shrinks always succeed, as LuaJIT requires. */
+ * the limit. Once it has refused it keeps refusing, so a job cannot pcall
+ * its way past the limit: the worker sees `tripped` and reports OOM whatever
+ * the job returned. Frees and shrinks always succeed, as LuaJIT requires.
+ * Blocks in the image region are never freed one by one: the restore copies
+ * the whole region back. */
 void *hd_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize) {
   hd_alloc *a = ud;
   void *p;
   if (ptr == NULL) osize = 0;
   if (nsize == 0) {
-    free(ptr);
+    if (ptr != NULL && !in_region(a, ptr)) blk_free(ptr);
     a->used -= osize;
     return NULL;
   }
@@ -28,13 +95,50 @@ void *hd_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize) {
       return NULL;
     }
   }
-  p = realloc(ptr, nsize);
-  if (p == NULL) {
-    /* A failed shrink keeps the old block, which is still valid. */
-    if (nsize <= osize) return ptr;
-    a->tripped = a->limit != 0;
-    return NULL;
+  if (a->building) {
+    /* The pristine state: a bump allocation in the region. */
+    size_t sz = (nsize + 15) & ~(size_t)15;
+    if (ptr != NULL && nsize <= osize) {
+      a->used -= osize - nsize;
+      return ptr;
+    }
+    if (sz > a->region_cap - a->bump) return NULL;
+    p = a->region + a->bump;
+    a->bump += sz;
+    if (ptr != NULL) memcpy(p, ptr, osize);
+    a->used = a->used - osize + nsize;
+    return p;
+  }
+  if (ptr != NULL && in_region(a, ptr)) {
+    if (nsize <= osize) {
+      a->used -= osize - nsize;
+      return ptr;
+    }
+    p = blk_new(a, nsize);
+    if (p == NULL) goto fail;
+    memcpy(p, ptr, osize);
+    a->used = a->used - osize + nsize;
+    return p;
+  }
+  if (ptr == NULL) {
+    p = blk_new(a, nsize);
+    if (p == NULL) goto fail;
+  } else {
+    hd_blk *b = (hd_blk *)ptr - 1, *nb;
+    nb = realloc(b, sizeof *b + nsize);
+    if (nb == NULL) {
+      /* A failed shrink keeps the old block, which is still valid. */
+      if (nsize <= osize) return ptr;
+      goto fail;
+    }
+    nb->size = nsize;
+    nb->prev->next = nb;
+    nb->next->prev = nb;
+    p = nb + 1;
   }
   a->used = a->used - osize + nsize;
   return p;
+fail:
+  if (a->limit != 0) a->tripped = 1;
+  return NULL;
 }

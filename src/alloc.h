@@ -1,19 +1,47 @@
-/* alloc.h: the worker's counting allocator, which gives each job a heap limit. */
+/* alloc.h: the worker's allocator: a counted heap limit per job, and the
+ * state image that makes every job's lua_State fresh at the cost of a copy. */
 #ifndef HD_ALLOC_H
 #define HD_ALLOC_H
 
 #include <stddef.h>
 
+/* A block the job allocated; blocks form a list so they can all be freed at
+ * once when the state is restored. The header keeps 16-byte alignment. */
+typedef struct hd_blk {
+  struct hd_blk *prev, *next;
+  size_t size, pad;
+} hd_blk;
+
 typedef struct hd_alloc {
-  size_t used;   /* bytes the state holds now */
-  size_t base;   /* bytes held when the limit was armed: the baseline */
-  size_t limit;  /* bytes allowed above the baseline; 0 means no limit */
-  int tripped;   /* set at the first refusal, and refusing from then on */
+  /* The image region: the pristine state lives here, at the same address in
+   * the supervisor and in every worker forked from it. */
+  char *region;
+  size_t region_cap;
+  size_t bump;           /* bytes of the region handed out while building */
+  int building;          /* the pristine state is being built */
+  char *snapshot;        /* the region's bytes once built */
+  size_t snap_used;      /* `used` at snapshot time: the baseline */
+  hd_blk head;           /* the job's blocks */
+  size_t used;           /* bytes the state holds now */
+  size_t base;           /* the baseline of the limit */
+  size_t limit;          /* bytes allowed above the baseline; 0: no limit */
+  int tripped;           /* refused once, refusing from then on */
+  int taint;             /* the job touched state outside the Lua heap */
 } hd_alloc;
 
 void *hd_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize);
 
+/* Reserves the image region and starts building into it. */
+int hd_alloc_init(hd_alloc *a, size_t region_cap);
+
+/* Ends building and takes the snapshot. */
+int hd_alloc_snapshot(hd_alloc *a);
+
 /* Arms the limit from the current usage. */
 void hd_alloc_arm(hd_alloc *a, size_t limit);
+
+/* Frees every block of the job and copies the snapshot back: the state is
+ * then exactly the pristine one again. */
+void hd_alloc_restore(hd_alloc *a);
 
 #endif

@@ -152,6 +152,9 @@ struct hd_core {
   double max_result_bytes;
   hd_buf scratch;       /* encode buffer reused across submits */
   int in_loop;
+  uint64_t spin_ns;     /* how long a blocking wait polls before sleeping */
+  int spin_credit;      /* recent waits the polling paid off for */
+  unsigned spin_probe;
   int in_pump;
   int pump_again;
 };

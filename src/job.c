@@ -139,7 +139,8 @@ static void job_start(hd_job *j) {
       return;
     }
   }
-  if (j->max_ms > 0) {
+  /* max_ms = 0 times out at once; only math.huge means no limit. */
+  if (j->max_ms < 1e15) {
     uv_update_time(&c->loop);
     job_timer_start(j, j->max_ms);
   }

@@ -193,7 +193,7 @@ static int proc_parse(hd_proc *p) {
       proc_protocol_error(p, "unexpected frame from an idle worker%.0lu", 0);
       return -1;
     }
-    if (p->in.data[4] != HD_FRAME_REPLY) {
+    if (p->in.data[4] != HD_FRAME_REPLY && p->in.data[4] != HD_FRAME_REPLY_LAST) {
       proc_protocol_error(p, "bad frame type %lu", (unsigned char)p->in.data[4]);
       return -1;
     }
@@ -223,6 +223,10 @@ static int proc_parse(hd_proc *p) {
     p->job = NULL;
     j->proc = NULL;
     p->state = HD_PROC_IDLE;
+    if (p->in.data[4] == HD_FRAME_REPLY_LAST) {
+      /* The job touched process state: this worker exits after the reply. */
+      p->state = HD_PROC_DYING;
+    }
     hd_job_on_reply(j, p, p->in.data + HD_FRAME_HEADER, blen);
     hd_buf_consume(&p->in, HD_FRAME_HEADER + blen);
     if (p->in.len != 0) {
@@ -230,6 +234,10 @@ static int proc_parse(hd_proc *p) {
       return -1;
     }
     if (p->in.cap > (1u << 20)) hd_buf_free(&p->in);
+    if (p->state == HD_PROC_DYING) {
+      proc_close_io(p);
+      return -1;
+    }
     if (p->state == HD_PROC_IDLE) {
       if (p->root->closed || c->closing) {
         hd_proc_retire(p);

@@ -19,6 +19,7 @@
 #define HD_FRAME_HEADER 13
 #define HD_FRAME_JOB 1   /* parent → worker: u64 max_heap_bytes, codec message */
 #define HD_FRAME_REPLY 2 /* worker → parent: u8 status, codec message */
+#define HD_FRAME_REPLY_LAST 3 /* the same, and the worker exits after it */
 
 /* Reply statuses. */
 #define HD_REPLY_OK 0        /* message: the results */

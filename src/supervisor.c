@@ -134,7 +134,7 @@ static void sup_become_worker(sup *s, int fd, pid_t sup_pid) {
   if (getppid() != sup_pid) _exit(74);
   /* Its own process group, so a kill reaches what the job started too. */
   setpgid(0, 0);
-  _exit(hd_worker_run(HD_WORKER_FD, s->path, s->cpath));
+  _exit(hd_worker_run(HD_WORKER_FD));
 }
 
 static void sup_spawn(sup *s, uint32_t id, int fd) {
@@ -277,6 +277,10 @@ int main(int argc, char **argv) {
   {
     int fl = fcntl(s.ctl, F_GETFD);
     if (fl >= 0) fcntl(s.ctl, F_SETFD, fl | FD_CLOEXEC);
+  }
+  if (hd_worker_prepare(s.path, s.cpath) != 0) {
+    fprintf(stderr, "handler-worker: cannot build the pristine Lua state\n");
+    return 4;
   }
   sup_hello(&s);
   for (;;) {

@@ -1,7 +1,10 @@
 /* worker.c: the job loop of one worker process: a fresh lua_State per job. */
 #include "worker.h"
 
+#include <dlfcn.h>
 #include <errno.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
 #include <lauxlib.h>
 #include <lua.h>
 #include <lualib.h>
@@ -19,13 +22,106 @@
 
 typedef struct hd_wk {
   int fd;
-  const char *path, *cpath;
   hd_alloc alloc;
   lua_State *L;
   hd_buf in;    /* the job frame being read */
   hd_buf out;   /* the reply being built */
   uint64_t job_id;
 } hd_wk;
+
+/* The worker process's one context. It is a static because the pristine
+ * state must sit at the same address in the supervisor, which builds it, and
+ * in every worker forked from it; the Lua module itself keeps no globals. */
+static hd_wk wk;
+
+/* Mappings made while a job runs: the JIT's machine code areas. The restored
+ * state no longer knows them, so they are unmapped with the restore. */
+#define WK_MAPS 64
+static struct {
+  int tracking;
+  int n;
+  void *addr[WK_MAPS];
+  size_t len[WK_MAPS];
+} wk_maps;
+
+/* libluajit calls mmap64 and munmap through the PLT; these definitions in
+ * the executable come first, so the worker sees every mapping it makes. */
+__attribute__((visibility("default"))) void *mmap64(void *addr, size_t len, int prot, int flags,
+                                                    int fd, off_t off) {
+  void *p = (void *)syscall(SYS_mmap, addr, len, prot, flags, fd, off);
+  if (p != MAP_FAILED && wk_maps.tracking) {
+    if (wk_maps.n < WK_MAPS) {
+      wk_maps.addr[wk_maps.n] = p;
+      wk_maps.len[wk_maps.n] = len;
+      wk_maps.n++;
+    } else {
+      wk.alloc.taint = 1;
+    }
+  }
+  return p;
+}
+
+__attribute__((visibility("default"))) int munmap(void *addr, size_t len) {
+  int i;
+  for (i = 0; i < wk_maps.n; i++) {
+    if (wk_maps.addr[i] == addr) {
+      wk_maps.n--;
+      wk_maps.addr[i] = wk_maps.addr[wk_maps.n];
+      wk_maps.len[i] = wk_maps.len[wk_maps.n];
+      break;
+    }
+  }
+  return (int)syscall(SYS_munmap, addr, len);
+}
+
+/* The JIT registers unwind information for each machine code area with
+ * libgcc (__register_frame), which keeps it in process-global lists. A
+ * restored state forgets the areas, so their registrations are dropped with
+ * them; an unwinder walking a stale one would crash the next raised error. */
+#define WK_FRAMES 64
+static struct {
+  void (*reg)(void *);
+  void (*dereg)(void *);
+  int n;
+  void *info[WK_FRAMES];
+} wk_frames;
+
+static void wk_frames_resolve(void) {
+  *(void **)&wk_frames.reg = dlvsym(RTLD_NEXT, "__register_frame", "GCC_3.0");
+  *(void **)&wk_frames.dereg = dlvsym(RTLD_NEXT, "__deregister_frame", "GCC_3.0");
+  if (wk_frames.reg == NULL) *(void **)&wk_frames.reg = dlsym(RTLD_NEXT, "__register_frame");
+  if (wk_frames.dereg == NULL) *(void **)&wk_frames.dereg = dlsym(RTLD_NEXT, "__deregister_frame");
+}
+
+__attribute__((visibility("default"))) void __register_frame(void *info) {
+  if (wk_frames.reg == NULL) wk_frames_resolve();
+  if (wk_maps.tracking) {
+    if (wk_frames.n < WK_FRAMES) wk_frames.info[wk_frames.n++] = info;
+    else wk.alloc.taint = 1;
+  }
+  if (wk_frames.reg) wk_frames.reg(info);
+}
+
+__attribute__((visibility("default"))) void __deregister_frame(void *info) {
+  int i;
+  if (wk_frames.dereg == NULL) wk_frames_resolve();
+  for (i = 0; i < wk_frames.n; i++) {
+    if (wk_frames.info[i] == info) {
+      wk_frames.info[i] = wk_frames.info[--wk_frames.n];
+      break;
+    }
+  }
+  if (wk_frames.dereg) wk_frames.dereg(info);
+}
+
+static void wk_unmap_job(void) {
+  int i;
+  for (i = 0; i < wk_frames.n; i++)
+    if (wk_frames.dereg) wk_frames.dereg(wk_frames.info[i]);
+  wk_frames.n = 0;
+  for (i = 0; i < wk_maps.n; i++) syscall(SYS_munmap, wk_maps.addr[i], wk_maps.len[i]);
+  wk_maps.n = 0;
+}
 
 static int wk_read_full(int fd, char *p, size_t n) {
   while (n > 0) {
@@ -55,24 +151,123 @@ static int wk_write_full(int fd, const char *p, size_t n) {
   return 0;
 }
 
-/* Builds the state the next job will run in. It is built right after the
- * previous reply went out, so its cost is off the next job's critical path. */
-static int wk_new_state(hd_wk *w) {
+/* A wrapper that marks the worker tainted, then calls the wrapped function
+ * (upvalue 1). Functions that reach state outside the Lua heap (files,
+ * processes, C libraries, the FFI, the locale) are wrapped: after a job that
+ * called one, the worker closes its state properly and exits, and a fresh
+ * process takes its place. */
+static int wk_tainting(lua_State *L) {
+  void *ud;
+  lua_getallocf(L, &ud);
+  ((hd_alloc *)ud)->taint = 1;
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+  return lua_gettop(L);
+}
+
+/* load and loadstring taint only for bytecode or a reader function. */
+static int wk_load_guard(lua_State *L) {
+  const char *s = lua_tostring(L, 1);
+  if (s == NULL || s[0] == LUA_SIGNATURE[0]) {
+    void *ud;
+    lua_getallocf(L, &ud);
+    ((hd_alloc *)ud)->taint = 1;
+  }
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+  return lua_gettop(L);
+}
+
+/* Replaces t[name] (t at index idx) by a wrapper around it. */
+static void wk_wrap(lua_State *L, int idx, const char *name, lua_CFunction w) {
+  lua_getfield(L, idx, name);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    return;
+  }
+  lua_pushcclosure(L, w, 1);
+  lua_setfield(L, idx < 0 ? idx - 1 : idx, name);
+}
+
+static void wk_wrap_all(lua_State *L) {
+  static const char *const io_fns[] = {"open", "popen", "tmpfile", "lines", "input", "output",
+                                       "close", NULL};
+  static const char *const file_fns[] = {"close", "setvbuf", NULL};
+  int i;
+  lua_getglobal(L, "io");
+  for (i = 0; io_fns[i]; i++) wk_wrap(L, -1, io_fns[i], wk_tainting);
+  lua_pop(L, 1);
+  luaL_getmetatable(L, "FILE*");
+  if (lua_istable(L, -1)) {
+    lua_getfield(L, -1, "__index");
+    if (lua_istable(L, -1))
+      for (i = 0; file_fns[i]; i++) wk_wrap(L, -1, file_fns[i], wk_tainting);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  lua_getglobal(L, "os");
+  wk_wrap(L, -1, "execute", wk_tainting);
+  wk_wrap(L, -1, "setlocale", wk_tainting);
+  lua_pop(L, 1);
+  lua_getglobal(L, "package");
+  wk_wrap(L, -1, "loadlib", wk_tainting);
+  lua_getfield(L, -1, "loaders");
+  if (lua_istable(L, -1)) {
+    /* 3 and 4 load C libraries. */
+    for (i = 3; i <= 4; i++) {
+      lua_rawgeti(L, -1, i);
+      if (lua_isfunction(L, -1)) {
+        lua_pushcclosure(L, wk_tainting, 1);
+        lua_rawseti(L, -2, i);
+      } else {
+        lua_pop(L, 1);
+      }
+    }
+  }
+  lua_pop(L, 1);
+  lua_getfield(L, -1, "preload");
+  if (lua_istable(L, -1)) {
+    wk_wrap(L, -1, "ffi", wk_tainting);
+    wk_wrap(L, -1, "jit.profile", wk_tainting);
+  }
+  lua_pop(L, 2);
+  lua_pushvalue(L, LUA_GLOBALSINDEX);
+  wk_wrap(L, -1, "loadfile", wk_tainting);
+  wk_wrap(L, -1, "dofile", wk_tainting);
+  wk_wrap(L, -1, "load", wk_load_guard);
+  wk_wrap(L, -1, "loadstring", wk_load_guard);
+  lua_pop(L, 1);
+}
+
+int hd_worker_prepare(const char *path, const char *cpath) {
   lua_State *L;
-  w->alloc.used = 0;
-  w->alloc.base = 0;
-  w->alloc.limit = 0;
-  w->alloc.tripped = 0;
-  L = lua_newstate(hd_alloc_fn, &w->alloc);
+  wk_frames_resolve();
+  if (hd_alloc_init(&wk.alloc, 64u << 20) != 0) return -1;
+  L = lua_newstate(hd_alloc_fn, &wk.alloc);
   if (L == NULL) return -1;
   luaL_openlibs(L);
   lua_getglobal(L, "package");
-  lua_pushstring(L, w->path);
+  lua_pushstring(L, path);
   lua_setfield(L, -2, "path");
-  lua_pushstring(L, w->cpath);
+  lua_pushstring(L, cpath);
   lua_setfield(L, -2, "cpath");
   lua_pop(L, 1);
-  w->L = L;
+  wk_wrap_all(L);
+  lua_settop(L, 0);
+  /* Encoding a named value builds the codec's name cache: built here, it is
+   * part of the image, so no job pays for it or has it counted. */
+  {
+    hd_buf tmp = HD_BUF_INIT;
+    lua_getglobal(L, "print");
+    hd_encode(L, 1, 1, &tmp, 0);
+    hd_buf_free(&tmp);
+    lua_settop(L, 0);
+  }
+  lua_gc(L, LUA_GCCOLLECT, 0);
+  if (hd_alloc_snapshot(&wk.alloc) != 0) return -1;
+  wk.L = L;
   return 0;
 }
 
@@ -138,7 +333,7 @@ static void wk_reply_string(hd_wk *w, int status, const char *s, size_t len) {
   hd_buf_append(&w->out, s, len);
 }
 
-static int wk_reply_send(hd_wk *w) {
+static int wk_reply_send(hd_wk *w, int last) {
   uint64_t body;
   if (w->out.len < HD_FRAME_HEADER + 1) return -1; /* out of memory while building */
   body = w->out.len - HD_FRAME_HEADER;
@@ -148,7 +343,7 @@ static int wk_reply_send(hd_wk *w) {
     body = w->out.len - HD_FRAME_HEADER;
   }
   hd_put_u32(w->out.data, (uint32_t)body);
-  w->out.data[4] = HD_FRAME_REPLY;
+  w->out.data[4] = last ? HD_FRAME_REPLY_LAST : HD_FRAME_REPLY;
   hd_put_u64(w->out.data + 5, w->job_id);
   return wk_write_full(w->fd, w->out.data, w->out.len);
 }
@@ -233,37 +428,39 @@ static void wk_job(hd_wk *w) {
   }
 }
 
-int hd_worker_run(int fd, const char *path, const char *cpath) {
-  hd_wk w;
+int hd_worker_run(int fd) {
+  hd_wk *w = &wk;
   char h[HD_FRAME_HEADER];
-  memset(&w, 0, sizeof w);
-  w.fd = fd;
-  w.path = path;
-  w.cpath = cpath;
+  w->fd = fd;
   for (;;) {
     uint32_t blen;
-    if (wk_new_state(&w) != 0) return 70;
+    int last;
     if (wk_read_full(fd, h, sizeof h) != 0) break;
     blen = hd_get_u32(h);
     if (h[4] != HD_FRAME_JOB || blen > HD_MAX_JOB_FRAME) return 71;
-    w.in.len = 0;
-    if (hd_buf_append(&w.in, h, sizeof h) != 0 || hd_buf_reserve(&w.in, blen) != 0) return 72;
-    if (wk_read_full(fd, w.in.data + w.in.len, blen) != 0) break;
-    w.in.len += blen;
-    w.job_id = hd_get_u64(h + 5);
-    wk_job(&w);
+    w->in.len = 0;
+    if (hd_buf_append(&w->in, h, sizeof h) != 0 || hd_buf_reserve(&w->in, blen) != 0) return 72;
+    if (wk_read_full(fd, w->in.data + w->in.len, blen) != 0) break;
+    w->in.len += blen;
+    w->job_id = hd_get_u64(h + 5);
+    wk_maps.tracking = 1;
+    wk_job(w);
+    wk_maps.tracking = 0;
     /* A job's output reaches the host before its result does; the worker
      * leaves with _exit, which would drop anything still buffered. */
     fflush(NULL);
-    if (wk_reply_send(&w) != 0) break;
-    lua_close(w.L);
-    w.L = NULL;
-    /* Big frames are not kept around between jobs. */
-    if (w.in.cap > (1u << 20)) hd_buf_free(&w.in);
-    if (w.out.cap > (1u << 20)) hd_buf_free(&w.out);
+    last = w->alloc.taint;
+    if (wk_reply_send(w, last) != 0) break;
+    if (last) {
+      /* Files the job left open are flushed and closed by their __gc. */
+      lua_close(w->L);
+      return 0;
+    }
+    /* Off the critical path: the reply is out. */
+    hd_alloc_restore(&w->alloc);
+    wk_unmap_job();
+    if (w->in.cap > (1u << 20)) hd_buf_free(&w->in);
+    if (w->out.cap > (1u << 20)) hd_buf_free(&w->out);
   }
-  if (w.L) lua_close(w.L);
-  hd_buf_free(&w.in);
-  hd_buf_free(&w.out);
   return 0;
 }

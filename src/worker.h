@@ -2,8 +2,13 @@
 #ifndef HD_WORKER_H
 #define HD_WORKER_H
 
-/* Serves jobs on `fd` until the parent closes it; returns the exit code.
- * `path` and `cpath` become each fresh state's package.path and cpath. */
-int hd_worker_run(int fd, const char *path, const char *cpath);
+/* Builds the pristine state every job starts from, with `path` and `cpath`
+ * as its package.path and cpath. Called once, in the supervisor, before it
+ * forks any worker. */
+int hd_worker_prepare(const char *path, const char *cpath);
+
+/* Serves jobs on `fd` until the parent closes it, or until a job tainted
+ * the process; returns the exit code. */
+int hd_worker_run(int fd);
 
 #endif

@@ -1,0 +1,721 @@
+-- codec_spec.lua: the value codec (src/codec.c) through core.encode and
+-- core.decode: round trips, the wire format, what cannot travel and why, and
+-- hostile bytes that must be refused cleanly.
+local core = require("handler.core")
+
+local encode, decode = core.encode, core.decode
+local byte, char, rep = string.byte, string.char, string.rep
+local floor = math.floor
+
+-- An unsigned LEB128 varint, for building messages by hand.
+local function uv(n)
+  local out = {}
+  repeat
+    local b = n % 128
+    n = floor(n / 128)
+    if n > 0 then b = b + 128 end
+    out[#out + 1] = char(b)
+  until n == 0
+  return table.concat(out)
+end
+
+-- The eight little-endian bytes of a double, without string.pack (LuaJIT).
+local ffi = require("ffi")
+local function num_bytes(x)
+  local d = ffi.new("double[1]", x)
+  return ffi.string(d, 8)
+end
+
+-- Round trips through the trusted decoder (the worker's side).
+local function rt(...)
+  return decode(encode(...), true)
+end
+
+-- Round trips data through the hostile decoder (the parent's side).
+local function rt_hostile(...)
+  return decode(encode(...))
+end
+
+-- Deep comparison that treats NaN as equal to NaN, tells -0 from 0, and
+-- follows cycles by pairing tables as it goes.
+local function same(a, b, seen)
+  seen = seen or {}
+  if type(a) ~= type(b) then return false end
+  if type(a) == "number" then
+    if a ~= a then return b ~= b end
+    if a == 0 and b == 0 then return 1 / a == 1 / b end
+    return a == b
+  end
+  if type(a) ~= "table" then return a == b end
+  if seen[a] then return seen[a] == b end
+  seen[a] = b
+  -- Table keys cannot be looked up across copies; their own cases check them.
+  for k, v in pairs(a) do
+    if type(k) ~= "table" and not same(v, rawget(b, k), seen) then return false end
+  end
+  for k in pairs(b) do
+    if type(k) ~= "table" and rawget(a, k) == nil then return false end
+  end
+  local ma, mb = getmetatable(a), getmetatable(b)
+  if (ma == nil) ~= (mb == nil) then return false end
+  if ma then return same(ma, mb, seen) end
+  return true
+end
+
+local function all_bytes()
+  local t = {}
+  for i = 0, 255 do t[#t + 1] = char(i) end
+  return table.concat(t)
+end
+
+-- Expects fn(...) to raise a string containing `needle` (plain text).
+local function raises(needle, fn, ...)
+  local ok, err = pcall(fn, ...)
+  assert.is_false(ok, "expected an error containing: " .. needle)
+  assert.is_string(err)
+  if not err:find(needle, 1, true) then
+    error(("error %q does not contain %q"):format(err, needle), 2)
+  end
+  return err
+end
+
+-- A NAMED record: package.loaded[mod] or package.loaded[mod][field].
+local function named(mod, field)
+  if field then return "\12" .. uv(#mod) .. mod .. uv(#field) .. field end
+  return "\11" .. uv(#mod) .. mod
+end
+
+local function where(f)
+  local info = debug.getinfo(f, "S")
+  return info.short_src .. ":" .. info.linedefined
+end
+
+describe("codec round trips", function()
+  local data_cases = {
+    { "nil", nil },
+    { "true", true },
+    { "false", false },
+    { "zero", 0 },
+    { "one", 1 },
+    { "negative", -1.5 },
+    { "pi", math.pi },
+    { "2^53", 2 ^ 53 },
+    { "2^53 + 2", 2 ^ 53 + 2 },
+    { "-2^63", -2 ^ 63 },
+    { "huge", 1.7976931348623157e308 },
+    { "smallest normal", 2.2250738585072014e-308 },
+    { "largest denormal", 2.2250738585072009e-308 },
+    { "smallest denormal", 4.9406564584124654e-324 },
+    { "inf", math.huge },
+    { "-inf", -math.huge },
+    { "empty string", "" },
+    { "string", "hello" },
+    { "string with zeros", "a\0b\0\0c" },
+    { "all 256 bytes", all_bytes() },
+    { "empty table", {} },
+    { "array", { 1, 2, 3, "four", true, false } },
+    { "hash", { a = 1, b = "two", c = true } },
+    { "mixed", { 1, 2, 3, x = "y", [10] = 10, [-1] = -1, [1.5] = 1.5 } },
+    { "sparse", { [1] = 1, [1000000] = 2 } },
+    { "boolean keys", { [true] = "t", [false] = "f" } },
+    { "nested", { a = { b = { c = { d = { "deep" } } } } } },
+    { "binary keys", { ["\0"] = 1, [all_bytes()] = 2 } },
+    { "metatable", setmetatable({ 1 }, { kind = "mt", nested = { 1, 2 } }) },
+  }
+
+  for _, case in ipairs(data_cases) do
+    local name, value = case[1], case[2]
+    it("carries " .. name .. " (trusted and hostile)", function()
+      assert.is_true(same(value, (rt(value))))
+      assert.is_true(same(value, (rt_hostile(value))))
+    end)
+  end
+
+  it("keeps -0.0 negative", function()
+    local x = rt_hostile(-0.0)
+    assert.equals(0, x)
+    assert.equals(-math.huge, 1 / x)
+  end)
+
+  it("keeps NaN a NaN", function()
+    local x = rt_hostile(0 / 0)
+    assert.is_true(x ~= x)
+  end)
+
+  it("carries a 1 MB string", function()
+    local s = rep("0123456789abcdef", 65536)
+    assert.equals(s, (rt_hostile(s)))
+  end)
+
+  it("carries a large array", function()
+    local t = {}
+    for i = 1, 100000 do t[i] = i * 0.5 end
+    local u = rt_hostile(t)
+    assert.equals(100000, #u)
+    for i = 1, 100000 do assert(u[i] == i * 0.5) end
+  end)
+
+  it("keeps shared references shared", function()
+    local shared = { 1 }
+    local u = rt_hostile({ a = shared, b = shared, c = { shared } })
+    assert.equals(u.a, u.b)
+    assert.equals(u.a, u.c[1])
+    assert.same({ 1 }, u.a)
+  end)
+
+  it("keeps cycles", function()
+    local t = { name = "t" }
+    t.self = t
+    t.child = { parent = t }
+    local u = rt_hostile(t)
+    assert.equals(u, u.self)
+    assert.equals(u, u.child.parent)
+    assert.equals("t", u.name)
+  end)
+
+  it("carries tables as keys, shared with values", function()
+    local k = { "key" }
+    local u = rt_hostile({ [k] = k })
+    local key, value = next(u)
+    assert.equals(key, value)
+    assert.same({ "key" }, key)
+  end)
+
+  it("carries metatables, shared and cyclic", function()
+    local mt = { tag = "mt" }
+    mt.__index = mt
+    local a, b = setmetatable({}, mt), setmetatable({}, mt)
+    local u = rt_hostile({ a, b })
+    local umt = getmetatable(u[1])
+    assert.equals(umt, getmetatable(u[2]))
+    assert.equals(umt, umt.__index)
+    assert.equals("mt", u[1].tag)
+  end)
+
+  it("reads and writes tables raw, calling no metamethods", function()
+    local calls = 0
+    local mt = {
+      __index = function() calls = calls + 1 end,
+      __newindex = function() calls = calls + 1 end,
+      __pairs = function() calls = calls + 1 end,
+      __len = function() calls = calls + 1; return 0 end,
+    }
+    local t = setmetatable({ 1, 2, x = 3 }, mt)
+    local u = rt(t)
+    assert.equals(0, calls)
+    assert.equals(3, rawget(u, "x"))
+    assert.equals(2, rawget(u, 2))
+    assert.equals(0, calls)
+  end)
+
+  it("keeps the number of values, nils included", function()
+    assert.equals(0, select("#", rt()))
+    assert.equals(1, select("#", rt(nil)))
+    assert.equals(5, select("#", rt(nil, 1, nil, nil, 2)))
+    local a, b, c, d, e = rt_hostile(nil, 1, nil, nil, 2)
+    assert.is_nil(a); assert.equals(1, b); assert.is_nil(c); assert.is_nil(d)
+    assert.equals(2, e)
+  end)
+
+  it("carries 7000 values", function()
+    local t = {}
+    for i = 1, 7000 do t[i] = i end
+    local s = encode(unpack(t))
+    assert.equals(7000, select("#", decode(s)))
+  end)
+
+  it("carries tables nested 200 deep but not 201", function()
+    local function nest(n)
+      local t = {}
+      for _ = 2, n do t = { t } end
+      return t
+    end
+    local u = rt_hostile(nest(200))
+    local depth = 0
+    while u do depth = depth + 1; u = u[1] end
+    assert.equals(200, depth)
+    local err = raises("handler: cannot send a table nested deeper than 200 levels: value #1 -> [1]",
+      encode, nest(201))
+    assert.equals(("[1]"):rep(200), err:match("value #1 %-> (.*)$"))
+  end)
+end)
+
+describe("codec functions", function()
+  it("carries a closure with upvalues", function()
+    local n, s, t = 41, "str", { k = "v" }
+    local f = rt(function(x) return n + x, s, t.k end)
+    local a, b, c = f(1)
+    assert.equals(42, a)
+    assert.equals("str", b)
+    assert.equals("v", c)
+  end)
+
+  it("carries a recursive local function", function()
+    local function fact(k) return k <= 1 and 1 or k * fact(k - 1) end
+    local g = rt(fact)
+    assert.equals(3628800, g(10))
+    assert.are_not.equal(fact, g)
+  end)
+
+  it("keeps an upvalue shared between closures", function()
+    local count = 0
+    local function inc() count = count + 1 end
+    local function get() return count end
+    local u = rt({ inc = inc, get = get })
+    u.inc()
+    u.inc()
+    assert.equals(2, u.get())
+    assert.equals(0, count)
+  end)
+
+  it("keeps an upvalue shared with a closure inside the upvalue's own value", function()
+    local state = { n = 0 }
+    local reader
+    local function bump() state.n = state.n + 1; return reader end
+    reader = function() return state.n end
+    state.bump = bump
+    local f = rt(function() return state end)
+    local st = f()
+    local r = st.bump()
+    assert.equals(1, r())
+    st.bump()
+    assert.equals(2, r())
+  end)
+
+  it("shares upvalues across three closures made by one factory", function()
+    local function counter()
+      local n = 0
+      return function() n = n + 1 end, function() return n end,
+        function(v) n = v end
+    end
+    local inc, get, set = counter()
+    local u = rt({ inc, get, set })
+    u[3](10)
+    u[1]()
+    assert.equals(11, u[2]())
+  end)
+
+  it("carries functions that call each other", function()
+    local even, odd
+    function even(n) if n == 0 then return true end return odd(n - 1) end
+    function odd(n) if n == 0 then return false end return even(n - 1) end
+    local e = rt(even)
+    assert.is_true(e(10))
+    assert.is_false(e(7))
+  end)
+
+  it("sends upvalues that are library values by name", function()
+    local fmt, str = string.format, string
+    local f = rt(function() return fmt, str end)
+    local a, b = f()
+    assert.equals(string.format, a)
+    assert.equals(string, b)
+  end)
+
+  it("keeps debug info for tracebacks", function()
+    local function boom() error("boom") end
+    local g = rt(boom)
+    local ok, err = pcall(g)
+    assert.is_false(ok)
+    assert.truthy(err:find("codec_spec.lua:%d+: boom"))
+  end)
+
+  it("runs a function's body only when called", function()
+    local ran = false
+    local f = function() ran = true end
+    local g = rt(f)
+    assert.is_false(ran)
+    assert.equals("function", type(g))
+  end)
+end)
+
+describe("codec names", function()
+  it("sends library functions and tables by name", function()
+    assert.equals(string.format, rt_hostile(string.format))
+    assert.equals(string, rt_hostile(string))
+    assert.equals(io.stdout, rt_hostile(io.stdout))
+    assert.equals(print, rt_hostile(print))
+    assert.equals(_G, rt_hostile(_G))
+    assert.equals(package.loaded, rt_hostile(package.loaded))
+    assert.equals(ffi, rt_hostile(ffi))
+    assert.equals(ffi.C, rt_hostile(ffi.C))
+  end)
+
+  it("writes names in the documented format", function()
+    assert.equals("\1\11\6string", encode(string))
+    assert.equals("\1\12\6string\6format", encode(string.format))
+    assert.equals("\1\12\2io\6stdout", encode(io.stdout))
+    assert.equals("\1\12\2_G\5print", encode(print))
+    assert.equals("\1" .. named("string", "format"), encode(string.format))
+  end)
+
+  it("names values of modules loaded after the first message", function()
+    local mod = { fn = function() return 1 end, tbl = {} }
+    encode(string.format)
+    package.loaded.hd_codec_test_mod = mod
+    finally(function() package.loaded.hd_codec_test_mod = nil end)
+    assert.equals(mod, rt_hostile(mod))
+    assert.equals(mod.fn, rt_hostile(mod.fn))
+    assert.equals(mod.tbl, rt_hostile(mod.tbl))
+    assert.equals("\1" .. named("hd_codec_test_mod", "fn"), encode(mod.fn))
+  end)
+
+  it("forgets a module that was unloaded", function()
+    local mod = { 1 }
+    package.loaded.hd_codec_test_gone = mod
+    assert.equals("\1" .. named("hd_codec_test_gone"), encode(mod))
+    package.loaded.hd_codec_test_gone = nil
+    assert.same({ 1 }, decode(encode(mod)))
+    assert.are_not.equal(mod, decode(encode(mod)))
+  end)
+
+  it("notices one module unloaded and another loaded between messages", function()
+    local a, b = { "a" }, { "b" }
+    package.loaded.hd_codec_test_a = a
+    assert.equals("\1" .. named("hd_codec_test_a"), encode(a))
+    package.loaded.hd_codec_test_a = nil
+    package.loaded.hd_codec_test_b = b
+    finally(function() package.loaded.hd_codec_test_b = nil end)
+    assert.equals("\1" .. named("hd_codec_test_b"), encode(b))
+    assert.same({ "a" }, decode(encode(a)))
+  end)
+
+  it("prefers a module's own name to a field name", function()
+    local sub = { "sub" }
+    package.loaded.hd_codec_test_outer = { sub = sub }
+    finally(function()
+      package.loaded.hd_codec_test_outer = nil
+      package.loaded.hd_codec_test_sub = nil
+    end)
+    assert.equals("\1" .. named("hd_codec_test_outer", "sub"), encode(sub))
+    package.loaded.hd_codec_test_sub = sub
+    assert.equals("\1" .. named("hd_codec_test_sub"), encode(sub))
+    assert.equals(sub, rt_hostile(sub))
+  end)
+
+  it("finds a C function added to a module since the names were gathered", function()
+    encode(string.format) -- gathers names
+    local cfn = coroutine.wrap(function() end)
+    string.hd_codec_test_cfn = cfn
+    finally(function() string.hd_codec_test_cfn = nil end)
+    assert.equals(cfn, rt_hostile(cfn))
+  end)
+
+  it("sends a script's global Lua functions and tables by value", function()
+    -- They exist on the sending side only; only the globals table's C
+    -- functions and userdata are looked up by name.
+    _G.hd_codec_test_fn = function() return 42 end
+    _G.hd_codec_test_tbl = { 1, 2 }
+    finally(function() _G.hd_codec_test_fn, _G.hd_codec_test_tbl = nil, nil end)
+    package.loaded.hd_codec_force_rebuild = true
+    finally(function() package.loaded.hd_codec_force_rebuild = nil end)
+    local f = rt(hd_codec_test_fn)
+    assert.are_not.equal(hd_codec_test_fn, f)
+    assert.equals(42, f())
+    local t = rt_hostile(hd_codec_test_tbl)
+    assert.are_not.equal(hd_codec_test_tbl, t)
+    assert.same({ 1, 2 }, t)
+  end)
+
+  it("requires a missing module only when trusted", function()
+    local loads = 0
+    package.preload.hd_codec_test_preload = function()
+      loads = loads + 1
+      return { answer = 42 }
+    end
+    finally(function()
+      package.preload.hd_codec_test_preload = nil
+      package.loaded.hd_codec_test_preload = nil
+    end)
+    local msg = "\1" .. named("hd_codec_test_preload", "answer")
+    raises('handler: bad message: no module in package.loaded named "hd_codec_test_preload"',
+      decode, msg)
+    assert.equals(0, loads)
+    assert.equals(42, decode(msg, true))
+    assert.equals(1, loads)
+    assert.equals(42, decode(msg))
+  end)
+
+  it("names the module a trusted require fails on", function()
+    raises('handler: cannot load module "hd_codec_no_such_module": ',
+      decode, "\1" .. named("hd_codec_no_such_module"), true)
+  end)
+end)
+
+describe("codec values that cannot travel", function()
+  it("names the upvalue and the path of a userdata", function()
+    local conn = { db = { handle = newproxy() } }
+    local f = function() return conn end
+    local ok, err = pcall(encode, f)
+    assert.is_false(ok)
+    assert.equals("handler: cannot send a userdata: upvalue 'conn' of function at "
+      .. where(f) .. " -> .db.handle", err)
+  end)
+
+  it("names a chain of upvalues down to a coroutine", function()
+    local co = coroutine.create(print)
+    local inner = { 1, co }
+    local g = function() return inner end
+    local h = function() return g end
+    local ok, err = pcall(encode, h)
+    assert.is_false(ok)
+    assert.equals("handler: cannot send a thread: upvalue 'g' of function at " .. where(h)
+      .. " -> upvalue 'inner' of function at " .. where(g) .. " -> [2]", err)
+  end)
+
+  it("refuses an unnamed C function", function()
+    local cb = coroutine.wrap(function() end)
+    assert.is_true(debug.getinfo(cb, "S").what == "C")
+    local ok, err = pcall(encode, { cb = cb })
+    assert.is_false(ok)
+    assert.equals("handler: cannot send a function (C function not found in package.loaded): "
+      .. "value #1 -> .cb", err)
+  end)
+
+  it("names top-level values by position", function()
+    local ok, err = pcall(encode, 1, 2, newproxy())
+    assert.is_false(ok)
+    assert.equals("handler: cannot send a userdata: value #3", err)
+  end)
+
+  it("refuses cdata", function()
+    raises("handler: cannot send a cdata: value #1 -> .x", encode, { x = ffi.new("int", 1) })
+  end)
+
+  it("marks a key that cannot travel", function()
+    raises("handler: cannot send a userdata: value #1 -> .t[userdata key](key)",
+      encode, { t = { [newproxy()] = 1 } })
+    raises("handler: cannot send a thread: value #1 -> [table key](key).co",
+      encode, { [{ co = coroutine.create(print) }] = 1 })
+  end)
+
+  it("shows keys the way Lua code would", function()
+    local u = newproxy()
+    raises([==[value #1 -> ["two words"][3][true][-1.5]["end"]]==], encode,
+      { ["two words"] = { [3] = { [true] = { [-1.5] = { ["end"] = u } } } } })
+    raises('value #1 -> ["a\\"b\\\\c\\nd\\000"]', encode, { ['a"b\\c\nd\0'] = u })
+    local long = rep("x", 100)
+    raises('value #1 -> ["' .. rep("x", 40) .. '"...]', encode, { [long] = u })
+  end)
+
+  it("walks into metatables", function()
+    raises("handler: cannot send a userdata: value #1 -> .obj(metatable).__index.x",
+      encode, { obj = setmetatable({}, { __index = { x = newproxy() } }) })
+  end)
+
+  it("names stripped upvalues by number", function()
+    -- A stripped function has lost its upvalue names.
+    local src = "local up; return function() return up end"
+    local g = loadstring(string.dump(loadstring(src)(), true))
+    debug.setupvalue(g, 1, newproxy())
+    raises("handler: cannot send a userdata: upvalue #1 of function at ", encode, g)
+  end)
+
+  it("leaves the stack balanced after an error", function()
+    for _ = 1, 100 do pcall(encode, { 1, 2, { newproxy() } }) end
+    assert.equals(3, rt({ 1, 2, 3 })[3])
+  end)
+end)
+
+describe("codec wire format", function()
+  it("writes scalars as documented", function()
+    assert.equals("\0", encode())
+    assert.equals("\1\0", encode(nil))
+    assert.equals("\2\2\1", encode(true, false))
+    assert.equals("\1\3" .. num_bytes(1.0), encode(1.0))
+    assert.equals("\1\3\0\0\0\0\0\0\0\128", encode(-0.0))
+    assert.equals("\1\4\2ab", encode("ab"))
+    assert.equals("\1\4\128\1" .. rep("x", 128), encode(rep("x", 128)))
+  end)
+
+  it("writes tables, refs and metatables as documented", function()
+    -- The hash hint is a three-byte varint, backpatched once counted.
+    assert.equals("\1\5\0\128\128\0\7", encode({}))
+    assert.equals("\1\5\1\128\128\0\3" .. num_bytes(1) .. "\4\1a\7", encode({ "a" }))
+    local t = {}
+    t[1] = t
+    assert.equals("\1\5\1\128\128\0\3" .. num_bytes(1) .. "\8\0\7", encode(t))
+    assert.equals("\1\6\0\128\128\0\7\5\0\128\128\0\7", encode(setmetatable({}, {})))
+  end)
+
+  it("decodes minimal varints too", function()
+    assert.same({ "a" }, decode("\1\5\1\0\3" .. num_bytes(1) .. "\4\1a\7"))
+  end)
+end)
+
+describe("codec hostile input", function()
+  local nan_key = "\1\5\0\0\3" .. num_bytes(0 / 0) .. "\2\7"
+  local cases = {
+    { "empty input", "", "truncated value count at byte 0" },
+    { "count without values", "\1", "truncated message at byte 1" },
+    { "trailing garbage", "\1\2\0", "trailing bytes at byte 2" },
+    { "unknown tag", "\1\99", "unknown tag 99 at byte 1" },
+    { "absurd string length", "\1\4" .. uv(2 ^ 60) .. "abc", "truncated string" },
+    { "string longer than the rest", "\1\4\5abcd", "truncated string" },
+    { "overlong varint", "\1\4" .. rep("\128", 10) .. "\0", "varint too long" },
+    { "absurd count", uv(2 ^ 60) .. "\0", "too many values" },
+    { "count beyond the bytes", "\5\0\0", "truncated message" },
+    { "count beyond the limit", uv(8001) .. rep("\0", 8001), "too many values" },
+    { "truncated number", "\1\3\0\0\0", "truncated number" },
+    { "truncated table", "\1\5\0\0\2\2", "truncated" },
+    { "table without end", "\1\5\0\0", "truncated table" },
+    { "ref with no tables", "\1\8\0", "reference to a value not yet sent" },
+    { "ref out of range", "\1\5\0\0\2\8\1\7", "reference to a value not yet sent" },
+    { "huge ref", "\1\5\0\0\2\8" .. uv(2 ^ 50) .. "\7", "reference to a value not yet sent" },
+    { "end at top level", "\1\7", "table end where a value was expected" },
+    { "upvalue join at top level", "\1\10\0\1", "upvalue join where a value was expected" },
+    { "nil key", "\1\5\0\0\0\2\7", "nil table key" },
+    { "NaN key", nan_key, "NaN table key" },
+    { "metatable not a table", "\1\6\0\0\7\2", "metatable is not a table" },
+    { "missing metatable", "\1\6\0\0\7", "truncated value" },
+    { "function", encode(function() end), "function where data was expected at byte 1" },
+    { "function in a table", encode({ 1, { f = function() end } }), "function where data was expected" },
+    { "garbage function", "\1\9\3abc\0", "function where data was expected" },
+    { "module not loaded", "\1" .. named("hd_codec_not_loaded"), 'no module in package.loaded named "hd_codec_not_loaded"' },
+    { "field not there", "\1" .. named("string", "no_such_field"), 'no value in package.loaded named "string"."no_such_field"' },
+    { "field of a module that is no table", "\1" .. named("hd_fnmod", "x"), "module is not a table" },
+    { "truncated name", "\1\11\50string", "truncated name" },
+  }
+
+  setup(function() package.loaded.hd_fnmod = print end)
+  teardown(function() package.loaded.hd_fnmod = nil end)
+
+  for _, case in ipairs(cases) do
+    it("refuses " .. case[1], function()
+      local err = raises(case[3], decode, case[2])
+      assert.truthy(err:find("^handler: bad message: "))
+    end)
+  end
+
+  it("accepts absurd size hints without allocating them", function()
+    local t = decode("\1\5" .. uv(2 ^ 40) .. uv(2 ^ 40) .. "\7")
+    assert.same({}, t)
+    local u = decode("\1\5" .. uv(2 ^ 63) .. uv(2 ^ 30) .. "\2\2\7")
+    assert.same({ [true] = true }, u)
+  end)
+
+  it("refuses nesting a million deep, quickly", function()
+    local s = "\1" .. rep("\5\0\0\2", 1e6)
+    local t0 = os.clock()
+    raises("nested too deep", decode, s)
+    raises("nested too deep", decode, s, true)
+    assert.is_true(os.clock() - t0 < 1)
+  end)
+
+  it("refuses metatables nested too deep", function()
+    raises("nested too deep", decode, "\1" .. rep("\6\0\0\7", 1000))
+  end)
+
+  it("never loads bytecode nor requires when hostile", function()
+    local loads = 0
+    package.preload.hd_codec_spy = function() loads = loads + 1; return {} end
+    finally(function() package.preload.hd_codec_spy = nil; package.loaded.hd_codec_spy = nil end)
+    raises("no module", decode, "\1" .. named("hd_codec_spy"))
+    assert.equals(0, loads)
+    raises("function where data was expected", decode, encode(function() loads = loads + 1 end))
+    assert.equals(0, loads)
+  end)
+
+  it("refuses every strict prefix of a valid message", function()
+    local shared = { "s" }
+    local t = { 1, "two", shared, shared, { x = -0.0, y = 1 / 0, [true] = false },
+      string.format, io.stdout, setmetatable({ 9 }, { __index = shared }) }
+    t.self = t
+    local msg = encode(t, "tail", nil, 3)
+    assert.is_true(same(t, (decode(msg))))
+    for i = 0, #msg - 1 do
+      local ok, err = pcall(decode, msg:sub(1, i))
+      assert(not ok, "prefix " .. i .. " decoded")
+      assert(type(err) == "string" and err:find("^handler: bad message: "), err)
+    end
+  end)
+
+  it("refuses every strict prefix of a closure, even when trusted", function()
+    local up = { 1, 2 }
+    local function f() return up end
+    local msg = encode(f)
+    for i = 0, #msg - 1 do
+      local ok, err = pcall(decode, msg:sub(1, i), true)
+      assert(not ok, "prefix " .. i .. " decoded")
+      assert(type(err) == "string" and err:find("^handler: bad message: "), err)
+    end
+  end)
+
+  it("decodes or refuses random bytes, never crashes", function()
+    math.randomseed(12345)
+    local random = math.random
+    local seeds = {
+      encode({ 1, "two", { x = 3 }, string.format }),
+      encode(setmetatable({ a = { b = {} } }, { __index = {} }), "x", true, 1.5),
+    }
+    local decoded, refused = 0, 0
+    for n = 1, 20000 do
+      local s
+      if n % 2 == 0 then
+        local parts = {}
+        for i = 1, random(0, 40) do parts[i] = char(random(0, 255)) end
+        -- Mostly small tags and varints, so the decoder gets past byte one.
+        if #parts > 0 then parts[1] = char(random(0, 4)) end
+        for i = 2, #parts do
+          if random() < 0.6 then parts[i] = char(random(0, 12)) end
+        end
+        s = table.concat(parts)
+      else
+        local seed = seeds[random(#seeds)]
+        local b = { byte(seed, 1, -1) }
+        for _ = 1, random(1, 4) do
+          local pos = random(#b)
+          local r = random()
+          if r < 0.4 then b[pos] = random(0, 255)
+          elseif r < 0.7 then table.remove(b, pos)
+          else table.insert(b, pos, random(0, 12)) end
+        end
+        s = char(unpack(b))
+      end
+      local ok, err = pcall(decode, s)
+      if ok then
+        decoded = decoded + 1
+      else
+        refused = refused + 1
+        assert(type(err) == "string" and err:find("^handler: bad message: "), tostring(err))
+      end
+    end
+    assert.is_true(decoded > 0)
+    assert.is_true(refused > 0)
+  end)
+end)
+
+describe("codec trusted input checks", function()
+  local function f1()
+    local up = 1
+    return function() return up end
+  end
+  local bc = string.dump(f1())
+
+  it("loads a hand-built closure", function()
+    local g = decode("\1\9" .. uv(#bc) .. bc .. "\1\3" .. num_bytes(7), true)
+    assert.equals(7, g())
+  end)
+
+  it("refuses an upvalue count that does not match", function()
+    raises("function upvalue count mismatch", decode,
+      "\1\9" .. uv(#bc) .. bc .. "\2\0\0", true)
+  end)
+
+  it("refuses bad upvalue joins", function()
+    raises("bad reference in upvalue join", decode,
+      "\1\9" .. uv(#bc) .. bc .. "\1\10\5\1", true)
+    raises("bad upvalue join", decode, "\1\9" .. uv(#bc) .. bc .. "\1\10\0\2", true)
+    raises("bad upvalue join", decode,
+      "\1\5\0\0\2\9" .. uv(#bc) .. bc .. "\1\10\0\1\7", true)
+  end)
+
+  it("refuses source text where bytecode belongs", function()
+    local src = "return 1"
+    raises("function is not bytecode", decode, "\1\9" .. uv(#src) .. src .. "\0", true)
+  end)
+
+  it("refuses bytecode that does not load", function()
+    raises("cannot load function", decode, "\1\9\4\27LJ\99\0", true)
+  end)
+end)

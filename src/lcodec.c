@@ -1,0 +1,46 @@
+/* lcodec.c: the codec as Lua functions, for tests and tools. */
+#include "lcodec.h"
+
+#include <lauxlib.h>
+#include <lua.h>
+
+#include "codec.h"
+
+#define HD_LCODEC_BUF "handler.codec.buf"
+
+/* Frees the encode buffer. It may run twice (an explicit free after a
+ * successful encode, then the collector), so it leaves the buffer empty. */
+static int hd_lcodec_buf_gc(lua_State *L) {
+  hd_buf *b = lua_touserdata(L, 1);
+  if (b != NULL) hd_buf_free(b);
+  return 0;
+}
+
+int hd_l_encode(lua_State *L) {
+  int n = lua_gettop(L);
+  hd_buf *b;
+  /* hd_encode raises on a value that cannot travel: the buffer lives in a
+   * userdata, made and given its __gc before anything is allocated, so an
+   * error leaves it to the collector instead of leaking it. */
+  b = lua_newuserdata(L, sizeof *b);
+  b->data = NULL;
+  b->len = b->cap = 0;
+  if (luaL_newmetatable(L, HD_LCODEC_BUF)) {
+    lua_pushcfunction(L, hd_lcodec_buf_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_setmetatable(L, -2);
+  hd_encode(L, 1, n, b, HD_ENC_FUNCTIONS);
+  lua_pushlstring(L, b->data != NULL ? b->data : "", b->len);
+  hd_buf_free(b);
+  return 1;
+}
+
+int hd_l_decode(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  int flags = lua_toboolean(L, 2) ? HD_DEC_TRUSTED : 0;
+  /* The string stays on the stack below the decoded values, so s stays
+   * valid throughout. */
+  return hd_decode(L, s, len, flags);
+}
