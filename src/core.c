@@ -79,6 +79,7 @@ void hd_core_set_paths(hd_core *c, const char *path, const char *cpath) {
   free(c->lua_cpath);
   c->lua_path = p;
   c->lua_cpath = cp;
+  c->paths_gen++;
 }
 
 uint64_t hd_core_now(hd_core *c) {
@@ -351,6 +352,7 @@ int hd_core_sup_ensure(hd_core *c) {
   snprintf(hostpid, sizeof hostpid, "%ld", (long)getpid());
   argv[0] = c->worker_path;
   argv[1] = (char *)"--supervisor";
+  c->sup_paths_gen = c->paths_gen;
   argv[2] = c->lua_path ? c->lua_path : (char *)"";
   argv[3] = c->lua_cpath ? c->lua_cpath : (char *)"";
   argv[4] = hostpid;

@@ -129,6 +129,8 @@ struct hd_core {
   int closing;
   char *worker_path;
   char *lua_path, *lua_cpath; /* the host's package.path and cpath, for workers */
+  unsigned paths_gen;   /* bumped when they change */
+  unsigned sup_paths_gen; /* the generation the supervisor's image has */
   char bchead[8];       /* the host VM's bytecode header */
   size_t bchead_len;
   /* The supervisor. */
@@ -174,6 +176,7 @@ void hd_core_arm_idle(hd_core *c, double ms);
 hd_proc *hd_proc_spawn(hd_core *c, hd_pool *root, char *err, size_t errlen);
 void hd_proc_start_job(hd_proc *p, hd_job *j);
 void hd_proc_kill(hd_proc *p);
+void hd_proc_drain(hd_proc *p);
 void hd_proc_retire(hd_proc *p);
 void hd_proc_on_spawned(hd_core *c, uint32_t id, pid_t pid);
 void hd_proc_on_exited(hd_core *c, uint32_t id, int status, int known);

@@ -159,6 +159,11 @@ static void job_timer_cb(uv_timer_t *t) {
     hd_job_finish(j, j->pending != HD_OUT_NONE ? j->pending : HD_OUT_TIMEOUT);
     return;
   }
+  /* The rule when the host ran its loop late: a reply the worker had
+   * already written when the deadline is handled is the result; otherwise
+   * the job is a Timeout. Never both, never neither. */
+  hd_proc_drain(j->proc);
+  if (j->state != HD_JOB_RUNNING) return;
   /* Time is up. The job ends when the process is confirmed gone, so a caller
    * that sees Timeout knows the worker no longer runs. */
   j->pending = HD_OUT_TIMEOUT;

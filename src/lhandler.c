@@ -203,14 +203,27 @@ static int l_submit(lua_State *L) {
   l_fill_chains(L, j, pool, 2);
   /* The frame: header, max_heap_bytes, then the closure. Encoding raises on
    * a value that cannot travel; the job userdata then frees the job. */
+  l_set_paths(L, c);
   c->scratch.len = 0;
-  if (hd_buf_reserve(&c->scratch, HD_FRAME_HEADER + 8) != 0)
+  if (hd_buf_reserve(&c->scratch, HD_FRAME_HEADER + 9) != 0)
     return luaL_error(L, "handler: out of memory");
   h = c->scratch.data;
   h[4] = HD_FRAME_JOB;
   hd_put_u64(h + 5, j->id);
   hd_put_u64(h + HD_FRAME_HEADER, j->max_heap);
-  c->scratch.len = HD_FRAME_HEADER + 8;
+  h[HD_FRAME_HEADER + 8] = 0;
+  c->scratch.len = HD_FRAME_HEADER + 9;
+  if (c->sup == HD_SUP_UP && c->sup_paths_gen != c->paths_gen) {
+    /* The image has older paths: this job carries the current ones. */
+    char n[4];
+    c->scratch.data[HD_FRAME_HEADER + 8] = HD_JOB_PATHS;
+    hd_put_u32(n, (uint32_t)strlen(c->lua_path));
+    if (hd_buf_append(&c->scratch, n, 4) || hd_buf_append(&c->scratch, c->lua_path, strlen(c->lua_path)))
+      return luaL_error(L, "handler: out of memory");
+    hd_put_u32(n, (uint32_t)strlen(c->lua_cpath));
+    if (hd_buf_append(&c->scratch, n, 4) || hd_buf_append(&c->scratch, c->lua_cpath, strlen(c->lua_cpath)))
+      return luaL_error(L, "handler: out of memory");
+  }
   hd_encode(L, 3, 1, &c->scratch, HD_ENC_FUNCTIONS);
   if (c->scratch.len - HD_FRAME_HEADER > HD_MAX_JOB_FRAME)
     return luaL_error(L, "handler: the function and its upvalues encode to more than %d bytes",
@@ -219,7 +232,6 @@ static int l_submit(lua_State *L) {
   if (hd_buf_append(&j->frame, c->scratch.data, c->scratch.len) != 0)
     return luaL_error(L, "handler: out of memory");
   if (c->scratch.cap > (1u << 20)) hd_buf_free(&c->scratch);
-  l_set_paths(L, c);
   hd_job_submit(j);
   if (j->state == HD_JOB_DONE && l_is_reject(j->outcome)) {
     lua_pushnil(L);

@@ -305,6 +305,11 @@ static void proc_poll_cb(uv_poll_t *h, int status, int events) {
   proc_update_poll(p);
 }
 
+/* Reads whatever the process has already written, now. */
+void hd_proc_drain(hd_proc *p) {
+  if (p->poll_open && !uv_is_closing((uv_handle_t *)&p->poll) && p->fd >= 0) proc_read(p);
+}
+
 static hd_proc *proc_find(hd_core *c, uint32_t id) {
   hd_proc *p;
   for (p = c->procs; p != NULL; p = p->next)

@@ -8,6 +8,7 @@
 #include <lauxlib.h>
 #include <lua.h>
 #include <lualib.h>
+#include <malloc.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -379,17 +380,43 @@ static void wk_job(hd_wk *w) {
   size_t len = w->in.len - HD_FRAME_HEADER;
   uint64_t heap;
   int rc;
-  if (len < 8) {
+  if (len < 9) {
     const char *m = "bad job frame";
     wk_reply_string(w, HD_REPLY_BADRESULT, m, strlen(m));
     return;
   }
   heap = hd_get_u64(body);
+  body += 8;
+  len -= 8;
+  if (len >= 1 && (body[0] & HD_JOB_PATHS)) {
+    /* The caller's package.path and cpath changed since the image was built. */
+    int k;
+    body++;
+    len--;
+    lua_getglobal(L, "package");
+    for (k = 0; k < 2; k++) {
+      uint32_t n = len >= 4 ? hd_get_u32(body) : UINT32_MAX;
+      if (n > len - 4) {
+        const char *m = "bad job frame";
+        lua_settop(L, 0);
+        wk_reply_string(w, HD_REPLY_BADRESULT, m, strlen(m));
+        return;
+      }
+      lua_pushlstring(L, body + 4, n);
+      lua_setfield(L, -2, k == 0 ? "path" : "cpath");
+      body += 4 + n;
+      len -= 4 + n;
+    }
+    lua_pop(L, 1);
+  } else if (len >= 1) {
+    body++;
+    len--;
+  }
   lua_settop(L, 0);
   lua_pushcfunction(L, wk_msgh);
   lua_pushcfunction(L, wk_call);
-  lua_pushlightuserdata(L, (void *)(body + 8));
-  lua_pushnumber(L, (lua_Number)(len - 8));
+  lua_pushlightuserdata(L, (void *)body);
+  lua_pushnumber(L, (lua_Number)len);
   /* The limit counts from here: the standard libraries are below the
    * baseline, the closure and everything it allocates are above it. */
   hd_alloc_arm(&w->alloc, heap > SIZE_MAX ? SIZE_MAX : (size_t)heap);
@@ -456,8 +483,13 @@ int hd_worker_run(int fd) {
       lua_close(w->L);
       return 0;
     }
-    /* Off the critical path: the reply is out. */
-    hd_alloc_restore(&w->alloc);
+    /* Off the critical path: the reply is out. A job that used a lot of
+     * memory leaves it cached in malloc; an idle worker should be small. */
+    {
+      int big = w->alloc.peak > w->alloc.snap_used + (4u << 20);
+      hd_alloc_restore(&w->alloc);
+      if (big) malloc_trim(0);
+    }
     wk_unmap_job();
     if (w->in.cap > (1u << 20)) hd_buf_free(&w->in);
     if (w->out.cap > (1u << 20)) hd_buf_free(&w->out);
