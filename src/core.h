@@ -48,7 +48,8 @@ struct hd_job {
   char detail[320];     /* for BADREPLY and FAILED */
   /* The candidate chains, each from the job's pool to a root pool; `chain`
    * is the one that accepted it. Every pool here holds a reference. */
-  hd_pool *chains[HD_MAX_CHAINS][HD_MAX_CHAIN];
+  hd_pool *(*chains)[HD_MAX_CHAIN]; /* chain0, or an allocated array */
+  hd_pool *chain0[1][HD_MAX_CHAIN];
   int chain_len[HD_MAX_CHAINS];
   int nchains;
   int chain;            /* index of the reserving chain, or -1 */
@@ -62,7 +63,8 @@ struct hd_job {
   hd_proc *proc;
   uv_timer_t timer;     /* max_ms while running, pool_timeout while queued */
   int timer_open;
-  hd_job *qnext, *qprev;     /* the core's wait queue */
+  hd_job *qnext, *qprev;     /* the core's wait queue, in arrival order */
+  hd_job *pnext, *pprev;     /* its pool's wait queue */
   hd_job *rnext, *rprev;     /* the core's list of running jobs */
 };
 
@@ -109,6 +111,11 @@ struct hd_pool {
   int closed;
   /* Root pools only: their processes. */
   hd_proc *idle;        /* idle processes, most recently used first */
+  /* Jobs waiting (pool_timeout) that started here, first come first served;
+   * a pool with waiting jobs is on the core's `waiting` list. */
+  hd_job *qhead, *qtail;
+  hd_pool *wnext, *wprev;
+  int waiting;
   double procs;         /* processes alive (any state) */
   double spawned;
   hd_counts counts;
@@ -148,6 +155,7 @@ struct hd_core {
   /* Everything alive. */
   hd_proc *procs;
   hd_job *queue_head, *queue_tail;
+  hd_pool *waiting;     /* pools with waiting jobs */
   hd_job *running;
   uv_timer_t idle_timer;
   int idle_timer_open;

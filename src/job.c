@@ -18,6 +18,7 @@ hd_job *hd_job_new(hd_core *c) {
   j->id = ++c->next_job;
   j->chain = -1;
   j->status = -1;
+  j->chains = j->chain0;
   c->refs++;
   return j;
 }
@@ -27,6 +28,7 @@ static void job_free(hd_job *j) {
   hd_core *c = j->core;
   for (i = 0; i < j->nchains; i++)
     for (k = 0; k < j->chain_len[i]; k++) hd_pool_unref(j->chains[i][k]);
+  if (j->chains != j->chain0) free(j->chains);
   free(j->task_name);
   hd_buf_free(&j->frame);
   free(j);
@@ -63,12 +65,49 @@ static hd_pool *job_origin(hd_job *j) {
 
 static void job_unqueue(hd_job *j) {
   hd_core *c = j->core;
+  hd_pool *o = job_origin(j);
   if (j->qprev) j->qprev->qnext = j->qnext;
   else c->queue_head = j->qnext;
   if (j->qnext) j->qnext->qprev = j->qprev;
   else c->queue_tail = j->qprev;
   j->qnext = j->qprev = NULL;
-  job_origin(j)->queued--;
+  if (j->pprev) j->pprev->pnext = j->pnext;
+  else o->qhead = j->pnext;
+  if (j->pnext) j->pnext->pprev = j->pprev;
+  else o->qtail = j->pprev;
+  j->pnext = j->pprev = NULL;
+  o->queued--;
+  if (o->qhead == NULL && o->waiting) {
+    if (o->wprev) o->wprev->wnext = o->wnext;
+    else c->waiting = o->wnext;
+    if (o->wnext) o->wnext->wprev = o->wprev;
+    o->wnext = o->wprev = NULL;
+    o->waiting = 0;
+  }
+}
+
+static void job_enqueue(hd_job *j) {
+  hd_core *c = j->core;
+  hd_pool *o = job_origin(j);
+  j->state = HD_JOB_QUEUED;
+  j->qprev = c->queue_tail;
+  j->qnext = NULL;
+  if (c->queue_tail) c->queue_tail->qnext = j;
+  else c->queue_head = j;
+  c->queue_tail = j;
+  j->pprev = o->qtail;
+  j->pnext = NULL;
+  if (o->qtail) o->qtail->pnext = j;
+  else o->qhead = j;
+  o->qtail = j;
+  o->queued++;
+  if (!o->waiting) {
+    o->waiting = 1;
+    o->wprev = NULL;
+    o->wnext = c->waiting;
+    if (c->waiting) c->waiting->wprev = o;
+    c->waiting = o;
+  }
 }
 
 static void job_count(hd_job *j, hd_outcome out) {
@@ -181,13 +220,7 @@ void hd_job_submit(hd_job *j) {
     return;
   }
   if (j->pool_timeout > 0 && hd_pool_could_ever_fit(j)) {
-    j->state = HD_JOB_QUEUED;
-    j->qprev = c->queue_tail;
-    j->qnext = NULL;
-    if (c->queue_tail) c->queue_tail->qnext = j;
-    else c->queue_head = j;
-    c->queue_tail = j;
-    job_origin(j)->queued++;
+    job_enqueue(j);
     uv_update_time(&c->loop);
     job_timer_start(j, j->pool_timeout);
     return;
@@ -228,8 +261,9 @@ void hd_job_kill(hd_job *j) {
   hd_job_finish(j, HD_OUT_KILLED);
 }
 
-/* Starts queued jobs that fit now, first come first served: a job that does
- * not fit holds back the later jobs of its own pool, not of other pools. */
+/* Starts queued jobs that fit now, first come first served within each
+ * pool: a job that does not fit holds back the later jobs of its own pool,
+ * not those of other pools. */
 void hd_job_pump_queue(hd_core *c) {
   if (c->in_pump) {
     c->pump_again = 1;
@@ -237,25 +271,16 @@ void hd_job_pump_queue(hd_core *c) {
   }
   c->in_pump = 1;
   do {
-    hd_job *j;
-    hd_pool *blocked[64];
-    int nblocked = 0;
+    hd_pool *p, *next;
     c->pump_again = 0;
-    for (j = c->queue_head; j != NULL; j = j->qnext) {
-      hd_pool *o = job_origin(j);
-      int b, skip = 0;
-      for (b = 0; b < nblocked; b++)
-        if (blocked[b] == o) skip = 1;
-      if (skip) continue;
-      if (hd_pool_try_reserve(j) == HD_OUT_NONE) {
+    for (p = c->waiting; p != NULL; p = next) {
+      hd_job *j;
+      next = p->wnext;
+      while ((j = p->qhead) != NULL && hd_pool_try_reserve(j) == HD_OUT_NONE) {
         job_unqueue(j);
         uv_timer_stop(&j->timer);
         job_start(j);
-        c->pump_again = 1;
-        break;
       }
-      if (nblocked == 64) break;
-      blocked[nblocked++] = o;
     }
   } while (c->pump_again);
   c->in_pump = 0;

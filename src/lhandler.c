@@ -123,6 +123,13 @@ static void l_fill_chains(lua_State *L, hd_job *j, hd_pool *pool, int chains_idx
     int i, n = (int)lua_objlen(L, chains_idx);
     if (n > HD_MAX_CHAINS)
       luaL_error(L, "handler: more than %d candidate delegation chains", HD_MAX_CHAINS);
+    if (n > 1) {
+      j->chains = calloc((size_t)n, sizeof *j->chains);
+      if (j->chains == NULL) {
+        j->chains = j->chain0;
+        luaL_error(L, "handler: out of memory");
+      }
+    }
     for (i = 1; i <= n; i++) {
       int k, m;
       lua_rawgeti(L, chains_idx, i);
