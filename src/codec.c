@@ -4,6 +4,7 @@
 
 #include <lauxlib.h>
 #include <lua.h>
+#include <lualib.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -43,6 +44,7 @@ enum {
 
 /* The name cache lives in the registry under this address. */
 static const char hd_names_key = 0;
+static const char hd_std_key = 0;
 
 /* Raises the value on the top of the stack. lua_error never returns, but it
  * is not declared so; abort() tells the compiler. */
@@ -162,6 +164,61 @@ static void hd_push_weak(lua_State *L, int narr, int nhash, const char *mode) {
   lua_setmetatable(L, -2);
 }
 
+/* Pushes the set of names ("mod.field", and "mod") that a fresh state with
+ * the standard libraries has, built once from a throwaway state. When a
+ * value has two names (a host that aliased table.unpack = unpack), the one
+ * a worker's fresh state also has is the one that can travel.
+ * L: ... → ... set */
+static void hd_std_push(lua_State *L) {
+  lua_State *F;
+  lua_pushlightuserdata(L, (void *)&hd_std_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  if (lua_istable(L, -1)) return;
+  lua_pop(L, 1);
+  lua_newtable(L);
+  F = luaL_newstate();
+  if (F != NULL) {
+    luaL_openlibs(F);
+    lua_getfield(F, LUA_REGISTRYINDEX, "_LOADED");
+    lua_pushnil(F);
+    while (lua_next(F, -2) != 0) {
+      if (lua_type(F, -2) == LUA_TSTRING && lua_istable(F, -1)) {
+        const char *mod = lua_tostring(F, -2);
+        lua_pushstring(L, mod);
+        lua_pushboolean(L, 1);
+        lua_rawset(L, -3);
+        lua_pushnil(F);
+        while (lua_next(F, -2) != 0) {
+          if (lua_type(F, -2) == LUA_TSTRING) {
+            lua_pushfstring(L, "%s.%s", mod, lua_tostring(F, -2));
+            lua_pushboolean(L, 1);
+            lua_rawset(L, -3);
+          }
+          lua_pop(F, 1);
+        }
+      }
+      lua_pop(F, 1);
+    }
+    lua_close(F);
+  }
+  lua_pushlightuserdata(L, (void *)&hd_std_key);
+  lua_pushvalue(L, -2);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+/* Whether mod.field (strings at the two indices) is a standard name. */
+static int hd_std_has(lua_State *L, int mod, int field) {
+  int has;
+  if (!lua_isstring(L, mod) || !lua_isstring(L, field)) return 0;
+  if (!lua_checkstack(L, 4)) hd_oom(L);
+  hd_std_push(L);
+  lua_pushfstring(L, "%s.%s", lua_tostring(L, mod), lua_tostring(L, field));
+  lua_rawget(L, -2);
+  has = lua_toboolean(L, -1);
+  lua_pop(L, 2);
+  return has;
+}
+
 /* Names the reference-type fields of the module table at `mod`, whose name
  * is the string at `modkey`, unless a value has a name already. In the
  * globals table only C functions and userdata are named: its tables that
@@ -176,18 +233,26 @@ static void hd_names_fields(lua_State *L, int names, int owner, int modkey, int 
     if (lua_type(L, -2) == LUA_TSTRING && hd_nameable(vt) &&
         (!globals || vt == LUA_TUSERDATA || vt == LUA_TLIGHTUSERDATA ||
          (vt == LUA_TFUNCTION && lua_iscfunction(L, -1)))) {
-      lua_pushvalue(L, -1);
+      int kidx = lua_gettop(L) - 1, vidx = kidx + 1, take;
+      lua_pushvalue(L, vidx);
       lua_rawget(L, names);
-      if (lua_isnil(L, -1)) {
+      take = lua_isnil(L, -1);
+      if (!take) {
+        /* A second name: it wins only if it is standard and the first is
+         * not. */
+        lua_pushvalue(L, vidx);
+        lua_rawget(L, owner);
+        take = !hd_std_has(L, lua_gettop(L), lua_gettop(L) - 1) && hd_std_has(L, modkey, kidx);
         lua_pop(L, 1);
-        lua_pushvalue(L, -1);
-        lua_pushvalue(L, -3);
+      }
+      lua_pop(L, 1);
+      if (take) {
+        lua_pushvalue(L, vidx);
+        lua_pushvalue(L, kidx);
         lua_rawset(L, names);
-        lua_pushvalue(L, -1);
+        lua_pushvalue(L, vidx);
         lua_pushvalue(L, modkey);
         lua_rawset(L, owner);
-      } else {
-        lua_pop(L, 1);
       }
     }
     lua_pop(L, 1);

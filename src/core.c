@@ -3,6 +3,8 @@
 #include "core.h"
 
 #include <errno.h>
+#include <ftw.h>
+#include <glob.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
@@ -100,6 +102,8 @@ void hd_core_unref(hd_core *c) {
   if (--c->refs == 0) core_free(c);
 }
 
+static void core_rm_sup_dirs(pid_t pid);
+
 /* Waits a little for an exited supervisor, so it does not stay a zombie. The
  * host may reap it first (nginx reaps every child); ECHILD is fine then. */
 static void core_reap_sup(hd_core *c, int wait_ms) {
@@ -108,6 +112,7 @@ static void core_reap_sup(hd_core *c, int wait_ms) {
   for (i = 0; i <= wait_ms; i++) {
     pid_t r = waitpid(c->sup_pid, NULL, WNOHANG);
     if (r != 0) {
+      core_rm_sup_dirs(c->sup_pid);
       c->sup_pid = -1;
       return;
     }
@@ -116,6 +121,30 @@ static void core_reap_sup(hd_core *c, int wait_ms) {
       nanosleep(&ts, NULL);
     }
   }
+}
+
+static int core_rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
+  (void)st;
+  (void)flag;
+  (void)ftw;
+  remove(path);
+  return 0;
+}
+
+/* Removes the private directories of a dead supervisor's workers. The
+ * supervisor removes each when it reaps the worker; this is for one that
+ * was killed before it could. */
+static void core_rm_sup_dirs(pid_t pid) {
+  const char *t = getenv("TMPDIR");
+  char pattern[256];
+  glob_t g;
+  size_t i;
+  if (pid <= 0) return;
+  snprintf(pattern, sizeof pattern, "%s/handler-%d-??????",
+           t != NULL && t[0] == '/' && strlen(t) < 100 ? t : "/tmp", (int)pid);
+  if (glob(pattern, GLOB_NOSORT, NULL, &g) != 0) return;
+  for (i = 0; i < g.gl_pathc; i++) nftw(g.gl_pathv[i], core_rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+  globfree(&g);
 }
 
 static void core_ctl_free_all(hd_core *c) {
@@ -218,6 +247,11 @@ static void core_sup_poll_cb(uv_poll_t *h, int status, int events) {
       return;
     }
   }
+}
+
+/* Reads the control messages already waiting, without blocking. */
+void hd_core_drain_ctl(hd_core *c) {
+  if (c->sup == HD_SUP_UP && c->sup_poll_open) core_sup_poll_cb(&c->sup_poll, 0, UV_READABLE);
 }
 
 static void core_sup_poll_update(hd_core *c) {

@@ -177,6 +177,7 @@ int hd_core_sup_ensure(hd_core *c);
 void hd_core_set_paths(hd_core *c, const char *path, const char *cpath);
 int hd_core_ctl_send(hd_core *c, const char *msg, size_t len, int fd);
 void hd_core_sup_broken(hd_core *c, const char *why);
+void hd_core_drain_ctl(hd_core *c);
 uint64_t hd_core_now(hd_core *c);
 void hd_core_arm_idle(hd_core *c, double ms);
 

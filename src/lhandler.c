@@ -26,6 +26,7 @@ typedef struct { hd_job *j; } l_job;
 L_EXPORT int luaopen_handler_core(lua_State *L);
 
 /* Keys of private values: addresses, which no Lua string can equal. */
+static char l_ctx_key;     /* registry: the context userdata */
 static char l_jobs_key;    /* registry: weak table, job pointer -> job userdata */
 static char l_killerr_key; /* a job userdata's fenv: the caller's kill error */
 
@@ -569,6 +570,8 @@ static int l_procs(lua_State *L) {
   hd_core *c = l_core(L);
   hd_proc *p;
   int n = 0;
+  /* Pids come with the supervisor's reports: read those already sent. */
+  hd_core_drain_ctl(c);
   lua_newtable(L);
   for (p = c->procs; p != NULL; p = p->next) {
     if (p->exited || p->pid <= 0) continue;
@@ -579,6 +582,12 @@ static int l_procs(lua_State *L) {
     lua_pushinteger(L, c->sup_pid);
     lua_setfield(L, -2, "supervisor");
   }
+  /* Our ends of worker sockets still open, pid known or not yet. */
+  n = 0;
+  for (p = c->procs; p != NULL; p = p->next)
+    if (p->fd >= 0) n++;
+  lua_pushinteger(L, n);
+  lua_setfield(L, -2, "sockets");
   return 1;
 }
 
@@ -652,27 +661,38 @@ L_EXPORT int luaopen_handler_core(lua_State *L) {
   hd_core *c;
   lua_settop(L, 0);
   l_worker_path(path, sizeof path);
-  l_newmeta(L, L_POOL, l_pool_gc);
-  l_newmeta(L, L_JOB, l_job_gc);
-  l_newmeta(L, L_CTX, l_ctx_gc);
-  x = lua_newuserdata(L, sizeof *x);
-  x->c = NULL;
-  luaL_getmetatable(L, L_CTX);
-  lua_setmetatable(L, -2);
-  c = hd_core_new(path, err, sizeof err);
-  if (c == NULL) return luaL_error(L, "handler: %s", err);
-  x->c = c;
-  /* Kept in the registry too, so the context outlives every module table
-   * and is closed last, when the state is. */
-  lua_pushvalue(L, 1);
-  lua_setfield(L, LUA_REGISTRYINDEX, L_CTX);
-  lua_pushlightuserdata(L, &l_jobs_key);
-  lua_newtable(L);
-  lua_createtable(L, 0, 1);
-  lua_pushliteral(L, "v");
-  lua_setfield(L, -2, "__mode");
-  lua_setmetatable(L, -2);
-  lua_rawset(L, LUA_REGISTRYINDEX);
+  /* One core per Lua state: loading the module again (package.loaded
+   * cleared, as test runners do) reuses the context and its workers. */
+  lua_pushlightuserdata(L, &l_ctx_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  if (lua_isuserdata(L, 1) && ((l_ctx *)lua_touserdata(L, 1))->c != NULL) {
+    c = ((l_ctx *)lua_touserdata(L, 1))->c;
+  } else {
+    lua_settop(L, 0);
+    l_newmeta(L, L_POOL, l_pool_gc);
+    l_newmeta(L, L_JOB, l_job_gc);
+    l_newmeta(L, L_CTX, l_ctx_gc);
+    x = lua_newuserdata(L, sizeof *x);
+    x->c = NULL;
+    luaL_getmetatable(L, L_CTX);
+    lua_setmetatable(L, -2);
+    c = hd_core_new(path, err, sizeof err);
+    if (c == NULL) return luaL_error(L, "handler: %s", err);
+    x->c = c;
+    /* Kept in the registry, so the context outlives every module table and
+     * is closed last, when the state is. */
+    lua_pushlightuserdata(L, &l_ctx_key);
+    lua_pushvalue(L, 1);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+    lua_pushlightuserdata(L, &l_jobs_key);
+    lua_newtable(L);
+    lua_createtable(L, 0, 1);
+    lua_pushliteral(L, "v");
+    lua_setfield(L, -2, "__mode");
+    lua_setmetatable(L, -2);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+    l_bchead(L, c);
+  }
   lua_newtable(L);
   lua_pushvalue(L, 1);
   luaL_openlib(L, NULL, l_funcs, 1);
@@ -680,8 +700,7 @@ L_EXPORT int luaopen_handler_core(lua_State *L) {
   lua_setfield(L, -2, "encode");
   lua_pushcfunction(L, hd_l_decode);
   lua_setfield(L, -2, "decode");
-  lua_pushstring(L, path);
+  lua_pushstring(L, c->worker_path);
   lua_setfield(L, -2, "worker_path");
-  l_bchead(L, c);
   return 1;
 }

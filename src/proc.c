@@ -246,7 +246,11 @@ static int proc_parse(hd_proc *p) {
       p->idle_since = hd_core_now(c);
       p->inext = p->root->idle;
       p->root->idle = p;
-      if (!uv_is_active((uv_handle_t *)&c->idle_timer)) hd_core_arm_idle(c, p->root->idle_ms);
+      /* Pools have their own idle_ms: the sweep must come no later than
+       * this process's. */
+      if (!uv_is_active((uv_handle_t *)&c->idle_timer) ||
+          uv_timer_get_due_in(&c->idle_timer) > p->root->idle_ms)
+        hd_core_arm_idle(c, p->root->idle_ms);
       hd_job_pump_queue(c);
     }
     return 0;

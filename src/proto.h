@@ -45,6 +45,9 @@
 #define HD_CTL_FAILED 4  /* supervisor → parent: u32 worker id, i32 errno */
 #define HD_CTL_MAX 64
 
+/* Every worker's file size limit (RLIMIT_FSIZE). */
+#define HD_WORKER_FSIZE (1ull << 30)
+
 /* Bytes of a bytecode dump that identify the VM's bytecode format. */
 #define HD_BCHEAD 5
 

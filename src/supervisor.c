@@ -3,6 +3,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <time.h>
 #include <lauxlib.h>
 #include <lua.h>
 #include <lualib.h>
@@ -12,7 +13,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <ftw.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -27,12 +30,15 @@
 typedef struct sup_child {
   uint32_t id;
   pid_t pid;
+  char dir[160]; /* its private working directory, removed when it is reaped */
 } sup_child;
 
 typedef struct sup {
   int ctl;
   int sigfd;
-  const char *path, *cpath;
+  char *path, *cpath;
+  char tmpdir[128];
+  int orphans_seen; /* sweeps still to do after a worker died */
   sup_child *kids;
   size_t nkids, capkids;
 } sup;
@@ -117,7 +123,9 @@ static void sup_child_signals(void) {
 }
 
 /* In the forked child: become a worker on `fd`. Never returns. */
-static void sup_become_worker(sup *s, int fd, pid_t sup_pid) {
+/* In the forked child: become a worker on `fd`. Never returns. */
+static void sup_become_worker(sup *s, int fd, pid_t sup_pid, const char *dir) {
+  struct rlimit rl;
   sup_child_signals();
   /* The control socket is descriptor 3 too: it goes first. */
   close(s->ctl);
@@ -134,7 +142,68 @@ static void sup_become_worker(sup *s, int fd, pid_t sup_pid) {
   if (getppid() != sup_pid) _exit(74);
   /* Its own process group, so a kill reaches what the job started too. */
   setpgid(0, 0);
+  /* What a job sees: no host environment (a job may ask for an allow-list),
+   * a private working directory, no core files, bounded file size. */
+  clearenv();
+  if (dir[0] != '\0' && chdir(dir) != 0) _exit(75);
+  rl.rlim_cur = rl.rlim_max = 0;
+  setrlimit(RLIMIT_CORE, &rl);
+  rl.rlim_cur = rl.rlim_max = HD_WORKER_FSIZE;
+  setrlimit(RLIMIT_FSIZE, &rl);
   _exit(hd_worker_run(HD_WORKER_FD));
+}
+
+static int sup_rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
+  (void)st;
+  (void)flag;
+  (void)ftw;
+  remove(path);
+  return 0;
+}
+
+/* Removes a worker's private directory and what its jobs left in it. */
+static void sup_rmdir(const char *dir) {
+  if (dir[0] != '\0') nftw(dir, sup_rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+/* Kills our children that are not workers: what a dead worker's job left
+ * behind reparents to us (we are a subreaper), including processes that
+ * called setsid to slip out of the worker's group. They are our children
+ * and not yet reaped, so their pids cannot have been reused. Returns
+ * whether it found any. */
+static int sup_sweep_orphans(sup *s) {
+  DIR *d = opendir("/proc");
+  struct dirent *e;
+  pid_t me = getpid();
+  int found = 0;
+  if (d == NULL) return 0;
+  while ((e = readdir(d)) != NULL) {
+    char path[64], buf[512];
+    const char *rp;
+    pid_t pid;
+    int ppid, known = 0, fd;
+    size_t i;
+    ssize_t n;
+    if (e->d_name[0] < '1' || e->d_name[0] > '9') continue;
+    pid = (pid_t)strtol(e->d_name, NULL, 10);
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) continue;
+    n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) continue;
+    buf[n] = '\0';
+    rp = strrchr(buf, ')');
+    if (rp == NULL || sscanf(rp + 1, " %*c %d", &ppid) != 1 || ppid != (int)me) continue;
+    for (i = 0; i < s->nkids; i++)
+      if (s->kids[i].pid == pid) known = 1;
+    if (known) continue;
+    kill(-pid, SIGKILL);
+    kill(pid, SIGKILL);
+    found = 1;
+  }
+  closedir(d);
+  return found;
 }
 
 static void sup_spawn(sup *s, uint32_t id, int fd) {
@@ -150,10 +219,19 @@ static void sup_spawn(sup *s, uint32_t id, int fd) {
     s->kids = k;
     s->capkids = cap;
   }
+  s->kids[s->nkids].dir[0] = '\0';
+  if (s->tmpdir[0] != '\0') {
+    /* Named after the supervisor, so the host can clean up after a
+     * supervisor that was killed before it could. */
+    snprintf(s->kids[s->nkids].dir, sizeof s->kids[s->nkids].dir, "%s/handler-%d-XXXXXX",
+             s->tmpdir, (int)getpid());
+    if (mkdtemp(s->kids[s->nkids].dir) == NULL) s->kids[s->nkids].dir[0] = '\0';
+  }
   pid = fork();
-  if (pid == 0) sup_become_worker(s, fd, getppid());
+  if (pid == 0) sup_become_worker(s, fd, getppid(), s->kids[s->nkids].dir);
   close(fd);
   if (pid < 0) {
+    sup_rmdir(s->kids[s->nkids].dir);
     sup_report(s, HD_CTL_FAILED, id, (uint32_t)errno);
     return;
   }
@@ -187,10 +265,13 @@ static void sup_reap(sup *s) {
     for (i = 0; i < s->nkids; i++) {
       if (s->kids[i].pid == pid) {
         uint32_t id = s->kids[i].id;
-        s->kids[i] = s->kids[--s->nkids];
-        /* Whatever the worker left in its group goes with it. */
+        /* Whatever the worker left in its group and its directory goes
+         * with it. */
         kill(-pid, SIGKILL);
+        sup_rmdir(s->kids[i].dir);
+        s->kids[i] = s->kids[--s->nkids];
         sup_report(s, HD_CTL_EXITED, id, (uint32_t)st);
+        s->orphans_seen = 10;
         break;
       }
     }
@@ -233,13 +314,28 @@ static int sup_read_ctl(sup *s) {
   return 0;
 }
 
+/* The host is gone: every worker and everything they started goes too. */
 static void sup_shutdown(sup *s) {
   size_t i;
+  int round;
   for (i = 0; i < s->nkids; i++) {
     kill(-s->kids[i].pid, SIGKILL);
     kill(s->kids[i].pid, SIGKILL);
   }
-  while (waitpid(-1, NULL, 0) > 0 || errno == EINTR) {
+  for (i = 0; i < s->nkids; i++) {
+    waitpid(s->kids[i].pid, NULL, 0);
+    sup_rmdir(s->kids[i].dir);
+  }
+  s->nkids = 0;
+  /* Orphans reparent to us as their parents die: sweep until none is left,
+   * for at most a second (a fork bomb keeps making them). */
+  for (round = 0; round < 100; round++) {
+    struct timespec ts = {0, 10000000};
+    int found = sup_sweep_orphans(s);
+    while (waitpid(-1, NULL, WNOHANG) > 0) {
+    }
+    if (!found && round > 0) break;
+    nanosleep(&ts, NULL);
   }
 }
 
@@ -254,13 +350,24 @@ int main(int argc, char **argv) {
   }
   memset(&s, 0, sizeof s);
   s.ctl = SUP_CTL_FD;
-  s.path = argv[2];
-  s.cpath = argv[3];
   host = (pid_t)strtol(argv[4], NULL, 10);
   /* The host may block or ignore signals (OpenResty blocks SIGCHLD). */
   sup_child_signals();
-  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  /* SIGTERM when the host dies, read from the signalfd below: the
+   * supervisor then shuts down properly, taking every worker and what
+   * their jobs started with it. */
+  prctl(PR_SET_PDEATHSIG, SIGTERM);
   if (getppid() != host) return 0;
+  /* Workers run in private directories: relative module paths are made
+   * absolute against the host's directory first. */
+  s.path = hd_worker_abspaths(argv[2]);
+  s.cpath = hd_worker_abspaths(argv[3]);
+  if (s.path == NULL || s.cpath == NULL) return 5;
+  {
+    const char *t = getenv("TMPDIR");
+    snprintf(s.tmpdir, sizeof s.tmpdir, "%s",
+             t != NULL && t[0] == '/' && strlen(t) < 100 ? t : "/tmp");
+  }
   /* Orphans of a job become ours, so we can reap and kill them. */
   prctl(PR_SET_CHILD_SUBREAPER, 1);
   sup_close_from(SUP_CTL_FD + 1, -1);
@@ -271,6 +378,8 @@ int main(int argc, char **argv) {
   }
   sigemptyset(&chld);
   sigaddset(&chld, SIGCHLD);
+  sigaddset(&chld, SIGTERM);
+  sigaddset(&chld, SIGHUP);
   sigprocmask(SIG_BLOCK, &chld, NULL);
   s.sigfd = signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
   if (s.sigfd < 0) return 3;
@@ -289,15 +398,22 @@ int main(int argc, char **argv) {
     p[0].events = POLLIN;
     p[1].fd = s.sigfd;
     p[1].events = POLLIN;
-    if (poll(p, 2, -1) < 0) {
+    if (poll(p, 2, s.orphans_seen > 0 ? 100 : -1) < 0) {
       if (errno == EINTR) continue;
       break;
     }
     if (p[1].revents) {
       struct signalfd_siginfo si;
-      while (read(s.sigfd, &si, sizeof si) > 0) {
-      }
+      int stop = 0;
+      while (read(s.sigfd, &si, sizeof si) == (ssize_t)sizeof si)
+        if (si.ssi_signo == SIGTERM || si.ssi_signo == SIGHUP) stop = 1;
+      if (stop) break;
       sup_reap(&s);
+    }
+    if (s.orphans_seen > 0) {
+      /* For a second after a worker died, look for what it left behind. */
+      if (sup_sweep_orphans(&s)) s.orphans_seen = 10;
+      else s.orphans_seen--;
     }
     if (p[0].revents & (POLLIN | POLLHUP | POLLERR)) {
       if (sup_read_ctl(&s) < 0) break;
@@ -305,5 +421,7 @@ int main(int argc, char **argv) {
   }
   sup_shutdown(&s);
   free(s.kids);
+  free(s.path);
+  free(s.cpath);
   return 0;
 }

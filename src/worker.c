@@ -25,6 +25,7 @@ typedef struct hd_wk {
   int fd;
   hd_alloc alloc;
   lua_State *L;
+  char host_cwd[1024];  /* the host's directory, before the private one */
   hd_buf in;    /* the job frame being read */
   hd_buf out;   /* the reply being built */
   uint64_t job_id;
@@ -245,6 +246,7 @@ static void wk_wrap_all(lua_State *L) {
 int hd_worker_prepare(const char *path, const char *cpath) {
   lua_State *L;
   wk_frames_resolve();
+  if (getcwd(wk.host_cwd, sizeof wk.host_cwd) == NULL) wk.host_cwd[0] = '\0';
   if (hd_alloc_init(&wk.alloc, 64u << 20) != 0) return -1;
   L = lua_newstate(hd_alloc_fn, &wk.alloc);
   if (L == NULL) return -1;
@@ -402,7 +404,25 @@ static void wk_job(hd_wk *w) {
         wk_reply_string(w, HD_REPLY_BADRESULT, m, strlen(m));
         return;
       }
-      lua_pushlstring(L, body + 4, n);
+      {
+        /* Relative entries are the caller's: make them absolute against
+         * the host's directory, which the worker started in. */
+        char *raw = strndup(body + 4, n), *abs = NULL;
+        if (raw != NULL && wk.host_cwd[0] != '\0') {
+          char *saved = getcwd(NULL, 0);
+          if (chdir(wk.host_cwd) == 0) abs = hd_worker_abspaths(raw);
+          if (saved != NULL) {
+            /* Going back cannot fail in practice; if it did, the job would
+             * merely run in the host's directory. */
+            if (chdir(saved) != 0) {
+            }
+            free(saved);
+          }
+        }
+        lua_pushstring(L, abs ? abs : raw ? raw : "");
+        free(abs);
+        free(raw);
+      }
       lua_setfield(L, -2, k == 0 ? "path" : "cpath");
       body += 4 + n;
       len -= 4 + n;
@@ -495,4 +515,28 @@ int hd_worker_run(int fd) {
     if (w->out.cap > (1u << 20)) hd_buf_free(&w->out);
   }
   return 0;
+}
+
+char *hd_worker_abspaths(const char *paths) {
+  char cwd[4096];
+  hd_buf out = HD_BUF_INIT;
+  const char *p = paths;
+  if (getcwd(cwd, sizeof cwd) == NULL) return strdup(paths);
+  for (;;) {
+    const char *end = strchr(p, ';');
+    size_t n = end ? (size_t)(end - p) : strlen(p);
+    /* Empty entries (";;") stand for the defaults and stay as they are. */
+    if (n > 0 && p[0] != '/') {
+      if (hd_buf_append(&out, cwd, strlen(cwd)) || hd_buf_append(&out, "/", 1)) goto oom;
+    }
+    if (hd_buf_append(&out, p, n)) goto oom;
+    if (end == NULL) break;
+    if (hd_buf_append(&out, ";", 1)) goto oom;
+    p = end + 1;
+  }
+  if (hd_buf_append(&out, "", 1)) goto oom;
+  return out.data;
+oom:
+  hd_buf_free(&out);
+  return NULL;
 }

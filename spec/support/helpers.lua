@@ -1,0 +1,298 @@
+-- spec/support/helpers.lua: shared helpers for the specs: a clock, polling
+-- with a deadline, the host's open fds, process states from /proc, subprocess
+-- hosts, and the "nothing leaked" check every process-starting test ends with.
+local ffi = require("ffi")
+local handler = require("handler")
+local luassert = require("luassert")
+
+local format, concat, sort, open, popen = string.format, table.concat, table.sort, io.open, io.popen
+local tonumber, tostring, ipairs, pairs, type = tonumber, tostring, ipairs, pairs, type
+
+-- Declarations under our own names (asm labels), so they never clash with a
+-- declaration another spec made of the same C function.
+local function cdef(s)
+  pcall(ffi.cdef, s)
+end
+cdef [[int hd_spec_getpid(void) __asm__("getpid");]]
+cdef [[int hd_spec_fcntl(int fd, int cmd, ...) __asm__("fcntl");]]
+cdef [[typedef struct { long sec; long nsec; } hd_spec_timespec;]]
+cdef [[int hd_spec_clock_gettime(int clk, hd_spec_timespec *ts) __asm__("clock_gettime");]]
+cdef [[typedef struct { int fd; short events; short revents; } hd_spec_pollfd;]]
+cdef [[int hd_spec_poll(hd_spec_pollfd *fds, unsigned long n, int ms) __asm__("poll");]]
+cdef [[typedef struct {
+  uint64_t ino; int64_t off; unsigned short reclen; unsigned char type; char name[256];
+} hd_spec_dirent;]]
+cdef [[void *hd_spec_opendir(const char *path) __asm__("opendir");]]
+cdef [[hd_spec_dirent *hd_spec_readdir(void *dir) __asm__("readdir");]]
+cdef [[int hd_spec_closedir(void *dir) __asm__("closedir");]]
+cdef [[int hd_spec_kill(int pid, int sig) __asm__("kill");]]
+
+local C = ffi.C
+local F_GETFD = 1
+local CLOCK_MONOTONIC = 1
+local POLLIN = 1
+
+local M = {}
+
+M.getpid = function()
+  return C.hd_spec_getpid()
+end
+
+--- Seconds on a monotonic clock.
+local ts = ffi.new("hd_spec_timespec")
+function M.now()
+  C.hd_spec_clock_gettime(CLOCK_MONOTONIC, ts)
+  return tonumber(ts.sec) + tonumber(ts.nsec) / 1e9
+end
+
+--- Sleeps ms milliseconds.
+function M.sleep_ms(ms)
+  C.hd_spec_poll(nil, 0, ms)
+end
+
+--- Waits up to ms for fd to become readable; true if it did.
+function M.readable(fd, ms)
+  local p = ffi.new("hd_spec_pollfd[1]")
+  p[0].fd = fd
+  p[0].events = POLLIN
+  return C.hd_spec_poll(p, 1, ms) > 0
+end
+
+--- Polls pred() every 10 ms until it returns true or `seconds` (default 5)
+-- pass; drives handler's loop between tries (without blocking), so timers
+-- and process exits it watches are processed. Returns whether pred held.
+function M.wait_until(pred, seconds)
+  local deadline = M.now() + (seconds or 5)
+  while true do
+    if pred() then return true end
+    if M.now() > deadline then return false end
+    handler.step()
+    M.sleep_ms(10)
+  end
+end
+
+---------------------------------------------------------------------------
+-- File descriptors of this process.
+
+--- The sorted list of fds open in this process.
+function M.open_fds()
+  local fds = {}
+  for fd = 0, 4095 do
+    if C.hd_spec_fcntl(fd, F_GETFD) >= 0 then fds[#fds + 1] = fd end
+  end
+  return fds
+end
+
+---------------------------------------------------------------------------
+-- Processes, from /proc.
+
+--- The numeric entries of /proc.
+local function all_pids()
+  local out = {}
+  local d = C.hd_spec_opendir("/proc")
+  if d == nil then return out end
+  while true do
+    local e = C.hd_spec_readdir(d)
+    if e == nil then break end
+    local n = tonumber(ffi.string(e.name))
+    if n then out[#out + 1] = n end
+  end
+  C.hd_spec_closedir(d)
+  return out
+end
+
+--- state, ppid of a process, or nil when /proc has no such process.
+function M.proc_state(pid)
+  local f = open("/proc/" .. tostring(pid) .. "/stat")
+  if f == nil then return nil end
+  local s = f:read("*a")
+  f:close()
+  if s == nil then return nil end
+  -- The command name may hold spaces and parentheses: parse after the last ')'.
+  local state, ppid = s:match("^.*%) (%S) (%d+)")
+  return state, tonumber(ppid)
+end
+
+--- A process exists and is not a zombie.
+function M.alive(pid)
+  local st = M.proc_state(pid)
+  return st ~= nil and st ~= "Z" and st ~= "X"
+end
+
+--- /proc has no trace of the process at all (reaped, not a zombie).
+function M.gone(pid)
+  return M.proc_state(pid) == nil
+end
+
+--- { {pid=, state=}, ... } of the children of ppid.
+function M.children(ppid)
+  local out = {}
+  for _, pid in ipairs(all_pids()) do
+    local st, pp = M.proc_state(pid)
+    if st and pp == ppid then out[#out + 1] = { pid = pid, state = st } end
+  end
+  return out
+end
+
+--- Live worker pids handler knows about (a list), and the supervisor's pid.
+function M.workers()
+  local p = handler._core.procs()
+  local list = {}
+  for i = 1, #p do list[i] = p[i] end
+  return list, p.supervisor
+end
+
+function M.contains(list, v)
+  for _, x in ipairs(list) do
+    if x == v then return true end
+  end
+  return false
+end
+
+---------------------------------------------------------------------------
+-- Job bodies used across the specs. They run in the worker, so they use only
+-- what a fresh state has.
+
+--- A job returning the pid of the worker process it ran in.
+function M.job_pid()
+  local ffi_ = require("ffi")
+  pcall(ffi_.cdef, "int getpid(void);")
+  return ffi_.C.getpid()
+end
+
+---------------------------------------------------------------------------
+-- Subprocess hosts.
+
+local function shell_quote(s)
+  return "'" .. s:gsub("'", "'\\''") .. "'"
+end
+M.shell_quote = shell_quote
+
+--- The env prefix a subprocess luajit needs to load the same handler build.
+function M.lua_env()
+  return "LUA_PATH=" .. shell_quote(package.path) .. " LUA_CPATH=" .. shell_quote(package.cpath)
+end
+
+--- A fresh temporary directory (removed by rmdir_r).
+function M.tmpdir()
+  local p = popen("mktemp -d")
+  local d = p:read("*l")
+  p:close()
+  return d
+end
+
+function M.write_file(path, text)
+  local f = luassert(open(path, "w"))
+  f:write(text)
+  f:close()
+end
+
+function M.rm_r(path)
+  os.execute("rm -rf " .. shell_quote(path))
+end
+
+--- Runs `luajit script` (the script given as text) with the spec's handler on
+-- its paths, and returns everything it printed (stdout and stderr). Output
+-- goes to a file, not a pipe, so a process that outlived the script cannot
+-- keep us waiting; the script itself is killed after 60 s.
+function M.run_host(script)
+  local dir = M.tmpdir()
+  local path, out = dir .. "/host.lua", dir .. "/out"
+  M.write_file(path, script)
+  os.execute(M.lua_env() .. " timeout -s KILL 60 luajit " .. shell_quote(path) .. " > "
+    .. shell_quote(out) .. " 2>&1")
+  local f = open(out)
+  local text = f and f:read("*a") or ""
+  if f then f:close() end
+  M.rm_r(dir)
+  return text
+end
+
+--- Sends SIGKILL to pid.
+function M.kill9(pid)
+  return C.hd_spec_kill(pid, 9) == 0
+end
+
+---------------------------------------------------------------------------
+-- The leak check.
+
+--- Starts the handler core (the supervisor, the loop and their fds) so a
+-- snapshot taken after it measures only what a test adds.
+function M.warm()
+  luassert.is_true((handler.run(function() end)))
+end
+
+--- What "clean" is measured against: the host's fds apart from the one each
+-- live worker's socket holds.
+function M.snapshot()
+  local fds = M.open_fds()
+  local workers = M.workers()
+  return { fds = fds, base = #fds - handler._core.procs().sockets }
+end
+
+local function describe_fds(fds)
+  return "{" .. concat(fds, ",") .. "}"
+end
+
+local function describe_children(list)
+  local s = {}
+  for i, c in ipairs(list) do s[i] = c.pid .. ":" .. c.state end
+  return "{" .. concat(s, ",") .. "}"
+end
+
+--- Asserts that nothing a test started was left behind: no job running and
+-- no budget committed in the default pool and in `pools`; every child of the
+-- supervisor is a live worker handler knows about (no zombie, no stray) and
+-- every known worker is alive; the host has no child but the supervisor; and
+-- the host holds no fd beyond the snapshot's, one per live worker aside.
+-- Eventual conditions get a deadline of 5 s.
+function M.assert_clean(snap, pools)
+  local all = { handler.default_pool() }
+  for _, p in ipairs(pools or {}) do all[#all + 1] = p end
+  local why
+  local ok = M.wait_until(function()
+    for _, p in ipairs(all) do
+      local s = p:stats()
+      if s.running ~= 0 or s.bytes_committed ~= 0 or s.queued ~= 0 then
+        why = format("%s still has running=%d queued=%d bytes_committed=%d", tostring(p),
+          s.running, s.queued, s.bytes_committed)
+        return false
+      end
+    end
+    local workers, sup = M.workers()
+    for _, pid in ipairs(workers) do
+      if not M.alive(pid) then
+        why = format("worker %d is listed by procs() but is %s", pid,
+          tostring(M.proc_state(pid) or "gone"))
+        return false
+      end
+    end
+    if sup ~= nil then
+      local kids = M.children(sup)
+      for _, c in ipairs(kids) do
+        if c.state == "Z" or not M.contains(workers, c.pid) then
+          why = format("supervisor %d has children %s, procs() lists {%s}", sup,
+            describe_children(kids), concat(workers, ","))
+          return false
+        end
+      end
+    end
+    local host_kids = M.children(M.getpid())
+    for _, c in ipairs(host_kids) do
+      if c.pid ~= sup or c.state == "Z" then
+        why = "the host has children " .. describe_children(host_kids)
+        return false
+      end
+    end
+    local fds = M.open_fds()
+    if #fds - handler._core.procs().sockets ~= snap.base then
+      why = format("host fds %s with %d workers; before: %s with base %d",
+        describe_fds(fds), #workers, describe_fds(snap.fds), snap.base)
+      return false
+    end
+    return true
+  end, 5)
+  luassert(ok, why)
+end
+
+return M
