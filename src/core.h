@@ -82,6 +82,7 @@ struct hd_proc {
   int exited;           /* the supervisor has reported its exit */
   int status;           /* its wait status */
   int eof;
+  int hello;            /* its hello frame arrived */
   hd_job *job;
   hd_buf in;            /* reply bytes read so far */
   hd_buf out;           /* frame bytes not yet written */

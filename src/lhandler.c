@@ -174,8 +174,16 @@ static int l_is_reject(hd_outcome o) {
   return o == HD_OUT_NOWORKERS || o == HD_OUT_NOMEMORY || o == HD_OUT_POOLTIMEOUT;
 }
 
+/* Appends a u32 length and the bytes. */
+static int l_put_str(hd_buf *b, const char *s, size_t n) {
+  char h[4];
+  hd_put_u32(h, (uint32_t)n);
+  return hd_buf_append(b, h, 4) || hd_buf_append(b, s, n);
+}
+
 /* submit(pool, chains|nil, fn, max_ms, max_heap, task_name|nil, pool_timeout,
- *        max_result) -> job | nil, reject_type */
+ *        max_result, max_output, env|nil) -> job | nil, reject_type
+ * env is a flat list: name, value, name, value... */
 static int l_submit(lua_State *L) {
   hd_core *c = l_core(L);
   hd_pool *pool = l_checkpool(L, 1);
@@ -184,6 +192,8 @@ static int l_submit(lua_State *L) {
   const char *task = luaL_optstring(L, 6, NULL);
   double pool_timeout = luaL_optnumber(L, 7, 0);
   double max_result = luaL_optnumber(L, 8, 0);
+  double max_output = luaL_optnumber(L, 9, 16.0 * 1024 * 1024);
+  int env = lua_istable(L, 10) ? 10 : 0;
   hd_job *j;
   l_job *u;
   char *h;
@@ -213,24 +223,40 @@ static int l_submit(lua_State *L) {
    * a value that cannot travel; the job userdata then frees the job. */
   l_set_paths(L, c);
   c->scratch.len = 0;
-  if (hd_buf_reserve(&c->scratch, HD_FRAME_HEADER + 9) != 0)
+  if (hd_buf_reserve(&c->scratch, HD_FRAME_HEADER + 17) != 0)
     return luaL_error(L, "handler: out of memory");
   h = c->scratch.data;
   h[4] = HD_FRAME_JOB;
   hd_put_u64(h + 5, j->id);
   hd_put_u64(h + HD_FRAME_HEADER, j->max_heap);
-  h[HD_FRAME_HEADER + 8] = 0;
-  c->scratch.len = HD_FRAME_HEADER + 9;
+  hd_put_u64(h + HD_FRAME_HEADER + 8, max_output <= 0 ? 0 : (uint64_t)max_output);
+  h[HD_FRAME_HEADER + 16] = 0;
+  c->scratch.len = HD_FRAME_HEADER + 17;
   if (c->sup == HD_SUP_UP && c->sup_paths_gen != c->paths_gen) {
     /* The image has older paths: this job carries the current ones. */
-    char n[4];
-    c->scratch.data[HD_FRAME_HEADER + 8] = HD_JOB_PATHS;
-    hd_put_u32(n, (uint32_t)strlen(c->lua_path));
-    if (hd_buf_append(&c->scratch, n, 4) || hd_buf_append(&c->scratch, c->lua_path, strlen(c->lua_path)))
+    c->scratch.data[HD_FRAME_HEADER + 16] |= HD_JOB_PATHS;
+    if (l_put_str(&c->scratch, c->lua_path, strlen(c->lua_path)) ||
+        l_put_str(&c->scratch, c->lua_cpath, strlen(c->lua_cpath)))
       return luaL_error(L, "handler: out of memory");
-    hd_put_u32(n, (uint32_t)strlen(c->lua_cpath));
-    if (hd_buf_append(&c->scratch, n, 4) || hd_buf_append(&c->scratch, c->lua_cpath, strlen(c->lua_cpath)))
-      return luaL_error(L, "handler: out of memory");
+  }
+  if (env) {
+    int i, n = (int)lua_objlen(L, env);
+    char cnt[4];
+    c->scratch.data[HD_FRAME_HEADER + 16] |= HD_JOB_ENV;
+    hd_put_u32(cnt, (uint32_t)(n / 2));
+    if (hd_buf_append(&c->scratch, cnt, 4)) return luaL_error(L, "handler: out of memory");
+    for (i = 1; i + 1 <= n; i += 2) {
+      size_t kn, vn;
+      const char *k, *v;
+      lua_rawgeti(L, env, i);
+      lua_rawgeti(L, env, i + 1);
+      k = lua_tolstring(L, -2, &kn);
+      v = lua_tolstring(L, -1, &vn);
+      if (k == NULL || v == NULL) return luaL_error(L, "handler: env entries must be strings");
+      if (l_put_str(&c->scratch, k, kn) || l_put_str(&c->scratch, v, vn))
+        return luaL_error(L, "handler: out of memory");
+      lua_pop(L, 2);
+    }
   }
   hd_encode(L, 3, 1, &c->scratch, HD_ENC_FUNCTIONS);
   if (c->scratch.len - HD_FRAME_HEADER > HD_MAX_JOB_FRAME)

@@ -189,6 +189,18 @@ static int proc_parse(hd_proc *p) {
     uint32_t blen = hd_get_u32(p->in.data);
     hd_job *j = p->job;
     double limit = j ? (j->max_result > 0 ? j->max_result : c->max_result_bytes) : 0;
+    if (p->in.data[4] == HD_FRAME_HELLO && !p->hello) {
+      /* Once, first: the worker's pid. */
+      if (blen != 4) {
+        proc_protocol_error(p, "bad hello frame%.0lu", 0);
+        return -1;
+      }
+      if (p->in.len < HD_FRAME_HEADER + 4) return 0;
+      p->hello = 1;
+      if (p->pid <= 0) p->pid = (pid_t)hd_get_u32(p->in.data + HD_FRAME_HEADER);
+      hd_buf_consume(&p->in, HD_FRAME_HEADER + 4);
+      continue;
+    }
     if (j == NULL) {
       proc_protocol_error(p, "unexpected frame from an idle worker%.0lu", 0);
       return -1;

@@ -17,13 +17,17 @@
  *   u32 body length | u8 type | u64 job id | body
  * All integers are little-endian. */
 #define HD_FRAME_HEADER 13
-#define HD_FRAME_JOB 1   /* parent → worker: u64 max_heap_bytes, u8 flags, [paths], codec message */
+#define HD_FRAME_JOB 1   /* parent → worker: u64 max_heap_bytes, u64 max_output_bytes,
+                          * u8 flags, [paths], [env], codec message */
 /* Job flags. With HD_JOB_PATHS, package.path and package.cpath follow the
  * flags (u32 length and bytes each): the caller changed them after the
- * supervisor built its image. */
+ * supervisor built its image. With HD_JOB_ENV, a u32 count of environment
+ * variables follows, each a name and a value (u32 length and bytes each). */
 #define HD_JOB_PATHS 1
+#define HD_JOB_ENV 2
 #define HD_FRAME_REPLY 2 /* worker → parent: u8 status, codec message */
 #define HD_FRAME_REPLY_LAST 3 /* the same, and the worker exits after it */
+#define HD_FRAME_HELLO 4 /* worker → parent, first: u32 pid (job id 0) */
 
 /* Reply statuses. */
 #define HD_REPLY_OK 0        /* message: the results */

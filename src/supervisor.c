@@ -360,8 +360,8 @@ int main(int argc, char **argv) {
   if (getppid() != host) return 0;
   /* Workers run in private directories: relative module paths are made
    * absolute against the host's directory first. */
-  s.path = hd_worker_abspaths(argv[2]);
-  s.cpath = hd_worker_abspaths(argv[3]);
+  s.path = hd_worker_abspaths(argv[2], NULL);
+  s.cpath = hd_worker_abspaths(argv[3], NULL);
   if (s.path == NULL || s.cpath == NULL) return 5;
   {
     const char *t = getenv("TMPDIR");

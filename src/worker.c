@@ -4,6 +4,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <lauxlib.h>
 #include <lua.h>
@@ -26,6 +27,10 @@ typedef struct hd_wk {
   hd_alloc alloc;
   lua_State *L;
   char host_cwd[1024];  /* the host's directory, before the private one */
+  size_t out_budget;    /* bytes the job may still print */
+  size_t out_limit;     /* max_output_bytes */
+  int env_set;          /* the job set environment variables */
+  uint64_t data_limit;  /* the RLIMIT_DATA in force */
   hd_buf in;    /* the job frame being read */
   hd_buf out;   /* the reply being built */
   uint64_t job_id;
@@ -182,6 +187,60 @@ static int wk_load_guard(lua_State *L) {
   return lua_gettop(L);
 }
 
+/* Output goes to the host's stdout and stderr: a job may write only
+ * max_output_bytes of it, so a runaway writer cannot flood the host. The
+ * wrapped function is upvalue 1; upvalue 2 is 0 for print, 1 for io.write,
+ * 2 for a file's write method (counted for stdout and stderr only, which
+ * are upvalues 3 and 4). */
+static int wk_output_guard(lua_State *L) {
+  int kind = (int)lua_tointeger(L, lua_upvalueindex(2));
+  int i, top = lua_gettop(L), first = kind == 2 ? 2 : 1;
+  size_t n = 0;
+  if (kind != 2 || lua_rawequal(L, 1, lua_upvalueindex(3)) ||
+      lua_rawequal(L, 1, lua_upvalueindex(4))) {
+    for (i = first; i <= top; i++) {
+      size_t len = 24;
+      int t = lua_type(L, i);
+      if (t == LUA_TSTRING || t == LUA_TNUMBER) lua_tolstring(L, i, &len);
+      n += len + (kind == 0 ? 1 : 0);
+    }
+    if (n > wk.out_budget) {
+      char lim[32];
+      wk.out_budget = 0;
+      snprintf(lim, sizeof lim, "%.0f", (double)wk.out_limit);
+      return luaL_error(L, "handler: output limit of %s bytes exceeded", lim);
+    }
+    wk.out_budget -= n;
+  }
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, top, LUA_MULTRET);
+  return lua_gettop(L);
+}
+
+static void wk_guard_output(lua_State *L) {
+  lua_getglobal(L, "print");
+  lua_pushinteger(L, 0);
+  lua_pushcclosure(L, wk_output_guard, 2);
+  lua_setglobal(L, "print");
+  lua_getglobal(L, "io");
+  lua_getfield(L, -1, "write");
+  lua_pushinteger(L, 1);
+  lua_pushcclosure(L, wk_output_guard, 2);
+  lua_setfield(L, -2, "write");
+  luaL_getmetatable(L, "FILE*");
+  lua_getfield(L, -1, "__index");
+  if (lua_istable(L, -1)) {
+    lua_getfield(L, -1, "write");
+    lua_pushinteger(L, 2);
+    lua_getfield(L, -5, "stdout");
+    lua_getfield(L, -6, "stderr");
+    lua_pushcclosure(L, wk_output_guard, 4);
+    lua_setfield(L, -2, "write");
+  }
+  lua_pop(L, 3);
+}
+
 /* Replaces t[name] (t at index idx) by a wrapper around it. */
 static void wk_wrap(lua_State *L, int idx, const char *name, lua_CFunction w) {
   lua_getfield(L, idx, name);
@@ -258,6 +317,7 @@ int hd_worker_prepare(const char *path, const char *cpath) {
   lua_setfield(L, -2, "cpath");
   lua_pop(L, 1);
   wk_wrap_all(L);
+  wk_guard_output(L);
   lua_settop(L, 0);
   /* Encoding a named value builds the codec's name cache: built here, it is
    * part of the image, so no job pays for it or has it counted. */
@@ -375,68 +435,125 @@ static void wk_reply_values(hd_wk *w, int status) {
   lua_settop(L, 0);
 }
 
+/* Reads the job frame's prefix, checking every length against what is left. */
+typedef struct wk_rd {
+  const char *p;
+  size_t left;
+  int bad;
+} wk_rd;
+
+static const char *wk_rd_take(wk_rd *r, size_t n) {
+  const char *p = r->p;
+  if (r->bad || n > r->left) {
+    r->bad = 1;
+    return NULL;
+  }
+  r->p += n;
+  r->left -= n;
+  return p;
+}
+
+static uint64_t wk_rd_u64(wk_rd *r) {
+  const char *p = wk_rd_take(r, 8);
+  return p ? hd_get_u64(p) : 0;
+}
+
+/* A u32 length and that many bytes; returns them, or NULL. */
+static const char *wk_rd_str(wk_rd *r, uint32_t *n) {
+  const char *p = wk_rd_take(r, 4);
+  *n = p ? hd_get_u32(p) : 0;
+  return wk_rd_take(r, *n);
+}
+
+/* Applies the job's package paths (the caller changed them after the image
+ * was built): relative entries are the caller's, made absolute against the
+ * host's directory. */
+static void wk_set_paths(lua_State *L, wk_rd *r) {
+  int k;
+  lua_getglobal(L, "package");
+  for (k = 0; k < 2 && !r->bad; k++) {
+    uint32_t n;
+    const char *s = wk_rd_str(r, &n);
+    char *raw, *abs;
+    if (s == NULL) break;
+    raw = strndup(s, n);
+    abs = raw ? hd_worker_abspaths(raw, wk.host_cwd) : NULL;
+    lua_pushstring(L, abs ? abs : raw ? raw : "");
+    lua_setfield(L, -2, k == 0 ? "path" : "cpath");
+    free(abs);
+    free(raw);
+  }
+  lua_pop(L, 1);
+}
+
+/* Sets the environment the job asked for (the worker's is empty otherwise). */
+static void wk_set_env(wk_rd *r) {
+  const char *p = wk_rd_take(r, 4);
+  uint32_t i, count = p ? hd_get_u32(p) : 0;
+  for (i = 0; i < count && !r->bad; i++) {
+    uint32_t kn, vn;
+    const char *k = wk_rd_str(r, &kn), *v = wk_rd_str(r, &vn);
+    char *ks, *vs;
+    if (k == NULL || v == NULL) break;
+    ks = strndup(k, kn);
+    vs = strndup(v, vn);
+    if (ks && vs && ks[0] != '\0' && strchr(ks, '=') == NULL) setenv(ks, vs, 1);
+    free(ks);
+    free(vs);
+  }
+  wk.env_set = 1;
+}
+
+/* The process-level memory backstop: the Lua heap limit does not see
+ * ffi.C.malloc or C modules, RLIMIT_DATA does. Generous beside the heap
+ * limit (the reply buffer, malloc's own slack), tight beside gigabytes. */
+static void wk_set_data_limit(uint64_t heap) {
+  struct rlimit rl;
+  uint64_t lim = (uint64_t)wk.alloc.region_cap + (256ull << 20);
+  lim += heap > (UINT64_MAX - lim) / 3 ? (UINT64_MAX - lim) : 3 * heap;
+  if (lim == wk.data_limit) return;
+  rl.rlim_cur = rl.rlim_max = (rlim_t)lim;
+  if (setrlimit(RLIMIT_DATA, &rl) == 0) wk.data_limit = lim;
+  else {
+    /* The hard limit only goes down: keep what we can. */
+    getrlimit(RLIMIT_DATA, &rl);
+    if (lim < rl.rlim_max) {
+      rl.rlim_cur = (rlim_t)lim;
+      setrlimit(RLIMIT_DATA, &rl);
+    }
+  }
+}
+
 /* Runs one job frame already in w->in. */
 static void wk_job(hd_wk *w) {
   lua_State *L = w->L;
-  const char *body = w->in.data + HD_FRAME_HEADER;
-  size_t len = w->in.len - HD_FRAME_HEADER;
-  uint64_t heap;
-  int rc;
-  if (len < 9) {
+  wk_rd r;
+  uint64_t heap, output;
+  const char *flagp;
+  int rc, flags;
+  r.p = w->in.data + HD_FRAME_HEADER;
+  r.left = w->in.len - HD_FRAME_HEADER;
+  r.bad = 0;
+  heap = wk_rd_u64(&r);
+  output = wk_rd_u64(&r);
+  flagp = wk_rd_take(&r, 1);
+  flags = flagp ? (unsigned char)flagp[0] : 0;
+  if (flags & HD_JOB_PATHS) wk_set_paths(L, &r);
+  if (flags & HD_JOB_ENV) wk_set_env(&r);
+  if (r.bad) {
     const char *m = "bad job frame";
+    lua_settop(L, 0);
     wk_reply_string(w, HD_REPLY_BADRESULT, m, strlen(m));
     return;
   }
-  heap = hd_get_u64(body);
-  body += 8;
-  len -= 8;
-  if (len >= 1 && (body[0] & HD_JOB_PATHS)) {
-    /* The caller's package.path and cpath changed since the image was built. */
-    int k;
-    body++;
-    len--;
-    lua_getglobal(L, "package");
-    for (k = 0; k < 2; k++) {
-      uint32_t n = len >= 4 ? hd_get_u32(body) : UINT32_MAX;
-      if (n > len - 4) {
-        const char *m = "bad job frame";
-        lua_settop(L, 0);
-        wk_reply_string(w, HD_REPLY_BADRESULT, m, strlen(m));
-        return;
-      }
-      {
-        /* Relative entries are the caller's: make them absolute against
-         * the host's directory, which the worker started in. */
-        char *raw = strndup(body + 4, n), *abs = NULL;
-        if (raw != NULL && wk.host_cwd[0] != '\0') {
-          char *saved = getcwd(NULL, 0);
-          if (chdir(wk.host_cwd) == 0) abs = hd_worker_abspaths(raw);
-          if (saved != NULL) {
-            /* Going back cannot fail in practice; if it did, the job would
-             * merely run in the host's directory. */
-            if (chdir(saved) != 0) {
-            }
-            free(saved);
-          }
-        }
-        lua_pushstring(L, abs ? abs : raw ? raw : "");
-        free(abs);
-        free(raw);
-      }
-      lua_setfield(L, -2, k == 0 ? "path" : "cpath");
-      body += 4 + n;
-      len -= 4 + n;
-    }
-    lua_pop(L, 1);
-  } else if (len >= 1) {
-    body++;
-    len--;
-  }
+  w->out_budget = output > SIZE_MAX ? SIZE_MAX : (size_t)output;
+  w->out_limit = w->out_budget;
+  wk_set_data_limit(heap);
   lua_settop(L, 0);
   lua_pushcfunction(L, wk_msgh);
   lua_pushcfunction(L, wk_call);
-  lua_pushlightuserdata(L, (void *)body);
-  lua_pushnumber(L, (lua_Number)len);
+  lua_pushlightuserdata(L, (void *)r.p);
+  lua_pushnumber(L, (lua_Number)r.left);
   /* The limit counts from here: the standard libraries are below the
    * baseline, the closure and everything it allocates are above it. */
   hd_alloc_arm(&w->alloc, heap > SIZE_MAX ? SIZE_MAX : (size_t)heap);
@@ -477,16 +594,24 @@ static void wk_job(hd_wk *w) {
 
 int hd_worker_run(int fd) {
   hd_wk *w = &wk;
-  char h[HD_FRAME_HEADER];
+  char h[HD_FRAME_HEADER + 4];
   w->fd = fd;
+  /* The worker says who it is before anything else, so the parent knows its
+   * pid by the time any reply of it arrives. */
+  memset(h, 0, sizeof h);
+  hd_put_u32(h, 4);
+  h[4] = HD_FRAME_HELLO;
+  hd_put_u32(h + HD_FRAME_HEADER, (uint32_t)getpid());
+  if (wk_write_full(fd, h, sizeof h) != 0) return 0;
   for (;;) {
     uint32_t blen;
     int last;
-    if (wk_read_full(fd, h, sizeof h) != 0) break;
+    if (wk_read_full(fd, h, HD_FRAME_HEADER) != 0) break;
     blen = hd_get_u32(h);
     if (h[4] != HD_FRAME_JOB || blen > HD_MAX_JOB_FRAME) return 71;
     w->in.len = 0;
-    if (hd_buf_append(&w->in, h, sizeof h) != 0 || hd_buf_reserve(&w->in, blen) != 0) return 72;
+    if (hd_buf_append(&w->in, h, HD_FRAME_HEADER) != 0 || hd_buf_reserve(&w->in, blen) != 0)
+      return 72;
     if (wk_read_full(fd, w->in.data + w->in.len, blen) != 0) break;
     w->in.len += blen;
     w->job_id = hd_get_u64(h + 5);
@@ -497,6 +622,10 @@ int hd_worker_run(int fd) {
      * leaves with _exit, which would drop anything still buffered. */
     fflush(NULL);
     last = w->alloc.taint;
+    if (w->env_set) {
+      clearenv();
+      w->env_set = 0;
+    }
     if (wk_reply_send(w, last) != 0) break;
     if (last) {
       /* Files the job left open are flushed and closed by their __gc. */
@@ -517,11 +646,14 @@ int hd_worker_run(int fd) {
   return 0;
 }
 
-char *hd_worker_abspaths(const char *paths) {
-  char cwd[4096];
+char *hd_worker_abspaths(const char *paths, const char *cwd) {
+  char here[4096];
   hd_buf out = HD_BUF_INIT;
   const char *p = paths;
-  if (getcwd(cwd, sizeof cwd) == NULL) return strdup(paths);
+  if (cwd == NULL || cwd[0] == '\0') {
+    if (getcwd(here, sizeof here) == NULL) return strdup(paths);
+    cwd = here;
+  }
   for (;;) {
     const char *end = strchr(p, ';');
     size_t n = end ? (size_t)(end - p) : strlen(p);

@@ -8,8 +8,8 @@
 int hd_worker_prepare(const char *path, const char *cpath);
 
 /* Returns a malloc'd copy of a ';'-separated module path whose relative
- * entries are made absolute against the current directory. */
-char *hd_worker_abspaths(const char *paths);
+ * entries are made absolute against `cwd` (NULL: the current directory). */
+char *hd_worker_abspaths(const char *paths, const char *cwd);
 
 /* Serves jobs on `fd` until the parent closes it, or until a job tainted
  * the process; returns the exit code. */

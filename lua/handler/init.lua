@@ -2,8 +2,8 @@
 local core = require("handler.core")
 local errors = require("handler.errors")
 
-local type, error, pairs, setmetatable, getmetatable, tostring, format, floor =
-  type, error, pairs, setmetatable, getmetatable, tostring, string.format, math.floor
+local type, error, pairs, ipairs, setmetatable, getmetatable, tostring, format, floor =
+  type, error, pairs, ipairs, setmetatable, getmetatable, tostring, string.format, math.floor
 local huge = math.huge
 local from_core, reject = errors.from_core, errors.reject
 local core_run, core_submit, core_await = core.run, core.submit, core.await
@@ -14,6 +14,28 @@ local DEFAULT_MAX_MS = 60000
 local DEFAULT_HEAP = 10 * 1024 * 1024
 local DEFAULT_RESULT = 64 * 1024 * 1024
 local DEFAULT_IDLE_MS = 10000
+local DEFAULT_OUTPUT = 16 * 1024 * 1024
+local getenv = os.getenv
+
+-- The flat name, value list the core sends for the env option.
+local function env_list(env)
+  if env == nil then return nil end
+  local list = {}
+  for _, name in ipairs(env) do
+    local v = getenv(name)
+    if v ~= nil then
+      list[#list + 1] = name
+      list[#list + 1] = v
+    end
+  end
+  for k, v in pairs(env) do
+    if type(k) == "string" then
+      list[#list + 1] = k
+      list[#list + 1] = v
+    end
+  end
+  return list
+end
 
 -- Pools by name. A named pool stays here until pool:close().
 M.pools = {}
@@ -39,16 +61,34 @@ local function whole(v)
   return nonneg(v) and v == floor(v)
 end
 
+-- env: names of the host's variables to pass ({ "PATH", "LANG" }), and/or
+-- name = value pairs; workers have no environment otherwise.
+local function env_ok(v)
+  if type(v) ~= "table" then return false end
+  for k, x in pairs(v) do
+    if type(k) == "number" then
+      if type(x) ~= "string" then return false end
+    elseif type(k) ~= "string" or type(x) ~= "string" then
+      return false
+    end
+  end
+  return true
+end
+
 local RUN_OPTS = {
   max_ms = { nonneg, "a non-negative number of milliseconds" },
   max_heap_bytes = { positive, "a positive number of bytes" },
   max_result_bytes = { positive, "a positive number of bytes" },
+  max_output_bytes = { nonneg, "a non-negative number of bytes" },
+  env = { env_ok, "a table of variable names and name = value strings" },
 }
 
 local POOL_OPTS = {
   max_ms = RUN_OPTS.max_ms,
   max_heap_bytes = RUN_OPTS.max_heap_bytes,
   max_result_bytes = RUN_OPTS.max_result_bytes,
+  max_output_bytes = RUN_OPTS.max_output_bytes,
+  env = RUN_OPTS.env,
   task_name = { function(v) return type(v) == "string" end, "a string" },
   delegate_param = { function() return true end, "any value" },
   pool_timeout = { nonneg, "a non-negative number of milliseconds" },
@@ -175,27 +215,29 @@ local function chains_of(pool, param, prefix, out, depth)
 end
 
 local function pool_args(self, what, opts)
-  local max_ms, heap, result = DEFAULT_MAX_MS, DEFAULT_HEAP, DEFAULT_RESULT
-  local task, wait, chains
+  local max_ms, heap, result, output = DEFAULT_MAX_MS, DEFAULT_HEAP, DEFAULT_RESULT, DEFAULT_OUTPUT
+  local task, wait, chains, env
   if opts ~= nil then
     check_table(what, opts, POOL_OPTS, 3)
     max_ms = opts.max_ms or max_ms
     heap = opts.max_heap_bytes or heap
     result = opts.max_result_bytes or result
-    task, wait = opts.task_name, opts.pool_timeout
+    output = opts.max_output_bytes or output
+    task, wait, env = opts.task_name, opts.pool_timeout, env_list(opts.env)
   end
   if self._closed then error(what .. ": the pool is closed", 3) end
   if self._dynamic then
     chains = chains_of(self, opts and opts.delegate_param, {}, {}, 1)
   end
-  return max_ms, heap, result, task, wait or 0, chains
+  return max_ms, heap, result, task, wait or 0, chains, output, env
 end
 
 function Pool:run(fn, opts)
   check_fn("run", fn)
-  local max_ms, heap, result, task, wait, chains = pool_args(self, "pool:run", opts)
+  local max_ms, heap, result, task, wait, chains, output, env = pool_args(self, "pool:run", opts)
   if chains ~= nil and #chains == 0 then return false, reject("NoWorkersAvailable") end
-  return finish(max_ms, heap, core_run(self._ud, chains, fn, max_ms, heap, task, wait, result))
+  return finish(max_ms, heap,
+    core_run(self._ud, chains, fn, max_ms, heap, task, wait, result, output, env))
 end
 
 local Job = {}
@@ -203,9 +245,9 @@ Job.__index = Job
 
 function Pool:async(fn, opts)
   check_fn("async", fn)
-  local max_ms, heap, result, task, wait, chains = pool_args(self, "pool:async", opts)
+  local max_ms, heap, result, task, wait, chains, output, env = pool_args(self, "pool:async", opts)
   if chains ~= nil and #chains == 0 then return nil, reject("NoWorkersAvailable") end
-  local job, why = core_submit(self._ud, chains, fn, max_ms, heap, task, wait, result)
+  local job, why = core_submit(self._ud, chains, fn, max_ms, heap, task, wait, result, output, env)
   if job == nil then return nil, reject(why) end
   return setmetatable({ _ud = job, _max_ms = max_ms, _heap = heap, pool = self,
     task_name = task }, Job)
@@ -288,15 +330,19 @@ end
 --- handler.run(fn [, opts]) -> true, results... | false, err
 function M.run(fn, opts)
   check_fn("run", fn)
-  local max_ms, heap, result = DEFAULT_MAX_MS, DEFAULT_HEAP, DEFAULT_RESULT
+  local max_ms, heap, result, output = DEFAULT_MAX_MS, DEFAULT_HEAP, DEFAULT_RESULT, DEFAULT_OUTPUT
+  local env
   if opts ~= nil then
     check_table("handler.run", opts, RUN_OPTS, 2)
     max_ms = opts.max_ms or max_ms
     heap = opts.max_heap_bytes or heap
     result = opts.max_result_bytes or result
+    output = opts.max_output_bytes or output
+    env = env_list(opts.env)
   end
   local pool = default_pool or M.default_pool()
-  return finish(max_ms, heap, core_run(pool._ud, nil, fn, max_ms, heap, nil, 0, result))
+  return finish(max_ms, heap,
+    core_run(pool._ud, nil, fn, max_ms, heap, nil, 0, result, output, env))
 end
 
 ---------------------------------------------------------------------------
