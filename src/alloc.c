@@ -20,7 +20,12 @@ int hd_alloc_init(hd_alloc *a, size_t region_cap) {
   return 0;
 }
 
+void hd_alloc_rebuild(hd_alloc *a) {
+  a->building = 1;
+}
+
 int hd_alloc_snapshot(hd_alloc *a) {
+  free(a->snapshot);
   a->snapshot = malloc(a->bump ? a->bump : 1);
   if (a->snapshot == NULL) return -1;
   memcpy(a->snapshot, a->region, a->bump);

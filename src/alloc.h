@@ -35,6 +35,10 @@ void *hd_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize);
 /* Reserves the image region and starts building into it. */
 int hd_alloc_init(hd_alloc *a, size_t region_cap);
 
+/* Goes back to building, to change the pristine state (a fresh worker, its
+ * state just restored, with no block of its own). */
+void hd_alloc_rebuild(hd_alloc *a);
+
 /* Ends building and takes the snapshot. */
 int hd_alloc_snapshot(hd_alloc *a);
 

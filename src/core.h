@@ -109,6 +109,7 @@ struct hd_pool {
   double queued;
   double idle_ms;
   hd_pool *parent;      /* delegate_to, resolved; holds a reference */
+  int sandbox;          /* root pools: HD_SPAWN_* flags of their workers */
   int closed;
   /* Root pools only: their processes. */
   hd_proc *idle;        /* idle processes, most recently used first */
@@ -203,7 +204,7 @@ void hd_job_pump_queue(hd_core *c);
 
 /* pool.c */
 hd_pool *hd_pool_new(hd_core *c, const char *name, double max_workers, double max_memory,
-                     hd_pool *parent, double idle_ms);
+                     hd_pool *parent, double idle_ms, int sandbox);
 void hd_pool_ref(hd_pool *p);
 void hd_pool_unref(hd_pool *p);
 hd_outcome hd_pool_try_reserve(hd_job *j);

@@ -87,7 +87,7 @@ static int l_job_gc(lua_State *L) {
   return 0;
 }
 
-/* pool_new(name|nil, max_workers, max_memory, parent|nil, idle_ms) -> pool */
+/* pool_new(name|nil, max_workers, max_memory, parent|nil, idle_ms, sandbox) -> pool */
 static int l_pool_new(lua_State *L) {
   hd_core *c = l_core(L);
   const char *name = luaL_optstring(L, 1, NULL);
@@ -95,6 +95,7 @@ static int l_pool_new(lua_State *L) {
   double memory = luaL_checknumber(L, 3);
   hd_pool *parent = lua_isnoneornil(L, 4) ? NULL : l_checkpool(L, 4);
   double idle = luaL_checknumber(L, 5);
+  int sandbox = (int)luaL_optinteger(L, 6, 0) & (HD_SPAWN_LUA | HD_SPAWN_SECCOMP);
   l_pool *u = lua_newuserdata(L, sizeof *u);
   u->p = NULL;
   luaL_getmetatable(L, L_POOL);
@@ -104,7 +105,7 @@ static int l_pool_new(lua_State *L) {
   lua_pushvalue(L, 4);
   lua_rawseti(L, -2, 1);
   lua_setfenv(L, -2);
-  u->p = hd_pool_new(c, name, workers, memory, parent, idle);
+  u->p = hd_pool_new(c, name, workers, memory, parent, idle, sandbox);
   if (u->p == NULL) return luaL_error(L, "handler: out of memory");
   return 1;
 }

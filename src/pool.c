@@ -6,7 +6,7 @@
 #include "core.h"
 
 hd_pool *hd_pool_new(hd_core *c, const char *name, double max_workers, double max_memory,
-                     hd_pool *parent, double idle_ms) {
+                     hd_pool *parent, double idle_ms, int sandbox) {
   hd_pool *p = calloc(1, sizeof *p);
   if (p == NULL) return NULL;
   if (name != NULL && (p->name = strdup(name)) == NULL) {
@@ -18,6 +18,7 @@ hd_pool *hd_pool_new(hd_core *c, const char *name, double max_workers, double ma
   p->max_workers = max_workers;
   p->max_memory = max_memory;
   p->idle_ms = idle_ms;
+  p->sandbox = sandbox;
   p->parent = parent;
   if (parent) hd_pool_ref(parent);
   c->refs++;

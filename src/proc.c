@@ -64,7 +64,7 @@ static void proc_unidle(hd_proc *p) {
 
 hd_proc *hd_proc_spawn(hd_core *c, hd_pool *root, char *err, size_t errlen) {
   int sv[2];
-  char m[5];
+  char m[6];
   hd_proc *p;
   if (hd_core_sup_ensure(c) != 0) {
     snprintf(err, errlen, "%s", c->sup_error);
@@ -108,6 +108,7 @@ hd_proc *hd_proc_spawn(hd_core *c, hd_pool *root, char *err, size_t errlen) {
   root->spawned++;
   m[0] = HD_CTL_SPAWN;
   hd_put_u32(m + 1, p->id);
+  m[5] = (char)root->sandbox;
   if (hd_core_ctl_send(c, m, sizeof m, sv[1]) != 0) {
     /* The supervisor went away: this process is as good as dead. */
     snprintf(err, errlen, "%s", c->sup_error[0] ? c->sup_error : "the supervisor is gone");

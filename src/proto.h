@@ -41,7 +41,9 @@
 
 /* Control messages over a SOCK_SEQPACKET pair, one message per packet:
  * u8 type, then fields. */
-#define HD_CTL_SPAWN 1   /* parent → supervisor: u32 worker id; one fd attached */
+#define HD_CTL_SPAWN 1   /* parent → supervisor: u32 worker id, u8 flags; one fd attached */
+#define HD_SPAWN_LUA 1     /* sandbox: the stripped Lua environment */
+#define HD_SPAWN_SECCOMP 2 /* sandbox: limits and the system call filter */
 #define HD_CTL_KILL 2    /* parent → supervisor: u32 worker id */
 #define HD_CTL_HELLO 1   /* supervisor → parent: u32 version, u32 pid, u8 n, n bytes of bytecode header */
 #define HD_CTL_SPAWNED 2 /* supervisor → parent: u32 worker id, u32 pid */

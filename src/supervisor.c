@@ -124,7 +124,7 @@ static void sup_child_signals(void) {
 
 /* In the forked child: become a worker on `fd`. Never returns. */
 /* In the forked child: become a worker on `fd`. Never returns. */
-static void sup_become_worker(sup *s, int fd, pid_t sup_pid, const char *dir) {
+static void sup_become_worker(sup *s, int fd, pid_t sup_pid, const char *dir, int flags) {
   struct rlimit rl;
   sup_child_signals();
   /* The control socket is descriptor 3 too: it goes first. */
@@ -150,7 +150,7 @@ static void sup_become_worker(sup *s, int fd, pid_t sup_pid, const char *dir) {
   setrlimit(RLIMIT_CORE, &rl);
   rl.rlim_cur = rl.rlim_max = HD_WORKER_FSIZE;
   setrlimit(RLIMIT_FSIZE, &rl);
-  _exit(hd_worker_run(HD_WORKER_FD));
+  _exit(hd_worker_run(HD_WORKER_FD, flags));
 }
 
 static int sup_rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
@@ -206,7 +206,7 @@ static int sup_sweep_orphans(sup *s) {
   return found;
 }
 
-static void sup_spawn(sup *s, uint32_t id, int fd) {
+static void sup_spawn(sup *s, uint32_t id, int fd, int flags) {
   pid_t pid;
   if (s->nkids == s->capkids) {
     size_t cap = s->capkids ? s->capkids * 2 : 16;
@@ -228,7 +228,7 @@ static void sup_spawn(sup *s, uint32_t id, int fd) {
     if (mkdtemp(s->kids[s->nkids].dir) == NULL) s->kids[s->nkids].dir[0] = '\0';
   }
   pid = fork();
-  if (pid == 0) sup_become_worker(s, fd, getppid(), s->kids[s->nkids].dir);
+  if (pid == 0) sup_become_worker(s, fd, getppid(), s->kids[s->nkids].dir, flags);
   close(fd);
   if (pid < 0) {
     sup_rmdir(s->kids[s->nkids].dir);
@@ -306,7 +306,7 @@ static int sup_read_ctl(sup *s) {
     }
   }
   if (n >= 5 && m[0] == HD_CTL_SPAWN && fd >= 0) {
-    sup_spawn(s, hd_get_u32(m + 1), fd);
+    sup_spawn(s, hd_get_u32(m + 1), fd, n >= 6 ? (unsigned char)m[5] : 0);
     return 0;
   }
   if (fd >= 0) close(fd);

@@ -21,6 +21,7 @@
 #include "buf.h"
 #include "codec.h"
 #include "proto.h"
+#include "sandbox.h"
 
 typedef struct hd_wk {
   int fd;
@@ -31,6 +32,7 @@ typedef struct hd_wk {
   size_t out_limit;     /* max_output_bytes */
   int env_set;          /* the job set environment variables */
   uint64_t data_limit;  /* the RLIMIT_DATA in force */
+  int sandbox;          /* the sandbox profile is in force */
   hd_buf in;    /* the job frame being read */
   hd_buf out;   /* the reply being built */
   uint64_t job_id;
@@ -512,16 +514,13 @@ static void wk_set_data_limit(uint64_t heap) {
   uint64_t lim = (uint64_t)wk.alloc.region_cap + (256ull << 20);
   lim += heap > (UINT64_MAX - lim) / 3 ? (UINT64_MAX - lim) : 3 * heap;
   if (lim == wk.data_limit) return;
-  rl.rlim_cur = rl.rlim_max = (rlim_t)lim;
+  if (getrlimit(RLIMIT_DATA, &rl) != 0) return;
+  /* The soft limit, which the worker may raise again for the next job; in
+   * the sandbox the hard one too, so a job cannot lift it. */
+  rl.rlim_cur = (rlim_t)lim;
+  if (rl.rlim_max != RLIM_INFINITY && rl.rlim_cur > rl.rlim_max) rl.rlim_cur = rl.rlim_max;
+  if (wk.sandbox) rl.rlim_max = rl.rlim_cur;
   if (setrlimit(RLIMIT_DATA, &rl) == 0) wk.data_limit = lim;
-  else {
-    /* The hard limit only goes down: keep what we can. */
-    getrlimit(RLIMIT_DATA, &rl);
-    if (lim < rl.rlim_max) {
-      rl.rlim_cur = (rlim_t)lim;
-      setrlimit(RLIMIT_DATA, &rl);
-    }
-  }
 }
 
 /* Runs one job frame already in w->in. */
@@ -592,10 +591,31 @@ static void wk_job(hd_wk *w) {
   }
 }
 
-int hd_worker_run(int fd) {
+/* Applies the sandbox profile (HD_SPAWN_* flags): the stripped Lua
+ * environment becomes this worker's image, then the process is sealed.
+ * Runs once, before the first job. */
+static int wk_sandbox(hd_wk *w, int flags) {
+  lua_State *L = w->L;
+  hd_buf tmp = HD_BUF_INIT;
+  w->sandbox = 1;
+  if (!(flags & HD_SPAWN_LUA)) return (flags & HD_SPAWN_SECCOMP) ? hd_sandbox_process() : 0;
+  hd_alloc_rebuild(&w->alloc);
+  hd_sandbox_lua(L);
+  /* The codec's name cache follows the stripped package.loaded. */
+  lua_getglobal(L, "print");
+  hd_encode(L, lua_gettop(L), 1, &tmp, 0);
+  hd_buf_free(&tmp);
+  lua_settop(L, 0);
+  lua_gc(L, LUA_GCCOLLECT, 0);
+  if (hd_alloc_snapshot(&w->alloc) != 0) return -1;
+  return (flags & HD_SPAWN_SECCOMP) ? hd_sandbox_process() : 0;
+}
+
+int hd_worker_run(int fd, int flags) {
   hd_wk *w = &wk;
   char h[HD_FRAME_HEADER + 4];
   w->fd = fd;
+  if (flags != 0 && wk_sandbox(w, flags) != 0) return 76;
   /* The worker says who it is before anything else, so the parent knows its
    * pid by the time any reply of it arrives. */
   memset(h, 0, sizeof h);

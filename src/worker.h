@@ -13,6 +13,6 @@ char *hd_worker_abspaths(const char *paths, const char *cwd);
 
 /* Serves jobs on `fd` until the parent closes it, or until a job tainted
  * the process; returns the exit code. */
-int hd_worker_run(int fd);
+int hd_worker_run(int fd, int flags);
 
 #endif

@@ -58,6 +58,11 @@ function M.from_core(max_ms, heap, kind, a, b)
   elseif kind == "exit" then
     return exit(a and ("exit " .. num(a)) or "exit (status unknown)")
   elseif kind == "signal" then
+    if a == "SIGSYS" then
+      -- The sandbox's seccomp filter kills a process on a forbidden call.
+      return new({ type = "SandboxViolation", reason = a,
+        message = "Process made a forbidden system call" })
+    end
     return exit(a)
   elseif kind == "killed" then
     if type(a) == "table" then return a end

@@ -15,6 +15,11 @@ local DEFAULT_HEAP = 10 * 1024 * 1024
 local DEFAULT_RESULT = 64 * 1024 * 1024
 local DEFAULT_IDLE_MS = 10000
 local DEFAULT_OUTPUT = 16 * 1024 * 1024
+
+-- Sandbox profiles, as the core's spawn flags: 1 the stripped Lua
+-- environment, 2 limits and the seccomp filter. SECURITY.md says what each
+-- protects against.
+local SANDBOX = { [false] = 0, [true] = 3, strict = 3, syscalls = 2 }
 local getenv = os.getenv
 
 -- The flat name, value list the core sends for the env option.
@@ -81,8 +86,11 @@ local RUN_OPTS = {
   max_result_bytes = { positive, "a positive number of bytes" },
   max_output_bytes = { nonneg, "a non-negative number of bytes" },
   env = { env_ok, "a table of variable names and name = value strings" },
+  sandbox = { function(v) return SANDBOX[v] ~= nil end,
+    "true, false, \"strict\" or \"syscalls\"" },
 }
 
+-- Pool jobs take their pool's profile: no per-job sandbox option there.
 local POOL_OPTS = {
   max_ms = RUN_OPTS.max_ms,
   max_heap_bytes = RUN_OPTS.max_heap_bytes,
@@ -102,6 +110,7 @@ local POOL_CONFIG = {
     "a pool or a pool's name" },
   delegate_fun = { function(v) return type(v) == "function" end, "a function" },
   idle_ms = { nonneg, "a non-negative number of milliseconds" },
+  sandbox = RUN_OPTS.sandbox,
 }
 
 local function check_table(what, t, spec, level)
@@ -167,6 +176,10 @@ function M.pool(config)
   if config.delegate_to ~= nil and config.delegate_fun ~= nil then
     error("handler.pool: give delegate_to or delegate_fun, not both", 2)
   end
+  if config.sandbox ~= nil and (config.delegate_to ~= nil or config.delegate_fun ~= nil) then
+    error("handler.pool: sandbox is set on root pools, which own the worker processes; "
+      .. "a delegating pool's jobs run in its root's", 2)
+  end
   local parent
   if config.delegate_to ~= nil then
     parent = resolve_pool("handler.pool: delegate_to", config.delegate_to, 2)
@@ -174,11 +187,12 @@ function M.pool(config)
   end
   local ud = core.pool_new(name, config.max_workers or 100,
     config.max_memory_bytes or 10 * 2^30, parent and parent._ud,
-    config.idle_ms or DEFAULT_IDLE_MS)
+    config.idle_ms or DEFAULT_IDLE_MS, SANDBOX[config.sandbox or false])
   local self = setmetatable({
     name = name,
     max_workers = config.max_workers or 100,
     max_memory_bytes = config.max_memory_bytes or 10 * 2^30,
+    sandbox = config.sandbox or false,
     _ud = ud,
     _parent = parent,
     _fun = config.delegate_fun,
@@ -319,8 +333,19 @@ end
 -- handler.run: the default pool.
 
 local default_pool
+local sandbox_pools = {}
 
-function M.default_pool()
+--- The pools handler.run uses: one for trusted jobs, one per sandbox profile.
+function M.default_pool(sandbox)
+  local flags = SANDBOX[sandbox or false]
+  if flags ~= nil and flags ~= 0 then
+    local p = sandbox_pools[flags]
+    if p == nil then
+      p = M.pool({ max_workers = 100, sandbox = sandbox })
+      sandbox_pools[flags] = p
+    end
+    return p
+  end
   if default_pool == nil then
     default_pool = M.pool({ max_workers = 100 })
   end
@@ -331,7 +356,7 @@ end
 function M.run(fn, opts)
   check_fn("run", fn)
   local max_ms, heap, result, output = DEFAULT_MAX_MS, DEFAULT_HEAP, DEFAULT_RESULT, DEFAULT_OUTPUT
-  local env
+  local env, pool
   if opts ~= nil then
     check_table("handler.run", opts, RUN_OPTS, 2)
     max_ms = opts.max_ms or max_ms
@@ -339,8 +364,9 @@ function M.run(fn, opts)
     result = opts.max_result_bytes or result
     output = opts.max_output_bytes or output
     env = env_list(opts.env)
+    if opts.sandbox then pool = M.default_pool(opts.sandbox) end
   end
-  local pool = default_pool or M.default_pool()
+  pool = pool or default_pool or M.default_pool()
   return finish(max_ms, heap,
     core_run(pool._ud, nil, fn, max_ms, heap, nil, 0, result, output, env))
 end
