@@ -121,6 +121,24 @@ static void core_reap_sup(hd_core *c, int wait_ms) {
       nanosleep(&ts, NULL);
     }
   }
+  /* Still exiting: reaped later, from hd_core_reap_pending. */
+  if (c->npending < (int)(sizeof c->pending / sizeof c->pending[0]))
+    c->pending[c->npending++] = c->sup_pid;
+  c->sup_pid = -1;
+}
+
+/* Reaps supervisors that were still exiting when they were let go. */
+void hd_core_reap_pending(hd_core *c) {
+  int i = 0;
+  while (i < c->npending) {
+    pid_t pid = c->pending[i];
+    if (waitpid(pid, NULL, WNOHANG) != 0) {
+      core_rm_sup_dirs(pid);
+      c->pending[i] = c->pending[--c->npending];
+    } else {
+      i++;
+    }
+  }
 }
 
 static int core_rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
@@ -176,6 +194,8 @@ void hd_core_sup_broken(hd_core *c, const char *why) {
   core_ctl_free_all(c);
   if (c->sup_poll_open) {
     uv_poll_stop(&c->sup_poll);
+    if (c->sup_fd >= 0) close(c->sup_fd);
+    c->sup_fd = -1;
     uv_close((uv_handle_t *)&c->sup_poll, core_sup_poll_close_cb);
   }
   c->sup_hello = 0;
@@ -356,6 +376,7 @@ int hd_core_sup_ensure(hd_core *c) {
   posix_spawnattr_t at;
   sigset_t none, all;
   pid_t pid;
+  if (c->npending) hd_core_reap_pending(c);
   if (c->sup == HD_SUP_UP) return 0;
   if (c->sup_poll_open) {
     /* The last one is still closing: let its close callback run. */

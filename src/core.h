@@ -53,6 +53,7 @@ struct hd_job {
   int chain_len[HD_MAX_CHAINS];
   int nchains;
   int chain;            /* index of the reserving chain, or -1 */
+  hd_pool *origin;      /* the pool it was started in (holds a reference) */
   char *task_name;
   double max_ms;
   double pool_timeout;
@@ -168,6 +169,8 @@ struct hd_core {
   int spin_credit;      /* recent waits the polling paid off for */
   unsigned spin_probe;
   int in_pump;
+  pid_t pending[8];     /* supervisors let go while still exiting, to reap */
+  int npending;
   int pump_again;
 };
 
@@ -180,6 +183,7 @@ void hd_core_set_paths(hd_core *c, const char *path, const char *cpath);
 int hd_core_ctl_send(hd_core *c, const char *msg, size_t len, int fd);
 void hd_core_sup_broken(hd_core *c, const char *why);
 void hd_core_drain_ctl(hd_core *c);
+void hd_core_reap_pending(hd_core *c);
 uint64_t hd_core_now(hd_core *c);
 void hd_core_arm_idle(hd_core *c, double ms);
 
@@ -188,6 +192,7 @@ hd_proc *hd_proc_spawn(hd_core *c, hd_pool *root, char *err, size_t errlen);
 void hd_proc_start_job(hd_proc *p, hd_job *j);
 void hd_proc_kill(hd_proc *p);
 void hd_proc_drain(hd_proc *p);
+int hd_proc_fit(hd_proc *p);
 void hd_proc_retire(hd_proc *p);
 void hd_proc_on_spawned(hd_core *c, uint32_t id, pid_t pid);
 void hd_proc_on_exited(hd_core *c, uint32_t id, int status, int known);

@@ -29,6 +29,7 @@ static void job_free(hd_job *j) {
   for (i = 0; i < j->nchains; i++)
     for (k = 0; k < j->chain_len[i]; k++) hd_pool_unref(j->chains[i][k]);
   if (j->chains != j->chain0) free(j->chains);
+  if (j->origin) hd_pool_unref(j->origin);
   free(j->task_name);
   hd_buf_free(&j->frame);
   free(j);
@@ -60,7 +61,7 @@ static void job_timer_start(hd_job *j, double ms) {
 }
 
 static hd_pool *job_origin(hd_job *j) {
-  return j->chains[0][0];
+  return j->origin;
 }
 
 static void job_unqueue(hd_job *j) {
@@ -161,8 +162,11 @@ void hd_job_finish(hd_job *j, hd_outcome out) {
 static void job_start(hd_job *j) {
   hd_core *c = j->core;
   hd_pool *root = hd_job_root(j);
-  hd_proc *p = root->idle;
+  hd_proc *p;
   int k;
+  /* The most recently used idle process that is still fit. */
+  while ((p = root->idle) != NULL && !hd_proc_fit(p)) {
+  }
   j->state = HD_JOB_RUNNING;
   j->rnext = c->running;
   j->rprev = NULL;
@@ -214,7 +218,13 @@ void hd_job_submit(hd_job *j) {
   hd_core *c = j->core;
   hd_outcome out;
   j->refs++; /* the core's, until the job is done */
-  out = hd_pool_try_reserve(j);
+  /* A job that is willing to wait queues behind those already waiting in
+   * its pool, first come first served; one that is not takes capacity if
+   * there is some. */
+  if (j->pool_timeout > 0 && job_origin(j)->qhead != NULL)
+    out = hd_pool_could_ever_fit(j) ? HD_OUT_NOWORKERS : hd_pool_try_reserve(j);
+  else
+    out = hd_pool_try_reserve(j);
   if (out == HD_OUT_NONE) {
     job_start(j);
     return;

@@ -145,7 +145,7 @@ static void l_fill_chains(lua_State *L, hd_job *j, hd_pool *pool, int chains_idx
       lua_pop(L, 1);
       if (m == 0) luaL_error(L, "handler: empty delegation chain");
     }
-    if (n == 0) luaL_error(L, "handler: no candidate delegation chain");
+    /* n == 0: delegate_fun offered no candidate; the job is rejected. */
   } else {
     hd_pool *p;
     j->nchains = 1;
@@ -219,6 +219,8 @@ static int l_submit(lua_State *L) {
   j->max_result = max_result;
   if (task != NULL && (j->task_name = strdup(task)) == NULL)
     return luaL_error(L, "handler: out of memory");
+  hd_pool_ref(pool);
+  j->origin = pool;
   l_fill_chains(L, j, pool, 2);
   /* The frame: header, max_heap_bytes, then the closure. Encoding raises on
    * a value that cannot travel; the job userdata then frees the job. */
@@ -402,6 +404,7 @@ static void l_wait(lua_State *L, hd_core *c, hd_job *j) {
   }
   while (j->state != HD_JOB_DONE) uv_run(&c->loop, UV_RUN_ONCE);
   c->in_loop = 0;
+  if (c->npending) hd_core_reap_pending(c);
 }
 
 /* await(job) -> true, results... | false, kind, ... */
@@ -589,6 +592,7 @@ static int l_step(lua_State *L) {
   c->in_loop = 1;
   uv_run(&c->loop, UV_RUN_NOWAIT);
   c->in_loop = 0;
+  if (c->npending) hd_core_reap_pending(c);
   return 0;
 }
 
@@ -599,6 +603,7 @@ static int l_procs(lua_State *L) {
   int n = 0;
   /* Pids come with the supervisor's reports: read those already sent. */
   hd_core_drain_ctl(c);
+  if (c->npending) hd_core_reap_pending(c);
   lua_newtable(L);
   for (p = c->procs; p != NULL; p = p->next) {
     if (p->exited || p->pid <= 0) continue;
@@ -729,5 +734,12 @@ L_EXPORT int luaopen_handler_core(lua_State *L) {
   lua_setfield(L, -2, "decode");
   lua_pushstring(L, c->worker_path);
   lua_setfield(L, -2, "worker_path");
+#if defined(__SANITIZE_ADDRESS__)
+  /* Built with AddressSanitizer: workers have no RLIMIT_DATA backstop. */
+  lua_pushboolean(L, 1);
+#else
+  lua_pushboolean(L, 0);
+#endif
+  lua_setfield(L, -2, "sanitized");
   return 1;
 }

@@ -54,6 +54,8 @@ static hd_outcome pool_check(hd_pool *p, uint64_t heap) {
 hd_outcome hd_pool_try_reserve(hd_job *j) {
   int i, k;
   hd_outcome first = HD_OUT_NOWORKERS;
+  /* delegate_fun gave no candidate: nobody can take it. */
+  if (j->nchains == 0) return HD_OUT_NOWORKERS;
   for (i = 0; i < j->nchains; i++) {
     hd_outcome why = HD_OUT_NONE;
     for (k = 0; k < j->chain_len[i] && why == HD_OUT_NONE; k++)

@@ -12,6 +12,7 @@
 #include "proto.h"
 
 static void proc_poll_cb(uv_poll_t *h, int status, int events);
+static void proc_protocol_error(hd_proc *p, const char *fmt, unsigned long a);
 
 static void proc_free_if_done(hd_proc *p) {
   hd_core *c = p->core;
@@ -33,12 +34,33 @@ static void proc_poll_close_cb(uv_handle_t *h) {
   proc_free_if_done(p);
 }
 
-/* Stops all I/O with the process and closes our end of its socket. */
+/* Stops all I/O with the process and closes our end of its socket. The
+ * descriptor goes at once (a stopped poll no longer watches it), so the
+ * host's descriptor count does not wait for the loop to run again. */
 static void proc_close_io(hd_proc *p) {
   if (p->poll_open && !uv_is_closing((uv_handle_t *)&p->poll)) {
     uv_poll_stop(&p->poll);
+    if (p->fd >= 0) close(p->fd);
+    p->fd = -1;
     uv_close((uv_handle_t *)&p->poll, proc_poll_close_cb);
   }
+}
+
+/* Whether an idle process is still fit for a job: a worker that exited or
+ * wrote something since its last reply is not. One non-blocking peek. */
+int hd_proc_fit(hd_proc *p) {
+  char b;
+  ssize_t r;
+  if (p->fd < 0) return 0;
+  r = recv(p->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+  if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return 1;
+  if (r > 0) {
+    proc_protocol_error(p, "bytes from an idle worker%.0lu", 0);
+  } else {
+    p->eof = 1;
+    hd_proc_retire(p);
+  }
+  return 0;
 }
 
 static void proc_update_poll(hd_proc *p) {
@@ -186,6 +208,11 @@ static void proc_protocol_error(hd_proc *p, const char *fmt, unsigned long a) {
 /* Parses complete frames out of p->in. Returns -1 if the process was dropped. */
 static int proc_parse(hd_proc *p) {
   hd_core *c = p->core;
+  if (p->job == NULL && p->hello && p->in.len > 0) {
+    /* An idle worker has nothing to say: even a partial frame is a breach. */
+    proc_protocol_error(p, "bytes from an idle worker%.0lu", 0);
+    return -1;
+  }
   while (p->in.len >= HD_FRAME_HEADER) {
     uint32_t blen = hd_get_u32(p->in.data);
     hd_job *j = p->job;
@@ -233,6 +260,17 @@ static int proc_parse(hd_proc *p) {
       if (want > p->in.cap) hd_buf_reserve(&p->in, want - p->in.len);
       return 0;
     }
+    /* A whole reply. Before it is believed: nothing may follow it, and
+     * its status must be one we know; else the worker is broken, the job
+     * fails and the worker goes. */
+    if (p->in.len > HD_FRAME_HEADER + (size_t)blen) {
+      proc_protocol_error(p, "bytes after the reply%.0lu", 0);
+      return -1;
+    }
+    if ((unsigned char)p->in.data[HD_FRAME_HEADER] > HD_REPLY_BADRESULT) {
+      proc_protocol_error(p, "unknown reply status %lu", (unsigned char)p->in.data[HD_FRAME_HEADER]);
+      return -1;
+    }
     p->job = NULL;
     j->proc = NULL;
     p->state = HD_PROC_IDLE;
@@ -242,10 +280,6 @@ static int proc_parse(hd_proc *p) {
     }
     hd_job_on_reply(j, p, p->in.data + HD_FRAME_HEADER, blen);
     hd_buf_consume(&p->in, HD_FRAME_HEADER + blen);
-    if (p->in.len != 0) {
-      proc_protocol_error(p, "bytes after the reply%.0lu", 0);
-      return -1;
-    }
     if (p->in.cap > (1u << 20)) hd_buf_free(&p->in);
     if (p->state == HD_PROC_DYING) {
       proc_close_io(p);
@@ -284,6 +318,10 @@ static int proc_read(hd_proc *p) {
       p->in.len += (size_t)r;
       if (proc_parse(p) < 0) return -1;
       if (p->fd < 0 || !p->poll_open) return -1;
+      /* The reply is in and nothing else is due: another recv would only
+       * say EAGAIN. The poll is level-triggered, so later bytes or EOF are
+       * not missed. */
+      if (p->job == NULL && p->in.len == 0) return 0;
       continue;
     }
     if (r < 0 && errno == EINTR) continue;

@@ -36,6 +36,7 @@ typedef struct hd_wk {
   hd_buf in;    /* the job frame being read */
   hd_buf out;   /* the reply being built */
   uint64_t job_id;
+  size_t frame_len;     /* bytes of the job frame at the start of `in` */
 } hd_wk;
 
 /* The worker process's one context. It is a static because the pristine
@@ -132,19 +133,19 @@ static void wk_unmap_job(void) {
   wk_maps.n = 0;
 }
 
-static int wk_read_full(int fd, char *p, size_t n) {
-  while (n > 0) {
-    ssize_t r = read(fd, p, n);
+/* Reads what the socket has, at least one byte; -1 at EOF or error. One
+ * read usually brings a whole job frame. */
+static int wk_fill(hd_wk *w) {
+  for (;;) {
+    ssize_t r;
+    if (hd_buf_reserve(&w->in, 65536) != 0) return -1;
+    r = read(w->fd, w->in.data + w->in.len, w->in.cap - w->in.len);
     if (r > 0) {
-      p += r;
-      n -= (size_t)r;
-    } else if (r == 0) {
-      return -1;
-    } else if (errno != EINTR) {
-      return -1;
+      w->in.len += (size_t)r;
+      return 0;
     }
+    if (r == 0 || errno != EINTR) return -1;
   }
-  return 0;
 }
 
 static int wk_write_full(int fd, const char *p, size_t n) {
@@ -510,6 +511,11 @@ static void wk_set_env(wk_rd *r) {
  * ffi.C.malloc or C modules, RLIMIT_DATA does. Generous beside the heap
  * limit (the reply buffer, malloc's own slack), tight beside gigabytes. */
 static void wk_set_data_limit(uint64_t heap) {
+#if defined(__SANITIZE_ADDRESS__)
+  /* AddressSanitizer maps terabytes of shadow memory and its own heap: a
+   * data limit makes it fail. Sanitized builds are for testing only. */
+  (void)heap;
+#else
   struct rlimit rl;
   uint64_t lim = (uint64_t)wk.alloc.region_cap + (256ull << 20);
   lim += heap > (UINT64_MAX - lim) / 3 ? (UINT64_MAX - lim) : 3 * heap;
@@ -521,6 +527,7 @@ static void wk_set_data_limit(uint64_t heap) {
   if (rl.rlim_max != RLIM_INFINITY && rl.rlim_cur > rl.rlim_max) rl.rlim_cur = rl.rlim_max;
   if (wk.sandbox) rl.rlim_max = rl.rlim_cur;
   if (setrlimit(RLIMIT_DATA, &rl) == 0) wk.data_limit = lim;
+#endif
 }
 
 /* Runs one job frame already in w->in. */
@@ -531,7 +538,7 @@ static void wk_job(hd_wk *w) {
   const char *flagp;
   int rc, flags;
   r.p = w->in.data + HD_FRAME_HEADER;
-  r.left = w->in.len - HD_FRAME_HEADER;
+  r.left = w->frame_len - HD_FRAME_HEADER;
   r.bad = 0;
   heap = wk_rd_u64(&r);
   output = wk_rd_u64(&r);
@@ -626,15 +633,16 @@ int hd_worker_run(int fd, int flags) {
   for (;;) {
     uint32_t blen;
     int last;
-    if (wk_read_full(fd, h, HD_FRAME_HEADER) != 0) break;
-    blen = hd_get_u32(h);
-    if (h[4] != HD_FRAME_JOB || blen > HD_MAX_JOB_FRAME) return 71;
-    w->in.len = 0;
-    if (hd_buf_append(&w->in, h, HD_FRAME_HEADER) != 0 || hd_buf_reserve(&w->in, blen) != 0)
+    while (w->in.len < HD_FRAME_HEADER)
+      if (wk_fill(w) != 0) goto done;
+    blen = hd_get_u32(w->in.data);
+    if (w->in.data[4] != HD_FRAME_JOB || blen > HD_MAX_JOB_FRAME) return 71;
+    w->frame_len = HD_FRAME_HEADER + (size_t)blen;
+    if (w->in.len < w->frame_len && hd_buf_reserve(&w->in, w->frame_len - w->in.len) != 0)
       return 72;
-    if (wk_read_full(fd, w->in.data + w->in.len, blen) != 0) break;
-    w->in.len += blen;
-    w->job_id = hd_get_u64(h + 5);
+    while (w->in.len < w->frame_len)
+      if (wk_fill(w) != 0) goto done;
+    w->job_id = hd_get_u64(w->in.data + 5);
     wk_maps.tracking = 1;
     wk_job(w);
     wk_maps.tracking = 0;
@@ -652,6 +660,7 @@ int hd_worker_run(int fd, int flags) {
       lua_close(w->L);
       return 0;
     }
+    hd_buf_consume(&w->in, w->frame_len);
     /* Off the critical path: the reply is out. A job that used a lot of
      * memory leaves it cached in malloc; an idle worker should be small. */
     {
@@ -660,9 +669,10 @@ int hd_worker_run(int fd, int flags) {
       if (big) malloc_trim(0);
     }
     wk_unmap_job();
-    if (w->in.cap > (1u << 20)) hd_buf_free(&w->in);
+    if (w->in.cap > (1u << 20) && w->in.len == 0) hd_buf_free(&w->in);
     if (w->out.cap > (1u << 20)) hd_buf_free(&w->out);
   }
+done:
   return 0;
 }
 

@@ -249,7 +249,6 @@ end
 function Pool:run(fn, opts)
   check_fn("run", fn)
   local max_ms, heap, result, task, wait, chains, output, env = pool_args(self, "pool:run", opts)
-  if chains ~= nil and #chains == 0 then return false, reject("NoWorkersAvailable") end
   return finish(max_ms, heap,
     core_run(self._ud, chains, fn, max_ms, heap, task, wait, result, output, env))
 end
@@ -260,7 +259,6 @@ Job.__index = Job
 function Pool:async(fn, opts)
   check_fn("async", fn)
   local max_ms, heap, result, task, wait, chains, output, env = pool_args(self, "pool:async", opts)
-  if chains ~= nil and #chains == 0 then return nil, reject("NoWorkersAvailable") end
   local job, why = core_submit(self._ud, chains, fn, max_ms, heap, task, wait, result, output, env)
   if job == nil then return nil, reject(why) end
   return setmetatable({ _ud = job, _max_ms = max_ms, _heap = heap, pool = self,
