@@ -27,9 +27,31 @@ enum {
   HD_T_NAMED_FIELD = 12
 };
 
-/* The most top-level values in one message. Lua cannot hold more values on
- * a C function's stack (LUAI_MAXCSTACK), so the decoder refuses more. */
-#define HD_MAX_VALUES 8000
+/* A C function may hold at most LUAI_MAXCSTACK Lua stack slots, counted
+ * from its frame's base, so its caller's slots count too. The decoder keeps
+ * to HD_DEC_SLOTS of them, counted from where it starts, whatever its caller
+ * holds: whether a message decodes then depends on the message alone, which
+ * is what lets hd_validate tell without a lua_State. The rest is left to the
+ * caller (the decoders in lhandler.c, lcodec.c and worker.c hold one or two
+ * slots). */
+#ifndef LUAI_MAXCSTACK
+#define LUAI_MAXCSTACK 8000
+#endif
+#define HD_DEC_SLOTS (LUAI_MAXCSTACK - 64)
+
+/* The most top-level values in one message: all of them, the decoder's one
+ * slot of its own and the 8 it keeps spare fit in HD_DEC_SLOTS. The encoder
+ * refuses more too, so that what one side sends the other can take. */
+#define HD_MAX_VALUES (HD_DEC_SLOTS - 9)
+
+/* Why a hostile message is refused when its metatables could call the
+ * host's functions (see hd_dec_named). */
+#define HD_MSG_NAMED_MT "a named value in a metatable"
+#define HD_MSG_NAMED_SHARED "a named value in a table shared with a metatable"
+
+/* Flags the hostile decoder and the validator keep per table. */
+#define HD_TF_MTSIDE 1 /* decoded inside a metatable, or referred to from inside one */
+#define HD_TF_NAMED 2  /* holds a named value (decoder: a named function) as a key or value */
 
 /* The most slots one table's size hint may preallocate. Hints only save
  * rehashing; a table that really is bigger still grows as it fills. */
@@ -937,13 +959,32 @@ void hd_encode(lua_State *L, int first, int n, hd_buf *out, int flags) {
 /* Decoder                                                                  */
 /* ------------------------------------------------------------------------ */
 
+/* Hostile messages and metatables. A result is data, but a metatable can
+ * make an ordinary read of it (t.x, tostring(t), t == u) call a function,
+ * and the only functions a hostile message can hold are the host's own,
+ * sent by name. So in hostile mode a named function is refused
+ *   - anywhere inside a metatable: the value after TABLE_MT's END and all
+ *     that is nested in it (HD_MSG_NAMED_MT);
+ *   - as a key or value of a table that a reference inside a metatable
+ *     points to, whichever of the two comes first in the message: that table
+ *     is then part of the metatable, however it was sent first
+ *     (HD_MSG_NAMED_SHARED).
+ * Named tables and userdata, and data-only metatables, still travel. The
+ * per-table flags (HD_TF_*) live in the ref table under the negative index
+ * -(ref index + 1), beside the tables themselves, only for the tables that
+ * need them. hd_validate applies the same rules to every named value, as it
+ * cannot tell a named function from a named table. */
+
 typedef struct hd_dec {
   lua_State *L;
   const unsigned char *start, *p, *end;
   int flags;
+  int base;     /* stack top when decoding began: the slots used count from here */
   int refs;     /* stack slot: ref index + 1 → object; nil until needed */
   int nrefs;
   int depth;
+  int in_mt;    /* how many metatables enclose the value being decoded */
+  int open;     /* ref index of the innermost table being filled; -1 at the top level */
   size_t budget; /* table slots that size hints may still preallocate */
 } hd_dec;
 
@@ -1001,12 +1042,32 @@ static const char *hd_get_bytes(hd_dec *d, size_t *len, const char *what) {
   return s;
 }
 
+/* The slot count is checked before lua_checkstack, so that only a caller
+ * holding many slots of its own, or no memory, makes a message that
+ * hd_validate accepts fail here. */
 static void hd_dec_enter(hd_dec *d) {
   if (++d->depth > HD_MAX_DEPTH) hd_bad(d, "nested too deep");
-  if (!lua_checkstack(d->L, 8)) hd_bad(d, "nested too deep for the Lua stack");
+  if (lua_gettop(d->L) - d->base + 8 > HD_DEC_SLOTS || !lua_checkstack(d->L, 8))
+    hd_bad(d, "nested too deep for the Lua stack");
 }
 
-static void hd_dec_register(hd_dec *d, int idx) {
+/* The HD_TF_* flags of the table with this ref index (hostile mode). */
+static int hd_dec_tflags(hd_dec *d, int ref) {
+  lua_State *L = d->L;
+  int f;
+  lua_rawgeti(L, d->refs, -ref - 1);
+  f = (int)lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  return f;
+}
+
+static void hd_dec_set_tflags(hd_dec *d, int ref, int f) {
+  lua_pushinteger(d->L, f);
+  lua_rawseti(d->L, d->refs, -ref - 1);
+}
+
+/* Gives the object at idx the next ref index and returns it. */
+static int hd_dec_register(hd_dec *d, int idx) {
   lua_State *L = d->L;
   if (d->nrefs == INT32_MAX) hd_bad(d, "too many tables");
   if (lua_isnil(L, d->refs)) {
@@ -1015,6 +1076,9 @@ static void hd_dec_register(hd_dec *d, int idx) {
   }
   lua_pushvalue(L, idx);
   lua_rawseti(L, d->refs, ++d->nrefs);
+  if (d->in_mt > 0 && !(d->flags & HD_DEC_TRUSTED))
+    hd_dec_set_tflags(d, d->nrefs - 1, HD_TF_MTSIDE);
+  return d->nrefs - 1;
 }
 
 /* A size hint, cut to what the rest of the message could fill and to what
@@ -1032,13 +1096,13 @@ static void hd_dec_value(hd_dec *d);
 
 static void hd_dec_table(hd_dec *d, int with_mt) {
   lua_State *L = d->L;
-  int narr, nhash, t;
+  int narr, nhash, t, outer = d->open;
   hd_dec_enter(d);
   narr = hd_dec_hint(d, hd_get_uv(d, "truncated table"));
   nhash = hd_dec_hint(d, hd_get_uv(d, "truncated table"));
   lua_createtable(L, narr, nhash);
   t = lua_gettop(L);
-  hd_dec_register(d, t);
+  d->open = hd_dec_register(d, t);
   for (;;) {
     if (d->p >= d->end) hd_bad(d, "truncated table");
     if (*d->p == HD_T_END) {
@@ -1055,10 +1119,13 @@ static void hd_dec_table(hd_dec *d, int with_mt) {
     lua_rawset(L, t);
   }
   if (with_mt) {
+    d->in_mt++;
     hd_dec_value(d);
+    d->in_mt--;
     if (!lua_istable(L, -1)) hd_bad(d, "metatable is not a table");
     lua_setmetatable(L, t);
   }
+  d->open = outer;
   d->depth--;
 }
 
@@ -1159,6 +1226,18 @@ static void hd_dec_named(hd_dec *d, int with_field) {
   lua_remove(L, -2);
 }
 
+/* Applies the metatable rules (see hd_dec) to the named value on the top
+ * of the stack, hostile input only. */
+static void hd_dec_named_check(hd_dec *d) {
+  int f;
+  if ((d->flags & HD_DEC_TRUSTED) || !lua_isfunction(d->L, -1)) return;
+  if (d->in_mt > 0) hd_bad(d, HD_MSG_NAMED_MT);
+  if (d->open < 0) return;
+  f = hd_dec_tflags(d, d->open);
+  if (f & HD_TF_MTSIDE) hd_bad(d, HD_MSG_NAMED_SHARED);
+  if (!(f & HD_TF_NAMED)) hd_dec_set_tflags(d, d->open, f | HD_TF_NAMED);
+}
+
 static void hd_dec_value(hd_dec *d) {
   lua_State *L = d->L;
   int tag;
@@ -1202,6 +1281,11 @@ static void hd_dec_value(hd_dec *d) {
         d->p--;
         hd_bad(d, "reference to a value not yet sent");
       }
+      if (d->in_mt > 0 && !(d->flags & HD_DEC_TRUSTED)) {
+        int f = hd_dec_tflags(d, (int)ref);
+        if (f & HD_TF_NAMED) hd_bad(d, HD_MSG_NAMED_SHARED);
+        if (!(f & HD_TF_MTSIDE)) hd_dec_set_tflags(d, (int)ref, f | HD_TF_MTSIDE);
+      }
       lua_rawgeti(L, d->refs, (int)ref + 1);
       return;
     }
@@ -1215,6 +1299,7 @@ static void hd_dec_value(hd_dec *d) {
     case HD_T_NAMED_MOD:
     case HD_T_NAMED_FIELD:
       hd_dec_named(d, tag == HD_T_NAMED_FIELD);
+      hd_dec_named_check(d);
       return;
     case HD_T_END:
       d->p--;
@@ -1238,8 +1323,11 @@ int hd_decode(lua_State *L, const char *p, size_t len, int flags) {
   d.flags = flags;
   d.nrefs = 0;
   d.depth = 0;
+  d.in_mt = 0;
+  d.open = -1;
   d.budget = len / 2;
   if (!lua_checkstack(L, 8)) hd_oom(L);
+  d.base = lua_gettop(L);
   lua_pushnil(L);
   base = d.refs = lua_gettop(L);
   n = hd_get_uv(&d, "truncated value count");
@@ -1251,4 +1339,251 @@ int hd_decode(lua_State *L, const char *p, size_t len, int flags) {
   if (d.p != d.end) hd_bad(&d, "trailing bytes");
   lua_remove(L, base);
   return (int)n;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Validator                                                                */
+/* ------------------------------------------------------------------------ */
+
+/* hd_validate walks a message the way hd_decode(…, 0) reads it, with the
+ * same checks in the same order and the same messages, but builds nothing:
+ * an explicit stack of the open tables stands for the decoder's recursion,
+ * and the decoder's Lua stack use is counted to apply HD_DEC_SLOTS. What it
+ * keeps per table is one byte of HD_TF_* flags, in a buffer on the C stack
+ * and beyond it one on the heap, at most a quarter of the message's length
+ * (a table takes at least four bytes). */
+
+/* What a value turned out to be, as far as its table needs to know. */
+enum { HD_V_NIL, HD_V_NAN, HD_V_TABLE, HD_V_OTHER };
+
+/* Where an open table is: reading a key, reading a value, reading its
+ * metatable; HD_VS_MT_NEXT marks a table whose metatable follows its END. */
+enum { HD_VS_KEY = 0, HD_VS_VALUE = 1, HD_VS_MT = 2, HD_VS_MT_NEXT = 4 };
+
+#define HD_V_FLAGS_INLINE 4096
+
+typedef struct hd_vframe {
+  uint32_t ref;
+  unsigned state;
+} hd_vframe;
+
+/* Reads a varint the slow way, like hd_get_uv: 0 when read, 1 when the
+ * message ends first, 2 when it is too long (*pp then at the bad byte). */
+static int hd_v_uv(const unsigned char **pp, const unsigned char *end, uint64_t *out) {
+  const unsigned char *p = *pp;
+  uint64_t v = 0;
+  int i;
+  for (i = 0; i < 10; i++) {
+    unsigned c;
+    if (p >= end) {
+      *pp = p;
+      return 1;
+    }
+    c = *p;
+    if (i == 9 && c > 1) {
+      *pp = p;
+      return 2;
+    }
+    p++;
+    v |= (uint64_t)(c & 0x7f) << (7 * i);
+    if (!(c & 0x80)) {
+      *pp = p;
+      *out = v;
+      return 0;
+    }
+  }
+  *pp = p;
+  return 2;
+}
+
+/* Reads a varint into x, failing with `msg` when the message ends first. */
+#define HD_V_UV(x, msg)                                   \
+  do {                                                    \
+    if (p < end && *p < 0x80) {                           \
+      (x) = *p++;                                         \
+    } else {                                              \
+      int rc_ = hd_v_uv(&p, end, &(x));                   \
+      if (rc_ != 0) {                                     \
+        what = rc_ == 1 ? (msg) : "varint too long";      \
+        goto bad;                                         \
+      }                                                   \
+    }                                                     \
+  } while (0)
+
+#define HD_V_FAIL(msg) \
+  do {                 \
+    what = (msg);      \
+    goto bad;          \
+  } while (0)
+
+int hd_validate(const char *msg, size_t len, char *err, size_t errlen) {
+  const unsigned char *start = (const unsigned char *)msg, *p = start, *end = start + len;
+  hd_vframe frames[HD_MAX_DEPTH];
+  hd_vframe *f = NULL;
+  unsigned char tf_inline[HD_V_FLAGS_INLINE];
+  unsigned char *tf = tf_inline;
+  size_t tf_cap = HD_V_FLAGS_INLINE;
+  uint64_t n, i = 0, x, nrefs = 0;
+  const char *what = NULL;
+  int depth = 0, nvalue = 0, in_mt = 0, kind = HD_V_OTHER, tag = 0, rc = -1;
+
+  HD_V_UV(n, "truncated value count");
+  if (n > HD_MAX_VALUES) HD_V_FAIL("too many values");
+  if (n > (uint64_t)(end - p)) HD_V_FAIL("truncated message");
+  if (n == 0) goto finish;
+
+read: /* One value, at p. */
+  if (p >= end) HD_V_FAIL("truncated value");
+  tag = *p++;
+  switch (tag) {
+    case HD_T_NIL:
+      kind = HD_V_NIL;
+      break;
+    case HD_T_FALSE:
+    case HD_T_TRUE:
+      kind = HD_V_OTHER;
+      break;
+    case HD_T_NUM: {
+      uint64_t bits;
+      if (end - p < 8) HD_V_FAIL("truncated number");
+      bits = hd_get_u64((const char *)p);
+      p += 8;
+      kind = (bits & UINT64_C(0x7ff0000000000000)) == UINT64_C(0x7ff0000000000000) &&
+                     (bits & UINT64_C(0x000fffffffffffff)) != 0
+                 ? HD_V_NAN
+                 : HD_V_OTHER;
+      break;
+    }
+    case HD_T_STR:
+      HD_V_UV(x, "truncated string");
+      if (x > (uint64_t)(end - p)) HD_V_FAIL("truncated string");
+      p += x;
+      kind = HD_V_OTHER;
+      break;
+    case HD_T_TABLE:
+    case HD_T_TABLE_MT:
+      /* hd_dec_enter: the decoder's stack then holds its ref slot, the
+       * top-level values read so far, and per open table the table and,
+       * while its value is read, the key. */
+      if (depth >= HD_MAX_DEPTH) HD_V_FAIL("nested too deep");
+      if (1 + i + (uint64_t)depth + (uint64_t)nvalue + 8 > HD_DEC_SLOTS)
+        HD_V_FAIL("nested too deep for the Lua stack");
+      HD_V_UV(x, "truncated table");
+      HD_V_UV(x, "truncated table");
+      if (nrefs == INT32_MAX) HD_V_FAIL("too many tables");
+      if (nrefs == tf_cap) {
+        /* Cannot outgrow the message: each table took four bytes. */
+        size_t cap = tf_cap * 2;
+        unsigned char *nt = tf == tf_inline ? malloc(cap) : realloc(tf, cap);
+        if (nt == NULL) {
+          if (err != NULL && errlen > 0) snprintf(err, errlen, "handler: out of memory");
+          goto out;
+        }
+        if (tf == tf_inline) memcpy(nt, tf_inline, tf_cap);
+        tf = nt;
+        tf_cap = cap;
+      }
+      tf[nrefs] = in_mt > 0 ? HD_TF_MTSIDE : 0;
+      f = &frames[depth++];
+      f->ref = (uint32_t)nrefs++;
+      f->state = tag == HD_T_TABLE_MT ? HD_VS_MT_NEXT : 0;
+      goto entry;
+    case HD_T_REF:
+      HD_V_UV(x, "truncated reference");
+      if (x >= nrefs) {
+        p--;
+        HD_V_FAIL("reference to a value not yet sent");
+      }
+      if (in_mt > 0) {
+        if (tf[x] & HD_TF_NAMED) HD_V_FAIL(HD_MSG_NAMED_SHARED);
+        tf[x] |= HD_TF_MTSIDE;
+      }
+      kind = HD_V_TABLE;
+      break;
+    case HD_T_FUNC:
+      p--;
+      HD_V_FAIL("function where data was expected");
+    case HD_T_NAMED_MOD:
+    case HD_T_NAMED_FIELD:
+      HD_V_UV(x, "truncated name");
+      if (x > (uint64_t)(end - p)) HD_V_FAIL("truncated name");
+      p += x;
+      if (tag == HD_T_NAMED_FIELD) {
+        HD_V_UV(x, "truncated name");
+        if (x > (uint64_t)(end - p)) HD_V_FAIL("truncated name");
+        p += x;
+      }
+      /* The name cannot be looked up here, so whatever it names counts as
+       * a function for the metatable rules (see hd_dec). */
+      if (in_mt > 0) HD_V_FAIL(HD_MSG_NAMED_MT);
+      if (depth > 0) {
+        if (tf[f->ref] & HD_TF_MTSIDE) HD_V_FAIL(HD_MSG_NAMED_SHARED);
+        tf[f->ref] |= HD_TF_NAMED;
+      }
+      kind = HD_V_OTHER;
+      break;
+    case HD_T_END:
+      p--;
+      HD_V_FAIL("table end where a value was expected");
+    case HD_T_UPJOIN:
+      p--;
+      HD_V_FAIL("upvalue join where a value was expected");
+    default:
+      p--;
+      goto bad;
+  }
+
+settle: /* A value of `kind` was read: hand it to its table, or count it. */
+  if (depth == 0) {
+    if (++i < n) goto read;
+    goto finish;
+  }
+  switch (f->state & 3) {
+    case HD_VS_KEY:
+      if (kind == HD_V_NIL) HD_V_FAIL("nil table key");
+      if (kind == HD_V_NAN) HD_V_FAIL("NaN table key");
+      f->state |= HD_VS_VALUE;
+      nvalue++;
+      goto read;
+    case HD_VS_VALUE:
+      f->state &= ~(unsigned)HD_VS_VALUE;
+      nvalue--;
+      goto entry;
+    default: /* HD_VS_MT */
+      if (kind != HD_V_TABLE) HD_V_FAIL("metatable is not a table");
+      in_mt--;
+      f = --depth > 0 ? &frames[depth - 1] : NULL;
+      kind = HD_V_TABLE;
+      goto settle;
+  }
+
+entry: /* The open table f expects a key or its END. */
+  if (p >= end) HD_V_FAIL("truncated table");
+  if (*p != HD_T_END) goto read;
+  p++;
+  if (f->state & HD_VS_MT_NEXT) {
+    f->state = HD_VS_MT;
+    in_mt++;
+    goto read;
+  }
+  f = --depth > 0 ? &frames[depth - 1] : NULL;
+  kind = HD_V_TABLE;
+  goto settle;
+
+finish:
+  if (p != end) HD_V_FAIL("trailing bytes");
+  rc = 0;
+  goto out;
+
+bad:
+  if (err != NULL && errlen > 0) {
+    if (what != NULL)
+      snprintf(err, errlen, "handler: bad message: %s at byte %zu", what, (size_t)(p - start));
+    else
+      snprintf(err, errlen, "handler: bad message: unknown tag %d at byte %zu", tag,
+               (size_t)(p - start));
+  }
+out:
+  if (tf != tf_inline) free(tf);
+  return rc;
 }

@@ -29,4 +29,21 @@ void hd_encode(lua_State *L, int first, int n, hd_buf *out, int flags);
  * checked against the bytes that remain before anything is allocated. */
 int hd_decode(lua_State *L, const char *p, size_t len, int flags);
 
+/* Room enough for any message hd_validate writes. */
+#define HD_VALIDATE_ERRLEN 160
+
+/* Checks, without a lua_State and in time linear in `len`, that the message
+ * of `len` bytes would decode as a worker's reply (hd_decode with flags 0):
+ * the same wire format, limits and rules, and the same error messages. It
+ * cannot look names up, so it checks only that NAMED records are well formed,
+ * and refuses all of them where hd_decode refuses named functions (in and
+ * around metatables). So whatever it accepts hd_decode(…, 0) accepts too,
+ * unless a name is missing from package.loaded, or the caller of hd_decode
+ * holds more than a few dozen Lua stack slots of its own. Returns 0 when
+ * valid; otherwise -1, with "handler: bad message: <what> at byte <offset>"
+ * (or "handler: out of memory") written into err (errlen bytes, cut and
+ * NUL-terminated; err may be NULL). Allocates nothing for messages of up to
+ * 4096 tables, and never more than len / 4 bytes. */
+int hd_validate(const char *p, size_t len, char *err, size_t errlen);
+
 #endif

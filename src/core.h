@@ -63,6 +63,7 @@ struct hd_job {
   hd_buf frame;         /* the job frame; after the end, the reply body */
   hd_proc *proc;
   uv_timer_t timer;     /* max_ms while running, pool_timeout while queued */
+  uint64_t deadline;    /* uv_hrtime() when the timer is due */
   int timer_open;
   hd_job *qnext, *qprev;     /* the core's wait queue, in arrival order */
   hd_job *pnext, *pprev;     /* its pool's wait queue */

@@ -49,6 +49,10 @@ static void job_timer_close_cb(uv_handle_t *h) {
 static void job_timer_cb(uv_timer_t *t);
 
 static void job_timer_start(hd_job *j, double ms) {
+  /* libuv counts whole milliseconds from the loop's cached time, so a timer
+   * can fire up to a millisecond early; the deadline in nanoseconds is what
+   * the callback checks. */
+  j->deadline = uv_hrtime() + (uint64_t)(ms * 1e6);
   if (!j->timer_open) {
     uv_timer_init(&j->core->loop, &j->timer);
     j->timer.data = j;
@@ -192,6 +196,15 @@ static void job_start(hd_job *j) {
 
 static void job_timer_cb(uv_timer_t *t) {
   hd_job *j = t->data;
+  uint64_t now = uv_hrtime();
+  if (now < j->deadline) {
+    /* Early: wait for the rest, rounded up to the next millisecond. */
+    uint64_t left = j->deadline - now;
+    uint64_t deadline = j->deadline;
+    job_timer_start(j, (double)((left + 999999) / 1000000));
+    j->deadline = deadline;
+    return;
+  }
   if (j->state == HD_JOB_QUEUED) {
     hd_job_finish(j, HD_OUT_POOLTIMEOUT);
     return;

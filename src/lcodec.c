@@ -44,3 +44,16 @@ int hd_l_decode(lua_State *L) {
    * valid throughout. */
   return hd_decode(L, s, len, flags);
 }
+
+int hd_l_validate(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  char err[HD_VALIDATE_ERRLEN];
+  if (hd_validate(s, len, err, sizeof err) == 0) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lua_pushboolean(L, 0);
+  lua_pushstring(L, err);
+  return 2;
+}

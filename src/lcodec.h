@@ -1,4 +1,5 @@
-/* lcodec.h: the codec as Lua functions, core.encode and core.decode. */
+/* lcodec.h: the codec as Lua functions, core.encode, core.decode and
+ * core.validate. */
 #ifndef HD_LCODEC_H
 #define HD_LCODEC_H
 
@@ -11,5 +12,9 @@ int hd_l_encode(lua_State *L);
 /* decode(s [, trusted]) → the values of message s. Without `trusted` the
  * bytes are treated as hostile: no bytecode, no require. */
 int hd_l_decode(lua_State *L);
+
+/* validate(s) → true | false, msg: whether s would decode as a worker's
+ * reply (hd_validate), with the decoder's message when it would not. */
+int hd_l_validate(lua_State *L);
 
 #endif
