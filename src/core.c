@@ -84,6 +84,33 @@ void hd_core_set_paths(hd_core *c, const char *path, const char *cpath) {
   c->paths_gen++;
 }
 
+/* Big buffers are expensive to make (every page faults in) and frequent
+ * when jobs move big data: the biggest one freed is kept for the next big
+ * transfer, and let go by the idle sweep when a sweep interval passes
+ * without one. Takes b's memory; b is left empty. */
+void hd_core_give_buf(hd_core *c, hd_buf *b) {
+  if (b->cap >= 65536 && b->cap <= (256u << 20) && b->cap > c->spare.cap) {
+    hd_buf_free(&c->spare);
+    c->spare = *b;
+    c->spare.len = 0;
+  } else {
+    hd_buf_free(b);
+  }
+  b->data = NULL;
+  b->len = b->cap = 0;
+}
+
+/* Moves the spare into the empty buffer b when it holds at least `need`. */
+int hd_core_take_buf(hd_core *c, hd_buf *b, size_t need) {
+  if (c->spare.data == NULL || c->spare.cap < need || b->len != 0) return 0;
+  hd_buf_free(b);
+  *b = c->spare;
+  c->spare.data = NULL;
+  c->spare.len = c->spare.cap = 0;
+  c->spare_used = 1;
+  return 1;
+}
+
 uint64_t hd_core_now(hd_core *c) {
   return uv_now(&c->loop);
 }
@@ -92,6 +119,7 @@ static void core_free(hd_core *c) {
   /* Close callbacks of the last handles run here; then the loop is empty. */
   while (uv_loop_close(&c->loop) == UV_EBUSY) uv_run(&c->loop, UV_RUN_NOWAIT);
   hd_buf_free(&c->scratch);
+  hd_buf_free(&c->spare);
   free(c->lua_path);
   free(c->lua_cpath);
   free(c->worker_path);

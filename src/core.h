@@ -60,7 +60,8 @@ struct hd_job {
   double max_result;    /* max_result_bytes; 0: the core's default */
   uint64_t max_heap;
   hd_outcome pending;   /* the outcome decided, waiting for the process to be gone */
-  hd_buf frame;         /* the job frame; after the end, the reply body */
+  hd_buf frame;         /* the job frame; after the end, the reply message */
+  size_t frame_off;     /* where the reply message starts in `frame` */
   hd_proc *proc;
   uv_timer_t timer;     /* max_ms while running, pool_timeout while queued */
   uint64_t deadline;    /* uv_hrtime() when the timer is due */
@@ -165,6 +166,8 @@ struct hd_core {
   int idle_timer_open;
   double max_result_bytes;
   hd_buf scratch;       /* encode buffer reused across submits */
+  hd_buf spare;         /* one big buffer kept warm between big transfers */
+  int spare_used;       /* taken since the last idle sweep */
   int in_loop;
   uint64_t spin_ns;     /* how long a blocking wait polls before sleeping */
   int spin_credit;      /* recent waits the polling paid off for */
@@ -185,6 +188,8 @@ int hd_core_ctl_send(hd_core *c, const char *msg, size_t len, int fd);
 void hd_core_sup_broken(hd_core *c, const char *why);
 void hd_core_drain_ctl(hd_core *c);
 void hd_core_reap_pending(hd_core *c);
+void hd_core_give_buf(hd_core *c, hd_buf *b);
+int hd_core_take_buf(hd_core *c, hd_buf *b, size_t need);
 uint64_t hd_core_now(hd_core *c);
 void hd_core_arm_idle(hd_core *c, double ms);
 

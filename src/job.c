@@ -31,7 +31,7 @@ static void job_free(hd_job *j) {
   if (j->chains != j->chain0) free(j->chains);
   if (j->origin) hd_pool_unref(j->origin);
   free(j->task_name);
-  hd_buf_free(&j->frame);
+  hd_core_give_buf(c, &j->frame);
   free(j);
   hd_core_unref(c);
 }
@@ -253,7 +253,6 @@ void hd_job_submit(hd_job *j) {
 
 void hd_job_on_reply(hd_job *j, hd_proc *p, const char *body, size_t len) {
   hd_outcome out;
-  (void)p;
   switch ((unsigned char)body[0]) {
     case HD_REPLY_OK: out = HD_OUT_OK; break;
     case HD_REPLY_ERROR: out = HD_OUT_ERROR; break;
@@ -266,7 +265,17 @@ void hd_job_on_reply(hd_job *j, hd_proc *p, const char *body, size_t len) {
   }
   if (j->pending != HD_OUT_NONE) out = j->pending;
   j->frame.len = 0;
-  if (out != HD_OUT_BADREPLY && hd_buf_append(&j->frame, body + 1, len - 1) != 0) {
+  j->frame_off = 0;
+  if (out != HD_OUT_BADREPLY && p != NULL && len > 65536 && body >= p->in.data &&
+      body < p->in.data + p->in.len) {
+    /* A big reply is not copied: the job takes the process's read buffer,
+     * the process takes the job frame's, which is no longer needed. */
+    hd_buf spare = j->frame;
+    j->frame = p->in;
+    j->frame_off = (size_t)(body + 1 - p->in.data);
+    p->in = spare;
+    p->in.len = 0;
+  } else if (out != HD_OUT_BADREPLY && hd_buf_append(&j->frame, body + 1, len - 1) != 0) {
     snprintf(j->detail, sizeof j->detail, "out of memory storing the reply");
     out = HD_OUT_BADREPLY;
   }

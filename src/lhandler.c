@@ -226,6 +226,7 @@ static int l_submit(lua_State *L) {
    * a value that cannot travel; the job userdata then frees the job. */
   l_set_paths(L, c);
   c->scratch.len = 0;
+  if (c->scratch.data == NULL) hd_core_take_buf(c, &c->scratch, 0);
   if (hd_buf_reserve(&c->scratch, HD_FRAME_HEADER + 17) != 0)
     return luaL_error(L, "handler: out of memory");
   h = c->scratch.data;
@@ -266,9 +267,19 @@ static int l_submit(lua_State *L) {
     return luaL_error(L, "handler: the function and its upvalues encode to more than %d bytes",
                       (int)HD_MAX_JOB_FRAME);
   hd_put_u32(c->scratch.data, (uint32_t)(c->scratch.len - HD_FRAME_HEADER));
-  if (hd_buf_append(&j->frame, c->scratch.data, c->scratch.len) != 0)
+  if (c->scratch.len > 65536) {
+    /* A big frame is not copied: the job takes the scratch buffer. */
+    hd_buf_free(&j->frame);
+    j->frame = c->scratch;
+    c->scratch.data = NULL;
+    c->scratch.len = c->scratch.cap = 0;
+  } else if (hd_buf_append(&j->frame, c->scratch.data, c->scratch.len) != 0) {
     return luaL_error(L, "handler: out of memory");
-  if (c->scratch.cap > (1u << 20)) hd_buf_free(&c->scratch);
+  } else if (c->scratch.cap > (1u << 20)) {
+    /* A big buffer serving small frames goes back to the spare slot, where
+     * the idle sweep can let it go. */
+    hd_core_give_buf(c, &c->scratch);
+  }
   hd_job_submit(j);
   if (j->state == HD_JOB_DONE && l_is_reject(j->outcome)) {
     lua_pushnil(L);
@@ -289,8 +300,8 @@ static int l_decode_reply(lua_State *L) {
 static int l_push_decoded(lua_State *L, hd_job *j) {
   int top = lua_gettop(L);
   lua_pushcfunction(L, l_decode_reply);
-  lua_pushlightuserdata(L, j->frame.data);
-  lua_pushnumber(L, (lua_Number)j->frame.len);
+  lua_pushlightuserdata(L, j->frame.data + j->frame_off);
+  lua_pushnumber(L, (lua_Number)(j->frame.len - j->frame_off));
   if (lua_pcall(L, 2, LUA_MULTRET, 0) != 0) {
     const char *m = lua_tostring(L, -1);
     lua_settop(L, top);

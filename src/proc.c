@@ -103,8 +103,14 @@ hd_proc *hd_proc_spawn(hd_core *c, hd_pool *root, char *err, size_t errlen) {
     return NULL;
   }
   {
-    int fl = fcntl(sv[0], F_GETFL);
+    int fl = fcntl(sv[0], F_GETFL), k, sz = 1 << 20;
     fcntl(sv[0], F_SETFL, fl | O_NONBLOCK);
+    /* Big transfers move in a few large steps rather than many small ones;
+     * the kernel allocates the space only as data is queued. */
+    for (k = 0; k < 2; k++) {
+      setsockopt(sv[k], SOL_SOCKET, SO_SNDBUF, &sz, sizeof sz);
+      setsockopt(sv[k], SOL_SOCKET, SO_RCVBUF, &sz, sizeof sz);
+    }
   }
   p->core = c;
   p->root = root;
@@ -254,9 +260,22 @@ static int proc_parse(hd_proc *p) {
       return -1;
     }
     if (p->in.len - HD_FRAME_HEADER < blen) {
-      /* Grow toward the whole frame as bytes arrive, never ahead of them. */
+      /* Grow toward the whole frame as bytes arrive, never ahead of them;
+       * a warm spare that holds what has come so far is taken instead. */
       size_t want = p->in.len * 2;
       if (want > HD_FRAME_HEADER + (size_t)blen) want = HD_FRAME_HEADER + (size_t)blen;
+      if (want > p->in.cap && want > 65536) {
+        hd_buf cur = p->in;
+        p->in.data = NULL;
+        p->in.len = p->in.cap = 0;
+        if (hd_core_take_buf(c, &p->in, HD_FRAME_HEADER + (size_t)blen)) {
+          memcpy(p->in.data, cur.data, cur.len);
+          p->in.len = cur.len;
+          hd_buf_free(&cur);
+        } else {
+          p->in = cur;
+        }
+      }
       if (want > p->in.cap) hd_buf_reserve(&p->in, want - p->in.len);
       return 0;
     }
@@ -280,7 +299,7 @@ static int proc_parse(hd_proc *p) {
     }
     hd_job_on_reply(j, p, p->in.data + HD_FRAME_HEADER, blen);
     hd_buf_consume(&p->in, HD_FRAME_HEADER + blen);
-    if (p->in.cap > (1u << 20)) hd_buf_free(&p->in);
+    if (p->in.cap > (1u << 20)) hd_core_give_buf(c, &p->in);
     if (p->state == HD_PROC_DYING) {
       proc_close_io(p);
       return -1;
@@ -403,6 +422,8 @@ void hd_proc_sweep_idle(hd_core *c) {
   hd_proc *p, *next;
   uint64_t now = hd_core_now(c);
   double soonest = -1;
+  if (!c->spare_used) hd_buf_free(&c->spare);
+  c->spare_used = 0;
   for (p = c->procs; p != NULL; p = next) {
     next = p->next;
     if (p->state == HD_PROC_IDLE) {

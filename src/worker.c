@@ -3,6 +3,7 @@
 
 #include <dlfcn.h>
 #include <errno.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -33,6 +34,7 @@ typedef struct hd_wk {
   int env_set;          /* the job set environment variables */
   uint64_t data_limit;  /* the RLIMIT_DATA in force */
   int sandbox;          /* the sandbox profile is in force */
+  int trim;             /* give memory back once idle */
   hd_buf in;    /* the job frame being read */
   hd_buf out;   /* the reply being built */
   uint64_t job_id;
@@ -618,11 +620,30 @@ static int wk_sandbox(hd_wk *w, int flags) {
   return (flags & HD_SPAWN_SECCOMP) ? hd_sandbox_process() : 0;
 }
 
+/* A job that used a lot of memory leaves it in malloc, where the next job
+ * reuses it without faulting pages in again; a worker that then sits idle
+ * gives it back, so idle workers stay small. */
+static void wk_trim_when_idle(hd_wk *w) {
+  struct pollfd pf;
+  pf.fd = w->fd;
+  pf.events = POLLIN;
+  pf.revents = 0;
+  if (poll(&pf, 1, 200) != 0) return;
+  if (w->in.cap > (1u << 20)) hd_buf_free(&w->in);
+  if (w->out.cap > (1u << 20)) hd_buf_free(&w->out);
+  malloc_trim(0);
+  w->trim = 0;
+}
+
 int hd_worker_run(int fd, int flags) {
   hd_wk *w = &wk;
   char h[HD_FRAME_HEADER + 4];
   w->fd = fd;
   if (flags != 0 && wk_sandbox(w, flags) != 0) return 76;
+  /* Big blocks from the heap rather than fresh mappings, and no automatic
+   * trimming: memory stays warm across jobs and goes back when idle. */
+  mallopt(M_MMAP_THRESHOLD, 256 << 20);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
   /* The worker says who it is before anything else, so the parent knows its
    * pid by the time any reply of it arrives. */
   memset(h, 0, sizeof h);
@@ -633,6 +654,7 @@ int hd_worker_run(int fd, int flags) {
   for (;;) {
     uint32_t blen;
     int last;
+    if (w->trim && w->in.len == 0) wk_trim_when_idle(w);
     while (w->in.len < HD_FRAME_HEADER)
       if (wk_fill(w) != 0) goto done;
     blen = hd_get_u32(w->in.data);
@@ -661,16 +683,12 @@ int hd_worker_run(int fd, int flags) {
       return 0;
     }
     hd_buf_consume(&w->in, w->frame_len);
-    /* Off the critical path: the reply is out. A job that used a lot of
-     * memory leaves it cached in malloc; an idle worker should be small. */
-    {
-      int big = w->alloc.peak > w->alloc.snap_used + (4u << 20);
-      hd_alloc_restore(&w->alloc);
-      if (big) malloc_trim(0);
-    }
+    /* Off the critical path: the reply is out. */
+    if (w->alloc.peak > w->alloc.snap_used + (4u << 20) || w->in.cap > (1u << 20) ||
+        w->out.cap > (1u << 20))
+      w->trim = 1;
+    hd_alloc_restore(&w->alloc);
     wk_unmap_job();
-    if (w->in.cap > (1u << 20) && w->in.len == 0) hd_buf_free(&w->in);
-    if (w->out.cap > (1u << 20)) hd_buf_free(&w->out);
   }
 done:
   return 0;
