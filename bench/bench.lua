@@ -1,0 +1,633 @@
+-- bench.lua: the benchmark suite of issue 4. Run it through bench/run, which
+-- builds handler and the C floor and sets the module paths.
+--
+--   luajit bench/bench.lua --floor PATH [--quick] [--only 1,2,...]
+--
+-- Progress goes to stderr; stdout gets one Markdown table.
+local here = (arg[0]:match("^(.*)/[^/]*$") or ".")
+local util = dofile(here .. "/util.lua")
+local ffi = require("ffi")
+
+local now, summary, sleep_ms = util.now, util.summary, util.sleep_ms
+local format = string.format
+
+---------------------------------------------------------------------------
+-- Arguments.
+
+local floor_bin, quick, only = nil, false, nil
+do
+  local i = 1
+  while i <= #arg do
+    local a = arg[i]
+    if a == "--floor" then
+      floor_bin = arg[i + 1]
+      i = i + 1
+    elseif a == "--quick" then
+      quick = true
+    elseif a == "--only" then
+      only = {}
+      for n in arg[i + 1]:gmatch("%d+") do only[tonumber(n)] = true end
+      i = i + 1
+    else
+      io.stderr:write("bench.lua: unknown argument ", a, "\n")
+      os.exit(2)
+    end
+    i = i + 1
+  end
+end
+
+-- Iteration counts; --quick divides them for a smoke run.
+local function count(n)
+  if quick then return math.max(5, math.floor(n / 10)) end
+  return n
+end
+
+local function wanted(row)
+  return only == nil or only[row]
+end
+
+local function progress(...)
+  io.stderr:write(format(...), "\n")
+  io.stderr:flush()
+end
+
+---------------------------------------------------------------------------
+-- The table.
+
+local rows = {}
+local floor_ns        -- the floor for sequential rows (median, ns)
+local bulk_ns         -- the floor for 10 MiB transfers (median, ns)
+local pipe_ns = {}    -- pipe RTT medians by placement, for the 3× target
+local FLOOR_NAME = "socketpair RTT cross-CPU (row 1)"
+
+-- add{ id=, name=, n=, min=, median=, p99=, kind="time"|"rate"|"mem"|"text", ratio=, note= }
+local function add(r)
+  rows[#rows + 1] = r
+end
+
+local function time_unit(ns)
+  if ns < 1e4 then return 1e3, "µs", "%.2f" end
+  if ns < 1e6 then return 1e3, "µs", "%.1f" end
+  if ns < 1e7 then return 1e6, "ms", "%.3f" end
+  if ns < 1e9 then return 1e6, "ms", "%.2f" end
+  return 1e9, "s", "%.3f"
+end
+
+local function cells(r)
+  if r.kind == "time" then
+    local div, unit, f = time_unit(r.median)
+    local function c(v) return v and (format(f, v / div) .. " " .. unit) or "" end
+    return c(r.min), c(r.median), c(r.p99)
+  elseif r.kind == "rate" then
+    local function c(v) return v and format("%.0f /s", v) or "" end
+    return c(r.min), c(r.median), c(r.p99)
+  elseif r.kind == "mem" then
+    local function c(v) return v and format("%.2f MB", v / 1024) or "" end
+    return c(r.min), c(r.median), c(r.p99)
+  end
+  return r.min or "", r.median or "", r.p99 or ""
+end
+
+local function print_table()
+  local head = { "#", "measurement", "n", "min", "median", "p99", "× floor", "note" }
+  local lines = { head }
+  for _, r in ipairs(rows) do
+    local mn, md, p = cells(r)
+    lines[#lines + 1] = {
+      r.id, r.name, r.n and tostring(r.n) or "", mn, md, p,
+      r.ratio and format("%.2f", r.ratio) or "", r.note or "",
+    }
+  end
+  local width = {}
+  for _, l in ipairs(lines) do
+    for i, c in ipairs(l) do
+      local w = #c:gsub("[\128-\191]", "")
+      if (width[i] or 0) < w then width[i] = w end
+    end
+  end
+  local right = { [3] = true, [4] = true, [5] = true, [6] = true, [7] = true }
+  local function line(l)
+    local out = {}
+    for i, c in ipairs(l) do
+      local pad = string.rep(" ", width[i] - #c:gsub("[\128-\191]", ""))
+      out[i] = right[i] and (pad .. c) or (c .. pad)
+    end
+    return "| " .. table.concat(out, " | ") .. " |"
+  end
+  io.stdout:write(line(head), "\n")
+  local sep = {}
+  for i = 1, #head do
+    sep[i] = string.rep("-", width[i] + 1) .. (right[i] and ":" or "-")
+  end
+  io.stdout:write("|" .. table.concat(sep, "|") .. "|\n")
+  for i = 2, #lines do io.stdout:write(line(lines[i]), "\n") end
+end
+
+-- Times fn() n times after w warm-up calls; returns the summary in ns.
+local function timeit(n, w, fn)
+  for _ = 1, w do fn() end
+  local s = {}
+  for i = 1, n do
+    local t0 = now()
+    fn()
+    s[i] = now() - t0
+  end
+  return summary(s)
+end
+
+local function time_row(id, name, st, extra)
+  local r = { id = id, name = name, kind = "time", n = st.n, min = st.min,
+    median = st.median, p99 = st.p99 }
+  if extra then for k, v in pairs(extra) do r[k] = v end end
+  if r.ratio == true then r.ratio = floor_ns and st.median / floor_ns or nil end
+  add(r)
+  return r
+end
+
+local function check(ok, v, want, what)
+  if not ok or (want ~= nil and v ~= want) then
+    error(format("%s: unexpected outcome %s %s", what, tostring(ok), tostring(v)), 2)
+  end
+end
+
+---------------------------------------------------------------------------
+-- Row 1: the floor, in C, in this run.
+
+local function row_floor()
+  progress("row 1: the floor (C, %s)", floor_bin)
+  local rounds = count(20000)
+  local p = assert(io.popen(format("%q %d %d %d", floor_bin, rounds, count(2000), count(30))))
+  local got = {}
+  for l in p:lines() do
+    local tr, pl, n, mn, md, p99 = l:match("^floor (%S+) (%S+) (%d+) (%S+) (%S+) (%S+)")
+    if tr and tonumber(n) > 0 then
+      got[tr .. " " .. pl] = { n = tonumber(n), min = tonumber(mn), median = tonumber(md),
+        p99 = tonumber(p99) }
+    elseif tr then
+      got[tr .. " " .. pl] = false
+    end
+  end
+  assert(p:close(), "the floor program failed")
+  local names = {
+    { "pipe same-cpu", "pipe, 64 B round trip, both on one CPU" },
+    { "pipe cross-cpu", "pipe, 64 B round trip, on two CPUs" },
+    { "pipe free", "pipe, 64 B round trip, unpinned" },
+    { "socketpair same-cpu", "unix socketpair, 64 B round trip, one CPU" },
+    { "socketpair cross-cpu", "unix socketpair, 64 B round trip, two CPUs" },
+    { "socketpair free", "unix socketpair, 64 B round trip, unpinned" },
+  }
+  for _, pl in ipairs({ "same-cpu", "cross-cpu", "free" }) do
+    pipe_ns[pl] = got["pipe " .. pl] and got["pipe " .. pl].median
+  end
+  local b = got["socketpair bulk-10MiB"]
+  bulk_ns = b and b.median
+  local floor_key = got["socketpair cross-cpu"] and "socketpair cross-cpu" or "socketpair free"
+  if floor_key ~= "socketpair cross-cpu" then FLOOR_NAME = "socketpair RTT unpinned (row 1)" end
+  floor_ns = got[floor_key].median
+  for i, nm in ipairs(names) do
+    local st = got[nm[1]]
+    if st then
+      local note = nm[1] == floor_key and "**the floor** for sequential rows" or nil
+      time_row("1" .. string.char(96 + i), nm[2], st, { ratio = st.median / floor_ns, note = note })
+    else
+      add({ id = "1" .. string.char(96 + i), name = nm[2], kind = "text", note = "one CPU only" })
+    end
+  end
+  if b then
+    time_row("1g", "unix socketpair, 10 MiB one way (+ 1 B reply), unpinned", b,
+      { ratio = 1, note = format("%.2f GB/s; **the floor** of rows 9a, 9b", 10 * 2^20 / b.median) })
+  end
+end
+
+---------------------------------------------------------------------------
+-- Row 5: cold start, before this process loads handler.
+
+local COLD = [[
+local ffi = require("ffi")
+ffi.cdef"typedef struct { long s; long ns; } cold_ts; int clock_gettime(int, cold_ts *);"
+local ts = ffi.new("cold_ts")
+local function now() ffi.C.clock_gettime(1, ts) return tonumber(ts.s) * 1e9 + tonumber(ts.ns) end
+local t0 = now()
+local handler = require("handler")
+local t1 = now()
+local ok, v = handler.run(function() return 1 + 1 end)
+local t2 = now()
+local f = assert(io.open(%q, "a"))
+f:write(ok and v == 2 and "ok" or "bad", " ", t1 - t0, " ", t2 - t1, "\n")
+f:close()
+]]
+
+local function row_cold()
+  local n = count(40)
+  progress("row 5: cold start (%d fresh processes, and %d bare luajit)", n, n)
+  local out = os.tmpname()
+  local code = format(COLD, out)
+  local bare, whole = {}, {}
+  for i = 1, n + 3 do
+    local st, t = util.spawn_wait({ "luajit", "-e", "" })
+    assert(st == 0, "luajit -e '' failed")
+    if i > 3 then bare[#bare + 1] = t end
+    st, t = util.spawn_wait({ "luajit", "-e", code })
+    assert(st == 0, "the cold-start process failed")
+    if i > 3 then whole[#whole + 1] = t end
+  end
+  local req, first, both = {}, {}, {}
+  local i = 0
+  for l in io.lines(out) do
+    i = i + 1
+    local okw, a, b = l:match("^(%S+) (%S+) (%S+)")
+    assert(okw == "ok", "the first handler.run in a fresh process failed")
+    if i > 3 then
+      req[#req + 1], first[#first + 1] = tonumber(a), tonumber(b)
+      both[#both + 1] = tonumber(a) + tonumber(b)
+    end
+  end
+  os.remove(out)
+  local b = summary(bare)
+  local bare_row = { id = "5a", name = "bare `luajit -e ''`, whole process (spawn → reaped)",
+    kind = "time", n = b.n, min = b.min, median = b.median, p99 = b.p99, ratio = 1,
+    note = "floor of rows 5b–5e" }
+  local function r(id, name, s, note)
+    local st = summary(s)
+    return { id = id, name = name, kind = "time", n = st.n, min = st.min, median = st.median,
+      p99 = st.p99, ratio = st.median / b.median, note = note }
+  end
+  return {
+    bare_row,
+    r("5b", "cold: `require(\"handler\")`, in-process", req),
+    r("5c", "cold: first `handler.run`, in-process", first, "starts the supervisor + a worker"),
+    r("5d", "cold: require + first run, in-process", both),
+    r("5e", "cold: whole process running the above (spawn → reaped)", whole),
+  }
+end
+
+---------------------------------------------------------------------------
+-- Rows 2, 3, 4, 6, 7, 8, 9 need handler in this process.
+
+local handler
+local pool2, root, child
+
+local function trivial() return 1 + 1 end
+
+local function row_sequential(mem)
+  local n, w = count(20000), count(2000)
+  progress("row 2: handler.run sequential (%d after %d warm-up)", n, w)
+  for _ = 1, w do check(handler.run(function() return 1 + 1 end)) end
+  -- Samples go to a C array filled in advance, so that they do not show in
+  -- the host's RSS and Lua heap measured around the calls.
+  local s = ffi.new("double[?]", n + 1)
+  for i = 0, n do s[i] = 0 end
+  collectgarbage()
+  collectgarbage()
+  mem.host_before = util.mem_kb()
+  mem.lua_before = collectgarbage("count")
+  mem.fds_before = util.fd_count()
+  for i = 1, n do
+    local t0 = now()
+    local ok, v = handler.run(function() return 1 + 1 end)
+    s[i] = now() - t0
+    if v ~= 2 then check(ok, v, 2, "handler.run") end
+    if i == math.floor(n / 2) then
+      collectgarbage()
+      collectgarbage()
+      mem.host_mid, mem.jobs_mid = util.mem_kb(), i
+    end
+  end
+  collectgarbage()
+  collectgarbage()
+  mem.host_after = util.mem_kb()
+  mem.lua_after = collectgarbage("count")
+  mem.fds_after = util.fd_count()
+  mem.jobs = n
+  local list = {}
+  for i = 1, n do list[i] = s[i] end
+  time_row("2", "`handler.run(function() return 1 + 1 end)`, sequential, warm", summary(list),
+    { ratio = true, note = "default pool" })
+end
+
+local function row_pool()
+  local n, w = count(20000), count(2000)
+  progress("row 3: pool:run sequential, direct and through child → root")
+  local st = timeit(n, w, function()
+    local ok, v = pool2:run(trivial)
+    if v ~= 2 then check(ok, v, 2, "pool:run") end
+  end)
+  local vs = {}
+  for _, pl in ipairs({ "cross-cpu", "same-cpu" }) do
+    if pipe_ns[pl] then vs[#vs + 1] = format("%.1f× pipe %s", st.median / pipe_ns[pl], pl) end
+  end
+  time_row("3a", "`pool:run` of the same, 2-worker pool, sequential", st,
+    { ratio = true, note = "target: median ≤ 15 µs and ≤ 3× pipe RTT; here " ..
+      (#vs > 0 and table.concat(vs, ", ") or "pipe not measured") })
+  st = timeit(n, w, function()
+    local ok, v = child:run(trivial)
+    if v ~= 2 then check(ok, v, 2, "child:run") end
+  end)
+  time_row("3b", "`pool:run` through delegation child → root (2 workers)", st,
+    { ratio = true })
+  return st
+end
+
+local function row_throughput()
+  local batches, size = count(30), 1000
+  progress("row 4: throughput, %d batches of %d jobs on a 2-worker pool", batches, size)
+  local opts = { pool_timeout = 60000 }
+  local function batch()
+    local jobs = {}
+    for i = 1, size do
+      jobs[i] = assert(pool2:async(trivial, opts))
+    end
+    for i = 1, size do
+      local ok, v = jobs[i]:await()
+      if v ~= 2 then check(ok, v, 2, "async/await") end
+    end
+  end
+  for _ = 1, 3 do batch() end
+  local rates, total_t = {}, 0
+  for i = 1, batches do
+    local t0 = now()
+    batch()
+    local t = now() - t0
+    total_t = total_t + t
+    rates[i] = size / (t / 1e9)
+  end
+  local st = summary(rates)
+  add({ id = "4", name = format("throughput, 2-worker pool, async + await in batches of %d", size),
+    kind = "rate", n = st.n, min = st.min, median = st.median, p99 = st.max,
+    note = format("jobs/s per batch: min = slowest batch, p99 column = fastest; overall %.0f /s; target ≥ 40000 /s",
+      batches * size / (total_t / 1e9)) })
+  -- The same with exactly two in flight (no queue): the latency-bound rate.
+  local function pair_batch()
+    for _ = 1, size / 2 do
+      local a = assert(pool2:async(trivial))
+      local b = assert(pool2:async(trivial))
+      check(a:await())
+      check(b:await())
+    end
+  end
+  pair_batch()
+  rates = {}
+  for i = 1, batches do
+    local t0 = now()
+    pair_batch()
+    rates[i] = size / ((now() - t0) / 1e9)
+  end
+  st = summary(rates)
+  add({ id = "4b", name = "throughput, 2-worker pool, exactly 2 in flight (async pairs)",
+    kind = "rate", n = st.n, min = st.min, median = st.median, p99 = st.max,
+    note = "as row 4" })
+end
+
+local function row_timeout()
+  local n = count(200)
+  progress("rows 6, 7: max_ms = 10 on an endless loop, %d times on a 1-worker pool", n)
+  local p1 = handler.pool({ max_workers = 1 })
+  local pidfile = os.tmpname()
+  local function spin()
+    local f = io.open("/proc/self/stat", "r")
+    local pid = f:read("*n")
+    f:close()
+    f = io.open(pidfile, "w")
+    f:write(pid)
+    f:close()
+    while true do end
+  end
+  local ret, gone, recov = {}, {}, {}
+  local at_return, not_found, wrong = 0, 0, 0
+  local opts = { max_ms = 10 }
+  check(p1:run(trivial))
+  for i = 1, n + 3 do
+    os.remove(pidfile)
+    local before = handler._core.procs()
+    local t0 = now()
+    local ok, err = p1:run(spin, opts)
+    local t1 = now()
+    -- Which worker ran it: the pid it wrote, else the one that disappeared.
+    local f = io.open(pidfile, "r")
+    local pid = f and f:read("*n")
+    if f then f:close() end
+    if pid == nil then
+      local after = {}
+      for _, q in ipairs(handler._core.procs()) do after[q] = true end
+      for _, q in ipairs(before) do if not after[q] then pid = q end end
+    end
+    local dead = pid ~= nil and not util.alive(pid)
+    local t2 = t1
+    if pid ~= nil and not dead then
+      local deadline = t1 + 5e9
+      repeat t2 = now() until not util.alive(pid) or t2 > deadline
+    end
+    if ok or type(err) ~= "table" or err.type ~= "Timeout" then wrong = wrong + 1 end
+    -- Row 7: the next job after the kill.
+    local t3 = now()
+    check(p1:run(trivial))
+    local t4 = now()
+    if i > 3 then
+      ret[#ret + 1] = t1 - t0
+      recov[#recov + 1] = t4 - t3
+      if pid == nil then
+        not_found = not_found + 1
+      else
+        gone[#gone + 1] = t2 - t0
+        if dead then at_return = at_return + 1 end
+      end
+    end
+  end
+  os.remove(pidfile)
+  p1:close()
+  local st = summary(ret)
+  time_row("6a", "`max_ms = 10` on `while true do end`: call returns after", st,
+    { ratio = st.median / 10e6, note = format("× the 10 ms limit; target: median ≤ 11 ms%s",
+      wrong > 0 and format("; %d outcomes were not Timeout", wrong) or "") })
+  st = summary(gone)
+  time_row("6b", "… worker process gone (no /proc entry or zombie) after", st,
+    { ratio = st.median / 10e6, note = format("already gone at return: %d/%d (%.0f%%)%s",
+      at_return, #gone, 100 * at_return / math.max(1, #gone),
+      not_found > 0 and format("; pid not found %d times", not_found) or "") })
+  time_row("7", "next `pool:run` after the kill (1-worker pool)", summary(recov),
+    { ratio = true, note = "target ≤ 1 ms" })
+end
+
+local function row_memory(mem)
+  progress("row 8: memory")
+  -- Let every worker finish building its next state.
+  sleep_ms(200)
+  local procs = handler._core.procs()
+  local rss, pss = {}, {}
+  for _, pid in ipairs(procs) do
+    local r, p = util.mem_kb(pid)
+    if r then rss[#rss + 1], pss[#pss + 1] = r, p end
+  end
+  local r, p = summary(rss), summary(pss)
+  add({ id = "8a", name = "idle worker RSS", kind = "mem", n = r.n, min = r.min,
+    median = r.median, p99 = r.max, note = "over the live workers; p99 column = max; target ≤ 2 MB" })
+  add({ id = "8b", name = "idle worker PSS", kind = "mem", n = p.n, min = p.min,
+    median = p.median, p99 = p.max, note = "p99 column = max" })
+  local sr, sp
+  if procs.supervisor then sr, sp = util.mem_kb(procs.supervisor) end
+  add({ id = "8c", name = "supervisor RSS / PSS", kind = "text", n = 1,
+    median = sr and format("%.2f / %.2f MB", sr / 1024, sp / 1024) or "?" })
+  local hb, ha = mem.host_before, mem.host_after
+  local hm = mem.host_mid
+  add({ id = "8d", name = format("host RSS before → after %d → after %d jobs (row 2)",
+    mem.jobs_mid or 0, mem.jobs or 0), kind = "text", n = 1,
+    median = hb and ha and format("%.2f → %.2f → %.2f MB", hb / 1024, hm / 1024, ha / 1024) or "?",
+    note = hb and ha and format("growth %+d kB, then %+d kB; host Lua heap %.0f → %.0f kB; " ..
+      "host fds %d → %d", hm - hb, ha - hm, mem.lua_before, mem.lua_after,
+      mem.fds_before, mem.fds_after) or "" })
+end
+
+local function row_transfer(st_trivial)
+  progress("row 9: transfer")
+  local big = { max_heap_bytes = 1024 * 2^20, max_result_bytes = 1024 * 2^20 }
+  -- A 10 MB string of varied bytes, built in the host.
+  local MB10 = 10 * 2^20
+  local parts, seed = {}, 12345
+  for i = 1, 4096 do
+    local chunk = {}
+    for j = 1, 256 do
+      seed = (seed * 1103515245 + 12345) % 2147483648
+      chunk[j] = string.char(seed % 256)
+    end
+    parts[i] = table.concat(chunk)
+  end
+  local unit = table.concat(parts) -- 1 MiB
+  local s = string.rep(unit, 10)
+  assert(#s == MB10)
+  local n = count(30)
+  local st = timeit(n, 3, function()
+    local ok, v = pool2:run(function() return #s end, big)
+    check(ok, v, MB10, "string in")
+  end)
+  local function gbs(t) return format("%.2f GB/s (10 MiB / median call)", MB10 / t) end
+  time_row("9a", "10 MiB string host → worker (upvalue), whole call", st,
+    { ratio = bulk_ns and st.median / bulk_ns, note = gbs(st.median) .. "; target ≥ 1 GB/s" })
+  st = timeit(n, 3, function()
+    local ok, v = pool2:run(function() return string.rep(unit, 10) end, big)
+    if not ok or #v ~= MB10 then check(ok, v, nil, "string out") end
+  end)
+  time_row("9b", "10 MiB string worker → host (result), whole call", st,
+    { ratio = bulk_ns and st.median / bulk_ns, note = gbs(st.median) .. "; includes 9c" })
+  st = timeit(n, 3, function()
+    local ok, v = pool2:run(function() return #string.rep(unit, 10) end, big)
+    check(ok, v, MB10, "string build")
+  end)
+  time_row("9c", "(reference: the job builds the 10 MiB string, returns its length)", st,
+    { note = "the 1 MiB `unit` travels in as an upvalue" })
+
+  local N = 100000
+  local recs = {}
+  for i = 1, N do recs[i] = { id = i, name = "x" .. i } end
+  local nt = count(15)
+  st = timeit(nt, 2, function()
+    local ok, v = pool2:run(function() return #recs end, big)
+    check(ok, v, N, "table in")
+  end)
+  time_row("9d", "100,000 records `{id=i, name=\"x\"..i}` host → worker (upvalue)", st)
+  st = timeit(nt, 2, function()
+    local ok, v = pool2:run(function()
+      local t = {}
+      for i = 1, N do t[i] = { id = i, name = "x" .. i } end
+      return t
+    end, big)
+    if not ok or #v ~= N then check(ok, v, nil, "table out") end
+  end)
+  time_row("9e", "100,000 records worker → host (result)", st, { note = "includes 9f" })
+  st = timeit(nt, 2, function()
+    local ok, v = pool2:run(function()
+      local t = {}
+      for i = 1, N do t[i] = { id = i, name = "x" .. i } end
+      return #t
+    end, big)
+    check(ok, v, N, "table build")
+  end)
+  time_row("9f", "(reference: the job builds the 100,000 records, returns the count)", st)
+
+  local t1000 = {}
+  for i = 1, 1000 do t1000[i] = i * 2 end
+  st = timeit(count(5000), count(500), function()
+    local ok, v = pool2:run(function() return #t1000 end)
+    check(ok, v, 1000, "closure")
+  end)
+  time_row("9g", "`pool:run` of a closure capturing a 1,000-number table", st,
+    { ratio = true, note = st_trivial and format("%+.1f µs over row 3a's median",
+      (st.median - st_trivial) / 1e3) or nil })
+end
+
+---------------------------------------------------------------------------
+-- Main.
+
+local function machine_note()
+  local load = (util.read_file("/proc/loadavg") or ""):match("^(%S+ %S+ %S+)")
+  progress("load average before the run: %s", load or "?")
+  return load
+end
+
+-- CPU time of the whole machine: { total, steal } in jiffies.
+local function cpu_times()
+  local l = (util.read_file("/proc/stat") or ""):match("^cpu%s+([^\n]*)")
+  local v, total = {}, 0
+  for n in (l or ""):gmatch("%d+") do v[#v + 1] = tonumber(n) total = total + n end
+  return { total = total, steal = v[8] or 0, idle = (v[4] or 0) + (v[5] or 0) }
+end
+
+local function machine()
+  local cpu = (util.read_file("/proc/cpuinfo") or ""):match("model name%s*:%s*([^\n]*)") or "?"
+  local kernel = (util.read_file("/proc/sys/kernel/osrelease") or "?"):gsub("%s+$", "")
+  local ncpu = 0
+  for _ in (util.read_file("/proc/cpuinfo") or ""):gmatch("\nprocessor%s*:") do ncpu = ncpu + 1 end
+  if (util.read_file("/proc/cpuinfo") or ""):match("^processor") then ncpu = ncpu + 1 end
+  return format("%d CPUs (%s), Linux %s, %s", ncpu, cpu, kernel, jit.version)
+end
+
+local load = machine_note()
+local cpu0 = cpu_times()
+local t_start = now()
+assert(floor_bin, "bench.lua: --floor PATH is required (use bench/run)")
+if wanted(1) then row_floor() end
+local cold = wanted(5) and row_cold() or nil
+
+handler = require("handler")
+pool2 = handler.pool({ max_workers = 2 })
+root = handler.pool({ name = "bench_root", max_workers = 2 })
+child = handler.pool({ name = "bench_child", delegate_to = root })
+
+local mem = {}
+if wanted(2) or wanted(8) then row_sequential(mem) end
+local st3
+if wanted(3) or wanted(9) then
+  -- 9g compares with 3a; run 3 quietly when only 9 is wanted.
+  local n0 = #rows
+  row_pool()
+  for _, r in ipairs(rows) do if r.id == "3a" then st3 = r.median end end
+  if not wanted(3) then for i = #rows, n0 + 1, -1 do table.remove(rows, i) end end
+end
+if wanted(4) then row_throughput() end
+if cold then for _, r in ipairs(cold) do add(r) end end
+if wanted(6) or wanted(7) then row_timeout() end
+if wanted(8) then row_memory(mem) end
+if wanted(9) then row_transfer(st3) end
+
+pool2:close()
+child:close()
+root:close()
+
+-- Rows in issue order.
+local order = {}
+for i, r in ipairs(rows) do order[r] = i end
+table.sort(rows, function(a, b)
+  local na, nb = tonumber(a.id:match("^%d+")), tonumber(b.id:match("^%d+"))
+  if na ~= nb then return na < nb end
+  return order[a] < order[b]
+end)
+print_table()
+io.stdout:write(format("\n× floor: median / median of the %s, measured in this run%s.\n",
+  FLOOR_NAME, floor_ns and format(" (%.2f µs)", floor_ns / 1e3) or " (not measured)"))
+io.stdout:write("Rows 1g, 9a, 9b: × row 1g (10 MiB over a socketpair). Rows 5b–5e: × the bare luajit\n" ..
+  "process (5a). Rows 6a, 6b: × the 10 ms limit. Rows 4, 8, 9c–9f have no floor.\n")
+local cpu1 = cpu_times()
+local dt = math.max(1, cpu1.total - cpu0.total)
+io.stdout:write(format("%s. Load average before the run: %s; during it the machine was %.0f%% idle, " ..
+  "%.1f%% stolen by the hypervisor. Suite wall time: %.0f s%s.\n", machine(), load or "?",
+  100 * (cpu1.idle - cpu0.idle) / dt, 100 * (cpu1.steal - cpu0.steal) / dt,
+  (now() - t_start) / 1e9, quick and " (--quick: counts / 10)" or ""))
