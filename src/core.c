@@ -230,6 +230,11 @@ void hd_core_sup_broken(hd_core *c, const char *why) {
   core_reap_sup(c, 0);
   for (p = c->procs; p != NULL; p = next) {
     next = p->next;
+    if (p->job != NULL && p->job->pending == HD_OUT_NONE) {
+      /* The job's caller learns why, not just that the worker is gone. */
+      snprintf(p->job->detail, sizeof p->job->detail, "worker lost: %s", c->sup_error);
+      p->job->pending = HD_OUT_FAILED;
+    }
     if (!p->exited) hd_proc_on_exited(c, p->id, -1, 0);
   }
 }

@@ -1,0 +1,125 @@
+-- spec/handshake_spec.lua: a worker executable that is missing, dies at
+-- once, or was built for another protocol or another LuaJIT gives a clear
+-- error, releases the slot, and leaves the host working and clean.
+local H = require("spec.support.helpers")
+
+local format = string.format
+
+-- A fake worker executable: a luajit script that answers the supervisor
+-- hello on its control socket (fd 3) with the given version and bytecode
+-- header, then waits for the host to go.
+local FAKE = [[#!/usr/bin/env luajit
+local ffi = require("ffi")
+ffi.cdef"long send(int, const void *, unsigned long, int); long read(int, void *, unsigned long);"
+local function u32(n)
+  return string.char(n % 256, math.floor(n / 256) % 256, math.floor(n / 65536) % 256,
+    math.floor(n / 16777216) % 256)
+end
+local bc = @BC@
+local m = "\1" .. u32(@VERSION@) .. u32(1) .. string.char(#bc) .. bc
+ffi.C.send(3, m, #m, 0)
+local buf = ffi.new("char[64]")
+while ffi.C.read(3, buf, 64) > 0 do end
+]]
+
+-- Runs a host whose worker executable is `worker`; it runs two jobs and
+-- prints each outcome, the pool's budget afterwards, and its own children.
+local function host_with(worker)
+  return H.run_host(format([[
+    local ffi = require("ffi")
+    ffi.cdef("int setenv(const char *, const char *, int); int getpid(void);")
+    ffi.C.setenv("HANDLER_WORKER", %q, 1)
+    local handler = require("handler")
+    for i = 1, 2 do
+      local ok, err = handler.run(function() return 1 end, { max_ms = 5000 })
+      print("run", i, ok, type(err) == "table" and err.type, type(err) == "table" and err.reason)
+    end
+    local s = handler.default_pool():stats()
+    print("budget", s.running, s.bytes_committed)
+    -- Give an exiting fake supervisor a moment, then list what is left.
+    os.execute("sleep 0.3")
+    handler.step()
+    local f = io.open("/proc/self/task/" .. ffi.C.getpid() .. "/children")
+    print("children", f and f:read("*a") or "?")
+  ]], worker))
+end
+
+
+describe("worker executable handshake", function()
+  local dir
+
+  before_each(function()
+    dir = H.tmpdir()
+  end)
+
+  after_each(function()
+    H.rm_r(dir)
+  end)
+
+  local function fake_hello(bc, version)
+    return (FAKE:gsub("@BC@", format("%q", bc)):gsub("@VERSION@", tostring(version)))
+  end
+
+  local function fake(name, text)
+    local path = dir .. "/" .. name
+    H.write_file(path, text)
+    os.execute("chmod +x " .. path)
+    return path
+  end
+
+  local function expect_clean(out)
+    assert.matches("budget\t0\t0", out, 1, true)
+    -- No child left, not even a zombie supervisor.
+    local kids = out:match("children\t([^\n]*)")
+    assert.is_not_nil(kids, out)
+    assert.are.equal("", (kids:gsub("%s", "")), "host children left: " .. kids)
+  end
+
+  it("reports a missing worker executable by name, on every attempt", function()
+    local out = host_with(dir .. "/no-such-worker")
+    for i = 1, 2 do
+      local line = out:match("run\t" .. i .. "\t([^\n]*)")
+      assert.is_not_nil(line, out)
+      assert.matches("^false\tProcessExit\t", line)
+      assert.matches("cannot start worker executable", line, 1, true)
+      assert.matches("no-such-worker: No such file or directory", line, 1, true)
+    end
+    expect_clean(out)
+  end)
+
+  it("reports a worker executable that exits at once", function()
+    local out = host_with(fake("dies", "#!/bin/sh\nexit 3\n"))
+    local line = out:match("run\t1\t([^\n]*)")
+    assert.is_not_nil(line, out)
+    assert.matches("^false\tProcessExit\t", line)
+    assert.matches("worker lost", line, 1, true)
+    expect_clean(out)
+  end)
+
+  it("refuses a worker executable that speaks another protocol", function()
+    local out = host_with(fake("oldproto", fake_hello("", 999)))
+    local line = out:match("run\t1\t([^\n]*)")
+    assert.is_not_nil(line, out)
+    assert.matches("^false\tProcessExit\t", line)
+    assert.matches("speaks protocol 999, this module speaks", line, 1, true)
+    assert.matches("run\t2\tfalse\tProcessExit", out, 1, true)
+    expect_clean(out)
+  end)
+
+  it("refuses a worker executable built for another LuaJIT", function()
+    -- The right protocol, a bytecode header this VM does not write.
+    local out = host_with(fake("otherjit", fake_hello("\27LJ\1\0", 1)))
+    local line = out:match("run\t1\t([^\n]*)")
+    assert.is_not_nil(line, out)
+    assert.matches("^false\tProcessExit\t", line)
+    assert.matches("was built for another LuaJIT", line, 1, true)
+    expect_clean(out)
+  end)
+
+  it("works with the real worker executable", function()
+    local out = host_with(require("handler")._core.worker_path)
+    assert.matches("run\t1\ttrue", out, 1, true)
+    assert.matches("run\t2\ttrue", out, 1, true)
+    assert.matches("budget\t0\t0", out, 1, true)
+  end)
+end)
