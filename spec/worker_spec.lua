@@ -411,7 +411,9 @@ describe("worker processes", function()
     -- Workers run in a private directory, so relative entries come to them
     -- made absolute against the caller's directory.
     local function absolute(paths)
-      local cwd = io.popen("pwd"):read("*l")
+      local p = io.popen("pwd")
+      local cwd = p:read("*l")
+      p:close()
       return (paths:gsub("[^;]+", function(entry)
         if entry:sub(1, 1) == "/" then return entry end
         return cwd .. "/" .. entry

@@ -44,14 +44,9 @@ enum {
  * refuses more too, so that what one side sends the other can take. */
 #define HD_MAX_VALUES (HD_DEC_SLOTS - 9)
 
-/* Why a hostile message is refused when its metatables could call the
- * host's functions (see hd_dec_named). */
+/* Why a hostile message is refused when a metatable reaches a host function
+ * (see hd_mt_reach). */
 #define HD_MSG_NAMED_MT "a named value in a metatable"
-#define HD_MSG_NAMED_SHARED "a named value in a table shared with a metatable"
-
-/* Flags the hostile decoder and the validator keep per table. */
-#define HD_TF_MTSIDE 1 /* decoded inside a metatable, or referred to from inside one */
-#define HD_TF_NAMED 2  /* holds a named value (decoder: a named function) as a key or value */
 
 /* The most slots one table's size hint may preallocate. Hints only save
  * rehashing; a table that really is bigger still grows as it fills. */
@@ -956,35 +951,237 @@ void hd_encode(lua_State *L, int first, int n, hd_buf *out, int flags) {
 }
 
 /* ------------------------------------------------------------------------ */
-/* Decoder                                                                  */
+/* Metatables in hostile messages                                           */
 /* ------------------------------------------------------------------------ */
 
-/* Hostile messages and metatables. A result is data, but a metatable can
- * make an ordinary read of it (t.x, tostring(t), t == u) call a function,
- * and the only functions a hostile message can hold are the host's own,
- * sent by name. So in hostile mode a named function is refused
- *   - anywhere inside a metatable: the value after TABLE_MT's END and all
- *     that is nested in it (HD_MSG_NAMED_MT);
- *   - as a key or value of a table that a reference inside a metatable
- *     points to, whichever of the two comes first in the message: that table
- *     is then part of the metatable, however it was sent first
- *     (HD_MSG_NAMED_SHARED).
- * Named tables and userdata, and data-only metatables, still travel. The
- * per-table flags (HD_TF_*) live in the ref table under the negative index
- * -(ref index + 1), beside the tables themselves, only for the tables that
- * need them. hd_validate applies the same rules to every named value, as it
- * cannot tell a named function from a named table. */
+/* A result is data, but a metatable makes ordinary uses of it (t.x,
+ * tostring(t), t == u) call functions, and the only functions a hostile
+ * message can hold are the host's own, sent by name. So a hostile message
+ * is refused when a metatable reaches a named value it counts (hd_decode:
+ * one that turned out to be a function; hd_validate, which cannot look
+ * names up: any). A metatable reaches the tables nested in it, their
+ * metatables, and through references whatever those reach, wherever it was
+ * first sent: reach rather than nesting, so that the verdict does not depend
+ * on where the encoder happened to write a shared table first. Data-only
+ * metatables, and named values no metatable reaches, still travel.
+ *
+ * hd_mt_reach checks this in one more pass over a message already known to
+ * be well formed, needed only when it has a metatable and a counted named
+ * value inside a table. A table's reach is its subtree (the tables nested in
+ * it, metatables included) and the reach of every table a reference inside
+ * that subtree points to. References point back only: to a table complete
+ * already, whose verdict is known, or to one still open around the
+ * reference, whose reach then equals this table's own; such a table is
+ * linked to the outermost one and shares its verdict once that one closes
+ * (union-find, so linear time). Per table it keeps one word: */
+#define HD_MR_ROOT (UINT64_C(1) << 63) /* used as a metatable */
+#define HD_MR_LINK (UINT64_C(1) << 61) /* verdict is that of the table numbered below */
+#define HD_MR_OPEN (UINT64_C(2) << 61) /* still open, at the depth below */
+#define HD_MR_TAG (UINT64_C(3) << 61)  /* none of these: closed, and below is the verdict */
+#define HD_MR_VAL ((UINT64_C(1) << 61) - 1)
+
+/* Where an open table is: reading a key, reading a value, reading its
+ * metatable; HD_VS_MT_NEXT marks a table whose metatable follows its END. */
+enum { HD_VS_KEY = 0, HD_VS_VALUE = 1, HD_VS_MT = 2, HD_VS_MT_NEXT = 4 };
+
+/* Whether named value number k (from 0, in message order) counts. */
+typedef int (*hd_counts_fn)(void *ud, uint64_t k);
+
+typedef struct hd_mr_frame {
+  uint64_t ref;
+  uint64_t acc; /* offset just after a counted named value it reaches, or 0 */
+  int up;       /* depth of the outermost open table a reference in it leads to */
+  unsigned state;
+} hd_mr_frame;
+
+/* Reads a varint like hd_get_uv: 0 when read, 1 when the message ends
+ * first, 2 when it is too long (*pp then at the bad byte). */
+static int hd_v_uv(const unsigned char **pp, const unsigned char *end, uint64_t *out) {
+  const unsigned char *p = *pp;
+  uint64_t v = 0;
+  int i;
+  for (i = 0; i < 10; i++) {
+    unsigned c;
+    if (p >= end) {
+      *pp = p;
+      return 1;
+    }
+    c = *p;
+    if (i == 9 && c > 1) {
+      *pp = p;
+      return 2;
+    }
+    p++;
+    v |= (uint64_t)(c & 0x7f) << (7 * i);
+    if (!(c & 0x80)) {
+      *pp = p;
+      *out = v;
+      return 0;
+    }
+  }
+  *pp = p;
+  return 2;
+}
+
+/* Follows the links from table x to the table whose verdict it shares,
+ * shortening the path on the way. */
+static uint64_t hd_mr_find(uint64_t *st, uint64_t x) {
+  uint64_t r = x, next;
+  while ((st[r] & HD_MR_TAG) == HD_MR_LINK) r = st[r] & HD_MR_VAL;
+  while (x != r) {
+    next = st[x] & HD_MR_VAL;
+    st[x] = (st[x] & HD_MR_ROOT) | HD_MR_LINK | r;
+    x = next;
+  }
+  return r;
+}
+
+/* Returns 0 when no metatable of the message (well formed, of ntables
+ * tables) reaches a named value that `counts` (NULL: every one), otherwise
+ * the offset just after such a named value. st has room for ntables words.
+ * It still checks every bound: what it cannot parse, it refuses. */
+static size_t hd_mt_reach(const unsigned char *start, size_t len, uint64_t *st,
+                          uint64_t ntables, hd_counts_fn counts, void *ud) {
+  const unsigned char *p = start, *end = start + len;
+  hd_mr_frame frames[HD_MAX_DEPTH];
+  hd_mr_frame *f = NULL;
+  uint64_t n, i = 0, x, ntab = 0, nnamed = 0;
+  int depth = 0, tag;
+
+  if (hd_v_uv(&p, end, &n) != 0) goto odd;
+  if (n == 0) goto done;
+read:
+  if (p >= end) goto odd;
+  tag = *p++;
+  switch (tag) {
+    case HD_T_NIL:
+    case HD_T_FALSE:
+    case HD_T_TRUE:
+      break;
+    case HD_T_NUM:
+      if (end - p < 8) goto odd;
+      p += 8;
+      break;
+    case HD_T_STR:
+      if (hd_v_uv(&p, end, &x) != 0 || x > (uint64_t)(end - p)) goto odd;
+      p += x;
+      break;
+    case HD_T_TABLE:
+    case HD_T_TABLE_MT:
+      if (depth >= HD_MAX_DEPTH || ntab >= ntables) goto odd;
+      if (hd_v_uv(&p, end, &x) != 0 || hd_v_uv(&p, end, &x) != 0) goto odd;
+      st[ntab] = HD_MR_OPEN | (uint64_t)depth |
+                 (depth > 0 && (f->state & 3) == HD_VS_MT ? HD_MR_ROOT : 0);
+      f = &frames[depth];
+      f->ref = ntab++;
+      f->acc = 0;
+      f->up = depth++;
+      f->state = tag == HD_T_TABLE_MT ? HD_VS_MT_NEXT : HD_VS_KEY;
+      goto entry;
+    case HD_T_REF:
+      if (hd_v_uv(&p, end, &x) != 0 || x >= ntab) goto odd;
+      if (depth > 0) {
+        uint64_t r = hd_mr_find(st, x);
+        if ((f->state & 3) == HD_VS_MT) st[x] |= HD_MR_ROOT;
+        if ((st[r] & HD_MR_TAG) == HD_MR_OPEN) {
+          if ((int)(st[r] & HD_MR_VAL) < f->up) f->up = (int)(st[r] & HD_MR_VAL);
+        } else if (f->acc == 0) {
+          f->acc = st[r] & HD_MR_VAL;
+        }
+      }
+      break;
+    case HD_T_NAMED_MOD:
+    case HD_T_NAMED_FIELD:
+      if (hd_v_uv(&p, end, &x) != 0 || x > (uint64_t)(end - p)) goto odd;
+      p += x;
+      if (tag == HD_T_NAMED_FIELD) {
+        if (hd_v_uv(&p, end, &x) != 0 || x > (uint64_t)(end - p)) goto odd;
+        p += x;
+      }
+      if (depth > 0 && (counts == NULL || counts(ud, nnamed))) {
+        /* A named metatable is refused at once; otherwise the table it is
+         * in now reaches it. */
+        if ((f->state & 3) == HD_VS_MT) return (size_t)(p - start);
+        if (f->acc == 0) f->acc = (uint64_t)(p - start);
+      }
+      nnamed++;
+      break;
+    default:
+      goto odd;
+  }
+
+settle: /* A value was read: hand it to its table, or count it. */
+  if (depth == 0) {
+    if (++i < n) goto read;
+    goto done;
+  }
+  switch (f->state & 3) {
+    case HD_VS_KEY:
+      f->state |= HD_VS_VALUE;
+      goto read;
+    case HD_VS_VALUE:
+      f->state &= ~(unsigned)HD_VS_VALUE;
+      goto entry;
+    default:
+      goto close;
+  }
+
+entry: /* The open table f expects a key or its END. */
+  if (p >= end) goto odd;
+  if (*p != HD_T_END) goto read;
+  p++;
+  if (f->state & HD_VS_MT_NEXT) {
+    f->state = HD_VS_MT;
+    goto read;
+  }
+
+close: /* Table f is complete: settle its verdict, or link it. */
+  {
+    uint64_t *s = &st[f->ref];
+    int d = --depth;
+    if (f->up < d)
+      *s = (*s & HD_MR_ROOT) | HD_MR_LINK | frames[f->up].ref;
+    else
+      *s = (*s & HD_MR_ROOT) | f->acc;
+    if (d > 0) {
+      hd_mr_frame *outer = &frames[d - 1];
+      if (outer->acc == 0) outer->acc = f->acc;
+      if (f->up < outer->up) outer->up = f->up;
+      f = outer;
+    } else {
+      f = NULL;
+    }
+  }
+  goto settle;
+
+done:
+  for (x = 0; x < ntab; x++) {
+    if (st[x] & HD_MR_ROOT) {
+      uint64_t v = st[hd_mr_find(st, x)] & HD_MR_VAL;
+      if (v != 0) return (size_t)v;
+    }
+  }
+  return 0;
+odd:
+  return p > start ? (size_t)(p - start) : 1;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Decoder                                                                  */
+/* ------------------------------------------------------------------------ */
 
 typedef struct hd_dec {
   lua_State *L;
   const unsigned char *start, *p, *end;
   int flags;
   int base;     /* stack top when decoding began: the slots used count from here */
-  int refs;     /* stack slot: ref index + 1 → object; nil until needed */
+  int refs;     /* stack slot: ref index + 1 → object, and -(k + 1) → true when
+                 * named value k is a function inside a table; nil until needed */
   int nrefs;
   int depth;
-  int in_mt;    /* how many metatables enclose the value being decoded */
-  int open;     /* ref index of the innermost table being filled; -1 at the top level */
+  int saw_mt;        /* a table had a metatable */
+  uint64_t nnamed;   /* named values so far */
+  uint64_t named_fn; /* of which functions inside a table (hostile only) */
   size_t budget; /* table slots that size hints may still preallocate */
 } hd_dec;
 
@@ -1051,23 +1248,7 @@ static void hd_dec_enter(hd_dec *d) {
     hd_bad(d, "nested too deep for the Lua stack");
 }
 
-/* The HD_TF_* flags of the table with this ref index (hostile mode). */
-static int hd_dec_tflags(hd_dec *d, int ref) {
-  lua_State *L = d->L;
-  int f;
-  lua_rawgeti(L, d->refs, -ref - 1);
-  f = (int)lua_tointeger(L, -1);
-  lua_pop(L, 1);
-  return f;
-}
-
-static void hd_dec_set_tflags(hd_dec *d, int ref, int f) {
-  lua_pushinteger(d->L, f);
-  lua_rawseti(d->L, d->refs, -ref - 1);
-}
-
-/* Gives the object at idx the next ref index and returns it. */
-static int hd_dec_register(hd_dec *d, int idx) {
+static void hd_dec_register(hd_dec *d, int idx) {
   lua_State *L = d->L;
   if (d->nrefs == INT32_MAX) hd_bad(d, "too many tables");
   if (lua_isnil(L, d->refs)) {
@@ -1076,9 +1257,6 @@ static int hd_dec_register(hd_dec *d, int idx) {
   }
   lua_pushvalue(L, idx);
   lua_rawseti(L, d->refs, ++d->nrefs);
-  if (d->in_mt > 0 && !(d->flags & HD_DEC_TRUSTED))
-    hd_dec_set_tflags(d, d->nrefs - 1, HD_TF_MTSIDE);
-  return d->nrefs - 1;
 }
 
 /* A size hint, cut to what the rest of the message could fill and to what
@@ -1096,13 +1274,13 @@ static void hd_dec_value(hd_dec *d);
 
 static void hd_dec_table(hd_dec *d, int with_mt) {
   lua_State *L = d->L;
-  int narr, nhash, t, outer = d->open;
+  int narr, nhash, t;
   hd_dec_enter(d);
   narr = hd_dec_hint(d, hd_get_uv(d, "truncated table"));
   nhash = hd_dec_hint(d, hd_get_uv(d, "truncated table"));
   lua_createtable(L, narr, nhash);
   t = lua_gettop(L);
-  d->open = hd_dec_register(d, t);
+  hd_dec_register(d, t);
   for (;;) {
     if (d->p >= d->end) hd_bad(d, "truncated table");
     if (*d->p == HD_T_END) {
@@ -1119,13 +1297,11 @@ static void hd_dec_table(hd_dec *d, int with_mt) {
     lua_rawset(L, t);
   }
   if (with_mt) {
-    d->in_mt++;
+    d->saw_mt = 1;
     hd_dec_value(d);
-    d->in_mt--;
     if (!lua_istable(L, -1)) hd_bad(d, "metatable is not a table");
     lua_setmetatable(L, t);
   }
-  d->open = outer;
   d->depth--;
 }
 
@@ -1226,16 +1402,45 @@ static void hd_dec_named(hd_dec *d, int with_field) {
   lua_remove(L, -2);
 }
 
-/* Applies the metatable rules (see hd_dec) to the named value on the top
- * of the stack, hostile input only. */
-static void hd_dec_named_check(hd_dec *d) {
-  int f;
-  if ((d->flags & HD_DEC_TRUSTED) || !lua_isfunction(d->L, -1)) return;
-  if (d->in_mt > 0) hd_bad(d, HD_MSG_NAMED_MT);
-  if (d->open < 0) return;
-  f = hd_dec_tflags(d, d->open);
-  if (f & HD_TF_MTSIDE) hd_bad(d, HD_MSG_NAMED_SHARED);
-  if (!(f & HD_TF_NAMED)) hd_dec_set_tflags(d, d->open, f | HD_TF_NAMED);
+/* Notes, in hostile mode, whether the named value just pushed is a function
+ * inside a table, for hd_dec_mt_check. A table is open, so the ref table
+ * exists. */
+static void hd_dec_named_note(hd_dec *d) {
+  lua_State *L = d->L;
+  uint64_t k = d->nnamed++;
+  if ((d->flags & HD_DEC_TRUSTED) || d->depth == 0 || !lua_isfunction(L, -1)) return;
+  d->named_fn++;
+  /* Past INT32_MAX (messages of gigabytes) every named value counts. */
+  if (k >= INT32_MAX) return;
+  lua_pushboolean(L, 1);
+  lua_rawseti(L, d->refs, -(int)k - 1);
+}
+
+static int hd_dec_counts(void *ud, uint64_t k) {
+  hd_dec *d = ud;
+  int fn;
+  if (k >= INT32_MAX) return 1;
+  lua_rawgeti(d->L, d->refs, -(int)k - 1);
+  fn = lua_toboolean(d->L, -1);
+  lua_pop(d->L, 1);
+  return fn;
+}
+
+/* Refuses a hostile message whose metatables reach a named function (see
+ * hd_mt_reach), once the message is known to be well formed. */
+static void hd_dec_mt_check(hd_dec *d) {
+  lua_State *L = d->L;
+  size_t at;
+  uint64_t *st;
+  if (!lua_checkstack(L, 4)) hd_oom(L);
+  st = lua_newuserdata(L, (size_t)d->nrefs * sizeof *st);
+  at = hd_mt_reach(d->start, (size_t)(d->end - d->start), st, (uint64_t)d->nrefs,
+                   hd_dec_counts, d);
+  lua_pop(L, 1);
+  if (at != 0) {
+    d->p = d->start + at;
+    hd_bad(d, HD_MSG_NAMED_MT);
+  }
 }
 
 static void hd_dec_value(hd_dec *d) {
@@ -1281,11 +1486,6 @@ static void hd_dec_value(hd_dec *d) {
         d->p--;
         hd_bad(d, "reference to a value not yet sent");
       }
-      if (d->in_mt > 0 && !(d->flags & HD_DEC_TRUSTED)) {
-        int f = hd_dec_tflags(d, (int)ref);
-        if (f & HD_TF_NAMED) hd_bad(d, HD_MSG_NAMED_SHARED);
-        if (!(f & HD_TF_MTSIDE)) hd_dec_set_tflags(d, (int)ref, f | HD_TF_MTSIDE);
-      }
       lua_rawgeti(L, d->refs, (int)ref + 1);
       return;
     }
@@ -1299,7 +1499,7 @@ static void hd_dec_value(hd_dec *d) {
     case HD_T_NAMED_MOD:
     case HD_T_NAMED_FIELD:
       hd_dec_named(d, tag == HD_T_NAMED_FIELD);
-      hd_dec_named_check(d);
+      hd_dec_named_note(d);
       return;
     case HD_T_END:
       d->p--;
@@ -1323,8 +1523,9 @@ int hd_decode(lua_State *L, const char *p, size_t len, int flags) {
   d.flags = flags;
   d.nrefs = 0;
   d.depth = 0;
-  d.in_mt = 0;
-  d.open = -1;
+  d.saw_mt = 0;
+  d.nnamed = 0;
+  d.named_fn = 0;
   d.budget = len / 2;
   if (!lua_checkstack(L, 8)) hd_oom(L);
   d.base = lua_gettop(L);
@@ -1337,6 +1538,7 @@ int hd_decode(lua_State *L, const char *p, size_t len, int flags) {
   if (!lua_checkstack(L, (int)n + 8)) hd_bad(&d, "too many values for the Lua stack");
   for (i = 0; i < n; i++) hd_dec_value(&d);
   if (d.p != d.end) hd_bad(&d, "trailing bytes");
+  if (d.saw_mt && d.named_fn > 0) hd_dec_mt_check(&d);
   lua_remove(L, base);
   return (int)n;
 }
@@ -1348,66 +1550,32 @@ int hd_decode(lua_State *L, const char *p, size_t len, int flags) {
 /* hd_validate walks a message the way hd_decode(…, 0) reads it, with the
  * same checks in the same order and the same messages, but builds nothing:
  * an explicit stack of the open tables stands for the decoder's recursion,
- * and the decoder's Lua stack use is counted to apply HD_DEC_SLOTS. What it
- * keeps per table is one byte of HD_TF_* flags, in a buffer on the C stack
- * and beyond it one on the heap, at most a quarter of the message's length
- * (a table takes at least four bytes). */
+ * and the decoder's Lua stack use is counted to apply HD_DEC_SLOTS. The
+ * metatable rule takes hd_mt_reach's second pass, only for messages that
+ * have a metatable and a named value inside a table. */
 
 /* What a value turned out to be, as far as its table needs to know. */
-enum { HD_V_NIL, HD_V_NAN, HD_V_TABLE, HD_V_OTHER };
+enum { HD_V_NIL, HD_V_NAN, HD_V_TABLE, HD_V_NAMED, HD_V_OTHER };
 
-/* Where an open table is: reading a key, reading a value, reading its
- * metatable; HD_VS_MT_NEXT marks a table whose metatable follows its END. */
-enum { HD_VS_KEY = 0, HD_VS_VALUE = 1, HD_VS_MT = 2, HD_VS_MT_NEXT = 4 };
-
-#define HD_V_FLAGS_INLINE 4096
+/* hd_mt_reach's words for this many tables fit on the C stack. */
+#define HD_V_REACH_INLINE 512
 
 typedef struct hd_vframe {
-  uint32_t ref;
-  unsigned state;
+  unsigned state; /* HD_VS_* */
 } hd_vframe;
 
-/* Reads a varint the slow way, like hd_get_uv: 0 when read, 1 when the
- * message ends first, 2 when it is too long (*pp then at the bad byte). */
-static int hd_v_uv(const unsigned char **pp, const unsigned char *end, uint64_t *out) {
-  const unsigned char *p = *pp;
-  uint64_t v = 0;
-  int i;
-  for (i = 0; i < 10; i++) {
-    unsigned c;
-    if (p >= end) {
-      *pp = p;
-      return 1;
-    }
-    c = *p;
-    if (i == 9 && c > 1) {
-      *pp = p;
-      return 2;
-    }
-    p++;
-    v |= (uint64_t)(c & 0x7f) << (7 * i);
-    if (!(c & 0x80)) {
-      *pp = p;
-      *out = v;
-      return 0;
-    }
-  }
-  *pp = p;
-  return 2;
-}
-
 /* Reads a varint into x, failing with `msg` when the message ends first. */
-#define HD_V_UV(x, msg)                                   \
-  do {                                                    \
-    if (p < end && *p < 0x80) {                           \
-      (x) = *p++;                                         \
-    } else {                                              \
-      int rc_ = hd_v_uv(&p, end, &(x));                   \
-      if (rc_ != 0) {                                     \
-        what = rc_ == 1 ? (msg) : "varint too long";      \
-        goto bad;                                         \
-      }                                                   \
-    }                                                     \
+#define HD_V_UV(x, msg)                              \
+  do {                                               \
+    if (p < end && *p < 0x80) {                      \
+      (x) = *p++;                                    \
+    } else {                                         \
+      int rc_ = hd_v_uv(&p, end, &(x));              \
+      if (rc_ != 0) {                                \
+        what = rc_ == 1 ? (msg) : "varint too long"; \
+        goto bad;                                    \
+      }                                              \
+    }                                                \
   } while (0)
 
 #define HD_V_FAIL(msg) \
@@ -1420,12 +1588,9 @@ int hd_validate(const char *msg, size_t len, char *err, size_t errlen) {
   const unsigned char *start = (const unsigned char *)msg, *p = start, *end = start + len;
   hd_vframe frames[HD_MAX_DEPTH];
   hd_vframe *f = NULL;
-  unsigned char tf_inline[HD_V_FLAGS_INLINE];
-  unsigned char *tf = tf_inline;
-  size_t tf_cap = HD_V_FLAGS_INLINE;
   uint64_t n, i = 0, x, nrefs = 0;
   const char *what = NULL;
-  int depth = 0, nvalue = 0, in_mt = 0, kind = HD_V_OTHER, tag = 0, rc = -1;
+  int depth = 0, nvalue = 0, kind = HD_V_OTHER, tag = 0, has_mt = 0, has_named = 0;
 
   HD_V_UV(n, "truncated value count");
   if (n > HD_MAX_VALUES) HD_V_FAIL("too many values");
@@ -1462,7 +1627,7 @@ read: /* One value, at p. */
       break;
     case HD_T_TABLE:
     case HD_T_TABLE_MT:
-      /* hd_dec_enter: the decoder's stack then holds its ref slot, the
+      /* hd_dec_enter. The decoder's stack then holds its ref slot, the
        * top-level values read so far, and per open table the table and,
        * while its value is read, the key. */
       if (depth >= HD_MAX_DEPTH) HD_V_FAIL("nested too deep");
@@ -1471,32 +1636,15 @@ read: /* One value, at p. */
       HD_V_UV(x, "truncated table");
       HD_V_UV(x, "truncated table");
       if (nrefs == INT32_MAX) HD_V_FAIL("too many tables");
-      if (nrefs == tf_cap) {
-        /* Cannot outgrow the message: each table took four bytes. */
-        size_t cap = tf_cap * 2;
-        unsigned char *nt = tf == tf_inline ? malloc(cap) : realloc(tf, cap);
-        if (nt == NULL) {
-          if (err != NULL && errlen > 0) snprintf(err, errlen, "handler: out of memory");
-          goto out;
-        }
-        if (tf == tf_inline) memcpy(nt, tf_inline, tf_cap);
-        tf = nt;
-        tf_cap = cap;
-      }
-      tf[nrefs] = in_mt > 0 ? HD_TF_MTSIDE : 0;
+      nrefs++;
       f = &frames[depth++];
-      f->ref = (uint32_t)nrefs++;
-      f->state = tag == HD_T_TABLE_MT ? HD_VS_MT_NEXT : 0;
+      f->state = tag == HD_T_TABLE_MT ? HD_VS_MT_NEXT : HD_VS_KEY;
       goto entry;
     case HD_T_REF:
       HD_V_UV(x, "truncated reference");
       if (x >= nrefs) {
         p--;
         HD_V_FAIL("reference to a value not yet sent");
-      }
-      if (in_mt > 0) {
-        if (tf[x] & HD_TF_NAMED) HD_V_FAIL(HD_MSG_NAMED_SHARED);
-        tf[x] |= HD_TF_MTSIDE;
       }
       kind = HD_V_TABLE;
       break;
@@ -1513,14 +1661,8 @@ read: /* One value, at p. */
         if (x > (uint64_t)(end - p)) HD_V_FAIL("truncated name");
         p += x;
       }
-      /* The name cannot be looked up here, so whatever it names counts as
-       * a function for the metatable rules (see hd_dec). */
-      if (in_mt > 0) HD_V_FAIL(HD_MSG_NAMED_MT);
-      if (depth > 0) {
-        if (tf[f->ref] & HD_TF_MTSIDE) HD_V_FAIL(HD_MSG_NAMED_SHARED);
-        tf[f->ref] |= HD_TF_NAMED;
-      }
-      kind = HD_V_OTHER;
+      has_named |= depth > 0;
+      kind = HD_V_NAMED;
       break;
     case HD_T_END:
       p--;
@@ -1550,8 +1692,10 @@ settle: /* A value of `kind` was read: hand it to its table, or count it. */
       nvalue--;
       goto entry;
     default: /* HD_VS_MT */
-      if (kind != HD_V_TABLE) HD_V_FAIL("metatable is not a table");
-      in_mt--;
+      /* Only a lookup could tell whether a named value is a table; the
+       * decoder takes named tables and refuses named functions here, and
+       * hd_mt_reach refuses both. */
+      if (kind != HD_V_TABLE && kind != HD_V_NAMED) HD_V_FAIL("metatable is not a table");
       f = --depth > 0 ? &frames[depth - 1] : NULL;
       kind = HD_V_TABLE;
       goto settle;
@@ -1563,7 +1707,7 @@ entry: /* The open table f expects a key or its END. */
   p++;
   if (f->state & HD_VS_MT_NEXT) {
     f->state = HD_VS_MT;
-    in_mt++;
+    has_mt = 1;
     goto read;
   }
   f = --depth > 0 ? &frames[depth - 1] : NULL;
@@ -1572,8 +1716,22 @@ entry: /* The open table f expects a key or its END. */
 
 finish:
   if (p != end) HD_V_FAIL("trailing bytes");
-  rc = 0;
-  goto out;
+  if (has_mt && has_named) {
+    uint64_t inline_st[HD_V_REACH_INLINE], *st = inline_st;
+    size_t at;
+    /* A table takes four bytes at least, so this is at most 2 * len. */
+    if (nrefs > HD_V_REACH_INLINE && (st = malloc((size_t)nrefs * sizeof *st)) == NULL) {
+      if (err != NULL && errlen > 0) snprintf(err, errlen, "handler: out of memory");
+      return -1;
+    }
+    at = hd_mt_reach(start, len, st, nrefs, NULL, NULL);
+    if (st != inline_st) free(st);
+    if (at != 0) {
+      p = start + at;
+      HD_V_FAIL(HD_MSG_NAMED_MT);
+    }
+  }
+  return 0;
 
 bad:
   if (err != NULL && errlen > 0) {
@@ -1583,7 +1741,5 @@ bad:
       snprintf(err, errlen, "handler: bad message: unknown tag %d at byte %zu", tag,
                (size_t)(p - start));
   }
-out:
-  if (tf != tf_inline) free(tf);
-  return rc;
+  return -1;
 }

@@ -26,7 +26,9 @@ void hd_encode(lua_State *L, int first, int n, hd_buf *out, int flags);
  * many. Raises a Lua error (a string) on malformed input. Without
  * HD_DEC_TRUSTED the bytes are treated as hostile: no bytecode is loaded,
  * names are only looked up in package.loaded, every length and count is
- * checked against the bytes that remain before anything is allocated. */
+ * checked against the bytes that remain before anything is allocated, and a
+ * message in which a metatable reaches a named function is refused ("a named
+ * value in a metatable"), so that using a result calls no host function. */
 int hd_decode(lua_State *L, const char *p, size_t len, int flags);
 
 /* Room enough for any message hd_validate writes. */
@@ -36,14 +38,15 @@ int hd_decode(lua_State *L, const char *p, size_t len, int flags);
  * of `len` bytes would decode as a worker's reply (hd_decode with flags 0):
  * the same wire format, limits and rules, and the same error messages. It
  * cannot look names up, so it checks only that NAMED records are well formed,
- * and refuses all of them where hd_decode refuses named functions (in and
- * around metatables). So whatever it accepts hd_decode(…, 0) accepts too,
- * unless a name is missing from package.loaded, or the caller of hd_decode
- * holds more than a few dozen Lua stack slots of its own. Returns 0 when
- * valid; otherwise -1, with "handler: bad message: <what> at byte <offset>"
- * (or "handler: out of memory") written into err (errlen bytes, cut and
- * NUL-terminated; err may be NULL). Allocates nothing for messages of up to
- * 4096 tables, and never more than len / 4 bytes. */
+ * and where hd_decode refuses a named function (any a metatable reaches) it
+ * refuses any named value. So whatever it accepts hd_decode(…, 0) accepts
+ * too, unless a name is missing from package.loaded, or the caller of
+ * hd_decode holds more than a few dozen Lua stack slots of its own. Returns
+ * 0 when valid; otherwise -1, with "handler: bad message: <what> at byte
+ * <offset>" (or "handler: out of memory") written into err (errlen bytes,
+ * cut and NUL-terminated; err may be NULL). Allocates nothing, except for a
+ * message with a metatable, a named value inside a table and more than 512
+ * tables: then 8 bytes per table (at most 2 * len), freed before it returns. */
 int hd_validate(const char *p, size_t len, char *err, size_t errlen);
 
 #endif

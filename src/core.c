@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -230,6 +231,13 @@ void hd_core_sup_broken(hd_core *c, const char *why) {
   core_reap_sup(c, 0);
   for (p = c->procs; p != NULL; p = next) {
     next = p->next;
+    /* Workers die with their supervisor, unless a job cleared that: the
+     * pidfd still names exactly this process, alive or not, so it is safe
+     * to signal; while it is alive its group exists, so the group too. */
+    if (p->pidfd >= 0 && !p->exited && syscall(SYS_pidfd_send_signal, p->pidfd, 0, NULL, 0) == 0) {
+      if (p->pid > 0) kill(-p->pid, SIGKILL);
+      syscall(SYS_pidfd_send_signal, p->pidfd, SIGKILL, NULL, 0);
+    }
     if (p->job != NULL && p->job->pending == HD_OUT_NONE) {
       /* The job's caller learns why, not just that the worker is gone. */
       snprintf(p->job->detail, sizeof p->job->detail, "worker lost: %s", c->sup_error);
@@ -241,8 +249,11 @@ void hd_core_sup_broken(hd_core *c, const char *why) {
 
 static void core_ctl_flush(hd_core *c);
 
-static void core_on_ctl(hd_core *c, const char *m, ssize_t n) {
-  if (n < 1) return;
+static void core_on_ctl(hd_core *c, const char *m, ssize_t n, int fd) {
+  if (n < 1 || m[0] != HD_CTL_SPAWNED || n < 9) {
+    if (fd >= 0) close(fd);
+    if (n < 1) return;
+  }
   switch (m[0]) {
     case HD_CTL_HELLO:
       if (n < 10 || hd_get_u32(m + 1) != HD_PROTO_VERSION) {
@@ -264,7 +275,7 @@ static void core_on_ctl(hd_core *c, const char *m, ssize_t n) {
       c->sup_hello = 1;
       return;
     case HD_CTL_SPAWNED:
-      if (n >= 9) hd_proc_on_spawned(c, hd_get_u32(m + 1), (pid_t)hd_get_u32(m + 5));
+      if (n >= 9) hd_proc_on_spawned(c, hd_get_u32(m + 1), (pid_t)hd_get_u32(m + 5), fd);
       return;
     case HD_CTL_EXITED:
       if (n >= 9) hd_proc_on_exited(c, hd_get_u32(m + 1), (int)hd_get_u32(m + 5), 1);
@@ -287,10 +298,30 @@ static void core_sup_poll_cb(uv_poll_t *h, int status, int events) {
   if (c->sup != HD_SUP_UP) return;
   if (events & UV_READABLE) {
     for (;;) {
-      char m[HD_CTL_MAX];
-      ssize_t n = recv(c->sup_fd, m, sizeof m, 0);
+      char m[HD_CTL_MAX], cbuf[CMSG_SPACE(sizeof(int) * 4)];
+      struct iovec iov = {m, sizeof m};
+      struct msghdr mh;
+      struct cmsghdr *cm;
+      int fd = -1;
+      ssize_t n;
+      memset(&mh, 0, sizeof mh);
+      mh.msg_iov = &iov;
+      mh.msg_iovlen = 1;
+      mh.msg_control = cbuf;
+      mh.msg_controllen = sizeof cbuf;
+      n = recvmsg(c->sup_fd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+      for (cm = CMSG_FIRSTHDR(&mh); n > 0 && cm != NULL; cm = CMSG_NXTHDR(&mh, cm)) {
+        if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
+          int *fds = (int *)CMSG_DATA(cm);
+          size_t k, nf = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+          for (k = 0; k < nf; k++) {
+            if (fd < 0) fd = fds[k];
+            else close(fds[k]);
+          }
+        }
+      }
       if (n > 0) {
-        core_on_ctl(c, m, n);
+        core_on_ctl(c, m, n, fd);
         if (c->sup != HD_SUP_UP) return;
         continue;
       }

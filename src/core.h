@@ -78,6 +78,7 @@ struct hd_proc {
   hd_pool *root;        /* the root pool it belongs to (holds a reference) */
   uint32_t id;
   pid_t pid;            /* from the supervisor, for stats and tests only */
+  int pidfd;            /* from the supervisor: signals exactly this process, or -1 */
   int fd;               /* our end of the protocol socket, -1 once closed */
   uv_poll_t poll;
   int poll_open, poll_events;
@@ -200,7 +201,7 @@ void hd_proc_kill(hd_proc *p);
 void hd_proc_drain(hd_proc *p);
 int hd_proc_fit(hd_proc *p);
 void hd_proc_retire(hd_proc *p);
-void hd_proc_on_spawned(hd_core *c, uint32_t id, pid_t pid);
+void hd_proc_on_spawned(hd_core *c, uint32_t id, pid_t pid, int pidfd);
 void hd_proc_on_exited(hd_core *c, uint32_t id, int status, int known);
 void hd_proc_sweep_idle(hd_core *c);
 

@@ -625,10 +625,13 @@ static int l_procs(lua_State *L) {
     lua_pushinteger(L, c->sup_pid);
     lua_setfield(L, -2, "supervisor");
   }
-  /* Our ends of worker sockets still open, pid known or not yet. */
+  /* Descriptors the host holds for its workers: the socket's end and the
+   * pidfd of each, pid known or not yet. */
   n = 0;
-  for (p = c->procs; p != NULL; p = p->next)
+  for (p = c->procs; p != NULL; p = p->next) {
     if (p->fd >= 0) n++;
+    if (p->pidfd >= 0) n++;
+  }
   lua_pushinteger(L, n);
   lua_setfield(L, -2, "sockets");
   return 1;

@@ -21,6 +21,7 @@ static void proc_free_if_done(hd_proc *p) {
   else c->procs = p->next;
   if (p->next) p->next->prev = p->prev;
   hd_buf_free(&p->in);
+  if (p->pidfd >= 0) close(p->pidfd);
   hd_pool_unref(p->root);
   free(p);
   hd_core_unref(c);
@@ -118,6 +119,7 @@ hd_proc *hd_proc_spawn(hd_core *c, hd_pool *root, char *err, size_t errlen) {
   p->fd = sv[0];
   p->state = HD_PROC_IDLE;
   p->status = -1;
+  p->pidfd = -1;
   if (uv_poll_init(&c->loop, &p->poll, p->fd) != 0) {
     snprintf(err, errlen, "cannot watch a socket");
     close(sv[0]);
@@ -391,9 +393,15 @@ static hd_proc *proc_find(hd_core *c, uint32_t id) {
   return NULL;
 }
 
-void hd_proc_on_spawned(hd_core *c, uint32_t id, pid_t pid) {
+void hd_proc_on_spawned(hd_core *c, uint32_t id, pid_t pid, int pidfd) {
   hd_proc *p = proc_find(c, id);
-  if (p != NULL) p->pid = pid;
+  if (p == NULL || p->exited) {
+    if (pidfd >= 0) close(pidfd);
+    return;
+  }
+  p->pid = pid;
+  if (p->pidfd >= 0) close(p->pidfd);
+  p->pidfd = pidfd;
 }
 
 void hd_proc_on_exited(hd_core *c, uint32_t id, int status, int known) {

@@ -46,7 +46,7 @@
 #define HD_SPAWN_SECCOMP 2 /* sandbox: limits and the system call filter */
 #define HD_CTL_KILL 2    /* parent → supervisor: u32 worker id */
 #define HD_CTL_HELLO 1   /* supervisor → parent: u32 version, u32 pid, u8 n, n bytes of bytecode header */
-#define HD_CTL_SPAWNED 2 /* supervisor → parent: u32 worker id, u32 pid */
+#define HD_CTL_SPAWNED 2 /* supervisor → parent: u32 worker id, u32 pid; a pidfd attached */
 #define HD_CTL_EXITED 3  /* supervisor → parent: u32 worker id, i32 wait status */
 #define HD_CTL_FAILED 4  /* supervisor → parent: u32 worker id, i32 errno */
 #define HD_CTL_MAX 64

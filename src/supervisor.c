@@ -18,6 +18,7 @@
 #include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -83,6 +84,36 @@ static void sup_report(sup *s, int type, uint32_t id, uint32_t v) {
   hd_put_u32(m + 1, id);
   hd_put_u32(m + 5, v);
   sup_send(s, m, sizeof m);
+}
+
+/* SPAWNED with a pidfd of the worker attached: the host can then signal
+ * exactly this process even after the supervisor is gone. Opened here,
+ * before the child can have been reaped, so it cannot name another process. */
+static void sup_report_spawned(sup *s, uint32_t id, pid_t pid) {
+  char m[9], cbuf[CMSG_SPACE(sizeof(int))];
+  struct iovec iov = {m, sizeof m};
+  struct msghdr mh;
+  int pfd = (int)syscall(SYS_pidfd_open, pid, 0);
+  m[0] = HD_CTL_SPAWNED;
+  hd_put_u32(m + 1, id);
+  hd_put_u32(m + 5, (uint32_t)pid);
+  memset(&mh, 0, sizeof mh);
+  mh.msg_iov = &iov;
+  mh.msg_iovlen = 1;
+  if (pfd >= 0) {
+    struct cmsghdr *c;
+    memset(cbuf, 0, sizeof cbuf);
+    mh.msg_control = cbuf;
+    mh.msg_controllen = sizeof cbuf;
+    c = CMSG_FIRSTHDR(&mh);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &pfd, sizeof(int));
+  }
+  while (sendmsg(s->ctl, &mh, MSG_NOSIGNAL) < 0 && errno == EINTR) {
+  }
+  if (pfd >= 0) close(pfd);
 }
 
 /* The bytecode header of this VM, so the parent can check that what it dumps
@@ -276,7 +307,7 @@ static void sup_spawn(sup *s, uint32_t id, int fd, int flags) {
   s->kids[s->nkids].id = id;
   s->kids[s->nkids].pid = pid;
   s->nkids++;
-  sup_report(s, HD_CTL_SPAWNED, id, (uint32_t)pid);
+  sup_report_spawned(s, id, pid);
 }
 
 static void sup_kill(sup *s, uint32_t id) {

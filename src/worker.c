@@ -257,22 +257,135 @@ static void wk_wrap(lua_State *L, int idx, const char *name, lua_CFunction w) {
   lua_setfield(L, idx < 0 ? idx - 1 : idx, name);
 }
 
+/* Files a job opens are tracked (a weak table in the registry, part of the
+ * image, so empty at every job's start) and closed after the job: flushed
+ * before the caller sees the result, and no descriptor outlives the job. */
+static char wk_files_key;
+
+static void wk_track_file(lua_State *L, int idx) {
+  if (lua_type(L, idx) != LUA_TUSERDATA || !lua_getmetatable(L, idx)) return;
+  luaL_getmetatable(L, "FILE*");
+  if (lua_rawequal(L, -1, -2)) {
+    lua_pushlightuserdata(L, &wk_files_key);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    lua_pushvalue(L, idx);
+    lua_pushboolean(L, 1);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 2);
+}
+
+/* io.open, io.tmpfile: the original (upvalue 1), then the file is tracked. */
+static int wk_file_opener(lua_State *L) {
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+  if (lua_gettop(L) >= 1) wk_track_file(L, 1);
+  return lua_gettop(L);
+}
+
+/* io.input, io.output: with a file name they open one, which they return. */
+static int wk_default_file(lua_State *L) {
+  int named = lua_type(L, 1) == LUA_TSTRING;
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+  if (named && lua_gettop(L) >= 1) wk_track_file(L, 1);
+  return lua_gettop(L);
+}
+
+/* Whether the value at idx is io.stdin, io.stdout or io.stderr (upvalues 2-4). */
+static int wk_is_stdio(lua_State *L, int idx) {
+  int k;
+  for (k = 2; k <= 4; k++)
+    if (lua_rawequal(L, idx, lua_upvalueindex(k))) return 1;
+  return 0;
+}
+
+/* io.close and a file's close and setvbuf: the process's stdio is process
+ * state (the next job prints through it); other files are the job's own. */
+static int wk_stdio_guard(lua_State *L) {
+  int top = lua_gettop(L);
+  if (top == 0 || wk_is_stdio(L, 1)) {
+    void *ud;
+    lua_getallocf(L, &ud);
+    ((hd_alloc *)ud)->taint = 1;
+  }
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, top, LUA_MULTRET);
+  return lua_gettop(L);
+}
+
+static void wk_wrap_stdio(lua_State *L, int t, const char *name, int io) {
+  lua_getfield(L, t, name);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    return;
+  }
+  lua_getfield(L, io, "stdin");
+  lua_getfield(L, io, "stdout");
+  lua_getfield(L, io, "stderr");
+  lua_pushcclosure(L, wk_stdio_guard, 4);
+  lua_setfield(L, t, name);
+}
+
+/* Runs in protected mode after a job: closes the files it left open. */
+static int wk_close_files_p(lua_State *L) {
+  lua_pushlightuserdata(L, &wk_files_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  lua_pushnil(L);
+  while (lua_next(L, -2) != 0) {
+    /* L: files file true */
+    lua_pop(L, 1);
+    lua_getfield(L, -1, "close");
+    lua_pushvalue(L, -2);
+    /* L: files file close file. Closed already is fine: io.type says
+     * "closed file" then. */
+    lua_getglobal(L, "io");
+    lua_getfield(L, -1, "type");
+    lua_pushvalue(L, -3);
+    /* L: files file close file io type file */
+    lua_call(L, 1, 1);
+    if (lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), "file") == 0) {
+      lua_pop(L, 2);
+      lua_call(L, 1, 0);
+    } else {
+      lua_pop(L, 4);
+    }
+  }
+  return 0;
+}
+
 static void wk_wrap_all(lua_State *L) {
-  static const char *const io_fns[] = {"open", "popen", "tmpfile", "lines", "input", "output",
-                                       "close", NULL};
-  static const char *const file_fns[] = {"close", "setvbuf", NULL};
-  int i;
+  static const char *const io_taint[] = {"popen", "lines", NULL};
+  int i, io;
+  lua_pushlightuserdata(L, &wk_files_key);
+  lua_newtable(L);
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "k");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, -2);
+  lua_rawset(L, LUA_REGISTRYINDEX);
   lua_getglobal(L, "io");
-  for (i = 0; io_fns[i]; i++) wk_wrap(L, -1, io_fns[i], wk_tainting);
-  lua_pop(L, 1);
+  io = lua_gettop(L);
+  for (i = 0; io_taint[i]; i++) wk_wrap(L, io, io_taint[i], wk_tainting);
+  wk_wrap(L, io, "open", wk_file_opener);
+  wk_wrap(L, io, "tmpfile", wk_file_opener);
+  wk_wrap(L, io, "input", wk_default_file);
+  wk_wrap(L, io, "output", wk_default_file);
+  wk_wrap_stdio(L, io, "close", io);
   luaL_getmetatable(L, "FILE*");
   if (lua_istable(L, -1)) {
     lua_getfield(L, -1, "__index");
-    if (lua_istable(L, -1))
-      for (i = 0; file_fns[i]; i++) wk_wrap(L, -1, file_fns[i], wk_tainting);
+    if (lua_istable(L, -1)) {
+      wk_wrap_stdio(L, lua_gettop(L), "close", io);
+      wk_wrap_stdio(L, lua_gettop(L), "setvbuf", io);
+    }
     lua_pop(L, 1);
   }
-  lua_pop(L, 1);
+  lua_pop(L, 2);
   lua_getglobal(L, "os");
   wk_wrap(L, -1, "execute", wk_tainting);
   wk_wrap(L, -1, "setlocale", wk_tainting);
@@ -620,6 +733,26 @@ static int wk_sandbox(hd_wk *w, int flags) {
   return (flags & HD_SPAWN_SECCOMP) ? hd_sandbox_process() : 0;
 }
 
+/* Closes the files the job left open, before its caller sees the result.
+ * The heap limit is off for this: closing must not fail for want of memory
+ * the job used up. If it fails anyway, the worker is tainted. */
+static void wk_close_files(hd_wk *w) {
+  lua_State *L = w->L;
+  int empty;
+  if (w->alloc.taint) return;
+  lua_settop(L, 0);
+  lua_pushlightuserdata(L, &wk_files_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  lua_pushnil(L);
+  empty = !lua_istable(L, 1) || lua_next(L, 1) == 0;
+  lua_settop(L, 0);
+  if (empty) return;
+  w->alloc.limit = 0;
+  lua_pushcfunction(L, wk_close_files_p);
+  if (lua_pcall(L, 0, 0, 0) != 0) w->alloc.taint = 1;
+  lua_settop(L, 0);
+}
+
 /* A job that used a lot of memory leaves it in malloc, where the next job
  * reuses it without faulting pages in again; a worker that then sits idle
  * gives it back, so idle workers stay small. */
@@ -667,6 +800,7 @@ int hd_worker_run(int fd, int flags) {
     w->job_id = hd_get_u64(w->in.data + 5);
     wk_maps.tracking = 1;
     wk_job(w);
+    wk_close_files(w);
     wk_maps.tracking = 0;
     /* A job's output reaches the host before its result does; the worker
      * leaves with _exit, which would drop anything still buffered. */
@@ -678,8 +812,9 @@ int hd_worker_run(int fd, int flags) {
     }
     if (wk_reply_send(w, last) != 0) break;
     if (last) {
-      /* Files the job left open are flushed and closed by their __gc. */
-      lua_close(w->L);
+      /* Not lua_close: a pipe the job left open would wait in pclose for
+       * its command. Output is flushed already; the supervisor kills the
+       * process group, commands included, when it reaps us. */
       return 0;
     }
     hd_buf_consume(&w->in, w->frame_len);
