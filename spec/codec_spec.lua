@@ -3,7 +3,7 @@
 -- hostile bytes that must be refused cleanly.
 local core = require("handler.core")
 
-local encode, decode = core.encode, core.decode
+local encode, decode, validate = core.encode, core.decode, core.validate
 local byte, char, rep = string.byte, string.char, string.rep
 local floor = math.floor
 
@@ -90,39 +90,40 @@ local function where(f)
   return info.short_src .. ":" .. info.linedefined
 end
 
-describe("codec round trips", function()
-  local data_cases = {
-    { "nil", nil },
-    { "true", true },
-    { "false", false },
-    { "zero", 0 },
-    { "one", 1 },
-    { "negative", -1.5 },
-    { "pi", math.pi },
-    { "2^53", 2 ^ 53 },
-    { "2^53 + 2", 2 ^ 53 + 2 },
-    { "-2^63", -2 ^ 63 },
-    { "huge", 1.7976931348623157e308 },
-    { "smallest normal", 2.2250738585072014e-308 },
-    { "largest denormal", 2.2250738585072009e-308 },
-    { "smallest denormal", 4.9406564584124654e-324 },
-    { "inf", math.huge },
-    { "-inf", -math.huge },
-    { "empty string", "" },
-    { "string", "hello" },
-    { "string with zeros", "a\0b\0\0c" },
-    { "all 256 bytes", all_bytes() },
-    { "empty table", {} },
-    { "array", { 1, 2, 3, "four", true, false } },
-    { "hash", { a = 1, b = "two", c = true } },
-    { "mixed", { 1, 2, 3, x = "y", [10] = 10, [-1] = -1, [1.5] = 1.5 } },
-    { "sparse", { [1] = 1, [1000000] = 2 } },
-    { "boolean keys", { [true] = "t", [false] = "f" } },
-    { "nested", { a = { b = { c = { d = { "deep" } } } } } },
-    { "binary keys", { ["\0"] = 1, [all_bytes()] = 2 } },
-    { "metatable", setmetatable({ 1 }, { kind = "mt", nested = { 1, 2 } }) },
-  }
+-- Values that travel both ways, by name and value.
+local data_cases = {
+  { "nil", nil },
+  { "true", true },
+  { "false", false },
+  { "zero", 0 },
+  { "one", 1 },
+  { "negative", -1.5 },
+  { "pi", math.pi },
+  { "2^53", 2 ^ 53 },
+  { "2^53 + 2", 2 ^ 53 + 2 },
+  { "-2^63", -2 ^ 63 },
+  { "huge", 1.7976931348623157e308 },
+  { "smallest normal", 2.2250738585072014e-308 },
+  { "largest denormal", 2.2250738585072009e-308 },
+  { "smallest denormal", 4.9406564584124654e-324 },
+  { "inf", math.huge },
+  { "-inf", -math.huge },
+  { "empty string", "" },
+  { "string", "hello" },
+  { "string with zeros", "a\0b\0\0c" },
+  { "all 256 bytes", all_bytes() },
+  { "empty table", {} },
+  { "array", { 1, 2, 3, "four", true, false } },
+  { "hash", { a = 1, b = "two", c = true } },
+  { "mixed", { 1, 2, 3, x = "y", [10] = 10, [-1] = -1, [1.5] = 1.5 } },
+  { "sparse", { [1] = 1, [1000000] = 2 } },
+  { "boolean keys", { [true] = "t", [false] = "f" } },
+  { "nested", { a = { b = { c = { d = { "deep" } } } } } },
+  { "binary keys", { ["\0"] = 1, [all_bytes()] = 2 } },
+  { "metatable", setmetatable({ 1 }, { kind = "mt", nested = { 1, 2 } }) },
+}
 
+describe("codec round trips", function()
   for _, case in ipairs(data_cases) do
     local name, value = case[1], case[2]
     it("carries " .. name .. " (trusted and hostile)", function()
@@ -543,44 +544,64 @@ describe("codec wire format", function()
   end)
 end)
 
-describe("codec hostile input", function()
-  local nan_key = "\1\5\0\0\3" .. num_bytes(0 / 0) .. "\2\7"
-  local cases = {
-    { "empty input", "", "truncated value count at byte 0" },
-    { "count without values", "\1", "truncated message at byte 1" },
-    { "trailing garbage", "\1\2\0", "trailing bytes at byte 2" },
-    { "unknown tag", "\1\99", "unknown tag 99 at byte 1" },
-    { "absurd string length", "\1\4" .. uv(2 ^ 60) .. "abc", "truncated string" },
-    { "string longer than the rest", "\1\4\5abcd", "truncated string" },
-    { "overlong varint", "\1\4" .. rep("\128", 10) .. "\0", "varint too long" },
-    { "absurd count", uv(2 ^ 60) .. "\0", "too many values" },
-    { "count beyond the bytes", "\5\0\0", "truncated message" },
-    { "count beyond the limit", uv(8001) .. rep("\0", 8001), "too many values" },
-    { "truncated number", "\1\3\0\0\0", "truncated number" },
-    { "truncated table", "\1\5\0\0\2\2", "truncated" },
-    { "table without end", "\1\5\0\0", "truncated table" },
-    { "ref with no tables", "\1\8\0", "reference to a value not yet sent" },
-    { "ref out of range", "\1\5\0\0\2\8\1\7", "reference to a value not yet sent" },
-    { "huge ref", "\1\5\0\0\2\8" .. uv(2 ^ 50) .. "\7", "reference to a value not yet sent" },
-    { "end at top level", "\1\7", "table end where a value was expected" },
-    { "upvalue join at top level", "\1\10\0\1", "upvalue join where a value was expected" },
-    { "nil key", "\1\5\0\0\0\2\7", "nil table key" },
-    { "NaN key", nan_key, "NaN table key" },
-    { "metatable not a table", "\1\6\0\0\7\2", "metatable is not a table" },
-    { "missing metatable", "\1\6\0\0\7", "truncated value" },
-    { "function", encode(function() end), "function where data was expected at byte 1" },
-    { "function in a table", encode({ 1, { f = function() end } }), "function where data was expected" },
-    { "garbage function", "\1\9\3abc\0", "function where data was expected" },
-    { "module not loaded", "\1" .. named("hd_codec_not_loaded"), 'no module in package.loaded named "hd_codec_not_loaded"' },
-    { "field not there", "\1" .. named("string", "no_such_field"), 'no value in package.loaded named "string"."no_such_field"' },
-    { "field of a module that is no table", "\1" .. named("hd_fnmod", "x"), "module is not a table" },
-    { "truncated name", "\1\11\50string", "truncated name" },
-  }
+-- Hostile messages, each with (part of) the message the decoder refuses it
+-- with. `named` marks the ones only a lookup in package.loaded can refuse
+-- (hd_fnmod is set to a function while they run); core.validate, which
+-- cannot look names up, accepts those.
+local nan_key = "\1\5\0\0\3" .. num_bytes(0 / 0) .. "\2\7"
+local hostile_cases = {
+  { "empty input", "", "truncated value count at byte 0" },
+  { "count without values", "\1", "truncated message at byte 1" },
+  { "trailing garbage", "\1\2\0", "trailing bytes at byte 2" },
+  { "unknown tag", "\1\99", "unknown tag 99 at byte 1" },
+  { "absurd string length", "\1\4" .. uv(2 ^ 60) .. "abc", "truncated string" },
+  { "string longer than the rest", "\1\4\5abcd", "truncated string" },
+  { "overlong varint", "\1\4" .. rep("\128", 10) .. "\0", "varint too long" },
+  { "absurd count", uv(2 ^ 60) .. "\0", "too many values" },
+  { "count beyond the bytes", "\5\0\0", "truncated message" },
+  { "count beyond the limit", uv(8001) .. rep("\0", 8001), "too many values" },
+  { "truncated number", "\1\3\0\0\0", "truncated number" },
+  { "truncated table", "\1\5\0\0\2\2", "truncated" },
+  { "table without end", "\1\5\0\0", "truncated table" },
+  { "ref with no tables", "\1\8\0", "reference to a value not yet sent" },
+  { "ref out of range", "\1\5\0\0\2\8\1\7", "reference to a value not yet sent" },
+  { "huge ref", "\1\5\0\0\2\8" .. uv(2 ^ 50) .. "\7", "reference to a value not yet sent" },
+  { "end at top level", "\1\7", "table end where a value was expected" },
+  { "upvalue join at top level", "\1\10\0\1", "upvalue join where a value was expected" },
+  { "nil key", "\1\5\0\0\0\2\7", "nil table key" },
+  { "NaN key", nan_key, "NaN table key" },
+  { "metatable not a table", "\1\6\0\0\7\2", "metatable is not a table" },
+  { "missing metatable", "\1\6\0\0\7", "truncated value" },
+  { "function", encode(function() end), "function where data was expected at byte 1" },
+  { "function in a table", encode({ 1, { f = function() end } }), "function where data was expected" },
+  { "garbage function", "\1\9\3abc\0", "function where data was expected" },
+  { "module not loaded", "\1" .. named("hd_codec_not_loaded"), 'no module in package.loaded named "hd_codec_not_loaded"', named = true },
+  { "field not there", "\1" .. named("string", "no_such_field"), 'no value in package.loaded named "string"."no_such_field"', named = true },
+  { "field of a module that is no table", "\1" .. named("hd_fnmod", "x"), "module is not a table", named = true },
+  { "truncated name", "\1\11\50string", "truncated name" },
+  { "a named function as a metamethod", encode(setmetatable({}, { __index = debug.getregistry })),
+    "a named value in a metatable at byte 40" },
+  { "a named function nested in a metatable",
+    encode(setmetatable({}, { __index = { f = string.format } })), "a named value in a metatable" },
+  { "a named function as a key of a metatable", encode(setmetatable({}, { [print] = true })),
+    "a named value in a metatable" },
+  { "a named function in a metatable's metatable",
+    encode(setmetatable({}, setmetatable({}, { __call = print }))), "a named value in a metatable" },
+  -- A table sent as data first, holding os.exit, then used as a metatable.
+  { "a named function in a table sent as data, then used as a metatable",
+    "\2\5\0\1\4\7__index" .. named("os", "exit") .. "\7\6\0\0\7\8\0",
+    "a named value in a metatable at byte 22" },
+  -- A table whose own metatable it is, os.exit added after the reference.
+  { "a named function added to a table after it was made its own metatable",
+    "\1\5\0\0\3" .. num_bytes(1) .. "\6\0\0\7\8\0\4\7__index" .. named("os", "exit") .. "\7",
+    "a named value in a metatable at byte 37" },
+}
 
+describe("codec hostile input", function()
   setup(function() package.loaded.hd_fnmod = print end)
   teardown(function() package.loaded.hd_fnmod = nil end)
 
-  for _, case in ipairs(cases) do
+  for _, case in ipairs(hostile_cases) do
     it("refuses " .. case[1], function()
       local err = raises(case[3], decode, case[2])
       assert.truthy(err:find("^handler: bad message: "))
@@ -682,6 +703,364 @@ describe("codec hostile input", function()
     end
     assert.is_true(decoded > 0)
     assert.is_true(refused > 0)
+  end)
+end)
+
+-- What core.validate says of message s, checked against what decode (hostile)
+-- does with it: whatever validate accepts decodes, unless a name is missing
+-- from package.loaded; whatever it refuses, decode refuses with the same
+-- message, unless it is a named value (which validate cannot tell from a
+-- named function) in or around a metatable.
+local function name_lookup(err)
+  return err:find("^handler: bad message: no module in package.loaded named ")
+    or err:find("^handler: bad message: no value in package.loaded named ")
+    or err:find("^handler: bad message: module is not a table: ")
+end
+
+local function named_mt(err)
+  return err:find("^handler: bad message: a named value in a metatable at byte %d+$")
+end
+
+local function at_byte(err)
+  return tonumber(err:match(" at byte (%d+)$"))
+end
+
+-- Refused for what a name turned out to be: validate, which cannot look it
+-- up, goes on and refuses (every named metatable) at the same byte or later.
+local function value_level(derr, vmsg)
+  return (name_lookup(derr) or derr:find("^handler: bad message: metatable is not a table at byte "))
+    and at_byte(vmsg) and at_byte(vmsg) >= at_byte(derr)
+end
+
+local function agree(s)
+  local vok, vmsg = validate(s)
+  local dok, derr = pcall(decode, s)
+  if vok then
+    assert(vmsg == nil, "validate returned a message with true")
+    if not dok and not name_lookup(derr) then
+      error(("validate accepted what decode refuses: %q"):format(derr), 2)
+    end
+  else
+    assert(type(vmsg) == "string" and vmsg:find("^handler: bad message: "), tostring(vmsg))
+    if dok then
+      if not named_mt(vmsg) then
+        error(("validate refused what decode accepts: %q"):format(vmsg), 2)
+      end
+    elseif vmsg ~= derr and not named_mt(vmsg) and not value_level(derr, vmsg) then
+      error(("validate and decode refuse with different messages: %q vs %q"):format(vmsg, derr), 2)
+    end
+  end
+  return vok, vmsg, dok, derr
+end
+
+describe("codec validate", function()
+  setup(function() package.loaded.hd_fnmod = print end)
+  teardown(function() package.loaded.hd_fnmod = nil end)
+
+  for _, case in ipairs(hostile_cases) do
+    it("agrees with decode on " .. case[1], function()
+      local ok, msg = validate(case[2])
+      local derr = raises(case[3], decode, case[2])
+      if case.named then
+        assert.is_true(ok)
+        assert.is_nil(msg)
+      else
+        assert.is_false(ok)
+        assert.equals(derr, msg)
+      end
+    end)
+  end
+
+  for _, case in ipairs(data_cases) do
+    it("accepts " .. case[1] .. " as decode does", function()
+      local s = encode(case[2])
+      assert.is_true((validate(s)))
+      assert.is_true(same(case[2], (decode(s))))
+    end)
+  end
+
+  it("accepts shared references, cycles, table keys and names", function()
+    local shared = { "s" }
+    local t = { 1, "two", shared, shared, { x = -0.0, y = 1 / 0, [true] = false },
+      string.format, io.stdout, setmetatable({ 9 }, { __index = shared }), [shared] = shared }
+    t.self = t
+    t.child = { parent = t }
+    local mt = { tag = "mt" }
+    mt.__index = mt
+    local msgs = {
+      encode(t, "tail", nil, 3),
+      encode({ setmetatable({}, mt), setmetatable({}, mt) }),
+      encode(string, string.format, print, _G, package.loaded, ffi, ffi.C),
+      encode(),
+      encode(nil),
+      encode(0 / 0, -0.0, math.huge),
+    }
+    for i, s in ipairs(msgs) do
+      local ok, msg = validate(s)
+      assert(ok, i .. ": " .. tostring(msg))
+      assert(pcall(decode, s), i)
+    end
+  end)
+
+  it("accepts absurd size hints as decode does", function()
+    assert.is_true((validate("\1\5" .. uv(2 ^ 40) .. uv(2 ^ 40) .. "\7")))
+    assert.is_true((validate("\1\5" .. uv(2 ^ 63) .. uv(2 ^ 30) .. "\2\2\7")))
+    assert.is_true((validate("\1\5\1\0\3" .. num_bytes(1) .. "\4\1a\7")))
+  end)
+
+  it("accepts a 1 MB string, a large array and 200 levels, refuses 201", function()
+    assert.is_true((validate(encode(rep("0123456789abcdef", 65536)))))
+    local t = {}
+    for i = 1, 100000 do t[i] = { i } end
+    assert.is_true((validate(encode(t))))
+    local deep = {}
+    for _ = 2, 200 do deep = { deep } end
+    assert.is_true((validate(encode(deep))))
+    agree(encode(deep))
+    local s = "\1" .. rep("\5\0\0\3" .. num_bytes(1), 201) .. rep("\7", 201)
+    local ok, msg = validate(s)
+    assert.is_false(ok)
+    assert.equals(select(2, pcall(decode, s)), msg)
+    assert.truthy(msg:find("nested too deep", 1, true))
+  end)
+
+  it("refuses nesting a million deep with decode's message", function()
+    local s = "\1" .. rep("\5\0\0\2", 1e6)
+    local ok, msg = validate(s)
+    assert.is_false(ok)
+    assert.equals(select(2, pcall(decode, s)), msg)
+    ok, msg = validate("\1" .. rep("\6\0\0\7", 1000))
+    assert.is_false(ok)
+    assert.equals(select(2, pcall(decode, "\1" .. rep("\6\0\0\7", 1000))), msg)
+  end)
+
+  it("keeps the top-level value limit of encode and decode", function()
+    local _, err = pcall(encode, unpack({}, 1, 7990))
+    local max = tonumber(err:match("at most (%d+)"))
+    assert.is_number(max)
+    local s = encode(unpack({}, 1, max))
+    assert.is_true((validate(s)))
+    assert.equals(max, select("#", decode(s)))
+    s = uv(max + 1) .. rep("\0", max + 1)
+    local ok, msg = validate(s)
+    assert.is_false(ok)
+    assert.equals(raises("too many values at byte", decode, s), msg)
+  end)
+
+  it("counts the decoder's Lua stack: many values, then deep nesting", function()
+    -- The decoder holds every top-level value and two slots per open table;
+    -- both sides refuse the same message, wherever decode is called from.
+    local _, err = pcall(encode, unpack({}, 1, 7990))
+    local max = tonumber(err:match("at most (%d+)"))
+    local deep = "\5\0\0\3" .. num_bytes(1)
+    local function msg(nvalues, depth)
+      return uv(nvalues) .. rep("\0", nvalues - 1) .. rep(deep, depth - 1) .. "\5\0\0\7"
+        .. rep("\7", depth - 1)
+    end
+    local vok, vmsg, dok, derr = agree(msg(max, 200))
+    assert.is_false(vok)
+    assert.is_false(dok)
+    assert.truthy(derr:find("nested too deep for the Lua stack", 1, true))
+    assert.equals(derr, vmsg)
+    local refused_in_a_wrapper = select(2, pcall(function() return decode(msg(max, 200)) end))
+    assert.equals(derr, refused_in_a_wrapper)
+    vok, vmsg, dok = agree(msg(7000, 200))
+    assert.is_true(vok, vmsg)
+    assert.is_true(dok)
+    assert.is_true((agree(msg(max, 1))))
+    -- At the exact limit, nesting in value, key and metatable position
+    -- (two, one and one slots per level).
+    local function keys(nvalues, depth)
+      return uv(nvalues) .. rep("\0", nvalues - 1) .. rep("\5\0\0", depth) .. "\7"
+        .. rep("\2\7", depth - 1)
+    end
+    local function mts(nvalues, depth)
+      return uv(nvalues) .. rep("\0", nvalues - 1) .. rep("\6\0\0\7", depth - 1) .. "\5\0\0\7"
+    end
+    for _, depth in ipairs({ 3, 50, 199, 200 }) do
+      local fits = { [msg] = max + 1 - 2 * (depth - 1), [keys] = max + 1 - (depth - 1),
+        [mts] = max + 1 - (depth - 1) }
+      for build, n in pairs(fits) do
+        assert.is_true((agree(build(n, depth))), depth)
+        vok, vmsg = agree(build(n + 1, depth))
+        assert.is_false(vok, depth)
+        assert.truthy(vmsg:find("nested too deep for the Lua stack", 1, true))
+      end
+    end
+  end)
+
+  it("refuses every strict prefix of a valid message with decode's message", function()
+    local shared = { "s" }
+    local t = { 1, "two", shared, { x = -0.0, [true] = false }, string.format,
+      setmetatable({ 9 }, { __index = shared }) }
+    t.self = t
+    local s = encode(t, "tail", nil, 3)
+    assert.is_true((validate(s)))
+    for i = 0, #s - 1 do
+      local p = s:sub(1, i)
+      local ok, msg = validate(p)
+      assert(not ok, "prefix " .. i .. " validated")
+      assert.equals(select(2, pcall(decode, p)), msg)
+    end
+  end)
+
+  it("refuses a named function as a metatable, as decode does", function()
+    local s = "\1\6\0\0\7" .. named("os", "exit")
+    local derr = raises("metatable is not a table at byte 14", decode, s)
+    local vok, vmsg = agree(s)
+    assert.is_false(vok)
+    assert.equals("handler: bad message: a named value in a metatable at byte 14", vmsg)
+    assert.are_not.equal(derr, vmsg)
+    -- Stopped at the name, decode never sees what follows; validate does.
+    vok, vmsg = agree(s .. "\2")
+    assert.equals("handler: bad message: trailing bytes at byte 14", vmsg)
+  end)
+
+  it("agrees with decode on random and mutated bytes", function()
+    math.randomseed(54321)
+    local random = math.random
+    local seeds = {
+      encode({ 1, "two", { x = 3 }, string.format }),
+      encode(setmetatable({ a = { b = {} } }, { __index = {} }), "x", true, 1.5),
+      encode(setmetatable({}, { __index = string }), { f = print }),
+      "\2\5\0\1\4\7__index" .. named("os", "exit") .. "\7\6\0\0\7\8\0",
+    }
+    local accepted, refused = 0, 0
+    for n = 1, 20000 do
+      local s
+      if n % 2 == 0 then
+        local parts = {}
+        for i = 1, random(0, 40) do parts[i] = char(random(0, 255)) end
+        if #parts > 0 then parts[1] = char(random(0, 4)) end
+        for i = 2, #parts do
+          if random() < 0.6 then parts[i] = char(random(0, 12)) end
+        end
+        s = table.concat(parts)
+      else
+        local seed = seeds[random(#seeds)]
+        local b = { byte(seed, 1, -1) }
+        for _ = 1, random(1, 4) do
+          local pos = random(#b)
+          local r = random()
+          if r < 0.4 then b[pos] = random(0, 255)
+          elseif r < 0.7 then table.remove(b, pos)
+          else table.insert(b, pos, random(0, 12)) end
+        end
+        s = char(unpack(b))
+      end
+      if agree(s) then accepted = accepted + 1 else refused = refused + 1 end
+    end
+    assert.is_true(accepted > 100)
+    assert.is_true(refused > 100)
+  end)
+
+  it("refuses a string argument only", function()
+    assert.is_false(pcall(validate))
+    assert.is_false(pcall(validate, {}))
+  end)
+end)
+
+describe("codec metatables in hostile input", function()
+  it("carries data-only metatables", function()
+    local s = encode(setmetatable({}, { __index = { x = 1 }, __mode = "k" }))
+    assert.is_true((validate(s)))
+    local t = decode(s)
+    assert.equals(1, t.x)
+  end)
+
+  it("carries named values beside metatables, and data shared with them", function()
+    local shared = { y = 2 }
+    local s = encode({ shared, string.format, io.stdout, setmetatable({}, { __index = shared }),
+      { f = print } })
+    assert.is_true((validate(s)))
+    local t = decode(s)
+    assert.equals(2, t[4].y)
+    assert.equals(string.format, t[2])
+  end)
+
+  it("refuses a host function in a metatable, so reading a field calls nothing", function()
+    local s = encode(setmetatable({}, { __index = debug.getregistry }))
+    raises("handler: bad message: a named value in a metatable", decode, s)
+    local ok, msg = validate(s)
+    assert.is_false(ok)
+    assert.truthy(msg:find("a named value in a metatable", 1, true))
+  end)
+
+  it("decodes a named table in a metatable, which validate cannot tell from a function", function()
+    local s = encode(setmetatable({}, { __index = string }))
+    local t = decode(s)
+    assert.equals(string, getmetatable(t).__index)
+    local ok, msg = validate(s)
+    assert.is_false(ok)
+    assert.equals("handler: bad message: " .. "a named value in a metatable at byte 29", msg)
+    local ok2, msg2 = validate(encode(setmetatable({}, string)))
+    assert.is_false(ok2)
+    assert.truthy(msg2:find("a named value in a metatable", 1, true))
+    assert.is_true(pcall(decode, encode(setmetatable({}, string))))
+  end)
+
+  it("remembers which of thousands of tables hold named values", function()
+    local big = {}
+    for i = 1, 5000 do big[i] = { i } end
+    big[4500].__index = os.exit
+    local s = encode(big, setmetatable({}, big[4500]))
+    local vok, vmsg, dok, derr = agree(s)
+    assert.is_false(vok)
+    assert.is_false(dok)
+    assert.truthy(derr:find("a named value in a metatable", 1, true))
+    assert.equals(derr, vmsg)
+    big[4500].__index = big[4499]
+    vok, vmsg, dok = agree(encode(big, setmetatable({}, big[4500]), os.exit))
+    assert.is_true(vok, vmsg)
+    assert.is_true(dok)
+  end)
+
+  it("refuses a named function a metatable reaches, whichever was sent first", function()
+    -- obj's metatable is { __index = X }, X = { Y }, Y = { f = os.exit }.
+    local function x_bytes(fn)
+      return "\5\0\0\3" .. num_bytes(1) .. "\5\0\0\4\1f" .. fn .. "\7\7"
+    end
+    local function data_first(fn)
+      return "\2" .. x_bytes(fn) .. "\6\0\0\7\5\0\0\4\7__index\8\0\7"
+    end
+    local function mt_first(fn)
+      return "\2\6\0\0\7\5\0\0\4\7__index" .. x_bytes(fn) .. "\7\8\2"
+    end
+    for _, build in ipairs({ data_first, mt_first }) do
+      local vok, vmsg, dok, derr = agree(build(named("os", "exit")))
+      assert.is_false(vok)
+      assert.is_false(dok)
+      assert.truthy(derr:find("a named value in a metatable at byte", 1, true))
+      assert.equals(derr, vmsg)
+      vok, vmsg, dok = agree(build("\2"))
+      assert.is_true(vok, vmsg)
+      assert.is_true(dok)
+      -- A named table: decoded (the host's string table is no function),
+      -- refused by validate, which cannot tell.
+      vok, vmsg, dok = agree(build(named("string")))
+      assert.is_false(vok)
+      assert.is_true(dok)
+    end
+  end)
+
+  it("carries any number of objects sharing a data-only metatable", function()
+    local mt = { kind = "point" }
+    mt.__index = mt
+    local t = { fmt = string.format }
+    for i = 1, 1000 do t[i] = setmetatable({ x = i }, mt) end
+    local s = encode(t)
+    assert.is_true((validate(s)))
+    local u = decode(s)
+    assert.equals("point", u[1000].kind)
+    assert.equals(getmetatable(u[1]), getmetatable(u[1000]))
+  end)
+
+  it("leaves trusted input as it was", function()
+    local t = decode(encode(setmetatable({}, { __index = debug.getregistry })), true)
+    assert.equals(debug.getregistry, getmetatable(t).__index)
+    local shared = { __index = os.exit }
+    local u = decode(encode({ shared, setmetatable({}, shared) }), true)
+    assert.equals(os.exit, getmetatable(u[2]).__index)
   end)
 end)
 

@@ -9,10 +9,11 @@
 #include <unistd.h>
 
 #include "core.h"
+#include "codec.h"
 #include "proto.h"
 
 static void proc_poll_cb(uv_poll_t *h, int status, int events);
-static void proc_protocol_error(hd_proc *p, const char *fmt, unsigned long a);
+static void proc_breach(hd_proc *p, const char *why);
 
 static void proc_free_if_done(hd_proc *p) {
   hd_core *c = p->core;
@@ -56,7 +57,7 @@ int hd_proc_fit(hd_proc *p) {
   r = recv(p->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
   if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return 1;
   if (r > 0) {
-    proc_protocol_error(p, "bytes from an idle worker%.0lu", 0);
+    proc_breach(p, "bytes from an idle worker");
   } else {
     p->eof = 1;
     hd_proc_retire(p);
@@ -200,10 +201,11 @@ void hd_proc_retire(hd_proc *p) {
   proc_close_io(p);
 }
 
-static void proc_protocol_error(hd_proc *p, const char *fmt, unsigned long a) {
+/* The worker broke the protocol: its job fails saying `why`, and it goes. */
+static void proc_breach(hd_proc *p, const char *why) {
   hd_job *j = p->job;
   if (j != NULL) {
-    snprintf(j->detail, sizeof j->detail, fmt, a);
+    snprintf(j->detail, sizeof j->detail, "%s", why);
     p->job = NULL;
     j->proc = NULL;
     hd_proc_kill(p);
@@ -218,7 +220,7 @@ static int proc_parse(hd_proc *p) {
   hd_core *c = p->core;
   if (p->job == NULL && p->hello && p->in.len > 0) {
     /* An idle worker has nothing to say: even a partial frame is a breach. */
-    proc_protocol_error(p, "bytes from an idle worker%.0lu", 0);
+    proc_breach(p, "bytes from an idle worker");
     return -1;
   }
   while (p->in.len >= HD_FRAME_HEADER) {
@@ -228,7 +230,7 @@ static int proc_parse(hd_proc *p) {
     if (p->in.data[4] == HD_FRAME_HELLO && !p->hello) {
       /* Once, first: the worker's pid. */
       if (blen != 4) {
-        proc_protocol_error(p, "bad hello frame%.0lu", 0);
+        proc_breach(p, "bad hello frame");
         return -1;
       }
       if (p->in.len < HD_FRAME_HEADER + 4) return 0;
@@ -238,15 +240,17 @@ static int proc_parse(hd_proc *p) {
       continue;
     }
     if (j == NULL) {
-      proc_protocol_error(p, "unexpected frame from an idle worker%.0lu", 0);
+      proc_breach(p, "unexpected frame from an idle worker");
       return -1;
     }
     if (p->in.data[4] != HD_FRAME_REPLY && p->in.data[4] != HD_FRAME_REPLY_LAST) {
-      proc_protocol_error(p, "bad frame type %lu", (unsigned char)p->in.data[4]);
+      char why[64];
+      snprintf(why, sizeof why, "bad frame type %u", (unsigned char)p->in.data[4]);
+      proc_breach(p, why);
       return -1;
     }
     if (hd_get_u64(p->in.data + 5) != j->id) {
-      proc_protocol_error(p, "reply for the wrong job%.0lu", 0);
+      proc_breach(p, "reply for the wrong job");
       return -1;
     }
     if ((double)blen > limit + 1) {
@@ -258,7 +262,7 @@ static int proc_parse(hd_proc *p) {
       return -1;
     }
     if (blen < 1) {
-      proc_protocol_error(p, "empty reply%.0lu", 0);
+      proc_breach(p, "empty reply");
       return -1;
     }
     if (p->in.len - HD_FRAME_HEADER < blen) {
@@ -285,12 +289,25 @@ static int proc_parse(hd_proc *p) {
      * its status must be one we know; else the worker is broken, the job
      * fails and the worker goes. */
     if (p->in.len > HD_FRAME_HEADER + (size_t)blen) {
-      proc_protocol_error(p, "bytes after the reply%.0lu", 0);
+      proc_breach(p, "bytes after the reply");
       return -1;
     }
     if ((unsigned char)p->in.data[HD_FRAME_HEADER] > HD_REPLY_BADRESULT) {
-      proc_protocol_error(p, "unknown reply status %lu", (unsigned char)p->in.data[HD_FRAME_HEADER]);
+      char why[64];
+      snprintf(why, sizeof why, "unknown reply status %u",
+               (unsigned char)p->in.data[HD_FRAME_HEADER]);
+      proc_breach(p, why);
       return -1;
+    }
+    /* The message must decode, checked now (about a nanosecond a byte, no
+     * Lua state needed): a worker that sends one that does not is killed
+     * before it can be given another job. */
+    {
+      char why[HD_VALIDATE_ERRLEN];
+      if (hd_validate(p->in.data + HD_FRAME_HEADER + 1, blen - 1, why, sizeof why) != 0) {
+        proc_breach(p, why);
+        return -1;
+      }
     }
     p->job = NULL;
     j->proc = NULL;
@@ -331,7 +348,7 @@ static int proc_read(hd_proc *p) {
   for (;;) {
     ssize_t r;
     if (hd_buf_reserve(&p->in, 65536) != 0) {
-      proc_protocol_error(p, "out of memory reading a reply%.0lu", 0);
+      proc_breach(p, "out of memory reading a reply");
       return -1;
     }
     r = recv(p->fd, p->in.data + p->in.len, p->in.cap - p->in.len, MSG_DONTWAIT);
