@@ -456,6 +456,9 @@ int hd_worker_prepare(const char *path, const char *cpath) {
  * beside it. It may fail when the heap limit has tripped; the worker then
  * reports OOM anyway. */
 static int wk_msgh(lua_State *L) {
+  /* After a stack overflow there may be no room for a traceback: the
+   * raised value goes back alone rather than as "error in error handling". */
+  if (!lua_checkstack(L, LUA_MINSTACK)) return 1;
   luaL_traceback(L, L, NULL, 1);
   lua_setfield(L, LUA_REGISTRYINDEX, "handler.traceback");
   return 1;
@@ -688,6 +691,13 @@ static void wk_job(hd_wk *w) {
   if (rc == 0) {
     wk_reply_values(w, HD_REPLY_OK);
     return;
+  }
+  if (rc == LUA_ERRERR) {
+    /* LuaJIT could not even call the message handler: out of stack (out of
+     * memory was handled above). The original value is gone; say what
+     * happened. */
+    lua_settop(L, 0);
+    lua_pushliteral(L, "stack overflow (no room left to handle the error)");
   }
   /* The raised value, then its traceback. A value that cannot travel is
    * replaced by its description, so the caller still learns what happened. */
