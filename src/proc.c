@@ -227,6 +227,11 @@ static int proc_parse(hd_proc *p) {
     uint32_t blen = hd_get_u32(p->in.data);
     hd_job *j = p->job;
     double limit = j ? (j->max_result > 0 ? j->max_result : c->max_result_bytes) : 0;
+    if (!p->hello && p->in.data[4] != HD_FRAME_HELLO) {
+      /* The worker executable says hello before it reads a job. */
+      proc_breach(p, "frame before the worker's hello");
+      return -1;
+    }
     if (p->in.data[4] == HD_FRAME_HELLO && !p->hello) {
       /* Once, first: the worker's pid. */
       if (blen != 4) {

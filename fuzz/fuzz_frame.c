@@ -1,0 +1,390 @@
+/* fuzz_frame.c: libFuzzer harness over the parent's side of the job
+ * protocol: the frames a worker writes on its socket, read, parsed and
+ * turned into a job's end by src/proc.c and src/job.c, then decoded.
+ *
+ * The real proc.c, job.c, pool.c and core.c are linked in; only the two
+ * functions that reach the supervisor process (the parent's only link to
+ * its workers) are replaced, with the linker's --wrap: spawning a worker
+ * hands this harness the worker's end of the protocol socket, and killing
+ * one is answered with its exit report. The harness then plays the worker:
+ * it writes the input's bytes on that socket in chunks, runs the parent's
+ * libuv loop between them, and finally reports the worker's exit, as the
+ * supervisor would.
+ *
+ * Input: three option bytes, then the bytes the worker writes.
+ *   byte 0  bits 0-1  chunk sizes: all at once, 1-16, 1-512, 1-4096 bytes
+ *           bit 2     run the loop only after the last chunk
+ *           bit 3     close the worker's end (EOF) before its exit report
+ *           bit 4     report the exit before the loop has read the last
+ *                     chunk (a reply written just before the worker died)
+ *           bit 5     job 1 has max_result_bytes = 64
+ *           bit 6     submit job 2 as soon as job 1 is done; the rest of
+ *                     the bytes go to job 2's worker
+ *           bit 7     job 1 has max_ms = 0: its deadline passes at once
+ *   byte 1  seed of the chunk sizes
+ *   byte 2  bits 0-1  how the worker exits: exit 0, exit 3, SIGKILL, SIGSEGV
+ *           bit 2     the worker never reads its job frame (closing a
+ *                     socket with unread data resets the connection)
+ *           bit 3     the user kills job 1 after the second chunk
+ *           bit 4     the worker dies after the second chunk (its exit is
+ *                     reported while the rest is never written)
+ *           bit 5     job 2 (with bit 6 of byte 0) comes late: the bytes
+ *                     after the first frame are written (and the worker's
+ *                     end closed, with bit 3 of byte 0) but not read before
+ *                     it is submitted, so the parent finds them when it
+ *                     picks an idle worker
+ * Each worker first says hello (its pid), as the worker executable does
+ * before it reads a job, so no job's code can withhold it. Job ids are 1
+ * and 2 and the first worker's id is 1 on every input, so the seeds can
+ * hold valid frames.
+ *
+ * Asserted after every input: each job ended exactly once and with a
+ * consistent outcome (a reply body that decodes or is refused as "bad
+ * message", a reason for BADREPLY); the pool's slots and bytes are back to
+ * zero; every process the parent knew is gone and freed; every reference
+ * the core counted is returned. LeakSanitizer checks the rest.
+ * And a worker that broke the protocol is not kept for another job: once
+ * the stream is read, no idle process holds unread bytes, and none is idle
+ * after its job ended with a bad reply or a reply whose message does not
+ * decode.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "codec.h"
+#include "core.h"
+#include "proto.h"
+
+#define FZ_MAXPROCS 8
+
+typedef struct fz_worker {
+  uint32_t id;
+  int fd;       /* the worker's end of the protocol socket, -1 once closed */
+  int killed;   /* the parent asked the supervisor to kill it */
+  int reported; /* its exit was reported */
+} fz_worker;
+
+static struct {
+  fz_worker w[FZ_MAXPROCS];
+  int n;
+  int status; /* the wait status a worker that was not killed exits with */
+  int unread; /* never read the job frame */
+} fz_sup;
+
+_Noreturn static void fz_fail(const char *what, unsigned long a) {
+  fprintf(stderr, "fuzz_frame: ");
+  fprintf(stderr, what, a);
+  fprintf(stderr, "\n");
+  abort();
+}
+
+/* ------------------------------------------------------------------------ */
+/* The stand-in for the supervisor (linked with --wrap)                     */
+/* ------------------------------------------------------------------------ */
+
+int __wrap_hd_core_sup_ensure(hd_core *c);
+int __wrap_hd_core_ctl_send(hd_core *c, const char *msg, size_t len, int fd);
+
+int __wrap_hd_core_sup_ensure(hd_core *c) {
+  return c->sup == HD_SUP_UP ? 0 : -1;
+}
+
+/* SPAWN hands over the worker's end; KILL marks it for an exit report. As
+ * in core.c, an attached fd belongs to this function. */
+int __wrap_hd_core_ctl_send(hd_core *c, const char *msg, size_t len, int fd) {
+  (void)c;
+  if (len >= 5 && msg[0] == HD_CTL_SPAWN) {
+    fz_worker *w;
+    if (fz_sup.n == FZ_MAXPROCS) fz_fail("more than %lu workers", FZ_MAXPROCS);
+    w = &fz_sup.w[fz_sup.n++];
+    w->id = hd_get_u32(msg + 1);
+    w->fd = fd;
+    w->killed = w->reported = 0;
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    {
+      /* What every worker writes first: its pid, job id 0. */
+      char h[HD_FRAME_HEADER + 4];
+      memset(h, 0, sizeof h);
+      hd_put_u32(h, 4);
+      h[4] = HD_FRAME_HELLO;
+      hd_put_u32(h + HD_FRAME_HEADER, 4242 + w->id);
+      if (send(fd, h, sizeof h, MSG_NOSIGNAL) != (ssize_t)sizeof h) fz_fail("cannot say hello%lu", 0);
+    }
+    return 0;
+  }
+  if (fd >= 0) close(fd);
+  if (len >= 5 && msg[0] == HD_CTL_KILL) {
+    int i;
+    for (i = 0; i < fz_sup.n; i++)
+      if (fz_sup.w[i].id == hd_get_u32(msg + 1)) fz_sup.w[i].killed = 1;
+    return 0;
+  }
+  fz_fail("unexpected control message %lu", (unsigned char)msg[0]);
+}
+
+/* ------------------------------------------------------------------------ */
+/* The harness                                                              */
+/* ------------------------------------------------------------------------ */
+
+static hd_core *fz_core;
+static lua_State *fz_L;
+
+static void fz_init(void) {
+  char err[256];
+  hd_core *c = hd_core_new("/nonexistent/handler-worker", err, sizeof err);
+  if (c == NULL) fz_fail("cannot make a core%lu", 0);
+  /* As if the supervisor were up: only the wrapped functions talk to it. */
+  c->sup = HD_SUP_UP;
+  c->max_result_bytes = 1 << 20;
+  fz_core = c;
+  fz_L = luaL_newstate();
+  if (fz_L == NULL) fz_fail("cannot create a lua_State%lu", 0);
+  luaL_openlibs(fz_L);
+  /* SIGPIPE keeps its default action: a write of the parent's to a worker
+   * that is gone must not kill the host. */
+}
+
+static void fz_close_worker(fz_worker *w) {
+  if (w->fd >= 0) close(w->fd);
+  w->fd = -1;
+}
+
+/* Reports a worker's exit the way the supervisor does: killed workers died
+ * of SIGKILL, the others with the input's status. */
+static void fz_report(fz_worker *w) {
+  if (w->reported) return;
+  w->reported = 1;
+  fz_close_worker(w);
+  hd_proc_on_exited(fz_core, w->id, w->killed ? SIGKILL : fz_sup.status, 1);
+}
+
+/* Reads and drops what the parent sent a worker (its job frames). */
+static void fz_drain(fz_worker *w) {
+  char buf[4096];
+  if (w->fd < 0 || fz_sup.unread) return;
+  while (recv(w->fd, buf, sizeof buf, MSG_DONTWAIT) > 0) {
+  }
+}
+
+/* One turn of the parent's loop, then the supervisor's answers to kills. */
+static void fz_turn(void) {
+  int i;
+  uv_run(&fz_core->loop, UV_RUN_NOWAIT);
+  for (i = 0; i < fz_sup.n; i++) {
+    fz_drain(&fz_sup.w[i]);
+    if (fz_sup.w[i].killed) fz_report(&fz_sup.w[i]);
+  }
+}
+
+/* Submits a job; `proc` gets the id of the process it starts on. */
+static hd_job *fz_submit(hd_pool *pool, double max_ms, double max_result, uint32_t *proc) {
+  hd_core *c = fz_core;
+  hd_job *j = hd_job_new(c);
+  char h[HD_FRAME_HEADER + 9];
+  if (j == NULL) fz_fail("out of memory%lu", 0);
+  hd_pool_ref(pool);
+  j->chains[0][0] = pool;
+  j->chain_len[0] = 1;
+  j->nchains = 1;
+  j->max_ms = max_ms;
+  j->max_heap = 1 << 20;
+  j->max_result = max_result;
+  /* A job frame with an empty message: the worker side is this harness. */
+  memset(h, 0, sizeof h);
+  hd_put_u32(h, 9);
+  h[4] = HD_FRAME_JOB;
+  hd_put_u64(h + 5, j->id);
+  if (hd_buf_append(&j->frame, h, sizeof h) != 0) fz_fail("out of memory%lu", 0);
+  hd_job_submit(j);
+  *proc = j->proc != NULL ? j->proc->id : 0;
+  return j;
+}
+
+/* Runs in protected mode, like lhandler.c's l_decode_reply. */
+static int fz_decode(lua_State *L) {
+  const char *p = lua_touserdata(L, 1);
+  size_t len = (size_t)lua_tonumber(L, 2);
+  lua_settop(L, 0);
+  return hd_decode(L, p, len, 0);
+}
+
+/* The checks on a job that ended. Returns 0 when the job's reply was
+ * refused, 1 otherwise. */
+static int fz_check_job(hd_job *j) {
+  int good = 1;
+  if (j->state != HD_JOB_DONE) fz_fail("job %lu did not end though its worker is gone", j->id);
+  if (j->proc != NULL) fz_fail("job %lu ended still holding a process", j->id);
+  if (j->chain >= 0) fz_fail("job %lu ended still holding its reservation", j->id);
+  switch (j->outcome) {
+    case HD_OUT_OK:
+    case HD_OUT_ERROR:
+    case HD_OUT_BADRESULT:
+      if (j->outcome == HD_OUT_BADRESULT && j->detail[0]) break;
+      lua_settop(fz_L, 0);
+      lua_pushcfunction(fz_L, fz_decode);
+      lua_pushlightuserdata(fz_L, j->frame.data);
+      lua_pushnumber(fz_L, (lua_Number)j->frame.len);
+      if (lua_pcall(fz_L, 2, LUA_MULTRET, 0) != 0) {
+        const char *e = lua_tostring(fz_L, -1);
+        if (e == NULL || (strncmp(e, "handler: bad message: ", 22) != 0 &&
+                          strncmp(e, "handler: out of memory", 22) != 0)) {
+          fprintf(stderr, "fuzz_frame: %s\n", e ? e : "(non-string error)");
+          fz_fail("decoding job %lu's reply raised an unexpected error", j->id);
+        }
+        good = 0;
+      }
+      lua_settop(fz_L, 0);
+      break;
+    case HD_OUT_BADREPLY:
+    case HD_OUT_FAILED:
+      if (!j->detail[0]) fz_fail("job %lu failed without a reason", j->id);
+      good = 0;
+      break;
+    case HD_OUT_TIMEOUT:
+    case HD_OUT_EXIT:
+    case HD_OUT_KILLED:
+    case HD_OUT_OOM:
+      break;
+    default:
+      fz_fail("job ended with outcome %lu", j->outcome);
+  }
+  return good;
+}
+
+/* A process is kept for more work only if it did nothing wrong. `id` is
+ * the id of the process job j ran on. */
+static void fz_check_kept(hd_job *j, uint32_t id, int good) {
+  hd_proc *p;
+  for (p = fz_core->procs; p != NULL; p = p->next) {
+    if (p->id != id || p->state != HD_PROC_IDLE) continue;
+    if (p->in.len != 0) fz_fail("an idle worker with %lu unread bytes is kept", p->in.len);
+    if (j->state == HD_JOB_DONE && !good)
+      fz_fail("a worker whose reply was refused is kept (job %lu)", j->id);
+  }
+}
+
+/* The next chunk size: xorshift over the seed byte. */
+static size_t fz_chunk(unsigned *seed, int mode, size_t left) {
+  static const size_t max[4] = {0, 16, 512, 4096};
+  size_t n;
+  if (mode == 0) return left;
+  *seed ^= *seed << 13;
+  *seed ^= *seed >> 17;
+  *seed ^= *seed << 5;
+  n = 1 + *seed % max[mode];
+  return n < left ? n : left;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+  hd_core *c;
+  hd_pool *pool;
+  hd_job *j1, *j2 = NULL;
+  const uint8_t *s;
+  size_t len, pos = 0, end;
+  unsigned seed;
+  int o, o2, refs0, i, spins = 0, chunks = 0, late;
+  uint32_t p1 = 0, p2 = 0;
+  static const int statuses[4] = {0, 3 << 8, SIGKILL, SIGSEGV};
+  if (fz_core == NULL) fz_init();
+  c = fz_core;
+  if (size < 3) return 0;
+  o = data[0];
+  seed = 0x9e3779b9u ^ data[1];
+  o2 = data[2];
+  s = data + 3;
+  len = size - 3;
+  memset(&fz_sup, 0, sizeof fz_sup);
+  fz_sup.status = statuses[o2 & 3];
+  fz_sup.unread = (o2 & 4) != 0;
+  late = (o & 0x40) && (o2 & 32);
+  c->next_job = 0;
+  c->next_proc = 0;
+  refs0 = c->refs;
+
+  pool = hd_pool_new(c, NULL, 4, 1e12, NULL, 1000, 0);
+  if (pool == NULL) fz_fail("out of memory%lu", 0);
+  j1 = fz_submit(pool, (o & 0x80) ? 0 : 1e16, (o & 0x20) ? 64 : 0, &p1);
+  if (fz_sup.n != 1) fz_fail("job 1 did not get a worker (%lu)", fz_sup.n);
+
+  /* In late mode the loop reads only the first frame. */
+  end = len;
+  if (late && len >= 4 && HD_FRAME_HEADER + (size_t)hd_get_u32((const char *)s) < len)
+    end = HD_FRAME_HEADER + (size_t)hd_get_u32((const char *)s);
+  while (pos < end) {
+    fz_worker *w = &fz_sup.w[fz_sup.n - 1];
+    size_t n = fz_chunk(&seed, o & 3, end - pos);
+    ssize_t r;
+    if (w->fd < 0) break;
+    r = send(w->fd, s + pos, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (r > 0) {
+      pos += (size_t)r;
+      chunks++;
+    }
+    else if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) break;
+    if (r <= 0 && ++spins > 1000) fz_fail("the parent stopped reading (%lu)", pos);
+    if (pos == len && (o & 0x10)) break; /* the exit report comes first */
+    if (!(o & 4) || pos == end || r <= 0) fz_turn();
+    if (chunks == 2 && r > 0 && (o2 & 8)) hd_job_kill(j1);
+    if (chunks == 2 && r > 0 && (o2 & 16)) {
+      fz_report(w);
+      fz_turn();
+      break;
+    }
+    if ((o & 0x40) && !late && j2 == NULL && j1->state == HD_JOB_DONE) {
+      j2 = fz_submit(pool, 1e16, 0, &p2);
+      fz_turn();
+    }
+  }
+  if (late) {
+    fz_worker *w = &fz_sup.w[fz_sup.n - 1];
+    while (pos < len && w->fd >= 0) {
+      ssize_t r = send(w->fd, s + pos, len - pos, MSG_NOSIGNAL | MSG_DONTWAIT);
+      if (r <= 0) break;
+      pos += (size_t)r;
+    }
+    if (o & 8) fz_close_worker(w);
+    j2 = fz_submit(pool, 1e16, 0, &p2);
+    fz_turn();
+  }
+  if (!(o & 0x10)) {
+    fz_turn();
+    if (j1->state == HD_JOB_DONE) fz_check_kept(j1, p1, fz_check_job(j1));
+    if (j2 != NULL && j2->state == HD_JOB_DONE) fz_check_kept(j2, p2, fz_check_job(j2));
+  }
+  /* The worker's end: EOF first or not, then the exit report. */
+  if ((o & 8) && !late) {
+    fz_close_worker(&fz_sup.w[fz_sup.n - 1]);
+    if (!(o & 0x10)) fz_turn();
+  }
+  fz_report(&fz_sup.w[fz_sup.n - 1]);
+  fz_turn();
+  /* Every process the supervisor started ends; idle ones were waiting for
+   * work. Then no job may be left waiting. */
+  for (i = 0; i < fz_sup.n; i++) {
+    fz_worker *w = &fz_sup.w[i];
+    fz_drain(w);
+    fz_report(w);
+  }
+  for (i = 0; i < 100 && c->procs != NULL; i++) uv_run(&c->loop, UV_RUN_NOWAIT);
+  fz_check_job(j1);
+  if (j2 != NULL) fz_check_job(j2);
+  if (c->procs != NULL) fz_fail("a process outlived its exit report (%lu)", c->procs->id);
+  if (c->running != NULL || c->queue_head != NULL) fz_fail("a job is still listed%lu", 0);
+  if (pool->running != 0 || pool->committed != 0 || pool->queued != 0 || pool->procs != 0)
+    fz_fail("the pool's budget is not back to zero (%lu running)", (unsigned long)pool->running);
+  hd_job_unref(j1);
+  if (j2 != NULL) hd_job_unref(j2);
+  hd_pool_unref(pool);
+  if (c->refs != refs0) fz_fail("the core holds %lu references more than before", c->refs - refs0);
+  return 0;
+}
