@@ -78,8 +78,10 @@ describe("worker processes", function()
         assert.are.equal(i * 2, v)
       end
       assert.are.equal(started, handler.default_pool():stats().processes_started)
-      assert.are.same(sorted(before), sorted(H.workers()))
-      for _, pid in ipairs(before) do assert.is_true(H.alive(pid)) end
+      -- No process appeared (other pools' idle workers may end meanwhile).
+      for _, pid in ipairs(H.workers()) do
+        assert.is_true(H.contains(before, pid), "a new worker " .. pid .. " appeared")
+      end
     end)
 
     it("gives each job a fresh lua_State in the reused process", function()

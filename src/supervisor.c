@@ -171,8 +171,13 @@ static void sup_become_worker(sup *s, int fd, pid_t sup_pid, const char *dir, in
   /* Dies with the supervisor; the supervisor dies with the host. */
   prctl(PR_SET_PDEATHSIG, SIGKILL);
   if (getppid() != sup_pid) _exit(74);
-  /* Its own process group, so a kill reaches what the job started too. */
+  /* Its own process group, so a kill reaches what the job started too. And
+   * a subreaper: what a running job starts stays under this worker even
+   * when it slips out of the group, so the supervisor's sweep after another
+   * worker's death cannot take it; when this worker dies, it all comes to
+   * the supervisor, which kills it. */
   setpgid(0, 0);
+  prctl(PR_SET_CHILD_SUBREAPER, 1);
   /* What a job sees: no host environment (a job may ask for an allow-list),
    * a private working directory, no core files, bounded file size. */
   clearenv();

@@ -225,6 +225,8 @@ end
 --- What "clean" is measured against: the host's fds apart from the one each
 -- live worker's socket holds.
 function M.snapshot()
+  -- procs() first: it reads pending reports, which bring pidfds in.
+  handler._core.procs()
   local fds = M.open_fds()
   local workers = M.workers()
   return { fds = fds, base = #fds - handler._core.procs().sockets }
