@@ -28,13 +28,6 @@ local function report_pid(path)
   out:close()
 end
 
-local function sorted(list)
-  local copy = {}
-  for i, v in ipairs(list) do copy[i] = v end
-  table.sort(copy)
-  return copy
-end
-
 -- Worker pids handler lists now that were not in `before`.
 local function new_workers(before)
   local out = {}
