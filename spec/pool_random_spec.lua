@@ -48,13 +48,16 @@ local function fd_count()
   return n
 end
 
--- How many of the host's fds are sockets.
+-- How many of the host's fds are sockets or pidfds.
 local function socket_count()
   local n, buf = 0, ffi.new("char[256]")
   for fd = 0, 4095 do
     if C.pool_spec_fcntl(fd, 1) >= 0 then
       local len = C.pool_spec_readlink("/proc/self/fd/" .. fd, buf, 255)
-      if len > 7 and ffi.string(buf, 7) == "socket:" then n = n + 1 end
+      -- The host holds a socket and a pidfd per worker, and the
+      -- supervisor's socket.
+      local link = len > 0 and ffi.string(buf, len) or ""
+      if link:sub(1, 7) == "socket:" or link:find("pidfd", 1, true) then n = n + 1 end
     end
   end
   return n
@@ -223,7 +226,7 @@ describe("handler pools, randomized", function()
         if proc_state(pid) ~= "S" then return false end
       end
       local sup = list.supervisor and 1 or 0
-      return (list.sockets or #list) == #list and socket_count() == #list + sup
+      return list.sockets == 2 * #list and socket_count() == 2 * #list + sup
     end
     local function other_fds() return fd_count() - socket_count() end
 

@@ -201,6 +201,20 @@ void hd_proc_retire(hd_proc *p) {
   proc_close_io(p);
 }
 
+/* Whether a valid message has the shape its status calls for: OOM carries
+ * nothing, BADRESULT one string (its first value is then tag 4, STR),
+ * ERROR the raised value and its traceback. The count is the message's
+ * first varint; counts this small fit in its first byte. */
+static int proc_reply_shaped(char status, const char *msg, size_t len) {
+  unsigned char count = len > 0 ? (unsigned char)msg[0] : 0xff;
+  switch (status) {
+    case HD_REPLY_OOM: return len == 1 && count == 0;
+    case HD_REPLY_BADRESULT: return len > 2 && count == 1 && msg[1] == 4;
+    case HD_REPLY_ERROR: return len > 1 && count == 2;
+    default: return 1;
+  }
+}
+
 /* The worker broke the protocol: its job fails saying `why`, and it goes. */
 static void proc_breach(hd_proc *p, const char *why) {
   hd_job *j = p->job;
@@ -306,11 +320,16 @@ static int proc_parse(hd_proc *p) {
     }
     /* The message must decode, checked now (about a nanosecond a byte, no
      * Lua state needed): a worker that sends one that does not is killed
-     * before it can be given another job. */
+     * before it can be given another job. Its shape is the status's too. */
     {
       char why[HD_VALIDATE_ERRLEN];
-      if (hd_validate(p->in.data + HD_FRAME_HEADER + 1, blen - 1, why, sizeof why) != 0) {
+      const char *msg = p->in.data + HD_FRAME_HEADER + 1;
+      if (hd_validate(msg, blen - 1, why, sizeof why) != 0) {
         proc_breach(p, why);
+        return -1;
+      }
+      if (!proc_reply_shaped(p->in.data[HD_FRAME_HEADER], msg, blen - 1)) {
+        proc_breach(p, "reply of the wrong shape for its status");
         return -1;
       }
     }

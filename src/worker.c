@@ -720,6 +720,11 @@ static void wk_job(hd_wk *w) {
     /* The raised table held something that cannot travel: send its text. */
     const char *m = "error object cannot travel";
     wk_reply_string(w, HD_REPLY_ERROR, m, strlen(m));
+    /* ERROR carries two values: the message, and an empty traceback. */
+    if (w->out.len > HD_FRAME_HEADER + 1) {
+      w->out.data[HD_FRAME_HEADER + 1] = 2;
+      hd_buf_append(&w->out, "\4\0", 2);
+    }
   }
 }
 
