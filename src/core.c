@@ -17,6 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "fdpass.h"
 #include "proto.h"
 
 extern char **environ;
@@ -298,28 +299,9 @@ static void core_sup_poll_cb(uv_poll_t *h, int status, int events) {
   if (c->sup != HD_SUP_UP) return;
   if (events & UV_READABLE) {
     for (;;) {
-      char m[HD_CTL_MAX], cbuf[CMSG_SPACE(sizeof(int) * 4)];
-      struct iovec iov = {m, sizeof m};
-      struct msghdr mh;
-      struct cmsghdr *cm;
-      int fd = -1;
-      ssize_t n;
-      memset(&mh, 0, sizeof mh);
-      mh.msg_iov = &iov;
-      mh.msg_iovlen = 1;
-      mh.msg_control = cbuf;
-      mh.msg_controllen = sizeof cbuf;
-      n = recvmsg(c->sup_fd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
-      for (cm = CMSG_FIRSTHDR(&mh); n > 0 && cm != NULL; cm = CMSG_NXTHDR(&mh, cm)) {
-        if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
-          int *fds = (int *)CMSG_DATA(cm);
-          size_t k, nf = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-          for (k = 0; k < nf; k++) {
-            if (fd < 0) fd = fds[k];
-            else close(fds[k]);
-          }
-        }
-      }
+      char m[HD_CTL_MAX];
+      int fd;
+      ssize_t n = hd_recv_fd(c->sup_fd, m, sizeof m, &fd, MSG_DONTWAIT);
       if (n > 0) {
         core_on_ctl(c, m, n, fd);
         if (c->sup != HD_SUP_UP) return;
@@ -347,30 +329,7 @@ static void core_sup_poll_update(hd_core *c) {
 }
 
 static int core_sendmsg(hd_core *c, const char *msg, size_t len, int fd) {
-  struct iovec iov;
-  struct msghdr mh;
-  char cbuf[CMSG_SPACE(sizeof(int))];
-  ssize_t r;
-  memset(&mh, 0, sizeof mh);
-  iov.iov_base = (void *)msg;
-  iov.iov_len = len;
-  mh.msg_iov = &iov;
-  mh.msg_iovlen = 1;
-  if (fd >= 0) {
-    struct cmsghdr *cm;
-    memset(cbuf, 0, sizeof cbuf);
-    mh.msg_control = cbuf;
-    mh.msg_controllen = sizeof cbuf;
-    cm = CMSG_FIRSTHDR(&mh);
-    cm->cmsg_level = SOL_SOCKET;
-    cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(cm), &fd, sizeof(int));
-  }
-  do {
-    r = sendmsg(c->sup_fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
-  } while (r < 0 && errno == EINTR);
-  if (r >= 0) return 0;
+  if (hd_send_fd(c->sup_fd, msg, len, fd, MSG_DONTWAIT) >= 0) return 0;
   if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) return 1;
   return -1;
 }

@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include "buf.h"
+#include "fdpass.h"
 #include "proto.h"
 #include "worker.h"
 
@@ -90,29 +91,12 @@ static void sup_report(sup *s, int type, uint32_t id, uint32_t v) {
  * exactly this process even after the supervisor is gone. Opened here,
  * before the child can have been reaped, so it cannot name another process. */
 static void sup_report_spawned(sup *s, uint32_t id, pid_t pid) {
-  char m[9], cbuf[CMSG_SPACE(sizeof(int))];
-  struct iovec iov = {m, sizeof m};
-  struct msghdr mh;
+  char m[9];
   int pfd = (int)syscall(SYS_pidfd_open, pid, 0);
   m[0] = HD_CTL_SPAWNED;
   hd_put_u32(m + 1, id);
   hd_put_u32(m + 5, (uint32_t)pid);
-  memset(&mh, 0, sizeof mh);
-  mh.msg_iov = &iov;
-  mh.msg_iovlen = 1;
-  if (pfd >= 0) {
-    struct cmsghdr *c;
-    memset(cbuf, 0, sizeof cbuf);
-    mh.msg_control = cbuf;
-    mh.msg_controllen = sizeof cbuf;
-    c = CMSG_FIRSTHDR(&mh);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(c), &pfd, sizeof(int));
-  }
-  while (sendmsg(s->ctl, &mh, MSG_NOSIGNAL) < 0 && errno == EINTR) {
-  }
+  hd_send_fd(s->ctl, m, sizeof m, pfd, 0);
   if (pfd >= 0) close(pfd);
 }
 
@@ -355,30 +339,10 @@ static void sup_reap(sup *s) {
 /* Reads one control packet. Returns -1 when the parent is gone. */
 static int sup_read_ctl(sup *s) {
   char m[HD_CTL_MAX];
-  char cbuf[CMSG_SPACE(sizeof(int) * 4)];
-  struct iovec iov = {m, sizeof m};
-  struct msghdr mh;
-  struct cmsghdr *c;
-  ssize_t n;
-  int fd = -1;
-  memset(&mh, 0, sizeof mh);
-  mh.msg_iov = &iov;
-  mh.msg_iovlen = 1;
-  mh.msg_control = cbuf;
-  mh.msg_controllen = sizeof cbuf;
-  n = recvmsg(s->ctl, &mh, MSG_CMSG_CLOEXEC);
+  int fd;
+  ssize_t n = hd_recv_fd(s->ctl, m, sizeof m, &fd, 0);
   if (n < 0) return (errno == EINTR || errno == EAGAIN) ? 0 : -1;
   if (n == 0) return -1;
-  for (c = CMSG_FIRSTHDR(&mh); c != NULL; c = CMSG_NXTHDR(&mh, c)) {
-    if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
-      int *fds = (int *)CMSG_DATA(c);
-      size_t k, nf = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-      for (k = 0; k < nf; k++) {
-        if (fd < 0) fd = fds[k];
-        else close(fds[k]);
-      }
-    }
-  }
   if (n >= 5 && m[0] == HD_CTL_SPAWN && fd >= 0) {
     sup_spawn(s, hd_get_u32(m + 1), fd, n >= 6 ? (unsigned char)m[5] : 0);
     return 0;

@@ -163,33 +163,39 @@ static int wk_write_full(int fd, const char *p, size_t n) {
   return 0;
 }
 
-/* A wrapper that marks the worker tainted, then calls the wrapped function
- * (upvalue 1). Functions that reach state outside the Lua heap (files,
- * processes, C libraries, the FFI, the locale) are wrapped: after a job that
- * called one, the worker closes its state properly and exits, and a fresh
- * process takes its place. */
-static int wk_tainting(lua_State *L) {
-  void *ud;
-  lua_getallocf(L, &ud);
-  ((hd_alloc *)ud)->taint = 1;
+/* Calls the wrapped function (upvalue 1) with the wrapper's arguments and
+ * returns what it returns. */
+static int wk_call_wrapped(lua_State *L) {
   lua_pushvalue(L, lua_upvalueindex(1));
   lua_insert(L, 1);
   lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
   return lua_gettop(L);
 }
 
+/* Marks the worker tainted: it exits after this job's reply. */
+static void wk_taint(lua_State *L) {
+  void *ud;
+  lua_getallocf(L, &ud);
+  ((hd_alloc *)ud)->taint = 1;
+}
+
+/* A wrapper that marks the worker tainted, then calls the wrapped function
+ * (upvalue 1). Functions that reach state outside the Lua heap (files,
+ * processes, C libraries, the FFI, the locale) are wrapped: after a job that
+ * called one, the worker closes its state properly and exits, and a fresh
+ * process takes its place. */
+static int wk_tainting(lua_State *L) {
+  wk_taint(L);
+  return wk_call_wrapped(L);
+}
+
 /* load and loadstring taint only for bytecode or a reader function. */
 static int wk_load_guard(lua_State *L) {
   const char *s = lua_tostring(L, 1);
   if (s == NULL || s[0] == LUA_SIGNATURE[0]) {
-    void *ud;
-    lua_getallocf(L, &ud);
-    ((hd_alloc *)ud)->taint = 1;
+    wk_taint(L);
   }
-  lua_pushvalue(L, lua_upvalueindex(1));
-  lua_insert(L, 1);
-  lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
-  return lua_gettop(L);
+  return wk_call_wrapped(L);
 }
 
 /* Output goes to the host's stdout and stderr: a job may write only
@@ -308,9 +314,7 @@ static int wk_is_stdio(lua_State *L, int idx) {
 static int wk_stdio_guard(lua_State *L) {
   int top = lua_gettop(L);
   if (top == 0 || wk_is_stdio(L, 1)) {
-    void *ud;
-    lua_getallocf(L, &ud);
-    ((hd_alloc *)ud)->taint = 1;
+    wk_taint(L);
   }
   lua_pushvalue(L, lua_upvalueindex(1));
   lua_insert(L, 1);
