@@ -370,6 +370,20 @@ function M.run(fn, opts)
 end
 
 ---------------------------------------------------------------------------
+-- Process-wide settings.
+
+local CONFIG = {
+  spin_us = { nonneg, "a non-negative number of microseconds" },
+}
+
+--- handler.configure{ spin_us = n }: how long a blocking run or await polls
+-- for a reply before it sleeps (default 50; 0 never polls).
+function M.configure(opts)
+  check_table("handler.configure", opts, CONFIG, 2)
+  if opts.spin_us ~= nil then core.set_spin(opts.spin_us) end
+end
+
+---------------------------------------------------------------------------
 -- Driving the loop from a host: a pollable fd, the next timeout, a step.
 
 M.fd = core.fd
