@@ -2,6 +2,7 @@
 #include <dlfcn.h>
 #include <lauxlib.h>
 #include <lua.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -407,8 +408,11 @@ static void l_wait(lua_State *L, hd_core *c, hd_job *j) {
   c->in_loop = 1;
   spin = c->spin_ns > 0 && (c->spin_credit > 0 || (++c->spin_probe & 63) == 0);
   start = uv_hrtime();
-  while (spin && j->state != HD_JOB_DONE && uv_hrtime() - start < c->spin_ns)
+  while (spin && j->state != HD_JOB_DONE && uv_hrtime() - start < c->spin_ns) {
     uv_run(&c->loop, UV_RUN_NOWAIT);
+    /* A worker that wants this CPU gets it. */
+    if (j->state != HD_JOB_DONE) sched_yield();
+  }
   if (spin) {
     if (j->state == HD_JOB_DONE) c->spin_credit = c->spin_credit < 8 ? c->spin_credit + 1 : 8;
     else c->spin_credit = c->spin_credit > 4 ? c->spin_credit - 4 : 0;

@@ -4,6 +4,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -799,6 +800,8 @@ static void wk_spin_for_job(hd_wk *w) {
       return;
     }
     if (r == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) return;
+    /* Whoever else wants this CPU (the host, another worker) gets it. */
+    sched_yield();
   }
 }
 
@@ -811,8 +814,10 @@ static void wk_trim_when_idle(hd_wk *w) {
   pf.events = POLLIN;
   pf.revents = 0;
   if (poll(&pf, 1, 200) != 0) return;
-  if (w->in.cap > (1u << 20)) hd_buf_free(&w->in);
-  if (w->out.cap > (1u << 20)) hd_buf_free(&w->out);
+  /* The I/O buffers too: cheap to make again, and every page counts for an
+   * idle worker. */
+  hd_buf_free(&w->in);
+  hd_buf_free(&w->out);
   malloc_trim(0);
   w->trim = 0;
 }
@@ -836,8 +841,8 @@ int hd_worker_run(int fd, int flags) {
   for (;;) {
     uint32_t blen;
     int last;
-    if (w->trim && w->in.len == 0) wk_trim_when_idle(w);
     wk_spin_for_job(w);
+    if (w->trim && w->in.len == 0) wk_trim_when_idle(w);
     while (w->in.len < HD_FRAME_HEADER)
       if (wk_fill(w) != 0) goto done;
     /* Back to back: this job came within 200 us of the last reply. */
@@ -871,10 +876,9 @@ int hd_worker_run(int fd, int flags) {
       return 0;
     }
     hd_buf_consume(&w->in, w->frame_len);
-    /* Off the critical path: the reply is out. */
-    if (w->alloc.peak > w->alloc.snap_used + (4u << 20) || w->in.cap > (1u << 20) ||
-        w->out.cap > (1u << 20))
-      w->trim = 1;
+    /* Off the critical path: the reply is out. Memory the job used goes
+     * back to the system once the worker has been idle for a while. */
+    w->trim = 1;
     hd_alloc_restore(&w->alloc);
     wk_unmap_job();
   }
