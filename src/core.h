@@ -212,6 +212,10 @@ void hd_job_submit(hd_job *j);
 void hd_job_finish(hd_job *j, hd_outcome out);
 void hd_job_on_reply(hd_job *j, hd_proc *p, const char *body, size_t len);
 void hd_job_kill(hd_job *j);
+/* Kills every queued or running job `match` accepts, calling `each` on it
+ * first (may be NULL). Returns how many. */
+int hd_job_kill_where(hd_core *c, int (*match)(hd_job *, void *),
+                      void (*each)(hd_job *, void *), void *ud);
 void hd_job_pump_queue(hd_core *c);
 
 /* pool.c */

@@ -282,15 +282,28 @@ void hd_job_on_reply(hd_job *j, hd_proc *p, const char *body, size_t len) {
   hd_job_finish(j, out);
 }
 
+/* A user kill: the job ends now, and hd_job_finish kills its process. */
 void hd_job_kill(hd_job *j) {
-  if (j->state == HD_JOB_DONE) return;
-  if (j->proc != NULL) {
-    hd_proc *p = j->proc;
-    p->job = NULL;
-    j->proc = NULL;
-    hd_proc_kill(p);
-  }
   hd_job_finish(j, HD_OUT_KILLED);
+}
+
+int hd_job_kill_where(hd_core *c, int (*match)(hd_job *, void *),
+                      void (*each)(hd_job *, void *), void *ud) {
+  int n = 0;
+  for (;;) {
+    hd_job *j;
+    /* Each kill may change both lists (a freed slot starts a queued job),
+     * so the walk starts over after each. */
+    for (j = c->queue_head; j != NULL && !match(j, ud); j = j->qnext) {
+    }
+    if (j == NULL)
+      for (j = c->running; j != NULL && !match(j, ud); j = j->rnext) {
+      }
+    if (j == NULL) return n;
+    if (each != NULL) each(j, ud);
+    hd_job_kill(j);
+    n++;
+  }
 }
 
 /* Starts queued jobs that fit now, first come first served within each

@@ -485,32 +485,33 @@ static void l_set_kill_err(lua_State *L, hd_job *j, int err) {
   lua_pop(L, 2);
 }
 
-static int l_matches(hd_job *j, hd_pool *p, const char *name) {
-  return hd_pool_in_chain(j, p) && (!name || (j->task_name && !strcmp(j->task_name, name)));
+/* What l_kill_matching kills, and the error the caller gave for them. */
+typedef struct {
+  lua_State *L;
+  hd_pool *pool;
+  const char *name; /* NULL: every job */
+  int err;          /* stack index of the caller's error, or 0 */
+} l_killing;
+
+static int l_matches(hd_job *j, void *ud) {
+  l_killing *k = ud;
+  return hd_pool_in_chain(j, k->pool) &&
+         (!k->name || (j->task_name && !strcmp(j->task_name, k->name)));
+}
+
+static void l_before_kill(hd_job *j, void *ud) {
+  l_killing *k = ud;
+  l_set_kill_err(k->L, j, k->err);
 }
 
 /* Kills the pool's jobs matching `name` (all when NULL); returns how many. */
 static int l_kill_matching(lua_State *L, hd_core *c, hd_pool *p, const char *name, int err) {
-  int n = 0;
-  hd_job *j;
-again:
-  for (j = c->queue_head; j != NULL; j = j->qnext) {
-    if (l_matches(j, p, name)) {
-      l_set_kill_err(L, j, err);
-      hd_job_kill(j);
-      n++;
-      goto again;
-    }
-  }
-  for (j = c->running; j != NULL; j = j->rnext) {
-    if (l_matches(j, p, name)) {
-      l_set_kill_err(L, j, err);
-      hd_job_kill(j);
-      n++;
-      goto again;
-    }
-  }
-  lua_pushinteger(L, n);
+  l_killing k;
+  k.L = L;
+  k.pool = p;
+  k.name = name;
+  k.err = err;
+  lua_pushinteger(L, hd_job_kill_where(c, l_matches, l_before_kill, &k));
   return 1;
 }
 

@@ -121,23 +121,13 @@ hd_pool *hd_job_root(hd_job *j) {
 
 /* Kills the pool's jobs and ends its idle processes; busy ones end when
  * their jobs do. */
+static int pool_holds(hd_job *j, void *p) {
+  return hd_pool_in_chain(j, p);
+}
+
 void hd_pool_close(hd_pool *p) {
-  hd_core *c = p->core;
-  hd_job *j;
   hd_proc *q;
   p->closed = 1;
-again:
-  for (j = c->queue_head; j != NULL; j = j->qnext) {
-    if (hd_pool_in_chain(j, p)) {
-      hd_job_finish(j, HD_OUT_KILLED);
-      goto again;
-    }
-  }
-  for (j = c->running; j != NULL; j = j->rnext) {
-    if (hd_pool_in_chain(j, p)) {
-      hd_job_kill(j);
-      goto again;
-    }
-  }
+  hd_job_kill_where(p->core, pool_holds, NULL, p);
   while ((q = p->idle) != NULL) hd_proc_retire(q);
 }

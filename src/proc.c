@@ -219,10 +219,8 @@ static int proc_reply_shaped(char status, const char *msg, size_t len) {
 static void proc_breach(hd_proc *p, const char *why) {
   hd_job *j = p->job;
   if (j != NULL) {
+    /* Ending the job kills the process that still holds it. */
     snprintf(j->detail, sizeof j->detail, "%s", why);
-    p->job = NULL;
-    j->proc = NULL;
-    hd_proc_kill(p);
     hd_job_finish(j, HD_OUT_BADREPLY);
   } else {
     hd_proc_kill(p);
@@ -274,9 +272,6 @@ static int proc_parse(hd_proc *p) {
     }
     if ((double)blen > limit + 1) {
       snprintf(j->detail, sizeof j->detail, "result larger than max_result_bytes (%.0f)", limit);
-      p->job = NULL;
-      j->proc = NULL;
-      hd_proc_kill(p);
       hd_job_finish(j, HD_OUT_BADRESULT);
       return -1;
     }
