@@ -26,12 +26,6 @@ cdef [[int hd_hard_unsetenv(const char *k) __asm__("unsetenv");]]
 cdef [[int hd_hard_socket(int d, int t, int p) __asm__("socket");]]
 cdef [[int hd_hard_listen(int fd, int n) __asm__("listen");]]
 cdef [[int hd_hard_close(int fd) __asm__("close");]]
-cdef [[typedef struct {
-  uint64_t ino; int64_t off; unsigned short reclen; unsigned char type; char name[256];
-} hd_hard_dirent;]]
-cdef [[void *hd_hard_opendir(const char *path) __asm__("opendir");]]
-cdef [[hd_hard_dirent *hd_hard_readdir(void *dir) __asm__("readdir");]]
-cdef [[int hd_hard_closedir(void *dir) __asm__("closedir");]]
 cdef [[int hd_hard_kill(int pid, int sig) __asm__("kill");]]
 local C = ffi.C
 
@@ -40,41 +34,12 @@ local C = ffi.C
 -- pending there.
 local it_rlimit_data = handler._core.sanitized and pending or it
 
-local function pack(...)
-  return { n = select("#", ...), ... }
-end
-
-local function read_file(path)
-  local f = open(path, "rb")
-  if f == nil then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
-
-local function exists(path)
-  local f = open(path)
-  if f == nil then return false end
-  f:close()
-  return true
-end
+local pack, read_file, exists = H.pack, H.read_file, H.exists
 
 ---------------------------------------------------------------------------
 -- Processes.
 
-local function all_pids()
-  local out = {}
-  local d = C.hd_hard_opendir("/proc")
-  if d == nil then return out end
-  while true do
-    local e = C.hd_hard_readdir(d)
-    if e == nil then break end
-    local n = tonumber(ffi.string(e.name))
-    if n then out[#out + 1] = n end
-  end
-  C.hd_hard_closedir(d)
-  return out
-end
+local all_pids = H.all_pids
 
 -- state, ppid, start time of a process, or nil.
 local function stat(pid)
@@ -326,13 +291,6 @@ end
 
 local TMP = (os.getenv("TMPDIR") or ""):match("^/.+") or "/tmp"
 
--- H.snapshot() lists the host's fds before procs() reads the supervisor's
--- pending reports, whose pidfds it then counts: read them first.
-local function snapshot()
-  handler._core.procs()
-  return H.snapshot()
-end
-
 describe("hardening against hostile jobs", function()
   local pool, snap, dir
   local mark, tag, pidfile
@@ -350,7 +308,7 @@ describe("hardening against hostile jobs", function()
     mark, tag = new_marks()
     dir = H.tmpdir()
     pidfile = dir .. "/pids"
-    snap = snapshot()
+    snap = H.snapshot()
   end)
 
   after_each(function()

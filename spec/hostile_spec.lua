@@ -77,13 +77,7 @@ local function next_id()
   return id + 1
 end
 
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if f == nil then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local read_file = H.read_file
 
 -- A job that writes its pid to pidfile, then `bytes` on the protocol socket,
 -- then, when given `bytes2`, waits for the file `gate` to exist and writes

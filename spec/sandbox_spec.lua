@@ -13,24 +13,7 @@ local format, concat, tostring, tonumber, ipairs, type, select, pcall =
   string.format, table.concat, tostring, tonumber, ipairs, type, select, pcall
 local open = io.open
 
-local function pack(...)
-  return { n = select("#", ...), ... }
-end
-
-local function read_file(path)
-  local f = open(path, "rb")
-  if f == nil then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
-
-local function exists(path)
-  local f = open(path)
-  if f == nil then return false end
-  f:close()
-  return true
-end
+local pack, read_file, exists = H.pack, H.read_file, H.exists
 
 -- The error a call raised, as a string.
 local function raised(fn, ...)
@@ -114,13 +97,6 @@ local function worker_of(pool, fn)
   return new[1]
 end
 
--- H.snapshot() lists the host's fds before procs() reads the supervisor's
--- pending reports, whose pidfds it then counts: read them first.
-local function snapshot()
-  handler._core.procs()
-  return H.snapshot()
-end
-
 describe("the sandbox", function()
   local strict, syscalls, snap, dir
 
@@ -137,7 +113,7 @@ describe("the sandbox", function()
 
   before_each(function()
     dir = H.tmpdir()
-    snap = snapshot()
+    snap = H.snapshot()
   end)
 
   after_each(function()

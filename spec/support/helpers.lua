@@ -87,7 +87,7 @@ end
 -- Processes, from /proc.
 
 --- The numeric entries of /proc.
-local function all_pids()
+function M.all_pids()
   local out = {}
   local d = C.hd_spec_opendir("/proc")
   if d == nil then return out end
@@ -127,7 +127,7 @@ end
 --- { {pid=, state=}, ... } of the children of ppid.
 function M.children(ppid)
   local out = {}
-  for _, pid in ipairs(all_pids()) do
+  for _, pid in ipairs(M.all_pids()) do
     local st, pp = M.proc_state(pid)
     if st and pp == ppid then out[#out + 1] = { pid = pid, state = st } end
   end
@@ -179,6 +179,27 @@ function M.tmpdir()
   local d = p:read("*l")
   p:close()
   return d
+end
+
+--- All the values of a call, with their count (nils kept).
+function M.pack(...)
+  return { n = select("#", ...), ... }
+end
+
+--- A file's whole contents, or nil when it cannot be opened.
+function M.read_file(path)
+  local f = open(path, "rb")
+  if f == nil then return nil end
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+function M.exists(path)
+  local f = open(path)
+  if f == nil then return false end
+  f:close()
+  return true
 end
 
 function M.write_file(path, text)
