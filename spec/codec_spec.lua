@@ -1,4 +1,4 @@
--- codec_spec.lua: the value codec (src/codec.c) through core.encode and
+-- codec_spec.lua: the value codec (src/common/codec.c) through core.encode and
 -- core.decode: round trips, the wire format, what cannot travel and why, and
 -- hostile bytes that must be refused cleanly.
 local core = require("handler.core")

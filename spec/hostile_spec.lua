@@ -24,7 +24,7 @@ local tostring, tonumber, type, pcall, ipairs, pairs, error, rawequal =
 pcall(ffi.cdef, [[int hd_hostile_kill(int pid, int sig) __asm__("kill");]])
 
 ---------------------------------------------------------------------------
--- The wire format (src/proto.h, src/codec.c).
+-- The wire format (src/common/).
 
 local REPLY, REPLY_LAST = 2, 3
 local OK, ERROR = 0, 1
