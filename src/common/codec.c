@@ -950,6 +950,30 @@ void hd_encode(lua_State *L, int first, int n, hd_buf *out, int flags) {
   lua_settop(L, base);
 }
 
+static int hd_v_uv(const unsigned char **pp, const unsigned char *end, uint64_t *out);
+
+int hd_encode_strings(hd_buf *out, int n, const char *const *s, const size_t *len) {
+  unsigned char tmp[10];
+  int i;
+  if (hd_buf_append(out, tmp, hd_uv_write(tmp, (uint64_t)(n < 0 ? 0 : n))) != 0) return -1;
+  for (i = 0; i < n; i++) {
+    tmp[0] = HD_T_STR;
+    if (hd_buf_append(out, tmp, 1) != 0 ||
+        hd_buf_append(out, tmp, hd_uv_write(tmp, (uint64_t)len[i])) != 0 ||
+        hd_buf_append(out, s[i], len[i]) != 0)
+      return -1;
+  }
+  return 0;
+}
+
+void hd_msg_info_of(const char *p, size_t len, hd_msg_info *info) {
+  const unsigned char *u = (const unsigned char *)p, *end = u + len;
+  info->count = 0;
+  info->first_is_string = 0;
+  if (hd_v_uv(&u, end, &info->count) != 0) return;
+  info->first_is_string = info->count > 0 && u < end && *u == HD_T_STR;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Metatables in hostile messages                                           */
 /* ------------------------------------------------------------------------ */

@@ -49,4 +49,20 @@ int hd_decode(lua_State *L, const char *p, size_t len, int flags);
  * tables: then 8 bytes per table (at most 2 * len), freed before it returns. */
 int hd_validate(const char *p, size_t len, char *err, size_t errlen);
 
+/* Writes to `out` a whole message of n strings (n may be 0), exactly as
+ * hd_encode would write them, without a lua_State: the worker's own replies
+ * (an error text, an empty OOM reply) are built with it. Returns 0, or -1
+ * when memory runs out. */
+int hd_encode_strings(hd_buf *out, int n, const char *const *s, const size_t *len);
+
+/* What a valid message holds, as far as a frame's shape needs to know: how
+ * many values, and whether the first is a string. Only for a message
+ * hd_validate accepted. */
+typedef struct hd_msg_info {
+  uint64_t count;
+  int first_is_string;
+} hd_msg_info;
+
+void hd_msg_info_of(const char *p, size_t len, hd_msg_info *info);
+
 #endif
