@@ -63,7 +63,7 @@
 
 #include "codec.h"
 #include "core.h"
-#include "proto.h"
+#include "wire.h"
 
 #define FZ_MAXPROCS 8
 

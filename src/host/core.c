@@ -18,7 +18,7 @@
 #include <unistd.h>
 
 #include "fdpass.h"
-#include "proto.h"
+#include "wire.h"
 
 extern char **environ;
 

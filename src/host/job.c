@@ -4,7 +4,7 @@
 #include <string.h>
 
 #include "core.h"
-#include "proto.h"
+#include "wire.h"
 
 /* How long to wait for a killed process's exit report before ending its job
  * anyway; the supervisor reports within microseconds unless it is gone. */

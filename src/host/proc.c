@@ -10,7 +10,7 @@
 
 #include "core.h"
 #include "codec.h"
-#include "proto.h"
+#include "wire.h"
 
 static void proc_poll_cb(uv_poll_t *h, int status, int events);
 static void proc_breach(hd_proc *p, const char *why);

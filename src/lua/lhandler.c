@@ -12,7 +12,7 @@
 #include "codec.h"
 #include "core.h"
 #include "lcodec.h"
-#include "proto.h"
+#include "wire.h"
 
 #define L_CTX "handler.ctx"
 #define L_POOL "handler.pool"

@@ -22,9 +22,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "buf.h"
 #include "fdpass.h"
-#include "proto.h"
+#include "wire.h"
 #include "worker.h"
 
 #define SUP_CTL_FD 3
@@ -80,23 +79,25 @@ static void sup_send(sup *s, const char *msg, size_t len) {
 }
 
 static void sup_report(sup *s, int type, uint32_t id, uint32_t v) {
-  char m[9];
-  m[0] = (char)type;
-  hd_put_u32(m + 1, id);
-  hd_put_u32(m + 5, v);
-  sup_send(s, m, sizeof m);
+  hd_ctl m = {0};
+  char out[HD_CTL_MAX];
+  m.type = type;
+  m.id = id;
+  m.arg = v;
+  sup_send(s, out, hd_wire_ctl_pack(&m, out));
 }
 
 /* SPAWNED with a pidfd of the worker attached: the host can then signal
  * exactly this process even after the supervisor is gone. Opened here,
  * before the child can have been reaped, so it cannot name another process. */
 static void sup_report_spawned(sup *s, uint32_t id, pid_t pid) {
-  char m[9];
+  hd_ctl m = {0};
+  char out[HD_CTL_MAX];
   int pfd = (int)syscall(SYS_pidfd_open, pid, 0);
-  m[0] = HD_CTL_SPAWNED;
-  hd_put_u32(m + 1, id);
-  hd_put_u32(m + 5, (uint32_t)pid);
-  hd_send_fd(s->ctl, m, sizeof m, pfd, 0);
+  m.type = HD_CTL_SPAWNED;
+  m.id = id;
+  m.pid = (uint32_t)pid;
+  hd_send_fd(s->ctl, out, hd_wire_ctl_pack(&m, out), pfd, 0);
   if (pfd >= 0) close(pfd);
 }
 
@@ -120,13 +121,13 @@ static size_t sup_bchead(char *out) {
 }
 
 static void sup_hello(sup *s) {
-  char m[10 + HD_BCHEAD];
-  size_t n = sup_bchead(m + 10);
-  m[0] = HD_CTL_HELLO;
-  hd_put_u32(m + 1, HD_PROTO_VERSION);
-  hd_put_u32(m + 5, (uint32_t)getpid());
-  m[9] = (char)n;
-  sup_send(s, m, 10 + n);
+  hd_ctl m = {0};
+  char out[HD_CTL_MAX];
+  m.type = HD_CTL_HELLO;
+  m.arg = HD_PROTO_VERSION;
+  m.pid = (uint32_t)getpid();
+  m.bchead_len = sup_bchead(m.bchead);
+  sup_send(s, out, hd_wire_ctl_pack(&m, out));
 }
 
 static void sup_child_signals(void) {
@@ -338,17 +339,20 @@ static void sup_reap(sup *s) {
 
 /* Reads one control packet. Returns -1 when the parent is gone. */
 static int sup_read_ctl(sup *s) {
-  char m[HD_CTL_MAX];
+  char buf[HD_CTL_MAX];
+  hd_ctl m;
   int fd;
-  ssize_t n = hd_recv_fd(s->ctl, m, sizeof m, &fd, 0);
+  ssize_t n = hd_recv_fd(s->ctl, buf, sizeof buf, &fd, 0);
   if (n < 0) return (errno == EINTR || errno == EAGAIN) ? 0 : -1;
   if (n == 0) return -1;
-  if (n >= 5 && m[0] == HD_CTL_SPAWN && fd >= 0) {
-    sup_spawn(s, hd_get_u32(m + 1), fd, n >= 6 ? (unsigned char)m[5] : 0);
-    return 0;
+  if (hd_wire_ctl_unpack(buf, (size_t)n, HD_CTL_DOWN, &m) == 0) {
+    if (m.type == HD_CTL_SPAWN && fd >= 0) {
+      sup_spawn(s, m.id, fd, (int)m.arg);
+      return 0;
+    }
+    if (m.type == HD_CTL_KILL) sup_kill(s, m.id);
   }
   if (fd >= 0) close(fd);
-  if (n >= 5 && m[0] == HD_CTL_KILL) sup_kill(s, hd_get_u32(m + 1));
   return 0;
 }
 

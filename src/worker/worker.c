@@ -23,8 +23,8 @@
 #include "alloc.h"
 #include "buf.h"
 #include "codec.h"
-#include "proto.h"
 #include "sandbox.h"
+#include "wire.h"
 
 typedef struct hd_wk {
   int fd;
@@ -495,48 +495,22 @@ static int wk_encode(lua_State *L) {
   return 0;
 }
 
-static void wk_put_uv(hd_buf *b, uint64_t v) {
-  char tmp[10];
-  size_t n = 0;
-  do {
-    unsigned char c = (unsigned char)(v & 0x7f);
-    v >>= 7;
-    if (v) c |= 0x80;
-    tmp[n++] = (char)c;
-  } while (v);
-  hd_buf_append(b, tmp, n);
-}
-
-/* Starts a reply with a blank header and the status byte. */
-static int wk_reply_begin(hd_wk *w, int status) {
-  char h[HD_FRAME_HEADER + 1];
-  w->out.len = 0;
-  memset(h, 0, sizeof h);
-  h[HD_FRAME_HEADER] = (char)status;
-  return hd_buf_append(&w->out, h, sizeof h);
-}
-
 /* A reply whose message is the single string s. */
 static void wk_reply_string(hd_wk *w, int status, const char *s, size_t len) {
-  wk_reply_begin(w, status);
-  wk_put_uv(&w->out, 1);
-  hd_buf_append(&w->out, "\4", 1);
-  wk_put_uv(&w->out, len);
-  hd_buf_append(&w->out, s, len);
+  hd_wire_reply_strings(&w->out, status, 1, &s, &len);
+}
+
+/* An OOM reply: no values. */
+static void wk_reply_oom(hd_wk *w) {
+  hd_wire_reply_strings(&w->out, HD_REPLY_OOM, 0, NULL, NULL);
 }
 
 static int wk_reply_send(hd_wk *w, int last) {
-  uint64_t body;
-  if (w->out.len < HD_FRAME_HEADER + 1) return -1; /* out of memory while building */
-  body = w->out.len - HD_FRAME_HEADER;
-  if (body > UINT32_MAX) {
+  if (w->out.len > HD_FRAME_HEADER && w->out.len - HD_FRAME_HEADER > UINT32_MAX) {
     const char *m = "result is larger than 4 GiB";
     wk_reply_string(w, HD_REPLY_BADRESULT, m, strlen(m));
-    body = w->out.len - HD_FRAME_HEADER;
   }
-  hd_put_u32(w->out.data, (uint32_t)body);
-  w->out.data[4] = last ? HD_FRAME_REPLY_LAST : HD_FRAME_REPLY;
-  hd_put_u64(w->out.data + 5, w->job_id);
+  if (hd_wire_reply_end(&w->out, w->job_id, last) != 0) return -1;
   return wk_write_full(w->fd, w->out.data, w->out.len);
 }
 
@@ -545,15 +519,14 @@ static int wk_reply_send(hd_wk *w, int last) {
 static void wk_reply_values(hd_wk *w, int status) {
   lua_State *L = w->L;
   int n = lua_gettop(L), rc;
-  wk_reply_begin(w, status);
+  hd_wire_reply_begin(&w->out, status);
   lua_pushcfunction(L, wk_encode);
   lua_insert(L, 1);
   lua_pushlightuserdata(L, &w->out);
   rc = lua_pcall(L, n + 1, 0, 0);
   if (rc == 0 && !w->alloc.tripped) return;
   if (w->alloc.tripped || rc == LUA_ERRMEM) {
-    wk_reply_begin(w, HD_REPLY_OOM);
-    wk_put_uv(&w->out, 0);
+    wk_reply_oom(w);
   } else {
     size_t len = 0;
     const char *m = lua_tolstring(L, -1, &len);
@@ -564,49 +537,17 @@ static void wk_reply_values(hd_wk *w, int status) {
   lua_settop(L, 0);
 }
 
-/* Reads the job frame's prefix, checking every length against what is left. */
-typedef struct wk_rd {
-  const char *p;
-  size_t left;
-  int bad;
-} wk_rd;
-
-static const char *wk_rd_take(wk_rd *r, size_t n) {
-  const char *p = r->p;
-  if (r->bad || n > r->left) {
-    r->bad = 1;
-    return NULL;
-  }
-  r->p += n;
-  r->left -= n;
-  return p;
-}
-
-static uint64_t wk_rd_u64(wk_rd *r) {
-  const char *p = wk_rd_take(r, 8);
-  return p ? hd_get_u64(p) : 0;
-}
-
-/* A u32 length and that many bytes; returns them, or NULL. */
-static const char *wk_rd_str(wk_rd *r, uint32_t *n) {
-  const char *p = wk_rd_take(r, 4);
-  *n = p ? hd_get_u32(p) : 0;
-  return wk_rd_take(r, *n);
-}
-
 /* Applies the job's package paths (the caller changed them after the image
  * was built): relative entries are the caller's, made absolute against the
  * host's directory. */
-static void wk_set_paths(lua_State *L, wk_rd *r) {
+static void wk_set_paths(lua_State *L, const hd_wire_job *j) {
+  const char *s[2] = {j->path, j->cpath};
+  uint32_t n[2] = {j->path_len, j->cpath_len};
   int k;
   lua_getglobal(L, "package");
-  for (k = 0; k < 2 && !r->bad; k++) {
-    uint32_t n;
-    const char *s = wk_rd_str(r, &n);
-    char *raw, *abs;
-    if (s == NULL) break;
-    raw = strndup(s, n);
-    abs = raw ? hd_worker_abspaths(raw, wk.host_cwd) : NULL;
+  for (k = 0; k < 2; k++) {
+    char *raw = strndup(s[k], n[k]);
+    char *abs = raw ? hd_worker_abspaths(raw, wk.host_cwd) : NULL;
     lua_pushstring(L, abs ? abs : raw ? raw : "");
     lua_setfield(L, -2, k == 0 ? "path" : "cpath");
     free(abs);
@@ -616,16 +557,11 @@ static void wk_set_paths(lua_State *L, wk_rd *r) {
 }
 
 /* Sets the environment the job asked for (the worker's is empty otherwise). */
-static void wk_set_env(wk_rd *r) {
-  const char *p = wk_rd_take(r, 4);
-  uint32_t i, count = p ? hd_get_u32(p) : 0;
-  for (i = 0; i < count && !r->bad; i++) {
-    uint32_t kn, vn;
-    const char *k = wk_rd_str(r, &kn), *v = wk_rd_str(r, &vn);
-    char *ks, *vs;
-    if (k == NULL || v == NULL) break;
-    ks = strndup(k, kn);
-    vs = strndup(v, vn);
+static void wk_set_env(hd_wire_job *j) {
+  const char *k, *v;
+  uint32_t kn, vn;
+  while (hd_wire_env_next(j, &k, &kn, &v, &vn) == 0) {
+    char *ks = strndup(k, kn), *vs = strndup(v, vn);
     if (ks && vs && ks[0] != '\0' && strchr(ks, '=') == NULL) setenv(ks, vs, 1);
     free(ks);
     free(vs);
@@ -659,41 +595,34 @@ static void wk_set_data_limit(uint64_t heap) {
 /* Runs one job frame already in w->in. */
 static void wk_job(hd_wk *w) {
   lua_State *L = w->L;
-  wk_rd r;
+  hd_wire_job j;
   uint64_t heap, output;
-  const char *flagp;
-  int rc, flags;
-  r.p = w->in.data + HD_FRAME_HEADER;
-  r.left = w->frame_len - HD_FRAME_HEADER;
-  r.bad = 0;
-  heap = wk_rd_u64(&r);
-  output = wk_rd_u64(&r);
-  flagp = wk_rd_take(&r, 1);
-  flags = flagp ? (unsigned char)flagp[0] : 0;
-  if (flags & HD_JOB_PATHS) wk_set_paths(L, &r);
-  if (flags & HD_JOB_ENV) wk_set_env(&r);
-  if (r.bad) {
+  int rc;
+  if (hd_wire_job_parse(w->in.data, w->frame_len, &j) != 0) {
     const char *m = "bad job frame";
     lua_settop(L, 0);
     wk_reply_string(w, HD_REPLY_BADRESULT, m, strlen(m));
     return;
   }
+  heap = j.max_heap;
+  output = j.max_output;
+  if (j.path != NULL) wk_set_paths(L, &j);
+  if (j.nenv > 0) wk_set_env(&j);
   w->out_budget = output > SIZE_MAX ? SIZE_MAX : (size_t)output;
   w->out_limit = w->out_budget;
   wk_set_data_limit(heap);
   lua_settop(L, 0);
   lua_pushcfunction(L, wk_msgh);
   lua_pushcfunction(L, wk_call);
-  lua_pushlightuserdata(L, (void *)r.p);
-  lua_pushnumber(L, (lua_Number)r.left);
+  lua_pushlightuserdata(L, (void *)j.msg);
+  lua_pushnumber(L, (lua_Number)j.msg_len);
   /* The limit counts from here: the standard libraries are below the
    * baseline, the closure and everything it allocates are above it. */
   hd_alloc_arm(&w->alloc, heap > SIZE_MAX ? SIZE_MAX : (size_t)heap);
   rc = lua_pcall(L, 2, LUA_MULTRET, 1);
   lua_remove(L, 1);
   if (w->alloc.tripped || rc == LUA_ERRMEM) {
-    wk_reply_begin(w, HD_REPLY_OOM);
-    wk_put_uv(&w->out, 0);
+    wk_reply_oom(w);
     return;
   }
   if (rc == 0) {
@@ -726,13 +655,10 @@ static void wk_job(hd_wk *w) {
   wk_reply_values(w, HD_REPLY_ERROR);
   if (w->out.len > HD_FRAME_HEADER && w->out.data[HD_FRAME_HEADER] == HD_REPLY_BADRESULT) {
     /* The raised table held something that cannot travel: send its text. */
-    const char *m = "error object cannot travel";
-    wk_reply_string(w, HD_REPLY_ERROR, m, strlen(m));
     /* ERROR carries two values: the message, and an empty traceback. */
-    if (w->out.len > HD_FRAME_HEADER + 1) {
-      w->out.data[HD_FRAME_HEADER + 1] = 2;
-      hd_buf_append(&w->out, "\4\0", 2);
-    }
+    const char *m[2] = {"error object cannot travel", ""};
+    size_t len[2] = {strlen(m[0]), 0};
+    hd_wire_reply_strings(&w->out, HD_REPLY_ERROR, 2, m, len);
   }
 }
 
@@ -824,7 +750,7 @@ static void wk_trim_when_idle(hd_wk *w) {
 
 int hd_worker_run(int fd, int flags) {
   hd_wk *w = &wk;
-  char h[HD_FRAME_HEADER + 4];
+  char h[HD_HELLO_LEN];
   w->fd = fd;
   if (flags != 0 && wk_sandbox(w, flags) != 0) return 76;
   /* Big blocks from the heap rather than fresh mappings, and no automatic
@@ -833,13 +759,10 @@ int hd_worker_run(int fd, int flags) {
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
   /* The worker says who it is before anything else, so the parent knows its
    * pid by the time any reply of it arrives. */
-  memset(h, 0, sizeof h);
-  hd_put_u32(h, 4);
-  h[4] = HD_FRAME_HELLO;
-  hd_put_u32(h + HD_FRAME_HEADER, (uint32_t)getpid());
+  hd_wire_hello(h, getpid());
   if (wk_write_full(fd, h, sizeof h) != 0) return 0;
   for (;;) {
-    uint32_t blen;
+    hd_frame f;
     int last;
     wk_spin_for_job(w);
     if (w->trim && w->in.len == 0) wk_trim_when_idle(w);
@@ -847,14 +770,14 @@ int hd_worker_run(int fd, int flags) {
       if (wk_fill(w) != 0) goto done;
     /* Back to back: this job came within 200 us of the last reply. */
     w->back_to_back = w->replied_at != 0 && wk_now_ns() - w->replied_at < 200000;
-    blen = hd_get_u32(w->in.data);
-    if (w->in.data[4] != HD_FRAME_JOB || blen > HD_MAX_JOB_FRAME) return 71;
-    w->frame_len = HD_FRAME_HEADER + (size_t)blen;
+    hd_wire_frame(w->in.data, &f);
+    if (f.type != HD_FRAME_JOB || f.len > HD_MAX_JOB_FRAME) return 71;
+    w->frame_len = HD_FRAME_HEADER + (size_t)f.len;
     if (w->in.len < w->frame_len && hd_buf_reserve(&w->in, w->frame_len - w->in.len) != 0)
       return 72;
     while (w->in.len < w->frame_len)
       if (wk_fill(w) != 0) goto done;
-    w->job_id = hd_get_u64(w->in.data + 5);
+    w->job_id = f.id;
     wk_maps.tracking = 1;
     wk_job(w);
     wk_close_files(w);

@@ -1,0 +1,168 @@
+/* wire.h: the one wire format: job frames between the host and a worker,
+ * control messages between the host and the supervisor. Every frame and
+ * message is packed and unpacked by the functions here (wire.c); values
+ * inside a frame are the codec's (codec.h). */
+#ifndef HD_WIRE_H
+#define HD_WIRE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "buf.h"
+
+/* Bumped whenever either protocol changes; the supervisor's hello carries it
+ * so a worker executable from another build is refused with a clear error. */
+#define HD_PROTO_VERSION 1
+
+/* The worker's protocol socket is always this descriptor, so a job's print
+ * (fd 1) and its errors (fd 2) never touch the protocol. */
+#define HD_WORKER_FD 3
+
+/* A job frame, either direction, over a SOCK_STREAM socketpair:
+ *   u32 body length | u8 type | u64 job id | body
+ * All integers are little-endian. */
+#define HD_FRAME_HEADER 13
+#define HD_FRAME_JOB 1   /* parent → worker: u64 max_heap_bytes, u64 max_output_bytes,
+                          * u8 flags, [paths], [env], codec message */
+/* Job flags. With HD_JOB_PATHS, package.path and package.cpath follow the
+ * flags (u32 length and bytes each): the caller changed them after the
+ * supervisor built its image. With HD_JOB_ENV, a u32 count of environment
+ * variables follows, each a name and a value (u32 length and bytes each). */
+#define HD_JOB_PATHS 1
+#define HD_JOB_ENV 2
+#define HD_FRAME_REPLY 2 /* worker → parent: u8 status, codec message */
+#define HD_FRAME_REPLY_LAST 3 /* the same, and the worker exits after it */
+#define HD_FRAME_HELLO 4 /* worker → parent, first: u32 pid (job id 0) */
+
+/* Reply statuses. */
+#define HD_REPLY_OK 0        /* message: the results */
+#define HD_REPLY_ERROR 1     /* message: the raised value, its traceback */
+#define HD_REPLY_OOM 2       /* message: empty */
+#define HD_REPLY_BADRESULT 3 /* message: one string, why the results cannot travel */
+
+/* The largest job frame a worker accepts; the parent's own limit on replies
+ * is max_result_bytes. */
+#define HD_MAX_JOB_FRAME (1u << 30)
+
+/* Control messages over a SOCK_SEQPACKET pair, one message per packet:
+ * u8 type, then fields. */
+#define HD_CTL_SPAWN 1   /* parent → supervisor: u32 worker id, u8 flags, name; one fd attached */
+#define HD_SPAWN_LUA 1     /* sandbox: the stripped Lua environment */
+#define HD_SPAWN_SECCOMP 2 /* sandbox: limits and the system call filter */
+#define HD_CTL_KILL 2    /* parent → supervisor: u32 worker id */
+#define HD_CTL_HELLO 1   /* supervisor → parent: u32 version, u32 pid, u8 n, n bytes of bytecode header */
+#define HD_CTL_SPAWNED 2 /* supervisor → parent: u32 worker id, u32 pid; a pidfd attached */
+#define HD_CTL_EXITED 3  /* supervisor → parent: u32 worker id, i32 wait status */
+#define HD_CTL_FAILED 4  /* supervisor → parent: u32 worker id, i32 errno */
+#define HD_CTL_MAX 64
+
+/* Every worker's file size limit (RLIMIT_FSIZE). */
+#define HD_WORKER_FSIZE (1ull << 30)
+
+/* Bytes of a bytecode dump that identify the VM's bytecode format. */
+#define HD_BCHEAD 5
+
+/* ---- Job frames ---------------------------------------------------------- */
+
+/* A frame's header. */
+typedef struct hd_frame {
+  uint32_t len; /* body bytes after the header */
+  int type;     /* HD_FRAME_* */
+  uint64_t id;  /* the job's id; 0 for HELLO */
+} hd_frame;
+
+/* Reads the header at p, which holds at least HD_FRAME_HEADER bytes. */
+void hd_wire_frame(const char *p, hd_frame *f);
+
+/* A job frame as the worker reads it; pointers are into the frame. */
+typedef struct hd_wire_job {
+  uint64_t id, max_heap, max_output;
+  const char *path, *cpath; /* NULL: the image's own paths */
+  uint32_t path_len, cpath_len;
+  uint32_t nenv;            /* environment variables, read with hd_wire_env_next */
+  const char *env;
+  size_t env_len;
+  const char *msg;          /* the codec message: the closure */
+  size_t msg_len;
+} hd_wire_job;
+
+/* Starts a job frame in the empty buffer b: the header (its length is
+ * filled in by hd_wire_job_end), the limits, and the module paths when
+ * `path` is not NULL. Returns 0, or -1 when memory runs out. */
+int hd_wire_job_begin(hd_buf *b, uint64_t id, uint64_t max_heap, uint64_t max_output,
+                      const char *path, const char *cpath);
+
+/* Adds one environment variable (after the paths, before the message). */
+int hd_wire_job_env(hd_buf *b, const char *k, size_t kn, const char *v, size_t vn);
+
+/* Ends the frame once the codec message is appended. Returns -1 when the
+ * body is larger than HD_MAX_JOB_FRAME. */
+int hd_wire_job_end(hd_buf *b);
+
+/* Reads a whole job frame (header included) of `len` bytes, checking every
+ * length against what is left. Returns 0, or -1 when it is malformed. */
+int hd_wire_job_parse(const char *frame, size_t len, hd_wire_job *j);
+
+/* The next environment variable of j; 0, or -1 when there is none left. */
+int hd_wire_env_next(hd_wire_job *j, const char **k, uint32_t *kn, const char **v,
+                     uint32_t *vn);
+
+/* Starts a reply in b (emptied first): a blank header and the status byte;
+ * the codec message follows. Returns 0, or -1 when memory runs out. */
+int hd_wire_reply_begin(hd_buf *b, int status);
+
+/* A whole reply whose message is n strings (n may be 0). */
+int hd_wire_reply_strings(hd_buf *b, int status, int n, const char *const *s,
+                          const size_t *len);
+
+/* Fills in the reply's header. Returns -1 when the body does not fit the
+ * header's 32-bit length. */
+int hd_wire_reply_end(hd_buf *b, uint64_t id, int last);
+
+/* Checks a whole reply body (status byte, message) from a hostile worker:
+ * a status we know, a message that decodes (hd_validate), and the shape its
+ * status calls for. Returns 0, or -1 with why in `why`. */
+int hd_wire_reply_check(const char *body, size_t len, char *why, size_t whylen);
+
+/* The worker's first frame, its pid: HD_HELLO_LEN bytes at out. */
+#define HD_HELLO_BODY 4
+#define HD_HELLO_LEN (HD_FRAME_HEADER + HD_HELLO_BODY)
+void hd_wire_hello(char *out, pid_t pid);
+pid_t hd_wire_hello_pid(const char *body);
+
+/* ---- Control messages ---------------------------------------------------- */
+
+/* One control message. Which fields a type uses:
+ *   SPAWN    id, arg = HD_SPAWN_* flags, name = the pool's name for the
+ *            worker's process title, cut to HD_CTL_NAME bytes (the
+ *            worker's socket attached)
+ *   KILL     id
+ *   HELLO    arg = protocol version, pid, bchead
+ *   SPAWNED  id, pid (a pidfd attached)
+ *   EXITED   id, arg = wait status
+ *   FAILED   id, arg = errno */
+#define HD_CTL_NAME 40
+
+typedef struct hd_ctl {
+  int type;
+  char name[HD_CTL_NAME + 1]; /* NUL-terminated */
+  uint32_t id;
+  uint32_t arg;
+  uint32_t pid;
+  size_t bchead_len;
+  char bchead[HD_BCHEAD];
+} hd_ctl;
+
+/* Packs m into out (HD_CTL_MAX bytes); returns the length. */
+size_t hd_wire_ctl_pack(const hd_ctl *m, char *out);
+
+/* Type numbers are per direction: a message is unpacked as one that goes
+ * down (host to supervisor) or up (supervisor to host). */
+enum { HD_CTL_DOWN, HD_CTL_UP };
+
+/* Unpacks n bytes that went `dir`; -1 when the message is of an unknown
+ * type or too short for it. */
+int hd_wire_ctl_unpack(const char *p, size_t n, int dir, hd_ctl *m);
+
+#endif
