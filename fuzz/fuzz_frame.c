@@ -1,12 +1,14 @@
 /* fuzz_frame.c: libFuzzer harness over the parent's side of the job
  * protocol: the frames a worker writes on its socket, read, parsed and
- * turned into a job's end by src/proc.c and src/job.c, then decoded.
+ * turned into a job's end by src/host/conn.c and src/host/scheduler.c,
+ * then decoded.
  *
- * The real proc.c, job.c, pool.c and core.c are linked in; only the two
- * functions that reach the supervisor process (the parent's only link to
- * its workers) are replaced, with the linker's --wrap: spawning a worker
- * hands this harness the worker's end of the protocol socket, and killing
- * one is answered with its exit report. The harness then plays the worker:
+ * The real host layers are linked in; only the functions of the supervisor
+ * link (src/host/suplink.c, the parent's only link to its workers) that
+ * reach the supervisor process are replaced, with the linker's --wrap:
+ * spawning a worker hands this harness the worker's end of the protocol
+ * socket, and killing one is answered with its exit report, through the
+ * callbacks the scheduler registered with the link. The harness then plays the worker:
  * it writes the input's bytes on that socket in chunks, runs the parent's
  * libuv loop between them, and finally reports the worker's exit, as the
  * supervisor would.
@@ -62,7 +64,9 @@
 #include <unistd.h>
 
 #include "codec.h"
-#include "core.h"
+#include "pool.h"
+#include "scheduler.h"
+#include "suplink.h"
 #include "wire.h"
 
 #define FZ_MAXPROCS 8
@@ -92,60 +96,70 @@ _Noreturn static void fz_fail(const char *what, unsigned long a) {
 /* The stand-in for the supervisor (linked with --wrap)                     */
 /* ------------------------------------------------------------------------ */
 
-int __wrap_hd_core_sup_ensure(hd_core *c);
-int __wrap_hd_core_ctl_send(hd_core *c, const char *msg, size_t len, int fd);
+hd_sup *__real_hd_sup_new(hd_loop *l, const char *worker_path, const hd_sup_cbs *cbs, void *ud);
+hd_sup *__wrap_hd_sup_new(hd_loop *l, const char *worker_path, const hd_sup_cbs *cbs, void *ud);
+int __wrap_hd_sup_ensure(hd_sup *s, const char *path, const char *cpath);
+int __wrap_hd_sup_spawn(hd_sup *s, uint32_t id, int flags, const char *name, int fd);
+int __wrap_hd_sup_kill(hd_sup *s, uint32_t id);
 
-int __wrap_hd_core_sup_ensure(hd_core *c) {
-  return c->sup == HD_SUP_UP ? 0 : -1;
+/* The callbacks the scheduler gave the link: the harness reports with them. */
+static hd_sup_cbs fz_cbs;
+static void *fz_cbs_ud;
+
+hd_sup *__wrap_hd_sup_new(hd_loop *l, const char *worker_path, const hd_sup_cbs *cbs, void *ud) {
+  fz_cbs = *cbs;
+  fz_cbs_ud = ud;
+  return __real_hd_sup_new(l, worker_path, cbs, ud);
 }
 
-/* SPAWN hands over the worker's end; KILL marks it for an exit report. As
- * in core.c, an attached fd belongs to this function. */
-int __wrap_hd_core_ctl_send(hd_core *c, const char *msg, size_t len, int fd) {
-  (void)c;
-  if (len >= 5 && msg[0] == HD_CTL_SPAWN) {
-    fz_worker *w;
-    if (fz_sup.n == FZ_MAXPROCS) fz_fail("more than %lu workers", FZ_MAXPROCS);
-    w = &fz_sup.w[fz_sup.n++];
-    w->id = hd_get_u32(msg + 1);
-    w->fd = fd;
-    w->killed = w->reported = 0;
-    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
-    {
-      /* What every worker writes first: its pid, job id 0. */
-      char h[HD_FRAME_HEADER + 4];
-      memset(h, 0, sizeof h);
-      hd_put_u32(h, 4);
-      h[4] = HD_FRAME_HELLO;
-      hd_put_u32(h + HD_FRAME_HEADER, 4242 + w->id);
-      if (send(fd, h, sizeof h, MSG_NOSIGNAL) != (ssize_t)sizeof h) fz_fail("cannot say hello%lu", 0);
-    }
-    return 0;
-  }
-  if (fd >= 0) close(fd);
-  if (len >= 5 && msg[0] == HD_CTL_KILL) {
-    int i;
-    for (i = 0; i < fz_sup.n; i++)
-      if (fz_sup.w[i].id == hd_get_u32(msg + 1)) fz_sup.w[i].killed = 1;
-    return 0;
-  }
-  fz_fail("unexpected control message %lu", (unsigned char)msg[0]);
+/* As if the supervisor were up. */
+int __wrap_hd_sup_ensure(hd_sup *s, const char *path, const char *cpath) {
+  (void)s;
+  (void)path;
+  (void)cpath;
+  return 0;
+}
+
+/* SPAWN hands over the worker's end, which belongs to this function as in
+ * suplink.c, and says hello as every worker does first. */
+int __wrap_hd_sup_spawn(hd_sup *s, uint32_t id, int flags, const char *name, int fd) {
+  fz_worker *w;
+  char h[HD_HELLO_LEN];
+  (void)s;
+  (void)flags;
+  (void)name;
+  if (fz_sup.n == FZ_MAXPROCS) fz_fail("more than %lu workers", FZ_MAXPROCS);
+  w = &fz_sup.w[fz_sup.n++];
+  w->id = id;
+  w->fd = fd;
+  w->killed = w->reported = 0;
+  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+  hd_wire_hello(h, 4242 + (pid_t)w->id);
+  if (send(fd, h, sizeof h, MSG_NOSIGNAL) != (ssize_t)sizeof h) fz_fail("cannot say hello%lu", 0);
+  return 0;
+}
+
+/* KILL marks the worker for an exit report. */
+int __wrap_hd_sup_kill(hd_sup *s, uint32_t id) {
+  int i;
+  (void)s;
+  for (i = 0; i < fz_sup.n; i++)
+    if (fz_sup.w[i].id == id) fz_sup.w[i].killed = 1;
+  return 0;
 }
 
 /* ------------------------------------------------------------------------ */
 /* The harness                                                              */
 /* ------------------------------------------------------------------------ */
 
-static hd_core *fz_core;
+static hd_sched *fz_core;
 static lua_State *fz_L;
 
 static void fz_init(void) {
   char err[256];
-  hd_core *c = hd_core_new("/nonexistent/handler-worker", err, sizeof err);
+  hd_sched *c = hd_sched_new("/nonexistent/handler-worker", err, sizeof err);
   if (c == NULL) fz_fail("cannot make a core%lu", 0);
-  /* As if the supervisor were up: only the wrapped functions talk to it. */
-  c->sup = HD_SUP_UP;
-  c->max_result_bytes = 1 << 20;
+  hd_sched_set_max_result(c, 1 << 20);
   fz_core = c;
   fz_L = luaL_newstate();
   if (fz_L == NULL) fz_fail("cannot create a lua_State%lu", 0);
@@ -165,21 +179,24 @@ static void fz_report(fz_worker *w) {
   if (w->reported) return;
   w->reported = 1;
   fz_close_worker(w);
-  hd_proc_on_exited(fz_core, w->id, w->killed ? SIGKILL : fz_sup.status, 1);
+  fz_cbs.exited(fz_cbs_ud, w->id, w->killed ? SIGKILL : fz_sup.status);
 }
 
-/* Reads and drops what the parent sent a worker (its job frames). */
-static void fz_drain(fz_worker *w) {
+/* Reads and drops what the parent sent a worker (its job frames). Returns
+ * whether the parent closed its end. */
+static int fz_drain(fz_worker *w) {
   char buf[4096];
-  if (w->fd < 0 || fz_sup.unread) return;
-  while (recv(w->fd, buf, sizeof buf, MSG_DONTWAIT) > 0) {
+  ssize_t r;
+  if (w->fd < 0 || fz_sup.unread) return 0;
+  while ((r = recv(w->fd, buf, sizeof buf, MSG_DONTWAIT)) > 0) {
   }
+  return r == 0;
 }
 
 /* One turn of the parent's loop, then the supervisor's answers to kills. */
 static void fz_turn(void) {
   int i;
-  uv_run(&fz_core->loop, UV_RUN_NOWAIT);
+  hd_sched_step(fz_core);
   for (i = 0; i < fz_sup.n; i++) {
     fz_drain(&fz_sup.w[i]);
     if (fz_sup.w[i].killed) fz_report(&fz_sup.w[i]);
@@ -188,25 +205,23 @@ static void fz_turn(void) {
 
 /* Submits a job; `proc` gets the id of the process it starts on. */
 static hd_job *fz_submit(hd_pool *pool, double max_ms, double max_result, uint32_t *proc) {
-  hd_core *c = fz_core;
-  hd_job *j = hd_job_new(c);
-  char h[HD_FRAME_HEADER + 9];
+  hd_job *j = hd_job_new(fz_core, pool);
+  hd_job_limits lim;
+  hd_buf b = HD_BUF_INIT;
   if (j == NULL) fz_fail("out of memory%lu", 0);
-  hd_pool_ref(pool);
-  j->chains[0][0] = pool;
-  j->chain_len[0] = 1;
-  j->nchains = 1;
-  j->max_ms = max_ms;
-  j->max_heap = 1 << 20;
-  j->max_result = max_result;
+  if (hd_chains_follow(hd_job_chains(j), pool) != 0) fz_fail("out of memory%lu", 0);
+  lim.max_ms = max_ms;
+  lim.max_heap = 1 << 20;
+  lim.max_result = max_result;
+  lim.pool_timeout = 0;
+  hd_job_set_limits(j, &lim);
   /* A job frame with an empty message: the worker side is this harness. */
-  memset(h, 0, sizeof h);
-  hd_put_u32(h, 9);
-  h[4] = HD_FRAME_JOB;
-  hd_put_u64(h + 5, j->id);
-  if (hd_buf_append(&j->frame, h, sizeof h) != 0) fz_fail("out of memory%lu", 0);
+  if (hd_wire_job_begin(&b, hd_job_id(j), 1 << 20, 0, NULL, NULL) != 0 ||
+      hd_wire_job_end(&b) != 0 || hd_job_set_frame(j, &b) != 0)
+    fz_fail("out of memory%lu", 0);
+  hd_buf_free(&b);
   hd_job_submit(j);
-  *proc = j->proc != NULL ? j->proc->id : 0;
+  *proc = !hd_job_done(j) && fz_sup.n > 0 ? fz_sup.w[fz_sup.n - 1].id : 0;
   return j;
 }
 
@@ -222,24 +237,25 @@ static int fz_decode(lua_State *L) {
  * refused, 1 otherwise. */
 static int fz_check_job(hd_job *j) {
   int good = 1;
-  if (j->state != HD_JOB_DONE) fz_fail("job %lu did not end though its worker is gone", j->id);
-  if (j->proc != NULL) fz_fail("job %lu ended still holding a process", j->id);
-  if (j->chain >= 0) fz_fail("job %lu ended still holding its reservation", j->id);
-  switch (j->outcome) {
+  const char *msg;
+  size_t len;
+  if (!hd_job_done(j)) fz_fail("job %lu did not end though its worker is gone", hd_job_id(j));
+  switch (hd_job_outcome(j)) {
     case HD_OUT_OK:
     case HD_OUT_ERROR:
     case HD_OUT_BADRESULT:
-      if (j->outcome == HD_OUT_BADRESULT && j->detail[0]) break;
+      if (hd_job_outcome(j) == HD_OUT_BADRESULT && hd_job_detail(j)[0]) break;
+      hd_job_message(j, &msg, &len);
       lua_settop(fz_L, 0);
       lua_pushcfunction(fz_L, fz_decode);
-      lua_pushlightuserdata(fz_L, j->frame.data + j->frame_off);
-      lua_pushnumber(fz_L, (lua_Number)(j->frame.len - j->frame_off));
+      lua_pushlightuserdata(fz_L, (void *)msg);
+      lua_pushnumber(fz_L, (lua_Number)len);
       if (lua_pcall(fz_L, 2, LUA_MULTRET, 0) != 0) {
         const char *e = lua_tostring(fz_L, -1);
         if (e == NULL || (strncmp(e, "handler: bad message: ", 22) != 0 &&
                           strncmp(e, "handler: out of memory", 22) != 0)) {
           fprintf(stderr, "fuzz_frame: %s\n", e ? e : "(non-string error)");
-          fz_fail("decoding job %lu's reply raised an unexpected error", j->id);
+          fz_fail("decoding job %lu's reply raised an unexpected error", hd_job_id(j));
         }
         /* A name this host has not loaded is a value this host cannot
          * take, not a worker breaking the protocol: a real worker sends
@@ -251,7 +267,7 @@ static int fz_check_job(hd_job *j) {
       break;
     case HD_OUT_BADREPLY:
     case HD_OUT_FAILED:
-      if (!j->detail[0]) fz_fail("job %lu failed without a reason", j->id);
+      if (!hd_job_detail(j)[0]) fz_fail("job %lu failed without a reason", hd_job_id(j));
       good = 0;
       break;
     case HD_OUT_TIMEOUT:
@@ -260,21 +276,35 @@ static int fz_check_job(hd_job *j) {
     case HD_OUT_OOM:
       break;
     default:
-      fz_fail("job ended with outcome %lu", j->outcome);
+      fz_fail("job ended with outcome %lu", hd_job_outcome(j));
   }
   return good;
 }
 
-/* A process is kept for more work only if it did nothing wrong. `id` is
- * the id of the process job j ran on. */
+/* A process is kept for more work only if it did nothing wrong: once job j
+ * (on process `id`) ended with its reply refused, the parent has killed
+ * that worker or closed its socket. */
 static void fz_check_kept(hd_job *j, uint32_t id, int good) {
-  hd_proc *p;
-  for (p = fz_core->procs; p != NULL; p = p->next) {
-    if (p->id != id || p->state != HD_PROC_IDLE) continue;
-    if (p->in.len != 0) fz_fail("an idle worker with %lu unread bytes is kept", p->in.len);
-    if (j->state == HD_JOB_DONE && !good)
-      fz_fail("a worker whose reply was refused is kept (job %lu)", j->id);
+  int i;
+  if (!hd_job_done(j) || good) return;
+  for (i = 0; i < fz_sup.n; i++) {
+    fz_worker *w = &fz_sup.w[i];
+    if (w->id != id || w->killed || w->reported || w->fd < 0 || fz_sup.unread) continue;
+    if (!fz_drain(w)) fz_fail("a worker whose reply was refused is kept (job %lu)", hd_job_id(j));
   }
+}
+
+static void fz_no_pid(void *ud, pid_t pid) {
+  (void)ud;
+  fz_fail("a process outlived its exit report (pid %lu)", (unsigned long)pid);
+}
+
+/* The pool's budget and processes, all back to zero. */
+static void fz_check_pool(hd_pool *pool) {
+  hd_pool_stats st;
+  hd_pool_stats_of(pool, &st);
+  if (st.running != 0 || st.committed != 0 || st.queued != 0 || st.processes != 0)
+    fz_fail("the pool's budget is not back to zero (%lu running)", (unsigned long)st.running);
 }
 
 /* The next chunk size: xorshift over the seed byte. */
@@ -290,7 +320,10 @@ static size_t fz_chunk(unsigned *seed, int mode, size_t left) {
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-  hd_core *c;
+  hd_sched *c;
+  hd_pool_config cfg = {NULL, 4, 1e12, 1000, 0, NULL};
+  pid_t sup;
+  int fds;
   hd_pool *pool;
   hd_job *j1, *j2 = NULL;
   const uint8_t *s;
@@ -311,11 +344,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   fz_sup.status = statuses[o2 & 3];
   fz_sup.unread = (o2 & 4) != 0;
   late = (o & 0x40) && (o2 & 32);
-  c->next_job = 0;
-  c->next_proc = 0;
-  refs0 = c->refs;
+  hd_sched_reset_ids(c);
+  refs0 = hd_sched_refs(c);
 
-  pool = hd_pool_new(c, NULL, 4, 1e12, NULL, 1000, 0);
+  pool = hd_pool_new(&cfg);
   if (pool == NULL) fz_fail("out of memory%lu", 0);
   j1 = fz_submit(pool, (o & 0x80) ? 0 : 1e16, (o & 0x20) ? 64 : 0, &p1);
   if (fz_sup.n != 1) fz_fail("job 1 did not get a worker (%lu)", fz_sup.n);
@@ -344,7 +376,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
       fz_turn();
       break;
     }
-    if ((o & 0x40) && !late && j2 == NULL && j1->state == HD_JOB_DONE) {
+    if ((o & 0x40) && !late && j2 == NULL && hd_job_done(j1)) {
       j2 = fz_submit(pool, 1e16, 0, &p2);
       fz_turn();
     }
@@ -362,8 +394,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   }
   if (!(o & 0x10)) {
     fz_turn();
-    if (j1->state == HD_JOB_DONE) fz_check_kept(j1, p1, fz_check_job(j1));
-    if (j2 != NULL && j2->state == HD_JOB_DONE) fz_check_kept(j2, p2, fz_check_job(j2));
+    if (hd_job_done(j1)) fz_check_kept(j1, p1, fz_check_job(j1));
+    if (j2 != NULL && hd_job_done(j2)) fz_check_kept(j2, p2, fz_check_job(j2));
   }
   /* The worker's end: EOF first or not, then the exit report. */
   if ((o & 8) && !late) {
@@ -379,16 +411,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     fz_drain(w);
     fz_report(w);
   }
-  for (i = 0; i < 100 && c->procs != NULL; i++) uv_run(&c->loop, UV_RUN_NOWAIT);
+  for (i = 0; i < 100 && hd_sched_refs(c) > refs0 + 1 + (j2 != NULL); i++)
+    hd_sched_step(c);
   fz_check_job(j1);
   if (j2 != NULL) fz_check_job(j2);
-  if (c->procs != NULL) fz_fail("a process outlived its exit report (%lu)", c->procs->id);
-  if (c->running != NULL || c->queue_head != NULL) fz_fail("a job is still listed%lu", 0);
-  if (pool->running != 0 || pool->committed != 0 || pool->queued != 0 || pool->procs != 0)
-    fz_fail("the pool's budget is not back to zero (%lu running)", (unsigned long)pool->running);
+  fz_check_pool(pool);
+  hd_sched_each_pid(c, fz_no_pid, NULL, &sup, &fds);
+  if (fds != 0) fz_fail("a process outlived its exit report (%lu descriptors)", (unsigned long)fds);
   hd_job_unref(j1);
   if (j2 != NULL) hd_job_unref(j2);
   hd_pool_unref(pool);
-  if (c->refs != refs0) fz_fail("the core holds %lu references more than before", c->refs - refs0);
+  if (hd_sched_refs(c) != refs0)
+    fz_fail("the core holds %lu references more than before", hd_sched_refs(c) - refs0);
   return 0;
 }

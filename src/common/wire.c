@@ -237,9 +237,9 @@ pid_t hd_wire_hello_pid(const char *body) {
   return (pid_t)hd_get_u32(body);
 }
 
-size_t hd_wire_ctl_pack(const hd_ctl *m, char *out) {
+size_t hd_wire_ctl_pack(const hd_ctl *m, int dir, char *out) {
   out[0] = (char)m->type;
-  if (m->type == HD_CTL_HELLO) {
+  if (dir == HD_CTL_UP && m->type == HD_CTL_HELLO) {
     size_t n = m->bchead_len < HD_BCHEAD ? m->bchead_len : HD_BCHEAD;
     hd_put_u32(out + WIRE_CTL_ID, m->arg);
     hd_put_u32(out + WIRE_CTL_HELLO_PID, m->pid);
@@ -248,9 +248,10 @@ size_t hd_wire_ctl_pack(const hd_ctl *m, char *out) {
     return WIRE_CTL_HELLO_BC + n;
   }
   hd_put_u32(out + WIRE_CTL_ID, m->id);
-  if (m->type == HD_CTL_KILL) return WIRE_CTL_ARG;
-  if (m->type == HD_CTL_SPAWN) {
-    size_t n = strnlen(m->name, HD_CTL_NAME);
+  if (dir == HD_CTL_DOWN) {
+    size_t n;
+    if (m->type == HD_CTL_KILL) return WIRE_CTL_ARG;
+    n = strnlen(m->name, HD_CTL_NAME);
     out[WIRE_CTL_ARG] = (char)m->arg;
     memcpy(out + WIRE_CTL_ARG + 1, m->name, n);
     return WIRE_CTL_ARG + 1 + n;

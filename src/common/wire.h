@@ -154,12 +154,12 @@ typedef struct hd_ctl {
   char bchead[HD_BCHEAD];
 } hd_ctl;
 
-/* Packs m into out (HD_CTL_MAX bytes); returns the length. */
-size_t hd_wire_ctl_pack(const hd_ctl *m, char *out);
-
-/* Type numbers are per direction: a message is unpacked as one that goes
- * down (host to supervisor) or up (supervisor to host). */
+/* Type numbers are per direction: a message is packed and unpacked as one
+ * that goes down (host to supervisor) or up (supervisor to host). */
 enum { HD_CTL_DOWN, HD_CTL_UP };
+
+/* Packs m, going `dir`, into out (HD_CTL_MAX bytes); returns the length. */
+size_t hd_wire_ctl_pack(const hd_ctl *m, int dir, char *out);
 
 /* Unpacks n bytes that went `dir`; -1 when the message is of an unknown
  * type or too short for it. */

@@ -1,27 +1,44 @@
-/* pool.c: pools: worker slots and memory budgets, reserved along a
- * delegation chain and released exactly once. */
+/* pool.c: pools as accounting: worker slots and memory budgets, reserved
+ * along a delegation chain and released exactly once. */
+#include "pool.h"
+
 #include <stdlib.h>
 #include <string.h>
 
-#include "core.h"
+struct hd_pool {
+  int refs;             /* the Lua object, child pools, chains, the layer above */
+  char *name;
+  double max_workers;
+  double max_memory;
+  double idle_ms;
+  int sandbox;
+  hd_pool *parent;      /* holds a reference */
+  int closed;
+  double running;       /* slots reserved */
+  double committed;     /* bytes reserved */
+  double queued;
+  double procs;         /* processes alive */
+  double spawned;
+  double started, succeeded, rejected;
+  double by_outcome[HD_OUT_COUNT];
+  void *data;
+  void (*drop)(void *);
+};
 
-hd_pool *hd_pool_new(hd_core *c, const char *name, double max_workers, double max_memory,
-                     hd_pool *parent, double idle_ms, int sandbox) {
+hd_pool *hd_pool_new(const hd_pool_config *cfg) {
   hd_pool *p = calloc(1, sizeof *p);
   if (p == NULL) return NULL;
-  if (name != NULL && (p->name = strdup(name)) == NULL) {
+  if (cfg->name != NULL && (p->name = strdup(cfg->name)) == NULL) {
     free(p);
     return NULL;
   }
-  p->core = c;
   p->refs = 1;
-  p->max_workers = max_workers;
-  p->max_memory = max_memory;
-  p->idle_ms = idle_ms;
-  p->sandbox = sandbox;
-  p->parent = parent;
-  if (parent) hd_pool_ref(parent);
-  c->refs++;
+  p->max_workers = cfg->max_workers;
+  p->max_memory = cfg->max_memory;
+  p->idle_ms = cfg->idle_ms;
+  p->sandbox = cfg->sandbox;
+  p->parent = cfg->parent;
+  if (p->parent) hd_pool_ref(p->parent);
   return p;
 }
 
@@ -30,104 +47,222 @@ void hd_pool_ref(hd_pool *p) {
 }
 
 void hd_pool_unref(hd_pool *p) {
-  hd_core *c;
   if (--p->refs > 0) return;
-  c = p->core;
+  if (p->drop) p->drop(p->data);
   if (p->parent) hd_pool_unref(p->parent);
   free(p->name);
   free(p);
-  hd_core_unref(c);
+}
+
+const char *hd_pool_name(const hd_pool *p) {
+  return p->name;
+}
+
+hd_pool *hd_pool_parent(const hd_pool *p) {
+  return p->parent;
+}
+
+int hd_pool_sandbox(const hd_pool *p) {
+  return p->sandbox;
+}
+
+double hd_pool_idle_ms(const hd_pool *p) {
+  return p->idle_ms;
+}
+
+void hd_pool_set_closed(hd_pool *p) {
+  p->closed = 1;
+}
+
+int hd_pool_closed(const hd_pool *p) {
+  return p->closed;
+}
+
+void hd_pool_set_data(hd_pool *p, void *data, void (*drop)(void *)) {
+  p->data = data;
+  p->drop = drop;
+}
+
+void *hd_pool_data(const hd_pool *p) {
+  return p->data;
+}
+
+void hd_pool_note_queued(hd_pool *p, int delta) {
+  p->queued += delta;
+}
+
+void hd_pool_note_process(hd_pool *p, int delta, int started) {
+  p->procs += delta;
+  if (started) p->spawned++;
+}
+
+void hd_pool_stats_of(const hd_pool *p, hd_pool_stats *out) {
+  out->running = p->running;
+  out->queued = p->queued;
+  out->committed = p->committed;
+  out->max_workers = p->max_workers;
+  out->max_memory = p->max_memory;
+  out->processes = p->procs;
+  out->processes_started = p->spawned;
+  out->started = p->started;
+  out->succeeded = p->succeeded;
+  out->rejected = p->rejected;
+  memcpy(out->by_outcome, p->by_outcome, sizeof out->by_outcome);
+}
+
+/* ---- Chains ---------------------------------------------------------------- */
+
+struct hd_chains {
+  int n;                          /* candidate chains */
+  int reserved;                   /* the chain that reserved, or -1 */
+  int len[HD_MAX_CHAINS];
+  hd_pool *(*pools)[HD_MAX_CHAIN]; /* one0, or an allocated array */
+  int cap;
+  hd_pool *one0[1][HD_MAX_CHAIN];
+};
+
+hd_chains *hd_chains_new(void) {
+  hd_chains *c = calloc(1, sizeof *c);
+  if (c == NULL) return NULL;
+  c->reserved = -1;
+  c->pools = c->one0;
+  c->cap = 1;
+  return c;
+}
+
+void hd_chains_free(hd_chains *c) {
+  int i, k;
+  if (c == NULL) return;
+  for (i = 0; i < c->n; i++)
+    for (k = 0; k < c->len[i]; k++) hd_pool_unref(c->pools[i][k]);
+  if (c->pools != c->one0) free(c->pools);
+  free(c);
+}
+
+int hd_chains_add(hd_chains *c) {
+  if (c->n >= HD_MAX_CHAINS) return -1;
+  if (c->n == c->cap) {
+    hd_pool *(*more)[HD_MAX_CHAIN] = calloc(HD_MAX_CHAINS, sizeof *more);
+    if (more == NULL) return -1;
+    memcpy(more, c->pools, (size_t)c->n * sizeof *more);
+    if (c->pools != c->one0) free(c->pools);
+    c->pools = more;
+    c->cap = HD_MAX_CHAINS;
+  }
+  c->len[c->n++] = 0;
+  return 0;
+}
+
+int hd_chains_push(hd_chains *c, hd_pool *p) {
+  int i = c->n - 1;
+  if (i < 0 || c->len[i] >= HD_MAX_CHAIN) return -1;
+  hd_pool_ref(p);
+  c->pools[i][c->len[i]++] = p;
+  return 0;
+}
+
+int hd_chains_follow(hd_chains *c, hd_pool *p) {
+  if (hd_chains_add(c) != 0) return -1;
+  for (; p != NULL; p = p->parent)
+    if (hd_chains_push(c, p) != 0) return -1;
+  return 0;
+}
+
+int hd_chains_count(const hd_chains *c) {
+  return c->n;
+}
+
+int hd_chains_len(const hd_chains *c, int i) {
+  return c->len[i];
 }
 
 /* Why one pool cannot take the job now, checked as upstream does: slots
  * first, then memory. */
-static hd_outcome pool_check(hd_pool *p, uint64_t heap) {
+static hd_outcome pool_check(const hd_pool *p, uint64_t heap) {
   if (p->closed || p->running + 1 > p->max_workers) return HD_OUT_NOWORKERS;
   if (p->committed + (double)heap > p->max_memory) return HD_OUT_NOMEMORY;
   return HD_OUT_NONE;
 }
 
-/* Reserves a slot and max_heap bytes in every pool of the first candidate
- * chain that has room in all of them. Returns HD_OUT_NONE on success, or
- * why the job was not taken: the chain's own reason when there is one
- * chain, NoWorkersAvailable when no candidate of several accepted. */
-hd_outcome hd_pool_try_reserve(hd_job *j) {
+hd_outcome hd_chains_reserve(hd_chains *c, uint64_t heap) {
   int i, k;
   hd_outcome first = HD_OUT_NOWORKERS;
   /* delegate_fun gave no candidate: nobody can take it. */
-  if (j->nchains == 0) return HD_OUT_NOWORKERS;
-  for (i = 0; i < j->nchains; i++) {
+  if (c->n == 0) return HD_OUT_NOWORKERS;
+  for (i = 0; i < c->n; i++) {
     hd_outcome why = HD_OUT_NONE;
-    for (k = 0; k < j->chain_len[i] && why == HD_OUT_NONE; k++)
-      why = pool_check(j->chains[i][k], j->max_heap);
+    for (k = 0; k < c->len[i] && why == HD_OUT_NONE; k++) why = pool_check(c->pools[i][k], heap);
     if (why == HD_OUT_NONE) {
-      for (k = 0; k < j->chain_len[i]; k++) {
-        j->chains[i][k]->running += 1;
-        j->chains[i][k]->committed += (double)j->max_heap;
+      for (k = 0; k < c->len[i]; k++) {
+        c->pools[i][k]->running += 1;
+        c->pools[i][k]->committed += (double)heap;
       }
-      j->chain = i;
+      c->reserved = i;
       return HD_OUT_NONE;
     }
     if (i == 0) first = why;
   }
-  return j->nchains == 1 ? first : HD_OUT_NOWORKERS;
+  return c->n == 1 ? first : HD_OUT_NOWORKERS;
 }
 
-/* Whether waiting could ever help: some chain whose every pool could hold
- * the job if it were empty. */
-int hd_pool_could_ever_fit(hd_job *j) {
-  int i, k;
-  for (i = 0; i < j->nchains; i++) {
-    int ok = 1;
-    for (k = 0; k < j->chain_len[i]; k++) {
-      hd_pool *p = j->chains[i][k];
-      if (p->closed || p->max_workers < 1 || (double)j->max_heap > p->max_memory) ok = 0;
-    }
-    if (ok) return 1;
-  }
-  return 0;
-}
-
-void hd_pool_release(hd_job *j) {
+void hd_chains_release(hd_chains *c, uint64_t heap) {
   int k;
-  if (j->chain < 0) return;
-  for (k = 0; k < j->chain_len[j->chain]; k++) {
-    hd_pool *p = j->chains[j->chain][k];
+  if (c->reserved < 0) return;
+  for (k = 0; k < c->len[c->reserved]; k++) {
+    hd_pool *p = c->pools[c->reserved][k];
     p->running -= 1;
-    p->committed -= (double)j->max_heap;
+    p->committed -= (double)heap;
     if (p->running < 0.5) {
       /* Sums of doubles drift; an empty pool is exactly empty. */
       p->running = 0;
       p->committed = 0;
     }
   }
-  j->chain = -1;
+  c->reserved = -1;
 }
 
-/* Whether `p` is the job's own pool or one it was (or may be) delegated to. */
-int hd_pool_in_chain(hd_job *j, hd_pool *p) {
+int hd_chains_could_fit(const hd_chains *c, uint64_t heap) {
   int i, k;
-  for (i = 0; i < j->nchains; i++) {
-    if (j->state == HD_JOB_RUNNING && i != j->chain) continue;
-    for (k = 0; k < j->chain_len[i]; k++)
-      if (j->chains[i][k] == p) return 1;
+  for (i = 0; i < c->n; i++) {
+    int ok = 1;
+    for (k = 0; k < c->len[i]; k++) {
+      const hd_pool *p = c->pools[i][k];
+      if (p->closed || p->max_workers < 1 || (double)heap > p->max_memory) ok = 0;
+    }
+    if (ok) return 1;
   }
   return 0;
 }
 
-hd_pool *hd_job_root(hd_job *j) {
-  return j->chains[j->chain][j->chain_len[j->chain] - 1];
+hd_pool *hd_chains_root(const hd_chains *c) {
+  return c->pools[c->reserved][c->len[c->reserved] - 1];
 }
 
-/* Kills the pool's jobs and ends its idle processes; busy ones end when
- * their jobs do. */
-static int pool_holds(hd_job *j, void *p) {
-  return hd_pool_in_chain(j, p);
+int hd_chains_has(const hd_chains *c, const hd_pool *p) {
+  int i, k;
+  for (i = 0; i < c->n; i++) {
+    if (c->reserved >= 0 && i != c->reserved) continue;
+    for (k = 0; k < c->len[i]; k++)
+      if (c->pools[i][k] == p) return 1;
+  }
+  return 0;
 }
 
-void hd_pool_close(hd_pool *p) {
-  hd_proc *q;
-  p->closed = 1;
-  hd_job_kill_where(p->core, pool_holds, NULL, p);
-  while ((q = p->idle) != NULL) hd_proc_retire(q);
+void hd_chains_count_start(hd_chains *c) {
+  int k;
+  for (k = 0; k < c->len[c->reserved]; k++) c->pools[c->reserved][k]->started++;
+}
+
+void hd_chains_count_outcome(hd_chains *c, hd_pool *origin, hd_outcome out) {
+  int k;
+  if (c->reserved < 0) {
+    origin->by_outcome[out]++;
+    if (HD_OUT_IS_REJECT(out)) origin->rejected++;
+    return;
+  }
+  for (k = 0; k < c->len[c->reserved]; k++) {
+    hd_pool *p = c->pools[c->reserved][k];
+    p->by_outcome[out]++;
+    if (out == HD_OUT_OK) p->succeeded++;
+  }
 }

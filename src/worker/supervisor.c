@@ -84,7 +84,7 @@ static void sup_report(sup *s, int type, uint32_t id, uint32_t v) {
   m.type = type;
   m.id = id;
   m.arg = v;
-  sup_send(s, out, hd_wire_ctl_pack(&m, out));
+  sup_send(s, out, hd_wire_ctl_pack(&m, HD_CTL_UP, out));
 }
 
 /* SPAWNED with a pidfd of the worker attached: the host can then signal
@@ -97,7 +97,7 @@ static void sup_report_spawned(sup *s, uint32_t id, pid_t pid) {
   m.type = HD_CTL_SPAWNED;
   m.id = id;
   m.pid = (uint32_t)pid;
-  hd_send_fd(s->ctl, out, hd_wire_ctl_pack(&m, out), pfd, 0);
+  hd_send_fd(s->ctl, out, hd_wire_ctl_pack(&m, HD_CTL_UP, out), pfd, 0);
   if (pfd >= 0) close(pfd);
 }
 
@@ -127,7 +127,7 @@ static void sup_hello(sup *s) {
   m.arg = HD_PROTO_VERSION;
   m.pid = (uint32_t)getpid();
   m.bchead_len = sup_bchead(m.bchead);
-  sup_send(s, out, hd_wire_ctl_pack(&m, out));
+  sup_send(s, out, hd_wire_ctl_pack(&m, HD_CTL_UP, out));
 }
 
 static void sup_child_signals(void) {

@@ -1,0 +1,66 @@
+/* conn.h: the host's connection to one worker process: its protocol socket
+ * and the frames on it. Sends go down; replies, breaches and EOF come up
+ * through callbacks. Every reply is checked before it is reported. */
+#ifndef HD_CONN_H
+#define HD_CONN_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "buf.h"
+#include "loop.h"
+
+typedef struct hd_conn hd_conn;
+
+/* Why a connection failed. */
+enum {
+  HD_CONN_BREACH, /* the worker broke the protocol */
+  HD_CONN_TOOBIG  /* its reply is larger than the limit it was given */
+};
+
+typedef struct hd_conn_cbs {
+  /* A whole, valid reply to the job sent: its body (the status byte, then
+   * the message) is `len` bytes at buf->data + off. The callee may take
+   * buf's memory (leaving *buf empty). With `last` the worker exits after
+   * it. The callee may send the next job from here. */
+  void (*reply)(hd_conn *c, void *ud, hd_buf *buf, size_t off, size_t len, int last);
+  /* The worker broke the protocol, or its reply is too big: `why` says
+   * how. Nothing more is read. */
+  void (*fail)(hd_conn *c, void *ud, int kind, const char *why);
+  /* The worker closed its socket: it is dying. Nothing more is read. */
+  void (*eof)(hd_conn *c, void *ud);
+  /* The connection is closed for good and may be freed (hd_conn_free). */
+  void (*closed)(hd_conn *c, void *ud);
+} hd_conn_cbs;
+
+/* A connection over a new socketpair; *peer gets the worker's end. NULL,
+ * with why in err, when it cannot be made. */
+hd_conn *hd_conn_new(hd_loop *l, const hd_conn_cbs *cbs, void *ud, int *peer, char *err,
+                     size_t errlen);
+
+/* Sends a job frame (kept by the caller until the job's reply, a failure
+ * or hd_conn_close) and awaits the reply to job `id`, at most `max_result`
+ * bytes long. */
+void hd_conn_send(hd_conn *c, uint64_t id, double max_result, const hd_buf *frame);
+
+/* Whether an idle connection is still fit for a job: a worker that exited
+ * or wrote something since its last reply is not (then fail or eof is
+ * reported). One non-blocking peek. */
+int hd_conn_fit(hd_conn *c);
+
+/* Reads what the worker has already written, now. */
+void hd_conn_drain(hd_conn *c);
+
+/* Stops all I/O and closes our end of the socket at once; `closed` comes
+ * from the loop later. Safe to call more than once. */
+void hd_conn_close(hd_conn *c);
+
+void hd_conn_free(hd_conn *c);
+
+/* The worker's pid from its hello, or 0 before it. */
+pid_t hd_conn_pid(const hd_conn *c);
+
+/* Whether our end of the socket is still open. */
+int hd_conn_open(const hd_conn *c);
+
+#endif

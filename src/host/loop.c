@@ -1,0 +1,66 @@
+/* loop.c: the host's private libuv loop, and the big buffer it keeps warm. */
+#include "loop.h"
+
+#include <stdlib.h>
+
+/* Buffers kept warm: big enough to be worth it, small enough to hold. */
+#define LOOP_SPARE_MIN 65536
+#define LOOP_SPARE_MAX (256u << 20)
+
+struct hd_loop {
+  uv_loop_t uv;
+  hd_buf spare; /* one big buffer kept warm between big transfers */
+  int spare_used; /* taken since the last age */
+};
+
+hd_loop *hd_loop_new(void) {
+  hd_loop *l = calloc(1, sizeof *l);
+  if (l == NULL) return NULL;
+  if (uv_loop_init(&l->uv) != 0) {
+    free(l);
+    return NULL;
+  }
+  return l;
+}
+
+void hd_loop_free(hd_loop *l) {
+  /* Close callbacks of the last handles run here; then the loop is empty. */
+  while (uv_loop_close(&l->uv) == UV_EBUSY) uv_run(&l->uv, UV_RUN_NOWAIT);
+  hd_buf_free(&l->spare);
+  free(l);
+}
+
+uv_loop_t *hd_loop_uv(hd_loop *l) {
+  return &l->uv;
+}
+
+uint64_t hd_loop_now(hd_loop *l) {
+  return uv_now(&l->uv);
+}
+
+void hd_loop_give_buf(hd_loop *l, hd_buf *b) {
+  if (b->cap >= LOOP_SPARE_MIN && b->cap <= LOOP_SPARE_MAX && b->cap > l->spare.cap) {
+    hd_buf_free(&l->spare);
+    l->spare = *b;
+    l->spare.len = 0;
+  } else {
+    hd_buf_free(b);
+  }
+  b->data = NULL;
+  b->len = b->cap = 0;
+}
+
+int hd_loop_take_buf(hd_loop *l, hd_buf *b, size_t need) {
+  if (l->spare.data == NULL || l->spare.cap < need || b->len != 0) return 0;
+  hd_buf_free(b);
+  *b = l->spare;
+  l->spare.data = NULL;
+  l->spare.len = l->spare.cap = 0;
+  l->spare_used = 1;
+  return 1;
+}
+
+void hd_loop_age_buf(hd_loop *l) {
+  if (!l->spare_used) hd_buf_free(&l->spare);
+  l->spare_used = 0;
+}

@@ -1,0 +1,35 @@
+/* loop.h: the host's private libuv loop, and the big buffer it keeps warm. */
+#ifndef HD_LOOP_H
+#define HD_LOOP_H
+
+#include <stdint.h>
+#include <uv.h>
+
+#include "buf.h"
+
+typedef struct hd_loop hd_loop;
+
+hd_loop *hd_loop_new(void);
+
+/* Runs the close callbacks still due, closes the loop and frees it. Every
+ * handle must have been closed. */
+void hd_loop_free(hd_loop *l);
+
+uv_loop_t *hd_loop_uv(hd_loop *l);
+
+/* The loop's cached time, in ms. */
+uint64_t hd_loop_now(hd_loop *l);
+
+/* Big buffers are expensive to make (every page faults in) and frequent
+ * when jobs move big data: the biggest one given back is kept for the next
+ * big transfer. hd_loop_give_buf takes b's memory and leaves b empty;
+ * hd_loop_take_buf moves the kept one into the empty b when it holds at
+ * least `need`, and returns whether it did. */
+void hd_loop_give_buf(hd_loop *l, hd_buf *b);
+int hd_loop_take_buf(hd_loop *l, hd_buf *b, size_t need);
+
+/* Called by the idle sweep: the kept buffer goes unless it was taken since
+ * the last call. */
+void hd_loop_age_buf(hd_loop *l);
+
+#endif

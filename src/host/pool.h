@@ -1,0 +1,104 @@
+/* pool.h: pools as accounting: worker slots and memory budgets, reserved
+ * along a delegation chain and released exactly once, and the counters of
+ * pool:stats(). Pools know nothing of jobs or processes. */
+#ifndef HD_POOL_H
+#define HD_POOL_H
+
+#include <stdint.h>
+
+#include "outcome.h"
+
+typedef struct hd_pool hd_pool;
+
+#define HD_MAX_CHAIN 16  /* pools in one delegation chain */
+#define HD_MAX_CHAINS 32 /* candidate chains of one job */
+
+/* A pool's configuration. Root pools (no parent) own worker processes;
+ * `sandbox` (HD_SPAWN_* flags) and `idle_ms` are theirs. */
+typedef struct hd_pool_config {
+  const char *name; /* may be NULL */
+  double max_workers;
+  double max_memory;
+  double idle_ms;
+  int sandbox;
+  hd_pool *parent;  /* delegate_to, or NULL */
+} hd_pool_config;
+
+hd_pool *hd_pool_new(const hd_pool_config *cfg);
+void hd_pool_ref(hd_pool *p);
+void hd_pool_unref(hd_pool *p);
+
+const char *hd_pool_name(const hd_pool *p);
+hd_pool *hd_pool_parent(const hd_pool *p);
+int hd_pool_sandbox(const hd_pool *p);
+double hd_pool_idle_ms(const hd_pool *p);
+
+/* A closed pool accepts no job. */
+void hd_pool_set_closed(hd_pool *p);
+int hd_pool_closed(const hd_pool *p);
+
+/* One pointer the layer above may keep on each pool; `drop` is called on
+ * it when the pool is freed. */
+void hd_pool_set_data(hd_pool *p, void *data, void (*drop)(void *));
+void *hd_pool_data(const hd_pool *p);
+
+/* What the layer above reports, for the counters. */
+void hd_pool_note_queued(hd_pool *p, int delta);
+void hd_pool_note_process(hd_pool *p, int delta, int started);
+
+/* A snapshot of a pool's budget and counters. */
+typedef struct hd_pool_stats {
+  double running, queued, committed, max_workers, max_memory;
+  double processes, processes_started;
+  double started, succeeded, rejected;
+  double by_outcome[HD_OUT_COUNT];
+} hd_pool_stats;
+
+void hd_pool_stats_of(const hd_pool *p, hd_pool_stats *out);
+
+/* The candidate chains of one job: lists of pools from the job's pool to a
+ * root, each pool referenced; one of them reserves the job's capacity. */
+typedef struct hd_chains hd_chains;
+
+hd_chains *hd_chains_new(void);
+void hd_chains_free(hd_chains *c);
+
+/* Starts a new candidate chain; returns -1 past HD_MAX_CHAINS or when
+ * memory runs out. */
+int hd_chains_add(hd_chains *c);
+
+/* Appends a pool to the last chain; -1 past HD_MAX_CHAIN. */
+int hd_chains_push(hd_chains *c, hd_pool *p);
+
+/* The chain of `p` and every pool it delegates to, as the only candidate. */
+int hd_chains_follow(hd_chains *c, hd_pool *p);
+
+int hd_chains_count(const hd_chains *c);
+int hd_chains_len(const hd_chains *c, int i);
+
+/* Reserves a slot and `heap` bytes in every pool of the first chain that
+ * has room in all of them. Returns HD_OUT_NONE on success, or why the job
+ * was not taken: the chain's own reason when there is one chain,
+ * HD_OUT_NOWORKERS when no candidate of several accepted. */
+hd_outcome hd_chains_reserve(hd_chains *c, uint64_t heap);
+
+/* Gives back what hd_chains_reserve took; at most once. */
+void hd_chains_release(hd_chains *c, uint64_t heap);
+
+/* Whether waiting could ever help: some chain whose every pool could hold
+ * `heap` if it were empty. */
+int hd_chains_could_fit(const hd_chains *c, uint64_t heap);
+
+/* The root pool of the reserving chain. */
+hd_pool *hd_chains_root(const hd_chains *c);
+
+/* Whether `p` is on the reserving chain (or, before a reservation, on any
+ * candidate chain). */
+int hd_chains_has(const hd_chains *c, const hd_pool *p);
+
+/* Counts a job's start or outcome in the pools of the reserving chain, or,
+ * for a job that never reserved, in `origin` alone. */
+void hd_chains_count_start(hd_chains *c);
+void hd_chains_count_outcome(hd_chains *c, hd_pool *origin, hd_outcome out);
+
+#endif

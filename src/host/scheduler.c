@@ -1,0 +1,991 @@
+/* scheduler.c: the scheduler of jobs: capacity, queues, worker processes,
+ * deadlines, and each job's end, exactly once. */
+#include "scheduler.h"
+
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "conn.h"
+#include "loop.h"
+#include "num.h"
+#include "queue.h"
+#include "suplink.h"
+#include "wire.h"
+
+/* How long to wait for a killed process's exit report before ending its job
+ * anyway; the supervisor reports within microseconds unless it is gone. */
+#define SCHED_KILL_GRACE_MS 2000
+
+/* A limit at or past this many ms is no limit (math.huge). Timers are
+ * armed for at most SCHED_MAX_TIMER_MS, which fits in nanoseconds. */
+#define SCHED_NO_LIMIT_MS 1e15
+#define SCHED_MAX_TIMER_MS 1e12
+
+/* Replies bigger than this are not copied: the job takes the read buffer. */
+#define SCHED_TAKE_REPLY 65536
+
+/* A job frame bigger than this, once sent, goes back to the loop's spare. */
+#define SCHED_KEEP_FRAME (1u << 20)
+
+/* Adaptive polling in a blocking wait: credit earned per hit, its ceiling,
+ * its cost per miss, and how often a wait without credit polls anyway. */
+#define SCHED_SPIN_CREDIT_MAX 8
+#define SCHED_SPIN_CREDIT_START 4
+#define SCHED_SPIN_MISS 4
+#define SCHED_SPIN_PROBE_MASK 63
+#define SCHED_SPIN_DEFAULT_NS 50000
+
+typedef enum { JOB_NEW, JOB_QUEUED, JOB_RUNNING, JOB_DONE } job_state;
+typedef enum { PROC_IDLE, PROC_BUSY, PROC_DYING } proc_state;
+
+typedef struct sched_proc sched_proc;
+
+struct hd_job {
+  hd_sched *sched;
+  int refs;             /* the caller's, plus the scheduler's while not done or the timer is open */
+  uint64_t id;
+  job_state state;
+  hd_outcome outcome;
+  hd_outcome pending;   /* the outcome decided, waiting for the process to be gone */
+  int status;           /* wait status for HD_OUT_EXIT, -1 when unknown */
+  char detail[320];     /* for BADREPLY, FAILED and a host-side BADRESULT */
+  hd_chains *chains;
+  hd_pool *origin;      /* the pool it was started in (holds a reference) */
+  char *task_name;
+  hd_job_limits lim;
+  hd_buf frame;         /* the job frame; after the end, the reply's message */
+  size_t msg_off, msg_len;
+  sched_proc *proc;
+  uv_timer_t timer;     /* max_ms while running, pool_timeout while queued */
+  uint64_t deadline;    /* uv_hrtime() when the timer is due */
+  int timer_open;
+  hd_queue pnode;       /* its pool's wait queue, while queued */
+  hd_queue rnode;       /* the running jobs, while running */
+};
+
+struct sched_proc {
+  hd_sched *sched;
+  hd_pool *root;        /* the root pool it belongs to (holds a reference) */
+  hd_conn *conn;
+  uint32_t id;
+  pid_t pid;            /* from the supervisor, for stats and tests only */
+  int pidfd;            /* from the supervisor: signals exactly this process, or -1 */
+  proc_state state;
+  int exited;           /* the supervisor has reported its exit */
+  int closed;           /* its connection is closed for good */
+  int status;           /* its wait status */
+  hd_job *job;
+  uint64_t idle_since;  /* the loop's time when it became idle */
+  hd_queue node;        /* all processes */
+  hd_queue inode;       /* the idle ones, most recently used first */
+};
+
+/* What the scheduler keeps on each pool: jobs waiting there for capacity,
+ * first come first served; a pool with waiting jobs is on `waiting`. */
+typedef struct sched_pool {
+  hd_queue jobs;
+  hd_queue wnode;
+} sched_pool;
+
+struct hd_sched {
+  hd_loop *loop;
+  hd_sup *sup;
+  int refs;             /* the caller's, jobs, processes */
+  int closing;
+  int in_loop;
+  char *worker_path;
+  char *lua_path, *lua_cpath; /* the host's package.path and cpath, for workers */
+  hd_buf scratch;       /* job frames are built here, reused across submits */
+  unsigned paths_gen;   /* bumped when they change */
+  unsigned sup_gen;     /* the generation the supervisor's image has */
+  double max_result;
+  uint32_t next_proc;
+  uint64_t next_job;
+  hd_queue procs;
+  hd_queue idle;
+  hd_queue running;
+  hd_queue waiting;     /* pools with waiting jobs */
+  uv_timer_t *idle_timer;
+  int in_pump, pump_again;
+  uint64_t spin_ns;     /* how long a blocking wait polls before sleeping */
+  int spin_credit;      /* recent waits the polling paid off for */
+  unsigned spin_probe;
+};
+
+static void sched_pump(hd_sched *s);
+static void job_finish(hd_job *j, hd_outcome out);
+static void proc_on_exited(sched_proc *p, int status);
+
+/* ---- The context ------------------------------------------------------------ */
+
+static void sched_on_spawned(void *ud, uint32_t id, pid_t pid, int pidfd);
+static void sched_on_exited(void *ud, uint32_t id, int status);
+static void sched_on_lost(void *ud, const char *why);
+
+static const hd_sup_cbs sched_sup_cbs = {sched_on_spawned, sched_on_exited, sched_on_lost};
+
+static void sched_idle_close_cb(uv_handle_t *h) {
+  free(h);
+}
+
+hd_sched *hd_sched_new(const char *worker_path, char *err, size_t errlen) {
+  hd_sched *s = calloc(1, sizeof *s);
+  if (s == NULL) goto oom;
+  s->loop = hd_loop_new();
+  if (s->loop == NULL) {
+    free(s);
+    snprintf(err, errlen, "cannot create an event loop");
+    return NULL;
+  }
+  s->sup = hd_sup_new(s->loop, worker_path, &sched_sup_cbs, s);
+  s->idle_timer = malloc(sizeof *s->idle_timer);
+  s->worker_path = strdup(worker_path);
+  if (s->sup == NULL || s->idle_timer == NULL || s->worker_path == NULL ||
+      uv_timer_init(hd_loop_uv(s->loop), s->idle_timer) != 0) {
+    if (s->sup) hd_sup_free(s->sup);
+    free(s->idle_timer);
+    free(s->worker_path);
+    hd_loop_free(s->loop);
+    free(s);
+    goto oom;
+  }
+  s->idle_timer->data = s;
+  uv_unref((uv_handle_t *)s->idle_timer);
+  s->refs = 1;
+  s->max_result = 64.0 * 1024 * 1024;
+  /* Polling 50 us before sleeping halves a short job's round trip on a
+   * quiet machine; it backs off by itself when replies keep missing the
+   * window (bench/RESULTS.md). handler.configure{ spin_us = 0 } turns it off. */
+  s->spin_ns = SCHED_SPIN_DEFAULT_NS;
+  s->spin_credit = SCHED_SPIN_CREDIT_START;
+  hd_queue_init(&s->procs);
+  hd_queue_init(&s->idle);
+  hd_queue_init(&s->running);
+  hd_queue_init(&s->waiting);
+  return s;
+oom:
+  snprintf(err, errlen, "out of memory");
+  return NULL;
+}
+
+static void sched_free(hd_sched *s) {
+  hd_sup_free(s->sup);
+  hd_buf_free(&s->scratch);
+  hd_loop_free(s->loop);
+  free(s->worker_path);
+  free(s->lua_path);
+  free(s->lua_cpath);
+  free(s);
+}
+
+void hd_sched_unref(hd_sched *s) {
+  if (--s->refs == 0) sched_free(s);
+}
+
+int hd_sched_closing(const hd_sched *s) {
+  return s->closing;
+}
+
+const char *hd_sched_worker_path(const hd_sched *s) {
+  return s->worker_path;
+}
+
+hd_buf *hd_sched_scratch(hd_sched *s) {
+  s->scratch.len = 0;
+  if (s->scratch.data == NULL) hd_loop_take_buf(s->loop, &s->scratch, 0);
+  return &s->scratch;
+}
+
+void hd_sched_set_bchead(hd_sched *s, const char *bc, size_t n) {
+  hd_sup_set_bchead(s->sup, bc, n);
+}
+
+void hd_sched_set_paths(hd_sched *s, const char *path, const char *cpath) {
+  char *p, *cp;
+  if (s->lua_path && !strcmp(s->lua_path, path) && s->lua_cpath && !strcmp(s->lua_cpath, cpath))
+    return;
+  p = strdup(path);
+  cp = strdup(cpath);
+  if (p == NULL || cp == NULL) {
+    free(p);
+    free(cp);
+    return;
+  }
+  free(s->lua_path);
+  free(s->lua_cpath);
+  s->lua_path = p;
+  s->lua_cpath = cp;
+  s->paths_gen++;
+}
+
+const char *hd_sched_job_path(const hd_sched *s) {
+  return hd_sup_pid(s->sup) > 0 && s->sup_gen != s->paths_gen ? s->lua_path : NULL;
+}
+
+const char *hd_sched_job_cpath(const hd_sched *s) {
+  return hd_sup_pid(s->sup) > 0 && s->sup_gen != s->paths_gen ? s->lua_cpath : NULL;
+}
+
+void hd_sched_set_max_result(hd_sched *s, double bytes) {
+  s->max_result = bytes;
+}
+
+void hd_sched_set_spin(hd_sched *s, uint64_t ns) {
+  s->spin_ns = ns;
+}
+
+int hd_sched_in_loop(const hd_sched *s) {
+  return s->in_loop;
+}
+
+int hd_sched_fd(hd_sched *s) {
+  return uv_backend_fd(hd_loop_uv(s->loop));
+}
+
+int hd_sched_timeout(hd_sched *s) {
+  return uv_backend_timeout(hd_loop_uv(s->loop));
+}
+
+void hd_sched_step(hd_sched *s) {
+  s->in_loop = 1;
+  uv_run(hd_loop_uv(s->loop), UV_RUN_NOWAIT);
+  s->in_loop = 0;
+  hd_sup_reap(s->sup);
+}
+
+/* A short job's reply usually comes within a few tens of microseconds:
+ * polling for that long first saves the host a sleep and a wake-up, which
+ * cost more than the whole round trip on an idle machine. On a busy one
+ * polling steals the CPU the worker needs, so it is adaptive: it stops
+ * after replies keep missing the window, and is tried again every 64th
+ * wait. */
+void hd_sched_wait(hd_sched *s, hd_job *j) {
+  uv_loop_t *uv = hd_loop_uv(s->loop);
+  uint64_t start;
+  int spin;
+  s->in_loop = 1;
+  spin = s->spin_ns > 0 &&
+         (s->spin_credit > 0 || (++s->spin_probe & SCHED_SPIN_PROBE_MASK) == 0);
+  start = uv_hrtime();
+  while (spin && j->state != JOB_DONE && uv_hrtime() - start < s->spin_ns) {
+    uv_run(uv, UV_RUN_NOWAIT);
+    /* A worker that wants this CPU gets it. */
+    if (j->state != JOB_DONE) sched_yield();
+  }
+  if (spin) {
+    if (j->state == JOB_DONE)
+      s->spin_credit = s->spin_credit < SCHED_SPIN_CREDIT_MAX ? s->spin_credit + 1
+                                                              : SCHED_SPIN_CREDIT_MAX;
+    else
+      s->spin_credit = s->spin_credit > SCHED_SPIN_MISS ? s->spin_credit - SCHED_SPIN_MISS : 0;
+  }
+  while (j->state != JOB_DONE) uv_run(uv, UV_RUN_ONCE);
+  s->in_loop = 0;
+  hd_sup_reap(s->sup);
+}
+
+void hd_sched_each_pid(hd_sched *s, void (*fn)(void *, pid_t), void *ud, pid_t *sup,
+                       int *fds) {
+  hd_queue *q;
+  /* Pids come with the supervisor's reports: read those already sent. */
+  hd_sup_drain(s->sup);
+  hd_sup_reap(s->sup);
+  *fds = 0;
+  for (q = s->procs.next; q != &s->procs; q = q->next) {
+    sched_proc *p = HD_QUEUE_DATA(q, sched_proc, node);
+    pid_t pid = p->pid > 0 ? p->pid : hd_conn_pid(p->conn);
+    if (!p->exited && pid > 0) fn(ud, pid);
+    /* Descriptors the host holds for its workers: the socket's end and the
+     * pidfd of each, pid known or not yet. */
+    if (hd_conn_open(p->conn)) (*fds)++;
+    if (p->pidfd >= 0) (*fds)++;
+  }
+  *sup = hd_sup_pid(s->sup);
+}
+
+int hd_sched_refs(const hd_sched *s) {
+  return s->refs;
+}
+
+void hd_sched_reset_ids(hd_sched *s) {
+  s->next_job = 0;
+  s->next_proc = 0;
+}
+
+/* ---- Pools ------------------------------------------------------------------- */
+
+static void sched_pool_drop(void *data) {
+  free(data);
+}
+
+/* The scheduler's part of a pool, made on first use. */
+static sched_pool *sched_pool_of(hd_pool *p) {
+  sched_pool *sp = hd_pool_data(p);
+  if (sp == NULL) {
+    sp = malloc(sizeof *sp);
+    if (sp == NULL) return NULL;
+    hd_queue_init(&sp->jobs);
+    hd_queue_init(&sp->wnode);
+    hd_pool_set_data(p, sp, sched_pool_drop);
+  }
+  return sp;
+}
+
+/* ---- Worker processes -------------------------------------------------------- */
+
+static void proc_free_if_done(sched_proc *p) {
+  hd_sched *s = p->sched;
+  if (!p->exited || !p->closed) return;
+  hd_queue_remove(&p->node);
+  hd_conn_free(p->conn);
+  if (p->pidfd >= 0) close(p->pidfd);
+  hd_pool_unref(p->root);
+  free(p);
+  hd_sched_unref(s);
+}
+
+static void proc_unidle(sched_proc *p) {
+  if (hd_queue_linked(&p->inode)) hd_queue_remove(&p->inode);
+}
+
+/* An idle process is no longer wanted: closing its socket makes it exit. */
+static void proc_retire(sched_proc *p) {
+  proc_unidle(p);
+  p->state = PROC_DYING;
+  p->job = NULL;
+  hd_conn_close(p->conn);
+}
+
+/* Sends SIGKILL through the pidfd to exactly this process and, while it is
+ * alive (its group exists then), to its group. */
+static void proc_kill_by_pidfd(sched_proc *p) {
+  if (p->pidfd < 0 || p->exited || syscall(SYS_pidfd_send_signal, p->pidfd, 0, NULL, 0) != 0)
+    return;
+  if (p->pid > 0) kill(-p->pid, SIGKILL);
+  syscall(SYS_pidfd_send_signal, p->pidfd, SIGKILL, NULL, 0);
+}
+
+/* The process is broken or no longer wanted: the supervisor kills it (it is
+ * the parent, so the pid cannot have been reused); if the order cannot be
+ * sent, the pidfd does it. */
+static void proc_kill(sched_proc *p) {
+  proc_unidle(p);
+  p->state = PROC_DYING;
+  hd_conn_close(p->conn);
+  if (p->exited) return;
+  if (hd_sup_kill(p->sched->sup, p->id) != 0) proc_kill_by_pidfd(p);
+}
+
+static void sched_idle_cb(uv_timer_t *t);
+
+static void sched_arm_idle(hd_sched *s, double ms) {
+  if (s->closing) return;
+  if (ms < 0) ms = 0;
+  if (ms > SCHED_MAX_TIMER_MS) ms = SCHED_MAX_TIMER_MS;
+  uv_timer_start(s->idle_timer, sched_idle_cb, (uint64_t)ms, 0);
+}
+
+/* Ends processes idle for longer than their pool's idle_ms. */
+static void sched_idle_cb(uv_timer_t *t) {
+  hd_sched *s = t->data;
+  hd_queue *q, *n;
+  uint64_t now = hd_loop_now(s->loop);
+  double soonest = -1;
+  hd_loop_age_buf(s->loop);
+  HD_QUEUE_EACH(q, n, &s->idle) {
+    sched_proc *p = HD_QUEUE_DATA(q, sched_proc, inode);
+    double age = (double)(now - p->idle_since);
+    double limit = hd_pool_idle_ms(p->root);
+    if (age >= limit) proc_retire(p);
+    else if (soonest < 0 || limit - age < soonest) soonest = limit - age;
+  }
+  if (soonest >= 0) sched_arm_idle(s, soonest + 1);
+}
+
+/* A process done with its job waits for the next one, most recently used
+ * first, unless its pool is gone. */
+static void proc_make_idle(sched_proc *p) {
+  hd_sched *s = p->sched;
+  double idle_ms = hd_pool_idle_ms(p->root);
+  if (hd_pool_closed(p->root) || s->closing) {
+    proc_retire(p);
+    return;
+  }
+  p->state = PROC_IDLE;
+  p->idle_since = hd_loop_now(s->loop);
+  hd_queue_insert_head(&s->idle, &p->inode);
+  /* Pools have their own idle_ms: the sweep must come no later than this
+   * process's. */
+  if (!uv_is_active((uv_handle_t *)s->idle_timer) ||
+      (double)uv_timer_get_due_in(s->idle_timer) > idle_ms)
+    sched_arm_idle(s, idle_ms);
+}
+
+/* The process died with a job on it: the job ends with its cause. */
+static void proc_job_died(sched_proc *p) {
+  hd_job *j = p->job;
+  if (j == NULL) return;
+  p->job = NULL;
+  j->proc = NULL;
+  j->status = p->status;
+  job_finish(j, j->pending != HD_OUT_NONE ? j->pending : HD_OUT_EXIT);
+}
+
+static void job_on_reply(hd_job *j, hd_buf *buf, size_t off, size_t len);
+
+static void proc_on_reply(hd_conn *c, void *ud, hd_buf *buf, size_t off, size_t len, int last) {
+  sched_proc *p = ud;
+  hd_job *j = p->job;
+  (void)c;
+  p->job = NULL;
+  j->proc = NULL;
+  if (last) {
+    /* The job touched process state: this worker exits after the reply. */
+    p->state = PROC_DYING;
+    hd_conn_close(p->conn);
+  } else {
+    proc_make_idle(p);
+  }
+  job_on_reply(j, buf, off, len);
+}
+
+static void proc_on_fail(hd_conn *c, void *ud, int kind, const char *why) {
+  sched_proc *p = ud;
+  hd_job *j = p->job;
+  (void)c;
+  if (j == NULL) {
+    proc_kill(p);
+    return;
+  }
+  /* Ending the job kills the process that still holds it. */
+  snprintf(j->detail, sizeof j->detail, "%s", why);
+  job_finish(j, kind == HD_CONN_TOOBIG ? HD_OUT_BADRESULT : HD_OUT_BADREPLY);
+}
+
+/* EOF: the process closed its socket, which means it is dying. The cause
+ * comes with the supervisor's report; until then its job waits. */
+static void proc_on_eof(hd_conn *c, void *ud) {
+  sched_proc *p = ud;
+  (void)c;
+  proc_unidle(p);
+  if (p->state != PROC_BUSY) p->state = PROC_DYING;
+  if (p->exited) proc_job_died(p);
+}
+
+static void proc_on_closed(hd_conn *c, void *ud) {
+  sched_proc *p = ud;
+  (void)c;
+  p->closed = 1;
+  proc_free_if_done(p);
+}
+
+static const hd_conn_cbs proc_conn_cbs = {proc_on_reply, proc_on_fail, proc_on_eof,
+                                          proc_on_closed};
+
+static sched_proc *proc_find(hd_sched *s, uint32_t id) {
+  hd_queue *q;
+  for (q = s->procs.next; q != &s->procs; q = q->next) {
+    sched_proc *p = HD_QUEUE_DATA(q, sched_proc, node);
+    if (p->id == id) return p;
+  }
+  return NULL;
+}
+
+static void proc_on_exited(sched_proc *p, int status) {
+  if (p->exited) return;
+  p->exited = 1;
+  p->status = status;
+  hd_pool_note_process(p->root, -1, 0);
+  /* A reply written just before the exit is already in the socket: read it
+   * before deciding the job died. */
+  if (p->job) hd_conn_drain(p->conn);
+  proc_unidle(p);
+  p->state = PROC_DYING;
+  proc_job_died(p);
+  hd_conn_close(p->conn);
+  proc_free_if_done(p);
+}
+
+static void sched_on_spawned(void *ud, uint32_t id, pid_t pid, int pidfd) {
+  sched_proc *p = proc_find(ud, id);
+  if (p == NULL || p->exited) {
+    if (pidfd >= 0) close(pidfd);
+    return;
+  }
+  p->pid = pid;
+  if (p->pidfd >= 0) close(p->pidfd);
+  p->pidfd = pidfd;
+}
+
+static void sched_on_exited(void *ud, uint32_t id, int status) {
+  sched_proc *p = proc_find(ud, id);
+  if (p != NULL) proc_on_exited(p, status);
+}
+
+/* The supervisor is gone: every process it held is gone with it (workers
+ * die with their supervisor), so their jobs end now. */
+static void sched_on_lost(void *ud, const char *why) {
+  hd_sched *s = ud;
+  hd_queue *q, *n;
+  HD_QUEUE_EACH(q, n, &s->procs) {
+    sched_proc *p = HD_QUEUE_DATA(q, sched_proc, node);
+    /* Workers die with their supervisor, unless a job cleared that. */
+    proc_kill_by_pidfd(p);
+    if (p->job != NULL && p->job->pending == HD_OUT_NONE) {
+      /* The job's caller learns why, not just that the worker is gone. */
+      snprintf(p->job->detail, sizeof p->job->detail, "worker lost: %s", why);
+      p->job->pending = HD_OUT_FAILED;
+    }
+    proc_on_exited(p, -1);
+  }
+}
+
+/* A new worker process for `root`, or NULL with why in err. */
+static sched_proc *proc_spawn(hd_sched *s, hd_pool *root, char *err, size_t errlen) {
+  sched_proc *p;
+  int peer, r = hd_sup_ensure(s->sup, s->lua_path, s->lua_cpath);
+  if (r < 0) {
+    snprintf(err, errlen, "%s", hd_sup_error(s->sup));
+    return NULL;
+  }
+  if (r == 1) s->sup_gen = s->paths_gen;
+  p = calloc(1, sizeof *p);
+  if (p == NULL) {
+    snprintf(err, errlen, "out of memory");
+    return NULL;
+  }
+  p->conn = hd_conn_new(s->loop, &proc_conn_cbs, p, &peer, err, errlen);
+  if (p->conn == NULL) {
+    free(p);
+    return NULL;
+  }
+  p->sched = s;
+  p->root = root;
+  p->id = ++s->next_proc;
+  p->state = PROC_IDLE;
+  p->status = -1;
+  p->pidfd = -1;
+  hd_queue_init(&p->inode);
+  hd_queue_insert_head(&s->procs, &p->node);
+  hd_pool_ref(root);
+  s->refs++;
+  hd_pool_note_process(root, 1, 1);
+  if (hd_sup_spawn(s->sup, p->id, hd_pool_sandbox(root), hd_pool_name(root), peer) != 0) {
+    /* The supervisor went away: this process is as good as dead. */
+    snprintf(err, errlen, "%s", hd_sup_error(s->sup));
+    proc_on_exited(p, -1);
+    return NULL;
+  }
+  return p;
+}
+
+/* The most recently used idle process of `root` that is still fit. */
+static sched_proc *proc_idle_of(hd_sched *s, hd_pool *root) {
+  hd_queue *q, *n;
+  HD_QUEUE_EACH(q, n, &s->idle) {
+    sched_proc *p = HD_QUEUE_DATA(q, sched_proc, inode);
+    if (p->root == root && hd_conn_fit(p->conn)) return p;
+  }
+  return NULL;
+}
+
+/* ---- Jobs -------------------------------------------------------------------- */
+
+hd_job *hd_job_new(hd_sched *s, hd_pool *origin) {
+  hd_job *j = calloc(1, sizeof *j);
+  if (j == NULL) return NULL;
+  j->chains = hd_chains_new();
+  if (j->chains == NULL) {
+    free(j);
+    return NULL;
+  }
+  j->sched = s;
+  j->refs = 1;
+  j->id = ++s->next_job;
+  j->status = -1;
+  j->origin = origin;
+  hd_pool_ref(origin);
+  hd_queue_init(&j->pnode);
+  hd_queue_init(&j->rnode);
+  s->refs++;
+  return j;
+}
+
+static void job_free(hd_job *j) {
+  hd_sched *s = j->sched;
+  hd_chains_free(j->chains);
+  hd_pool_unref(j->origin);
+  free(j->task_name);
+  hd_loop_give_buf(s->loop, &j->frame);
+  free(j);
+  hd_sched_unref(s);
+}
+
+void hd_job_unref(hd_job *j) {
+  if (--j->refs == 0) job_free(j);
+}
+
+void hd_job_set_limits(hd_job *j, const hd_job_limits *lim) {
+  j->lim = *lim;
+}
+
+int hd_job_set_task(hd_job *j, const char *task_name) {
+  free(j->task_name);
+  j->task_name = task_name ? strdup(task_name) : NULL;
+  return task_name && j->task_name == NULL ? -1 : 0;
+}
+
+const char *hd_job_task(const hd_job *j) {
+  return j->task_name;
+}
+
+uint64_t hd_job_id(const hd_job *j) {
+  return j->id;
+}
+
+hd_chains *hd_job_chains(hd_job *j) {
+  return j->chains;
+}
+
+int hd_job_set_frame(hd_job *j, hd_buf *b) {
+  hd_sched *s = j->sched;
+  if (b->len > SCHED_TAKE_REPLY) {
+    /* A big frame is not copied: the job takes the buffer. */
+    hd_buf_free(&j->frame);
+    j->frame = *b;
+    b->data = NULL;
+    b->len = b->cap = 0;
+    return 0;
+  }
+  j->frame.len = 0;
+  if (hd_buf_append(&j->frame, b->data, b->len) != 0) return -1;
+  /* A big buffer serving small frames goes back to the loop's spare, where
+   * the idle sweep can let it go. */
+  if (b->cap > SCHED_KEEP_FRAME) hd_loop_give_buf(s->loop, b);
+  return 0;
+}
+
+int hd_job_done(const hd_job *j) {
+  return j->state == JOB_DONE;
+}
+
+hd_outcome hd_job_outcome(const hd_job *j) {
+  return j->outcome;
+}
+
+int hd_job_status(const hd_job *j) {
+  return j->status;
+}
+
+const char *hd_job_detail(const hd_job *j) {
+  return j->detail;
+}
+
+void hd_job_message(const hd_job *j, const char **p, size_t *len) {
+  *p = j->frame.data ? j->frame.data + j->msg_off : "";
+  *len = j->msg_len;
+}
+
+int hd_job_in_pool(const hd_job *j, const hd_pool *p) {
+  return hd_chains_has(j->chains, p);
+}
+
+static void job_timer_close_cb(uv_handle_t *h) {
+  hd_job *j = h->data;
+  j->timer_open = 0;
+  hd_job_unref(j);
+}
+
+static void job_timer_cb(uv_timer_t *t);
+
+static void job_timer_start(hd_job *j, double ms) {
+  if (!(ms > 0)) ms = 0;
+  if (ms > SCHED_MAX_TIMER_MS) ms = SCHED_MAX_TIMER_MS;
+  /* libuv counts whole milliseconds from the loop's cached time, so a timer
+   * can fire up to a millisecond early; the deadline in nanoseconds is what
+   * the callback checks. */
+  j->deadline = uv_hrtime() + (uint64_t)(ms * 1e6);
+  if (!j->timer_open) {
+    uv_timer_init(hd_loop_uv(j->sched->loop), &j->timer);
+    j->timer.data = j;
+    j->timer_open = 1;
+    j->refs++;
+  }
+  uv_timer_start(&j->timer, job_timer_cb, (uint64_t)ms, 0);
+}
+
+static void job_unqueue(hd_job *j) {
+  hd_sched *s = j->sched;
+  sched_pool *sp = hd_pool_data(j->origin);
+  hd_queue_remove(&j->pnode);
+  hd_pool_note_queued(j->origin, -1);
+  if (hd_queue_empty(&sp->jobs) && hd_queue_linked(&sp->wnode)) hd_queue_remove(&sp->wnode);
+  (void)s;
+}
+
+/* Returns -1 when memory for the pool's queue runs out. */
+static int job_enqueue(hd_job *j) {
+  hd_sched *s = j->sched;
+  sched_pool *sp = sched_pool_of(j->origin);
+  if (sp == NULL) return -1;
+  j->state = JOB_QUEUED;
+  hd_queue_insert_tail(&sp->jobs, &j->pnode);
+  hd_pool_note_queued(j->origin, 1);
+  if (!hd_queue_linked(&sp->wnode)) hd_queue_insert_tail(&s->waiting, &sp->wnode);
+  return 0;
+}
+
+static void job_finish(hd_job *j, hd_outcome out) {
+  hd_sched *s = j->sched;
+  int was_running = j->state == JOB_RUNNING;
+  if (j->state == JOB_DONE) return;
+  if (j->state == JOB_QUEUED) job_unqueue(j);
+  if (was_running) hd_queue_remove(&j->rnode);
+  if (j->proc != NULL) {
+    /* It ended while its process still held it: that process is not fit to
+     * run another job. */
+    sched_proc *p = j->proc;
+    p->job = NULL;
+    j->proc = NULL;
+    proc_kill(p);
+  }
+  j->state = JOB_DONE;
+  j->outcome = out;
+  hd_chains_count_outcome(j->chains, j->origin, out);
+  hd_chains_release(j->chains, j->lim.max_heap);
+  if (j->timer_open && !uv_is_closing((uv_handle_t *)&j->timer)) {
+    uv_timer_stop(&j->timer);
+    uv_close((uv_handle_t *)&j->timer, job_timer_close_cb);
+  }
+  if (was_running) sched_pump(s);
+  /* The scheduler's reference, taken at submit. */
+  hd_job_unref(j);
+}
+
+static void job_start(hd_job *j) {
+  hd_sched *s = j->sched;
+  hd_pool *root = hd_chains_root(j->chains);
+  sched_proc *p = proc_idle_of(s, root);
+  j->state = JOB_RUNNING;
+  hd_queue_insert_head(&s->running, &j->rnode);
+  hd_chains_count_start(j->chains);
+  if (p == NULL) {
+    char err[256];
+    p = proc_spawn(s, root, err, sizeof err);
+    if (p == NULL) {
+      snprintf(j->detail, sizeof j->detail, "cannot start a worker: %s", err);
+      job_finish(j, HD_OUT_FAILED);
+      return;
+    }
+  }
+  /* max_ms = 0 times out at once; only math.huge means no limit. */
+  if (j->lim.max_ms < SCHED_NO_LIMIT_MS) {
+    uv_update_time(hd_loop_uv(s->loop));
+    job_timer_start(j, j->lim.max_ms);
+  }
+  proc_unidle(p);
+  p->state = PROC_BUSY;
+  p->job = j;
+  j->proc = p;
+  hd_conn_send(p->conn, j->id, j->lim.max_result > 0 ? j->lim.max_result : s->max_result,
+               &j->frame);
+}
+
+static void job_timer_cb(uv_timer_t *t) {
+  hd_job *j = t->data;
+  uint64_t now = uv_hrtime();
+  if (now < j->deadline) {
+    /* Early: wait for the rest, rounded up to the next millisecond. */
+    uint64_t left = j->deadline - now;
+    uint64_t deadline = j->deadline;
+    job_timer_start(j, (double)((left + 999999) / 1000000));
+    j->deadline = deadline;
+    return;
+  }
+  if (j->state == JOB_QUEUED) {
+    job_finish(j, HD_OUT_POOLTIMEOUT);
+    return;
+  }
+  if (j->state != JOB_RUNNING) return;
+  if (j->pending != HD_OUT_NONE || j->proc == NULL) {
+    /* The exit report did not come in time; end the job anyway. */
+    job_finish(j, j->pending != HD_OUT_NONE ? j->pending : HD_OUT_TIMEOUT);
+    return;
+  }
+  /* The rule when the host ran its loop late: a reply the worker had
+   * already written when the deadline is handled is the result; otherwise
+   * the job is a Timeout. Never both, never neither. */
+  hd_conn_drain(j->proc->conn);
+  if (j->state != JOB_RUNNING) return;
+  /* Time is up. The job ends when the process is confirmed gone, so a caller
+   * that sees Timeout knows the worker no longer runs. */
+  j->pending = HD_OUT_TIMEOUT;
+  job_timer_start(j, SCHED_KILL_GRACE_MS);
+  if (j->proc != NULL) proc_kill(j->proc);
+}
+
+void hd_job_submit(hd_job *j) {
+  hd_sched *s = j->sched;
+  sched_pool *sp = hd_pool_data(j->origin);
+  uint64_t heap = j->lim.max_heap;
+  hd_outcome out;
+  j->refs++; /* the scheduler's, until the job is done */
+  /* A job that is willing to wait queues behind those already waiting in
+   * its pool, first come first served; one that is not takes capacity if
+   * there is some. */
+  if (j->lim.pool_timeout > 0 && sp != NULL && !hd_queue_empty(&sp->jobs))
+    out = hd_chains_could_fit(j->chains, heap) ? HD_OUT_NOWORKERS
+                                               : hd_chains_reserve(j->chains, heap);
+  else
+    out = hd_chains_reserve(j->chains, heap);
+  if (out == HD_OUT_NONE) {
+    job_start(j);
+    return;
+  }
+  if (j->lim.pool_timeout > 0 && hd_chains_could_fit(j->chains, heap) && job_enqueue(j) == 0) {
+    /* pool_timeout = math.huge waits as long as it takes. */
+    if (j->lim.pool_timeout < SCHED_NO_LIMIT_MS) {
+      uv_update_time(hd_loop_uv(s->loop));
+      job_timer_start(j, j->lim.pool_timeout);
+    }
+    return;
+  }
+  job_finish(j, out);
+}
+
+static void job_on_reply(hd_job *j, hd_buf *buf, size_t off, size_t len) {
+  hd_outcome out;
+  switch ((unsigned char)buf->data[off]) {
+    case HD_REPLY_OK: out = HD_OUT_OK; break;
+    case HD_REPLY_ERROR: out = HD_OUT_ERROR; break;
+    case HD_REPLY_OOM: out = HD_OUT_OOM; break;
+    default: out = HD_OUT_BADRESULT; break;
+  }
+  if (j->pending != HD_OUT_NONE) out = j->pending;
+  j->msg_off = 0;
+  j->msg_len = 0;
+  if (len > SCHED_TAKE_REPLY) {
+    /* A big reply is not copied: the job takes the read buffer, and the
+     * connection gets the job frame's, which is no longer needed. */
+    hd_buf spare = j->frame;
+    j->frame = *buf;
+    *buf = spare;
+    buf->len = 0;
+    j->msg_off = off + 1;
+    j->msg_len = len - 1;
+  } else {
+    j->frame.len = 0;
+    if (j->frame.cap > SCHED_KEEP_FRAME) hd_loop_give_buf(j->sched->loop, &j->frame);
+    if (hd_buf_append(&j->frame, buf->data + off + 1, len - 1) != 0) {
+      snprintf(j->detail, sizeof j->detail, "out of memory storing the reply");
+      out = HD_OUT_BADREPLY;
+    } else {
+      j->msg_len = len - 1;
+    }
+  }
+  job_finish(j, out);
+}
+
+void hd_job_kill(hd_job *j) {
+  job_finish(j, HD_OUT_KILLED);
+}
+
+/* The first queued or running job `match` accepts, or NULL. */
+static hd_job *sched_find(hd_sched *s, int (*match)(hd_job *, void *), void *ud) {
+  hd_queue *w, *q;
+  for (w = s->waiting.next; w != &s->waiting; w = w->next) {
+    sched_pool *sp = HD_QUEUE_DATA(w, sched_pool, wnode);
+    for (q = sp->jobs.next; q != &sp->jobs; q = q->next) {
+      hd_job *j = HD_QUEUE_DATA(q, hd_job, pnode);
+      if (match(j, ud)) return j;
+    }
+  }
+  for (q = s->running.next; q != &s->running; q = q->next) {
+    hd_job *j = HD_QUEUE_DATA(q, hd_job, rnode);
+    if (match(j, ud)) return j;
+  }
+  return NULL;
+}
+
+int hd_sched_kill_where(hd_sched *s, int (*match)(hd_job *, void *),
+                        void (*each)(hd_job *, void *), void *ud) {
+  int n = 0;
+  hd_job *j;
+  /* Each kill may change both lists (a freed slot starts a queued job),
+   * so the search starts over after each. */
+  while ((j = sched_find(s, match, ud)) != NULL) {
+    if (each != NULL) each(j, ud);
+    hd_job_kill(j);
+    n++;
+  }
+  return n;
+}
+
+/* Starts queued jobs that fit now, first come first served within each
+ * pool: a job that does not fit holds back the later jobs of its own pool,
+ * not those of other pools. */
+static void sched_pump(hd_sched *s) {
+  if (s->in_pump) {
+    s->pump_again = 1;
+    return;
+  }
+  s->in_pump = 1;
+  do {
+    hd_queue *w, *wn;
+    s->pump_again = 0;
+    HD_QUEUE_EACH(w, wn, &s->waiting) {
+      sched_pool *sp = HD_QUEUE_DATA(w, sched_pool, wnode);
+      hd_queue *q;
+      while ((q = hd_queue_head(&sp->jobs)) != NULL) {
+        hd_job *j = HD_QUEUE_DATA(q, hd_job, pnode);
+        if (hd_chains_reserve(j->chains, j->lim.max_heap) != HD_OUT_NONE) break;
+        job_unqueue(j);
+        if (j->timer_open) uv_timer_stop(&j->timer);
+        job_start(j);
+        /* Starting may have emptied this pool's queue and unlinked it. */
+        if (!hd_queue_linked(&sp->wnode)) break;
+      }
+    }
+  } while (s->pump_again);
+  s->in_pump = 0;
+}
+
+static int sched_match_pool(hd_job *j, void *p) {
+  return hd_chains_has(j->chains, p);
+}
+
+void hd_sched_forget_pool(hd_sched *s, hd_pool *p) {
+  hd_queue *q, *n;
+  hd_pool_set_closed(p);
+  HD_QUEUE_EACH(q, n, &s->idle) {
+    sched_proc *sp = HD_QUEUE_DATA(q, sched_proc, inode);
+    if (sp->root == p) proc_retire(sp);
+  }
+}
+
+void hd_sched_close_pool(hd_sched *s, hd_pool *p) {
+  hd_pool_set_closed(p);
+  hd_sched_kill_where(s, sched_match_pool, NULL, p);
+  hd_sched_forget_pool(s, p);
+}
+
+void hd_sched_shutdown(hd_sched *s) {
+  hd_queue *q;
+  if (s->closing) return;
+  s->closing = 1;
+  while (!hd_queue_empty(&s->waiting)) {
+    sched_pool *sp = HD_QUEUE_DATA(hd_queue_head(&s->waiting), sched_pool, wnode);
+    job_finish(HD_QUEUE_DATA(hd_queue_head(&sp->jobs), hd_job, pnode), HD_OUT_KILLED);
+  }
+  while ((q = hd_queue_head(&s->running)) != NULL) hd_job_kill(HD_QUEUE_DATA(q, hd_job, rnode));
+  hd_sup_close(s->sup);
+  uv_run(hd_loop_uv(s->loop), UV_RUN_NOWAIT);
+  uv_close((uv_handle_t *)s->idle_timer, sched_idle_close_cb);
+  s->idle_timer = NULL;
+  uv_run(hd_loop_uv(s->loop), UV_RUN_NOWAIT);
+}

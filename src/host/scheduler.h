@@ -1,0 +1,134 @@
+/* scheduler.h: the scheduler of jobs, the one module that knows them: it
+ * reserves capacity in pools, queues, starts jobs on worker processes,
+ * times them out, and ends each exactly once. It owns the host's context:
+ * the loop, the supervisor link and the worker processes. */
+#ifndef HD_SCHEDULER_H
+#define HD_SCHEDULER_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "buf.h"
+#include "outcome.h"
+#include "pool.h"
+
+typedef struct hd_sched hd_sched;
+typedef struct hd_job hd_job;
+
+/* ---- The context ------------------------------------------------------------ */
+
+hd_sched *hd_sched_new(const char *worker_path, char *err, size_t errlen);
+
+/* Ends everything: jobs are killed, processes end with the supervisor, and
+ * every handle is closed. The context lives on while jobs or pools hold it;
+ * it is freed when the last reference goes (hd_sched_unref). */
+void hd_sched_shutdown(hd_sched *s);
+void hd_sched_unref(hd_sched *s);
+int hd_sched_closing(const hd_sched *s);
+
+const char *hd_sched_worker_path(const hd_sched *s);
+
+/* An empty buffer to build a job frame in, reused across submits. */
+hd_buf *hd_sched_scratch(hd_sched *s);
+
+/* The host VM's bytecode header, which the workers' must match. */
+void hd_sched_set_bchead(hd_sched *s, const char *bc, size_t n);
+
+/* The host's module paths, for workers started from now on. */
+void hd_sched_set_paths(hd_sched *s, const char *path, const char *cpath);
+
+/* The paths a job frame must carry: NULL when the running supervisor's
+ * image has the current ones. */
+const char *hd_sched_job_path(const hd_sched *s);
+const char *hd_sched_job_cpath(const hd_sched *s);
+
+void hd_sched_set_max_result(hd_sched *s, double bytes);
+
+/* How long a blocking wait polls for a short job's reply before it sleeps. */
+void hd_sched_set_spin(hd_sched *s, uint64_t ns);
+
+/* Whether the loop is running now (from a callback, or a wait): nothing
+ * may then start a job, wait or step. */
+int hd_sched_in_loop(const hd_sched *s);
+
+/* The loop, for hosts that drive it: a descriptor that becomes readable
+ * when there is work, the ms until the next timer (-1: none), and a step
+ * that runs what is ready without blocking. */
+int hd_sched_fd(hd_sched *s);
+int hd_sched_timeout(hd_sched *s);
+void hd_sched_step(hd_sched *s);
+
+/* Blocks until the job is done. */
+void hd_sched_wait(hd_sched *s, hd_job *j);
+
+/* Calls fn with the pid of each worker process alive; *sup gets the
+ * supervisor's pid (or -1) and *fds the descriptors the host holds for its
+ * workers. For tests and dashboards. */
+void hd_sched_each_pid(hd_sched *s, void (*fn)(void *, pid_t), void *ud, pid_t *sup,
+                       int *fds);
+
+/* For tests and the fuzzers: the references held on the context (the
+ * caller's, one per job and per process), and ids counted from 1 again. */
+int hd_sched_refs(const hd_sched *s);
+void hd_sched_reset_ids(hd_sched *s);
+
+/* ---- Pools ------------------------------------------------------------------- */
+
+/* A pool nobody can start jobs in any more (its Lua object is gone): idle
+ * processes end now, busy ones when their jobs end. */
+void hd_sched_forget_pool(hd_sched *s, hd_pool *p);
+
+/* pool:close(): kills the pool's jobs, then forgets it. */
+void hd_sched_close_pool(hd_sched *s, hd_pool *p);
+
+/* ---- Jobs -------------------------------------------------------------------- */
+
+typedef struct hd_job_limits {
+  double max_ms;        /* math.huge: none */
+  double pool_timeout;  /* ms to wait for capacity; 0: none */
+  double max_result;    /* bytes; 0: the context's default */
+  uint64_t max_heap;
+} hd_job_limits;
+
+/* A new job started in `origin`, with one reference (the caller's). */
+hd_job *hd_job_new(hd_sched *s, hd_pool *origin);
+void hd_job_unref(hd_job *j);
+
+void hd_job_set_limits(hd_job *j, const hd_job_limits *lim);
+int hd_job_set_task(hd_job *j, const char *task_name);
+const char *hd_job_task(const hd_job *j);
+uint64_t hd_job_id(const hd_job *j);
+
+/* The job's candidate chains, to fill before it is submitted. */
+hd_chains *hd_job_chains(hd_job *j);
+
+/* The job frame (see wire.h), built in `b` (hd_sched_scratch): the job
+ * copies it, or takes b's memory when it is big. Returns -1 when memory
+ * runs out. */
+int hd_job_set_frame(hd_job *j, hd_buf *b);
+
+/* Reserves capacity and starts the job, queues it, or ends it rejected. */
+void hd_job_submit(hd_job *j);
+
+int hd_job_done(const hd_job *j);
+hd_outcome hd_job_outcome(const hd_job *j);
+
+/* Once done: the wait status of a process that died (-1 when unknown), the
+ * detail of BADREPLY, FAILED and a BADRESULT the host decided, and the
+ * reply's message (len 0 when there is none). */
+int hd_job_status(const hd_job *j);
+const char *hd_job_detail(const hd_job *j);
+void hd_job_message(const hd_job *j, const char **p, size_t *len);
+
+/* Whether `p` is the job's own pool or one it was (or may be) delegated to. */
+int hd_job_in_pool(const hd_job *j, const hd_pool *p);
+
+/* A user kill: the job ends now, as KILLED; its process is killed. */
+void hd_job_kill(hd_job *j);
+
+/* Kills every queued or running job `match` accepts, calling `each` on it
+ * first (may be NULL). Returns how many. */
+int hd_sched_kill_where(hd_sched *s, int (*match)(hd_job *, void *),
+                        void (*each)(hd_job *, void *), void *ud);
+
+#endif
