@@ -12,7 +12,7 @@
  * files share, declared here, is cx_* (macros CX_*). What one file keeps to
  * itself is static and takes that file's prefix: enc_ (codec_encode.c),
  * dec_ (codec_decode.c), val_ and mr_ (codec_validate.c), nc_
- * (codec_names.c). */
+ * (codec_names.c), walk_ (codec_walk.h). */
 
 /* Value tags of the wire format. */
 enum {
