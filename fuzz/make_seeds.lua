@@ -11,7 +11,7 @@ local encode = core.encode
 local dir = arg and arg[1] or "fuzz/seeds"
 
 ---------------------------------------------------------------------------
--- Wire helpers (src/proto.h, src/codec.c).
+-- Wire helpers (src/common/proto.h, src/common/codec_int.h).
 
 local function u32(n)
   return char(n % 256, floor(n / 256) % 256, floor(n / 65536) % 256, floor(n / 16777216) % 256)

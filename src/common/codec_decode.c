@@ -1,0 +1,301 @@
+/* codec_decode.c: the decoder: a message to Lua values, built by hooks on the walker of codec_walk.h. */
+#include <lauxlib.h>
+#include <lua.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "codec_int.h"
+#include "codec_walk.h"
+
+/* The Lua stack slots the decoder makes sure of: when it starts; for an
+ * error message, or the metatable pass's words; for a message about a name
+ * (two quoted parts and a dot). */
+#define DEC_SLOTS 8
+#define DEC_FAIL_SLOTS 4
+#define DEC_NAME_SLOTS 8
+
+/* The first byte of LuaJIT bytecode ("\033LJ"). */
+#define DEC_BYTECODE_MARK '\033'
+
+typedef struct dec_state {
+  lua_State *L;
+  int flags;
+  int refs;          /* stack slot: ref index + 1 → object, and -(k + 1) → true when
+                      * named value k is a function inside a table; nil until needed */
+  uint64_t named_fn; /* named values that are functions inside a table (hostile only) */
+  size_t budget;     /* table slots that size hints may still preallocate */
+} dec_state;
+
+#define DEC(w) ((dec_state *)(w)->ud)
+
+/* Raises "handler: bad message: <what> at byte <at>". */
+_Noreturn static void dec_bad_at(lua_State *L, const char *what, size_t at) {
+  char tail[48];
+  (void)lua_checkstack(L, DEC_FAIL_SLOTS);
+  snprintf(tail, sizeof tail, " at byte %zu", at);
+  lua_pushfstring(L, CX_MSG_BAD "%s%s", what, tail);
+  cx_throw(L);
+}
+
+/* The same, where the walk is. */
+_Noreturn static void dec_bad(cx_walk *w, const char *what) {
+  dec_bad_at(DEC(w)->L, what, (size_t)(w->p - w->start));
+}
+
+/* Raises "handler: bad message: <what> <quoted name...> at byte <offset>"
+ * for messages about a named value. */
+_Noreturn static void dec_bad_name(cx_walk *w, const char *what, const unsigned char *mod,
+                                   size_t mlen, const unsigned char *field, size_t flen) {
+  lua_State *L = DEC(w)->L;
+  (void)lua_checkstack(L, DEC_NAME_SLOTS);
+  cx_push_quoted(L, (const char *)mod, mlen);
+  if (field) {
+    lua_pushliteral(L, ".");
+    cx_push_quoted(L, (const char *)field, flen);
+    lua_concat(L, 3);
+  }
+  dec_bad(w, lua_pushfstring(L, "%s %s", what, lua_tostring(L, -1)));
+}
+
+static int dec_room(cx_walk *w, int slots) {
+  return !lua_checkstack(DEC(w)->L, slots);
+}
+
+static void dec_scalar(cx_walk *w, int tag, const unsigned char *s, size_t len) {
+  lua_State *L = DEC(w)->L;
+  switch (tag) {
+    case CX_T_NIL:
+      lua_pushnil(L);
+      return;
+    case CX_T_FALSE:
+    case CX_T_TRUE:
+      lua_pushboolean(L, tag == CX_T_TRUE);
+      return;
+    case CX_T_NUM: {
+      uint64_t bits = hd_get_u64((const char *)s);
+      lua_Number n;
+      memcpy(&n, &bits, sizeof n);
+      /* lua_pushnumber canonicalizes NaNs, so no payload can pose as one
+       * of the VM's tagged values. */
+      lua_pushnumber(L, n);
+      return;
+    }
+    default: /* CX_T_STR */
+      lua_pushlstring(L, (const char *)s, len);
+      return;
+  }
+}
+
+/* Makes the table or function on the top of the stack ref number w->nrefs
+ * (the walker has checked that it is below CX_MAX_REFS). */
+static void dec_register(cx_walk *w) {
+  dec_state *d = DEC(w);
+  lua_State *L = d->L;
+  if (lua_isnil(L, d->refs)) {
+    lua_newtable(L);
+    lua_replace(L, d->refs);
+  }
+  lua_pushvalue(L, -1);
+  lua_rawseti(L, d->refs, (int)w->nrefs + 1);
+}
+
+/* A size hint, cut to what the `left` bytes after it could fill and to what
+ * is left of the message's whole budget, so no header makes us allocate. */
+static int dec_hint(dec_state *d, uint64_t hint, size_t left) {
+  uint64_t room = (uint64_t)left / 2;
+  if (hint > room) hint = room;
+  if (hint > CX_HINT_MAX) hint = CX_HINT_MAX;
+  if (hint > d->budget) hint = d->budget;
+  d->budget -= (size_t)hint;
+  return (int)hint;
+}
+
+static void dec_table(cx_walk *w, int at, uint64_t narr, uint64_t nhash, size_t narr_left) {
+  dec_state *d = DEC(w);
+  int a = dec_hint(d, narr, narr_left);
+  (void)at;
+  lua_createtable(d->L, a, dec_hint(d, nhash, (size_t)(w->end - w->p)));
+  dec_register(w);
+}
+
+static void dec_field(cx_walk *w) {
+  lua_rawset(DEC(w)->L, -3);
+}
+
+static void dec_metatable(cx_walk *w) {
+  lua_setmetatable(DEC(w)->L, -2);
+}
+
+/* The number of upvalues of the function at idx. */
+static int dec_nups_of(lua_State *L, int idx) {
+  lua_Debug ar;
+  lua_pushvalue(L, idx);
+  lua_getinfo(L, ">u", &ar);
+  return ar.nups;
+}
+
+/* Loads a function's bytecode (trusted input only: LuaJIT does not verify
+ * bytecode, so loading it is as good as running native code). The ref comes
+ * before the upvalues, which may refer back to it. */
+static void dec_func(cx_walk *w, const unsigned char *bc, size_t len) {
+  lua_State *L = DEC(w)->L;
+  /* Only bytecode: source text would be compiled rather than refused. */
+  if (len == 0 || bc[0] != DEC_BYTECODE_MARK) dec_bad(w, "function is not bytecode");
+  if (luaL_loadbufferx(L, (const char *)bc, len, "=handler", "b") != 0) {
+    const char *msg = lua_tostring(L, -1);
+    dec_bad(w, lua_pushfstring(L, "cannot load function (%s)", msg ? msg : "?"));
+  }
+  dec_register(w);
+}
+
+static void dec_nups(cx_walk *w, uint64_t nups) {
+  lua_State *L = DEC(w)->L;
+  if (nups != (uint64_t)dec_nups_of(L, lua_gettop(L)))
+    dec_bad(w, "function upvalue count mismatch");
+}
+
+static void dec_upjoin(cx_walk *w, int i, uint64_t ref, uint64_t n) {
+  dec_state *d = DEC(w);
+  lua_State *L = d->L;
+  int f = lua_gettop(L);
+  lua_rawgeti(L, d->refs, (int)ref + 1);
+  if (!lua_isfunction(L, -1) || lua_iscfunction(L, -1) || n < 1 ||
+      n > (uint64_t)dec_nups_of(L, f + 1))
+    dec_bad(w, "bad upvalue join");
+  lua_upvaluejoin(L, f, i, f + 1, (int)n);
+  lua_pop(L, 1);
+}
+
+static void dec_upvalue(cx_walk *w, int i) {
+  lua_setupvalue(DEC(w)->L, -2, i);
+}
+
+static int dec_ref(cx_walk *w, int at, uint64_t ref) {
+  dec_state *d = DEC(w);
+  (void)at;
+  lua_rawgeti(d->L, d->refs, (int)ref + 1);
+  return lua_istable(d->L, -1) ? CX_K_TABLE : CX_K_OTHER;
+}
+
+/* Pushes package.loaded[mod], require()ing it first when trusted. */
+static void dec_module(cx_walk *w, const unsigned char *mod, size_t mlen) {
+  dec_state *d = DEC(w);
+  lua_State *L = d->L;
+  lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+  if (!lua_istable(L, -1)) dec_bad(w, "package.loaded is missing");
+  lua_pushlstring(L, (const char *)mod, mlen);
+  lua_rawget(L, -2);
+  lua_remove(L, -2);
+  if (!lua_isnil(L, -1)) return;
+  if (!(d->flags & HD_DEC_TRUSTED))
+    dec_bad_name(w, "no module in package.loaded named", mod, mlen, NULL, 0);
+  lua_pop(L, 1);
+  lua_getfield(L, LUA_GLOBALSINDEX, "require");
+  lua_pushlstring(L, (const char *)mod, mlen);
+  if (lua_pcall(L, 1, 1, 0) != 0) {
+    const char *msg = lua_tostring(L, -1);
+    cx_push_quoted(L, (const char *)mod, mlen);
+    lua_pushfstring(L, "handler: cannot load module %s: %s", lua_tostring(L, -1),
+                    msg ? msg : luaL_typename(L, -2));
+    cx_throw(L);
+  }
+  if (lua_isnil(L, -1))
+    dec_bad_name(w, "require returned nothing for module", mod, mlen, NULL, 0);
+}
+
+/* Pushes the named value. In hostile mode, notes whether it is a function
+ * inside a table, for dec_mt_check (a table is open, so the ref table
+ * exists). */
+static int dec_named(cx_walk *w, int at, const unsigned char *mod, size_t mlen,
+                     const unsigned char *field, size_t flen) {
+  dec_state *d = DEC(w);
+  lua_State *L = d->L;
+  uint64_t k = w->nnamed;
+  (void)at;
+  dec_module(w, mod, mlen);
+  if (field != NULL) {
+    if (!lua_istable(L, -1)) dec_bad_name(w, "module is not a table:", mod, mlen, NULL, 0);
+    lua_pushlstring(L, (const char *)field, flen);
+    /* Trusted modules may fill fields lazily through __index; hostile input
+     * must not make us call anything. */
+    if (d->flags & HD_DEC_TRUSTED)
+      lua_gettable(L, -2);
+    else
+      lua_rawget(L, -2);
+    if (lua_isnil(L, -1))
+      dec_bad_name(w, "no value in package.loaded named", mod, mlen, field, flen);
+    lua_remove(L, -2);
+  }
+  if (!(d->flags & HD_DEC_TRUSTED) && w->depth > 0 && lua_isfunction(L, -1)) {
+    d->named_fn++;
+    /* Past INT32_MAX (messages of gigabytes) every named value counts. */
+    if (k < INT32_MAX) {
+      lua_pushboolean(L, 1);
+      lua_rawseti(L, d->refs, -(int)k - 1);
+    }
+  }
+  if (lua_istable(L, -1)) return CX_K_TABLE;
+  if (lua_type(L, -1) == LUA_TNUMBER && lua_tonumber(L, -1) != lua_tonumber(L, -1))
+    return CX_K_NAN;
+  return CX_K_OTHER;
+}
+
+static int dec_counts(void *ud, uint64_t k) {
+  dec_state *d = ud;
+  int fn;
+  if (k >= INT32_MAX) return 1;
+  lua_rawgeti(d->L, d->refs, -(int)k - 1);
+  fn = lua_toboolean(d->L, -1);
+  lua_pop(d->L, 1);
+  return fn;
+}
+
+/* Refuses a hostile message whose metatables reach a named function (see
+ * cx_mt_reach), once the message is known to be well formed. */
+static void dec_mt_check(dec_state *d, const cx_walk *w) {
+  lua_State *L = d->L;
+  size_t at;
+  uint64_t *st;
+  if (!lua_checkstack(L, DEC_FAIL_SLOTS)) cx_oom(L);
+  st = lua_newuserdata(L, (size_t)w->nrefs * sizeof *st);
+  at = cx_mt_reach(w->start, (size_t)(w->end - w->start), st, w->nrefs, dec_counts, d);
+  lua_pop(L, 1);
+  if (at != 0) dec_bad_at(L, CX_MSG_NAMED_MT, at);
+}
+
+static const cx_ops dec_ops = {
+    .room = dec_room,
+    .scalar = dec_scalar,
+    .table = dec_table,
+    .func = dec_func,
+    .nups = dec_nups,
+    .ref = dec_ref,
+    .named = dec_named,
+    .upjoin = dec_upjoin,
+    .field = dec_field,
+    .metatable = dec_metatable,
+    .upvalue = dec_upvalue,
+};
+
+int hd_decode(lua_State *L, const char *p, size_t len, int flags) {
+  dec_state d;
+  cx_walk w;
+  int base, n;
+  d.L = L;
+  d.flags = flags;
+  d.named_fn = 0;
+  d.budget = len / 2;
+  if (!lua_checkstack(L, DEC_SLOTS)) cx_oom(L);
+  lua_pushnil(L);
+  base = d.refs = lua_gettop(L);
+  cx_walk_init(&w, p, len, (flags & HD_DEC_TRUSTED) != 0, &d);
+  if (cx_walk_run(&w, &dec_ops) != CX_WALK_OK) {
+    if (w.what == NULL) dec_bad_at(L, lua_pushfstring(L, "unknown tag %d", w.tag), w.at);
+    dec_bad_at(L, w.what, w.at);
+  }
+  if (w.saw_mt && d.named_fn > 0) dec_mt_check(&d, &w);
+  n = lua_gettop(L) - base;
+  lua_remove(L, base);
+  return n;
+}

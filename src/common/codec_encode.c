@@ -1,0 +1,556 @@
+/* codec_encode.c: the encoder: Lua values to a message, and a message of plain strings without a lua_State. */
+#include <lauxlib.h>
+#include <lua.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "codec_int.h"
+
+/* The Lua stack slots the encoder makes sure of: when it starts (its four
+ * slots of its own, and room), per table or function it enters, and to
+ * build an error message. */
+#define ENC_SLOTS 12
+#define ENC_ENTER_SLOTS 8
+#define ENC_FAIL_SLOTS 12
+
+/* Writes v as an unsigned LEB128 varint at p (room for CX_UV_MAX bytes) and
+ * returns how many bytes it took. */
+static size_t enc_uv_write(unsigned char *p, uint64_t v) {
+  size_t n = 0;
+  while (v >= CX_UV_MORE) {
+    p[n++] = (unsigned char)(v | CX_UV_MORE);
+    v >>= CX_UV_BITS;
+  }
+  p[n++] = (unsigned char)v;
+  return n;
+}
+
+static size_t enc_uv_size(uint64_t v) {
+  size_t n = 1;
+  while (v >= CX_UV_MORE) {
+    v >>= CX_UV_BITS;
+    n++;
+  }
+  return n;
+}
+
+/* One step of the path from a top-level value to the value being encoded.
+ * Steps only point at stack slots, which stay put while the encoder is
+ * below them, so the happy path never builds a string. */
+enum {
+  ENC_STEP_TOP,   /* n: the value's position among the top-level values */
+  ENC_STEP_KEY,   /* idx: the key under which the value sits */
+  ENC_STEP_KEYOF, /* idx: the key itself is the value */
+  ENC_STEP_MT,    /* the value is the metatable */
+  ENC_STEP_UPVAL  /* idx: the function; n: the upvalue number */
+};
+
+typedef struct enc_step {
+  int kind;
+  int idx;
+  int n;
+} enc_step;
+
+typedef struct enc_state {
+  lua_State *L;
+  hd_buf *out;
+  int flags;
+  int refs;   /* stack slot: object → ref index; nil until first needed */
+  int uvids;  /* stack slot: upvalue id → func ref * CX_UPS_PER_REF + upvalue number */
+  int nc;     /* stack slot: the name cache; nil until first needed */
+  int names;  /* stack slot: the cache's value → name table */
+  int names_state; /* 0: not fetched, 1: fetched, 2: rebuilt in this call */
+  lua_Number nrefs;
+  int depth;
+  int nsteps;
+  /* One step for the top level and one per container entered; entering
+   * more than HD_MAX_DEPTH containers is an error before a step is added. */
+  enc_step steps[HD_MAX_DEPTH + 2];
+} enc_state;
+
+static unsigned char *enc_room(enc_state *e, size_t n) {
+  if (hd_buf_reserve(e->out, n) != 0) cx_oom(e->L);
+  return (unsigned char *)e->out->data + e->out->len;
+}
+
+static void enc_put_tag(enc_state *e, int tag) {
+  *enc_room(e, 1) = (unsigned char)tag;
+  e->out->len++;
+}
+
+static void enc_put_uv(enc_state *e, uint64_t v) {
+  unsigned char *p = enc_room(e, CX_UV_MAX);
+  e->out->len += enc_uv_write(p, v);
+}
+
+static void enc_step_push(enc_state *e, int kind, int idx, int n) {
+  enc_step *s;
+  /* Cannot overflow: enc_enter bounds the nesting first. */
+  if (e->nsteps >= (int)(sizeof e->steps / sizeof e->steps[0])) return;
+  s = &e->steps[e->nsteps++];
+  s->kind = kind;
+  s->idx = idx;
+  s->n = n;
+}
+
+static int enc_is_ident(const char *s, size_t len) {
+  static const char *const keywords[] = {
+      "and",  "break", "do",  "else", "elseif", "end",   "false", "for",
+      "function", "goto", "if", "in", "local", "nil", "not", "or",
+      "repeat", "return", "then", "true", "until", "while"};
+  size_t i;
+  if (len == 0 || len > CX_SHOWN) return 0;
+  for (i = 0; i < len; i++) {
+    unsigned char c = (unsigned char)s[i];
+    int alpha = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
+    if (!alpha && (i == 0 || c < '0' || c > '9')) return 0;
+  }
+  for (i = 0; i < sizeof keywords / sizeof keywords[0]; i++)
+    if (strlen(keywords[i]) == len && memcmp(keywords[i], s, len) == 0) return 0;
+  return 1;
+}
+
+/* Pushes how a path shows the key at k: .name, ["str"], [3], [true],
+ * [table key]. */
+static void enc_push_key(lua_State *L, int k) {
+  switch (lua_type(L, k)) {
+    case LUA_TSTRING: {
+      size_t len;
+      const char *s = lua_tolstring(L, k, &len);
+      if (enc_is_ident(s, len)) {
+        lua_pushliteral(L, ".");
+        lua_pushlstring(L, s, len);
+      } else {
+        lua_pushliteral(L, "[");
+        cx_push_quoted(L, s, len);
+        lua_pushliteral(L, "]");
+        lua_concat(L, 2);
+      }
+      lua_concat(L, 2);
+      break;
+    }
+    case LUA_TNUMBER: {
+      char buf[64];
+      snprintf(buf, sizeof buf, "[%.14g]", (double)lua_tonumber(L, k));
+      lua_pushstring(L, buf);
+      break;
+    }
+    case LUA_TBOOLEAN:
+      lua_pushstring(L, lua_toboolean(L, k) ? "[true]" : "[false]");
+      break;
+    default:
+      lua_pushfstring(L, "[%s key]", luaL_typename(L, k));
+      break;
+  }
+}
+
+/* Pushes "upvalue 'name' of function at src:line" for upvalue n of the Lua
+ * function at f. Stripped functions have no upvalue names: "upvalue #n". */
+static void enc_push_upvalue_step(lua_State *L, int f, int n) {
+  lua_Debug ar;
+  const char *name = lua_getupvalue(L, f, n);
+  if (name) lua_pop(L, 1);
+  lua_pushvalue(L, f);
+  if (lua_getinfo(L, ">S", &ar) == 0) {
+    ar.short_src[0] = '?';
+    ar.short_src[1] = '\0';
+    ar.linedefined = 0;
+  }
+  if (name && *name)
+    lua_pushfstring(L, "upvalue '%s' of function at %s:%d", name, ar.short_src,
+                    ar.linedefined);
+  else
+    lua_pushfstring(L, "upvalue #%d of function at %s:%d", n, ar.short_src,
+                    ar.linedefined);
+}
+
+/* Appends the path to the string on the top of the stack. Top-level values
+ * and upvalues are joined with " -> "; keys run on like Lua code (.a[2]). A
+ * top-level function whose upvalue is at fault is named by that upvalue.
+ * L: ... msg → ... msg..path */
+static void enc_concat_path(enc_state *e) {
+  lua_State *L = e->L;
+  int i, any = 0, after_big = 0;
+  for (i = 0; i < e->nsteps; i++) {
+    enc_step *s = &e->steps[i];
+    switch (s->kind) {
+      case ENC_STEP_TOP:
+        if (i + 1 < e->nsteps && e->steps[i + 1].kind == ENC_STEP_UPVAL) continue;
+        lua_pushfstring(L, "value #%d", s->n);
+        after_big = 1;
+        break;
+      case ENC_STEP_UPVAL:
+        if (any) {
+          lua_pushliteral(L, " -> ");
+          lua_concat(L, 2);
+        }
+        enc_push_upvalue_step(L, s->idx, s->n);
+        after_big = 1;
+        break;
+      default:
+        if (after_big) {
+          lua_pushliteral(L, " -> ");
+          lua_concat(L, 2);
+        }
+        if (s->kind == ENC_STEP_MT) {
+          lua_pushliteral(L, "(metatable)");
+        } else {
+          enc_push_key(L, s->idx);
+          if (s->kind == ENC_STEP_KEYOF) {
+            lua_pushliteral(L, "(key)");
+            lua_concat(L, 2);
+          }
+        }
+        after_big = 0;
+        break;
+    }
+    lua_concat(L, 2);
+    any = 1;
+  }
+}
+
+/* Raises "handler: cannot send a <type><why>: <path>" for the value at idx. */
+_Noreturn static void enc_fail(enc_state *e, int idx, const char *why) {
+  lua_State *L = e->L;
+  /* Failing to grow the stack here would only turn this error into a
+   * stack overflow error; there is nothing better to do about it. */
+  (void)lua_checkstack(L, ENC_FAIL_SLOTS);
+  lua_pushfstring(L, "handler: cannot send a %s%s: ", luaL_typename(L, idx), why);
+  enc_concat_path(e);
+  cx_throw(L);
+}
+
+static void enc_enter(enc_state *e, int idx) {
+  lua_State *L = e->L;
+  if (++e->depth > HD_MAX_DEPTH) {
+    (void)lua_checkstack(L, ENC_FAIL_SLOTS);
+    enc_fail(e, idx, lua_pushfstring(L, " nested deeper than %d levels", HD_MAX_DEPTH));
+  }
+  if (!lua_checkstack(L, ENC_ENTER_SLOTS)) cx_oom(L);
+}
+
+/* Gives the table or function at idx the next ref index and returns it. */
+static lua_Number enc_register(enc_state *e, int idx) {
+  lua_State *L = e->L;
+  lua_Number ref = e->nrefs++;
+  if (lua_isnil(L, e->refs)) {
+    lua_newtable(L);
+    lua_replace(L, e->refs);
+  }
+  lua_pushvalue(L, idx);
+  lua_pushnumber(L, ref);
+  lua_rawset(L, e->refs);
+  return ref;
+}
+
+/* Writes a REF when the object at idx was sent before; returns 1 if so. */
+static int enc_ref(enc_state *e, int idx) {
+  lua_State *L = e->L;
+  if (lua_isnil(L, e->refs)) return 0;
+  lua_pushvalue(L, idx);
+  lua_rawget(L, e->refs);
+  if (lua_type(L, -1) == LUA_TNUMBER) {
+    lua_Number ref = lua_tonumber(L, -1);
+    lua_pop(L, 1);
+    enc_put_tag(e, CX_T_REF);
+    enc_put_uv(e, (uint64_t)ref);
+    return 1;
+  }
+  lua_pop(L, 1);
+  return 0;
+}
+
+/* Fetches the name cache into the encoder's slots. L: ... nc → ... */
+static void enc_names_set(enc_state *e) {
+  lua_State *L = e->L;
+  lua_rawgeti(L, -1, CX_NC_NAMES);
+  lua_replace(L, e->names);
+  lua_replace(L, e->nc);
+}
+
+/* Writes the value's NAMED record when it has a name; returns 1 if so. A
+ * miss with `rebuild` set rebuilds the cache once per message, since a
+ * module table may have gained a field since it was indexed. */
+static int enc_named(enc_state *e, int idx, int rebuild) {
+  lua_State *L = e->L;
+  size_t nlen, mlen;
+  const char *name, *mod;
+  unsigned char *p;
+  if (e->names_state == 0) {
+    e->names_state = cx_names_push(L) ? 2 : 1;
+    enc_names_set(e);
+  }
+  lua_pushvalue(L, idx);
+  lua_rawget(L, e->names);
+  if (lua_type(L, -1) != LUA_TSTRING && rebuild && e->names_state == 1) {
+    lua_pop(L, 1);
+    cx_names_build(L);
+    enc_names_set(e);
+    e->names_state = 2;
+    lua_pushvalue(L, idx);
+    lua_rawget(L, e->names);
+  }
+  if (lua_type(L, -1) != LUA_TSTRING) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  name = lua_tolstring(L, -1, &nlen);
+  lua_rawgeti(L, e->nc, CX_NC_OWNER);
+  lua_pushvalue(L, idx);
+  lua_rawget(L, -2);
+  if (lua_type(L, -1) == LUA_TSTRING) {
+    /* A field: NAMED_FIELD, module name, field name. */
+    mod = lua_tolstring(L, -1, &mlen);
+    if (nlen > SIZE_MAX / 2 - mlen) cx_oom(L);
+    p = enc_room(e, 1 + 2 * CX_UV_MAX + mlen + nlen);
+    p[0] = CX_T_NAMED_FIELD;
+    e->out->len += 1 + enc_uv_write(p + 1, mlen);
+    memcpy(e->out->data + e->out->len, mod, mlen);
+    e->out->len += mlen;
+    p = (unsigned char *)e->out->data + e->out->len;
+    e->out->len += enc_uv_write(p, nlen);
+  } else {
+    p = enc_room(e, 1 + CX_UV_MAX + nlen);
+    p[0] = CX_T_NAMED_MOD;
+    e->out->len += 1 + enc_uv_write(p + 1, nlen);
+  }
+  memcpy(e->out->data + e->out->len, name, nlen);
+  e->out->len += nlen;
+  lua_pop(L, 3);
+  return 1;
+}
+
+static void enc_value(enc_state *e, int idx);
+
+static void enc_table(enc_state *e, int t) {
+  lua_State *L = e->L;
+  int mt = 0, j;
+  size_t narr, hpos;
+  uint64_t count = 0, nhash;
+  unsigned char *p;
+  enc_enter(e, t);
+  enc_register(e, t);
+  if (lua_getmetatable(L, t)) mt = lua_gettop(L);
+  narr = lua_objlen(L, t);
+  p = enc_room(e, 1 + CX_UV_MAX + CX_HINT3_BYTES);
+  *p = (unsigned char)(mt ? CX_T_TABLE_MT : CX_T_TABLE);
+  e->out->len += 1 + enc_uv_write(p + 1, narr);
+  /* The hash hint is known only after the walk: leave room for it. */
+  hpos = e->out->len;
+  e->out->len += CX_HINT3_BYTES;
+  lua_pushnil(L);
+  while (lua_next(L, t) != 0) {
+    int k = lua_gettop(L) - 1;
+    enc_step_push(e, ENC_STEP_KEYOF, k, 0);
+    enc_value(e, k);
+    e->steps[e->nsteps - 1].kind = ENC_STEP_KEY;
+    enc_value(e, k + 1);
+    e->nsteps--;
+    lua_pop(L, 1);
+    count++;
+  }
+  enc_put_tag(e, CX_T_END);
+  nhash = count > narr ? count - narr : 0;
+  if (nhash > CX_HINT3_MAX) nhash = CX_HINT3_MAX;
+  p = (unsigned char *)e->out->data + hpos;
+  for (j = 0; j < CX_HINT3_BYTES; j++, nhash >>= CX_UV_BITS)
+    p[j] = (unsigned char)((nhash & (CX_UV_MORE - 1)) | (j + 1 < CX_HINT3_BYTES ? CX_UV_MORE : 0));
+  if (mt) {
+    enc_step_push(e, ENC_STEP_MT, mt, 0);
+    enc_value(e, mt);
+    e->nsteps--;
+    lua_pop(L, 1);
+  }
+  e->depth--;
+}
+
+typedef struct enc_dump {
+  hd_buf *out;
+  int oom;
+} enc_dump;
+
+/* lua_dump's writer. It runs inside the VM's protected call, so it reports
+ * running out of memory by its return value rather than by raising. */
+static int enc_dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
+  enc_dump *d = ud;
+  (void)L;
+  if (hd_buf_append(d->out, p, sz) != 0) {
+    d->oom = 1;
+    return 1;
+  }
+  return 0;
+}
+
+static void enc_function(enc_state *e, int f) {
+  lua_State *L = e->L;
+  lua_Debug ar;
+  lua_Number ref;
+  enc_dump dump;
+  size_t start, bclen, k;
+  int i, nups;
+  enc_enter(e, f);
+  ref = enc_register(e, f);
+  enc_put_tag(e, CX_T_FUNC);
+  /* Dump the bytecode (with debug info, for tracebacks) straight into the
+   * buffer, then slide it over to make room for its length in front. */
+  start = e->out->len;
+  dump.out = e->out;
+  dump.oom = 0;
+  lua_pushvalue(L, f);
+  if (lua_dump(L, enc_dump_writer, &dump) != 0) {
+    if (dump.oom) cx_oom(L);
+    enc_fail(e, f, " (its bytecode could not be dumped)");
+  }
+  lua_pop(L, 1);
+  bclen = e->out->len - start;
+  k = enc_uv_size(bclen);
+  enc_room(e, k);
+  memmove(e->out->data + start + k, e->out->data + start, bclen);
+  enc_uv_write((unsigned char *)e->out->data + start, bclen);
+  e->out->len += k;
+
+  lua_pushvalue(L, f);
+  lua_getinfo(L, ">u", &ar);
+  nups = ar.nups;
+  enc_put_uv(e, (uint64_t)nups);
+  if (nups > 0 && lua_isnil(L, e->uvids)) {
+    lua_newtable(L);
+    lua_replace(L, e->uvids);
+  }
+  for (i = 1; i <= nups; i++) {
+    void *id;
+    lua_getupvalue(L, f, i);
+    id = lua_upvalueid(L, f, i);
+    lua_pushlightuserdata(L, id);
+    lua_rawget(L, e->uvids);
+    if (lua_type(L, -1) == LUA_TNUMBER) {
+      /* Shared with a closure sent earlier: join it to that one's. */
+      uint64_t code = (uint64_t)lua_tonumber(L, -1);
+      lua_pop(L, 2);
+      enc_put_tag(e, CX_T_UPJOIN);
+      enc_put_uv(e, code / CX_UPS_PER_REF);
+      enc_put_uv(e, code % CX_UPS_PER_REF);
+      continue;
+    }
+    lua_pop(L, 1);
+    /* Recorded before the value is sent: a recursive local function's
+     * upvalue holds the function itself. */
+    lua_pushlightuserdata(L, id);
+    lua_pushnumber(L, ref * CX_UPS_PER_REF + i);
+    lua_rawset(L, e->uvids);
+    enc_step_push(e, ENC_STEP_UPVAL, f, i);
+    enc_value(e, lua_gettop(L));
+    e->nsteps--;
+    lua_pop(L, 1);
+  }
+  e->depth--;
+}
+
+static void enc_value(enc_state *e, int idx) {
+  lua_State *L = e->L;
+  switch (lua_type(L, idx)) {
+    case LUA_TNIL:
+      enc_put_tag(e, CX_T_NIL);
+      return;
+    case LUA_TBOOLEAN:
+      enc_put_tag(e, lua_toboolean(L, idx) ? CX_T_TRUE : CX_T_FALSE);
+      return;
+    case LUA_TNUMBER: {
+      lua_Number n = lua_tonumber(L, idx);
+      uint64_t bits;
+      unsigned char *p = enc_room(e, 1 + CX_NUM_BYTES);
+      memcpy(&bits, &n, sizeof bits);
+      p[0] = CX_T_NUM;
+      hd_put_u64((char *)p + 1, bits);
+      e->out->len += 1 + CX_NUM_BYTES;
+      return;
+    }
+    case LUA_TSTRING: {
+      size_t len;
+      const char *s = lua_tolstring(L, idx, &len);
+      unsigned char *p;
+      if (len > SIZE_MAX - (1 + CX_UV_MAX)) cx_oom(L);
+      p = enc_room(e, 1 + CX_UV_MAX + len);
+      p[0] = CX_T_STR;
+      e->out->len += 1 + enc_uv_write(p + 1, len);
+      memcpy(e->out->data + e->out->len, s, len);
+      e->out->len += len;
+      return;
+    }
+    case LUA_TTABLE:
+      if (enc_ref(e, idx) || enc_named(e, idx, 0)) return;
+      enc_table(e, idx);
+      return;
+    case LUA_TFUNCTION:
+      if (enc_ref(e, idx)) return;
+      if (!lua_iscfunction(L, idx) && (e->flags & HD_ENC_FUNCTIONS)) {
+        if (enc_named(e, idx, 0)) return;
+        enc_function(e, idx);
+        return;
+      }
+      if (enc_named(e, idx, 1)) return;
+      enc_fail(e, idx,
+                  lua_iscfunction(L, idx)
+                      ? " (C function not found in package.loaded)"
+                      : " (only data and names from package.loaded travel back)");
+    case LUA_TUSERDATA:
+    case LUA_TLIGHTUSERDATA:
+      if (enc_named(e, idx, 1)) return;
+      enc_fail(e, idx, "");
+    default:
+      /* Threads, cdata and whatever else the VM has. */
+      enc_fail(e, idx, "");
+  }
+}
+
+void hd_encode(lua_State *L, int first, int n, hd_buf *out, int flags) {
+  enc_state e;
+  int base, i;
+  if (first < 0 && first > LUA_REGISTRYINDEX) first = lua_gettop(L) + first + 1;
+  if (n < 0) n = 0;
+  if (n > CX_MAX_VALUES) {
+    lua_pushfstring(L, "handler: cannot send %d values (at most %d)", n, CX_MAX_VALUES);
+    cx_throw(L);
+  }
+  if (!lua_checkstack(L, ENC_SLOTS)) cx_oom(L);
+  base = lua_gettop(L);
+  /* Slots for the ref map, the upvalue map and the name cache, each made
+   * only when a message needs it, so that scalars cost nothing extra. */
+  lua_pushnil(L);
+  lua_pushnil(L);
+  lua_pushnil(L);
+  lua_pushnil(L);
+  e.L = L;
+  e.out = out;
+  e.flags = flags;
+  e.refs = base + 1;
+  e.uvids = base + 2;
+  e.nc = base + 3;
+  e.names = base + 4;
+  e.names_state = 0;
+  e.nrefs = 0;
+  e.depth = 0;
+  e.nsteps = 0;
+  enc_put_uv(&e, (uint64_t)n);
+  for (i = 0; i < n; i++) {
+    e.nsteps = 0;
+    enc_step_push(&e, ENC_STEP_TOP, 0, i + 1);
+    enc_value(&e, first + i);
+  }
+  lua_settop(L, base);
+}
+
+int hd_encode_strings(hd_buf *out, int n, const char *const *s, const size_t *len) {
+  unsigned char tmp[10];
+  int i;
+  if (hd_buf_append(out, tmp, enc_uv_write(tmp, (uint64_t)(n < 0 ? 0 : n))) != 0) return -1;
+  for (i = 0; i < n; i++) {
+    tmp[0] = CX_T_STR;
+    if (hd_buf_append(out, tmp, 1) != 0 ||
+        hd_buf_append(out, tmp, enc_uv_write(tmp, (uint64_t)len[i])) != 0 ||
+        hd_buf_append(out, s[i], len[i]) != 0)
+      return -1;
+  }
+  return 0;
+}

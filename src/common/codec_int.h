@@ -1,0 +1,158 @@
+/* codec_int.h: what the codec's files share: the wire format's tags and limits, and their helpers. */
+#ifndef HD_CODEC_INT_H
+#define HD_CODEC_INT_H
+
+#include <lua.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "codec.h"
+
+/* Names. codec.h is the codec's API: hd_* (macros HD_*). What the codec's
+ * files share, declared here, is cx_* (macros CX_*). What one file keeps to
+ * itself is static and takes that file's prefix: enc_ (codec_encode.c),
+ * dec_ (codec_decode.c), val_ and mr_ (codec_validate.c), nc_
+ * (codec_names.c), walk_ (codec_walk.h). */
+
+/* Value tags of the wire format. */
+enum {
+  CX_T_NIL = 0, CX_T_FALSE = 1, CX_T_TRUE = 2, CX_T_NUM = 3, CX_T_STR = 4, /* scalars */
+  CX_T_TABLE = 5, CX_T_TABLE_MT = 6, CX_T_END = 7, CX_T_REF = 8,          /* tables */
+  CX_T_FUNC = 9, CX_T_UPJOIN = 10,                  /* functions (trusted messages only) */
+  CX_T_NAMED_MOD = 11, CX_T_NAMED_FIELD = 12        /* values sent by name */
+};
+
+/* The longest varint (unsigned LEB128): ten bytes, the tenth holding bit 63
+ * only. */
+#define CX_UV_MAX 10
+#define CX_UV_BITS 7    /* bits of the value in a byte, lowest first */
+#define CX_UV_MORE 0x80 /* a varint byte's "another byte follows" bit */
+
+/* A number is its eight bytes, little-endian. */
+#define CX_NUM_BYTES 8
+
+/* A C function may hold at most LUAI_MAXCSTACK Lua stack slots, counted
+ * from its frame's base, so its caller's slots count too. The decoder keeps
+ * to CX_DEC_SLOTS of them, counted from where it starts, whatever its caller
+ * holds: whether a message decodes then depends on the message alone, which
+ * is what lets hd_validate tell without a lua_State. The rest is left to the
+ * caller (the decoders in lhandler.c, lcodec.c and worker.c hold one or two
+ * slots). */
+#ifndef LUAI_MAXCSTACK
+#define LUAI_MAXCSTACK 8000
+#endif
+#define CX_DEC_SLOTS (LUAI_MAXCSTACK - 64)
+
+/* The slots the decoder keeps spare beyond what it holds, each time it
+ * opens a table or function and for the top-level values. */
+#define CX_SPARE_SLOTS 8
+
+/* The most top-level values in one message: all of them, the decoder's one
+ * slot of its own and the ones it keeps spare fit in CX_DEC_SLOTS. The
+ * encoder refuses more too, so that what one side sends the other can take. */
+#define CX_MAX_VALUES (CX_DEC_SLOTS - 1 - CX_SPARE_SLOTS)
+
+/* The most tables and functions in one message: the decoder keeps them in a
+ * Lua table under int keys. */
+#define CX_MAX_REFS INT32_MAX
+
+/* The most slots one table's size hint may preallocate. Hints only save
+ * rehashing; a table that really is bigger still grows as it fills. */
+#define CX_HINT_MAX (1u << 20)
+
+/* The hash-size hint is backpatched after the entries are counted, so it is
+ * written as a varint of a fixed CX_HINT3_BYTES bytes and can hold at most
+ * CX_HINT3_MAX. */
+#define CX_HINT3_BYTES 3
+#define CX_HINT3_MAX ((1u << (CX_UV_BITS * CX_HINT3_BYTES)) - 1)
+
+/* Function upvalues are keyed by func ref * CX_UPS_PER_REF + upvalue number
+ * while encoding (LuaJIT allows fewer than CX_UPS_PER_REF upvalues). */
+#define CX_UPS_PER_REF 256
+
+/* How many bytes of a string key or a name an error message shows. */
+#define CX_SHOWN 40
+
+/* The start of every message about a refused message. */
+#define CX_MSG_BAD "handler: bad message: "
+#define CX_MSG_OOM "handler: out of memory"
+
+/* Why a hostile message is refused when a metatable reaches a host function
+ * (see cx_mt_reach). */
+#define CX_MSG_NAMED_MT "a named value in a metatable"
+
+/* Raises the value on the top of the stack. lua_error never returns, but it
+ * is not declared so; abort() tells the compiler. */
+_Noreturn static inline void cx_throw(lua_State *L) {
+  lua_error(L);
+  abort();
+}
+
+_Noreturn static inline void cx_oom(lua_State *L) {
+  lua_pushliteral(L, CX_MSG_OOM);
+  cx_throw(L);
+}
+
+/* Reads a varint at *pp, before end: 0 when read (into *out, *pp past it),
+ * 1 when the message ends first (*pp at end), 2 when it is too long (*pp at
+ * the bad byte). */
+static inline int cx_uv_read(const unsigned char **pp, const unsigned char *end, uint64_t *out) {
+  const unsigned char *p = *pp;
+  uint64_t v = 0;
+  int i;
+  for (i = 0; i < CX_UV_MAX; i++) {
+    unsigned c;
+    if (p >= end) {
+      *pp = p;
+      return 1;
+    }
+    c = *p;
+    if (i == CX_UV_MAX - 1 && c > 1) {
+      *pp = p;
+      return 2;
+    }
+    p++;
+    v |= (uint64_t)(c & (CX_UV_MORE - 1)) << (CX_UV_BITS * i);
+    if (!(c & CX_UV_MORE)) {
+      *pp = p;
+      *out = v;
+      return 0;
+    }
+  }
+  *pp = p;
+  return 2;
+}
+
+/* Pushes s as a quoted, escaped string, cut after CX_SHOWN bytes, for error
+ * messages that must stay readable whatever bytes a key or name holds. */
+void cx_push_quoted(lua_State *L, const char *s, size_t len);
+
+/* ------------------------------------------------------------------------ */
+/* The name cache (codec_names.c): which values travel by name.              */
+/* ------------------------------------------------------------------------ */
+
+/* The cache is a table; its fields (see codec_names.c): */
+enum { CX_NC_NAMES = 1, CX_NC_OWNER, CX_NC_SEEN, CX_NC_PRINT, CX_NC_NSEEN };
+
+/* Pushes the name cache, brought up to date; returns 1 when it was rebuilt
+ * rather than reused. L: ... → ... nc */
+int cx_names_push(lua_State *L);
+
+/* Builds the name cache afresh and pushes it. L: ... → ... nc */
+void cx_names_build(lua_State *L);
+
+/* ------------------------------------------------------------------------ */
+/* Metatables in hostile messages (codec_validate.c).                        */
+/* ------------------------------------------------------------------------ */
+
+/* Whether named value number k (from 0, in message order) counts. */
+typedef int (*cx_counts_fn)(void *ud, uint64_t k);
+
+/* Returns 0 when no metatable of the message (of ntables tables, accepted
+ * by hd_validate or hd_decode(…, 0)) reaches a named value that `counts`
+ * (NULL: every one), otherwise the offset just after such a named value. st
+ * has room for ntables words. */
+size_t cx_mt_reach(const unsigned char *start, size_t len, uint64_t *st, uint64_t ntables,
+                   cx_counts_fn counts, void *ud);
+
+#endif

@@ -1,0 +1,361 @@
+/* codec_names.c: the name cache (which values travel by name, under which name) and how a name shows in a message. */
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "codec_int.h"
+
+/* The name cache lives in the registry under this address, the set of
+ * standard names under the other. */
+static const char nc_names_key = 0;
+static const char nc_std_key = 0;
+
+/* The Lua stack slots the cache's functions make sure of: indexing a module
+ * table, looking a standard name up, building or fetching the cache. */
+#define NC_INDEX_SLOTS 12
+#define NC_STD_SLOTS 4
+#define NC_SLOTS 8
+
+/* The most characters one byte shows as: \ddd. */
+#define NC_ESC_MAX 4
+
+void cx_push_quoted(lua_State *L, const char *s, size_t len) {
+  char buf[CX_SHOWN * NC_ESC_MAX + 8]; /* quotes and "..." */
+  size_t i, o = 0, n = len < CX_SHOWN ? len : CX_SHOWN;
+  buf[o++] = '"';
+  for (i = 0; i < n; i++) {
+    unsigned char c = (unsigned char)s[i];
+    if (c == '"' || c == '\\') {
+      buf[o++] = '\\';
+      buf[o++] = (char)c;
+    } else if (c == '\n') {
+      buf[o++] = '\\';
+      buf[o++] = 'n';
+    } else if (c == '\r') {
+      buf[o++] = '\\';
+      buf[o++] = 'r';
+    } else if (c == '\t') {
+      buf[o++] = '\\';
+      buf[o++] = 't';
+    } else if (c < 32 || c >= 127) {
+      buf[o++] = '\\';
+      buf[o++] = (char)('0' + c / 100);
+      buf[o++] = (char)('0' + c / 10 % 10);
+      buf[o++] = (char)('0' + c % 10);
+    } else {
+      buf[o++] = (char)c;
+    }
+  }
+  buf[o++] = '"';
+  if (len > n) {
+    memcpy(buf + o, "...", 3);
+    o += 3;
+  }
+  lua_pushlstring(L, buf, o);
+}
+
+/* ------------------------------------------------------------------------ */
+/* The name cache                                                           */
+/* ------------------------------------------------------------------------ */
+
+/* Whether a value of this type may be sent by name. */
+static int nc_nameable(int type) {
+  return type == LUA_TTABLE || type == LUA_TFUNCTION || type == LUA_TUSERDATA ||
+         type == LUA_TLIGHTUSERDATA;
+}
+
+/* The cache is a table in the registry under &nc_names_key:
+ *   [NAMES] value → its name: a module's name, or a field's name;
+ *   [OWNER] value → the module's name, for values named as a field;
+ *   [SEEN]  module name → the module value as it was indexed;
+ *   [PRINT] the fingerprint of package.loaded when last indexed;
+ *   [NSEEN] how many modules SEEN holds.
+ * NAMES and OWNER have weak keys and SEEN weak values, so that the cache
+ * pins nothing. Names are the strings package.loaded and the modules
+ * already hold, so indexing allocates no strings. Its fields are numbered
+ * CX_NC_* (codec_int.h). */
+
+/* The fingerprint of package.loaded (at `loaded`): its number of entries
+ * mixed with the addresses of its keys and values, so that one module
+ * unloaded and another loaded between two messages is noticed too. It is
+ * folded to 52 bits so that a lua_Number holds it exactly. */
+static lua_Number nc_loaded_print(lua_State *L, int loaded) {
+  uint64_t sum = 0, count = 0;
+  lua_pushnil(L);
+  while (lua_next(L, loaded) != 0) {
+    uint64_t k = (uint64_t)(uintptr_t)lua_topointer(L, -2);
+    uint64_t v = (uint64_t)(uintptr_t)lua_topointer(L, -1);
+    sum += (k * 0x9e3779b97f4a7c15u) ^ v;
+    count++;
+    lua_pop(L, 1);
+  }
+  sum += count << 40;
+  return (lua_Number)((sum ^ (sum >> 52)) & ((UINT64_C(1) << 52) - 1));
+}
+
+/* Pushes a new empty table with the given __mode. */
+static void nc_push_weak(lua_State *L, int narr, int nhash, const char *mode) {
+  lua_createtable(L, narr, nhash);
+  lua_createtable(L, 0, 1);
+  lua_pushstring(L, mode);
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, -2);
+}
+
+/* Pushes the set of names ("mod.field", and "mod") that a fresh state with
+ * the standard libraries has, built once from a throwaway state. When a
+ * value has two names (a host that aliased table.unpack = unpack), the one
+ * a worker's fresh state also has is the one that can travel.
+ * L: ... → ... set */
+static void nc_std_push(lua_State *L) {
+  lua_State *F;
+  lua_pushlightuserdata(L, (void *)&nc_std_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  if (lua_istable(L, -1)) return;
+  lua_pop(L, 1);
+  lua_newtable(L);
+  F = luaL_newstate();
+  if (F != NULL) {
+    luaL_openlibs(F);
+    lua_getfield(F, LUA_REGISTRYINDEX, "_LOADED");
+    lua_pushnil(F);
+    while (lua_next(F, -2) != 0) {
+      if (lua_type(F, -2) == LUA_TSTRING && lua_istable(F, -1)) {
+        const char *mod = lua_tostring(F, -2);
+        lua_pushstring(L, mod);
+        lua_pushboolean(L, 1);
+        lua_rawset(L, -3);
+        lua_pushnil(F);
+        while (lua_next(F, -2) != 0) {
+          if (lua_type(F, -2) == LUA_TSTRING) {
+            lua_pushfstring(L, "%s.%s", mod, lua_tostring(F, -2));
+            lua_pushboolean(L, 1);
+            lua_rawset(L, -3);
+          }
+          lua_pop(F, 1);
+        }
+      }
+      lua_pop(F, 1);
+    }
+    lua_close(F);
+  }
+  lua_pushlightuserdata(L, (void *)&nc_std_key);
+  lua_pushvalue(L, -2);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+/* Whether mod.field (strings at the two indices) is a standard name. */
+static int nc_std_has(lua_State *L, int mod, int field) {
+  int has;
+  if (!lua_isstring(L, mod) || !lua_isstring(L, field)) return 0;
+  if (!lua_checkstack(L, NC_STD_SLOTS)) cx_oom(L);
+  nc_std_push(L);
+  lua_pushfstring(L, "%s.%s", lua_tostring(L, mod), lua_tostring(L, field));
+  lua_rawget(L, -2);
+  has = lua_toboolean(L, -1);
+  lua_pop(L, 2);
+  return has;
+}
+
+/* Names the reference-type fields of the module table at `mod`, whose name
+ * is the string at `modkey`, unless a value has a name already. In the
+ * globals table only C functions and userdata are named: its tables that
+ * matter are modules, named already, while the Lua functions and tables a
+ * script puts there exist on its side only, so they must travel by value.
+ * L: ... → same */
+static void nc_fields(lua_State *L, int names, int owner, int modkey, int mod,
+                            int globals) {
+  lua_pushnil(L);
+  while (lua_next(L, mod) != 0) {
+    int vt = lua_type(L, -1);
+    if (lua_type(L, -2) == LUA_TSTRING && nc_nameable(vt) &&
+        (!globals || vt == LUA_TUSERDATA || vt == LUA_TLIGHTUSERDATA ||
+         (vt == LUA_TFUNCTION && lua_iscfunction(L, -1)))) {
+      int kidx = lua_gettop(L) - 1, vidx = kidx + 1, take;
+      lua_pushvalue(L, vidx);
+      lua_rawget(L, names);
+      take = lua_isnil(L, -1);
+      if (!take) {
+        /* A second name: it wins only if it is standard and the first is
+         * not. */
+        lua_pushvalue(L, vidx);
+        lua_rawget(L, owner);
+        take = !nc_std_has(L, lua_gettop(L), lua_gettop(L) - 1) && nc_std_has(L, modkey, kidx);
+        lua_pop(L, 1);
+      }
+      lua_pop(L, 1);
+      if (take) {
+        lua_pushvalue(L, vidx);
+        lua_pushvalue(L, kidx);
+        lua_rawset(L, names);
+        lua_pushvalue(L, vidx);
+        lua_pushvalue(L, modkey);
+        lua_rawset(L, owner);
+      }
+    }
+    lua_pop(L, 1);
+  }
+}
+
+/* Indexes the modules of package.loaded (at `loaded`) that the cache (at
+ * `nc`) has not seen: modules first, then fields of module tables, the
+ * globals table last so that string.format is named after string, not
+ * after _G. The first name found wins, except that a module's own name
+ * beats a field's. L: ... → same */
+static void nc_index(lua_State *L, int nc, int loaded) {
+  int names, owner, seen, pass;
+  lua_Number nseen;
+  if (!lua_checkstack(L, NC_INDEX_SLOTS)) cx_oom(L);
+  lua_rawgeti(L, nc, CX_NC_NAMES);
+  names = lua_gettop(L);
+  lua_rawgeti(L, nc, CX_NC_OWNER);
+  owner = names + 1;
+  lua_rawgeti(L, nc, CX_NC_SEEN);
+  seen = names + 2;
+  lua_rawgeti(L, nc, CX_NC_NSEEN);
+  nseen = lua_tonumber(L, -1);
+  lua_pop(L, 1);
+  for (pass = 0; pass < 3; pass++) {
+    lua_pushnil(L);
+    while (lua_next(L, loaded) != 0) {
+      int k = lua_gettop(L) - 1, v = k + 1, fresh;
+      if (lua_type(L, k) != LUA_TSTRING) {
+        lua_pop(L, 1);
+        continue;
+      }
+      lua_pushvalue(L, k);
+      lua_rawget(L, seen);
+      fresh = lua_isnil(L, -1);
+      lua_pop(L, 1);
+      if (fresh && pass == 0 && nc_nameable(lua_type(L, v))) {
+        lua_pushvalue(L, v);
+        lua_pushvalue(L, k);
+        lua_rawset(L, names);
+        lua_pushvalue(L, v);
+        lua_rawget(L, owner);
+        if (!lua_isnil(L, -1)) {
+          lua_pushvalue(L, v);
+          lua_pushnil(L);
+          lua_rawset(L, owner);
+        }
+        lua_pop(L, 1);
+      } else if (fresh && pass > 0 && lua_istable(L, v)) {
+        int globals;
+        lua_pushvalue(L, LUA_GLOBALSINDEX);
+        globals = lua_rawequal(L, -1, v);
+        lua_pop(L, 1);
+        if (globals == pass - 1) nc_fields(L, names, owner, k, v, globals);
+      }
+      lua_pop(L, 1);
+    }
+  }
+  /* Only now are the new modules marked seen: the passes above told them
+   * from the old ones by their absence from SEEN. */
+  lua_pushnil(L);
+  while (lua_next(L, loaded) != 0) {
+    if (lua_type(L, -2) == LUA_TSTRING) {
+      lua_pushvalue(L, -2);
+      lua_rawget(L, seen);
+      if (lua_isnil(L, -1)) {
+        lua_pushvalue(L, -3);
+        lua_pushvalue(L, -3);
+        lua_rawset(L, seen);
+        nseen++;
+      }
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+  }
+  lua_pushnumber(L, nc_loaded_print(L, loaded));
+  lua_rawseti(L, nc, CX_NC_PRINT);
+  lua_pushnumber(L, nseen);
+  lua_rawseti(L, nc, CX_NC_NSEEN);
+  lua_pop(L, 3);
+}
+
+/* Builds the name cache afresh, stores it in the registry and pushes it.
+ * package.loaded is the registry's _LOADED, the table require uses.
+ * L: ... → ... nc */
+void cx_names_build(lua_State *L) {
+  int nc;
+  if (!lua_checkstack(L, NC_SLOTS)) cx_oom(L);
+  lua_createtable(L, 5, 0);
+  nc = lua_gettop(L);
+  nc_push_weak(L, 0, 64, "k");
+  lua_rawseti(L, nc, CX_NC_NAMES);
+  nc_push_weak(L, 0, 64, "k");
+  lua_rawseti(L, nc, CX_NC_OWNER);
+  nc_push_weak(L, 0, 16, "v");
+  lua_rawseti(L, nc, CX_NC_SEEN);
+  lua_pushnumber(L, 0);
+  lua_rawseti(L, nc, CX_NC_NSEEN);
+  lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+  if (lua_istable(L, -1)) nc_index(L, nc, nc + 1);
+  lua_pop(L, 1);
+  lua_pushlightuserdata(L, (void *)&nc_names_key);
+  lua_pushvalue(L, nc);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+/* Pushes the name cache, brought up to date. The cheap check is the
+ * fingerprint of package.loaded, one walk over its entries only. When it
+ * changed and every module seen before is still there, unchanged, only the
+ * new modules are indexed; otherwise the cache is rebuilt. Returns 1 when
+ * it was rebuilt. L: ... → ... nc */
+int cx_names_push(lua_State *L) {
+  lua_Number fp, same = 0;
+  int nc, loaded, seen, stale = 0;
+  if (!lua_checkstack(L, NC_SLOTS)) cx_oom(L);
+  lua_pushlightuserdata(L, (void *)&nc_names_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  nc = lua_gettop(L);
+  if (!lua_istable(L, nc)) {
+    lua_pop(L, 1);
+    cx_names_build(L);
+    return 1;
+  }
+  lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+  loaded = nc + 1;
+  if (!lua_istable(L, loaded)) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  fp = nc_loaded_print(L, loaded);
+  lua_rawgeti(L, nc, CX_NC_PRINT);
+  if (lua_tonumber(L, -1) == fp) {
+    lua_pop(L, 2);
+    return 0;
+  }
+  lua_pop(L, 1);
+  lua_rawgeti(L, nc, CX_NC_SEEN);
+  seen = loaded + 1;
+  lua_pushnil(L);
+  while (lua_next(L, loaded) != 0) {
+    if (lua_type(L, -2) == LUA_TSTRING) {
+      lua_pushvalue(L, -2);
+      lua_rawget(L, seen);
+      if (!lua_isnil(L, -1)) {
+        if (lua_rawequal(L, -1, -2))
+          same++;
+        else
+          stale = 1;
+      }
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+  }
+  lua_rawgeti(L, nc, CX_NC_NSEEN);
+  if (!stale && lua_tonumber(L, -1) == same) {
+    /* Modules were only added: index just those. */
+    lua_pop(L, 2);
+    nc_index(L, nc, loaded);
+    lua_pop(L, 1);
+    return 0;
+  }
+  lua_pop(L, 4);
+  cx_names_build(L);
+  return 1;
+}
+
