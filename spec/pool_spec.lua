@@ -7,146 +7,26 @@
 -- FIFO the test holds open; a job opens it and blocks in read until the test
 -- opens the gate (see `new_gate`). No job here sleeps-and-hopes.
 local handler = require("handler")
-local ffi = require("ffi")
+local H = require("spec.support.helpers")
 
-local core = handler._core
-local format, concat = string.format, table.concat
+local format = string.format
 local ipairs, pairs, select, tostring, type, pcall = ipairs, pairs, select, tostring, type, pcall
+local now, wait_until, alive = H.now, H.wait_until, H.alive
+local workers, set_of, new_workers = H.workers, H.set_of, H.new_workers
+local write_file, read_file, shell_quote = H.write_file, H.read_file, H.shell_quote
 
----------------------------------------------------------------------------
--- Host-side helpers (local to this spec; C declarations under our own asm
--- names so they never clash with another spec's).
-
-local function cdef(s) pcall(ffi.cdef, s) end
-cdef [[int pool_spec_getpid(void) __asm__("getpid");]]
-cdef [[int pool_spec_fcntl(int fd, int cmd, ...) __asm__("fcntl");]]
-cdef [[int pool_spec_mkfifo(const char *path, unsigned int mode) __asm__("mkfifo");]]
-cdef [[int pool_spec_poll(void *fds, unsigned long n, int ms) __asm__("poll");]]
-cdef [[int pool_spec_clock_gettime(int clk, void *ts) __asm__("clock_gettime");]]
-cdef [[long pool_spec_readlink(const char *path, char *buf, unsigned long n) __asm__("readlink");]]
-local C = ffi.C
-
-local HOST_PID = C.pool_spec_getpid()
-
-local ts = ffi.new("long[2]")
-local function now() -- seconds, monotonic
-  C.pool_spec_clock_gettime(1, ts)
-  return tonumber(ts[0]) + tonumber(ts[1]) / 1e9
-end
-
-local function sleep_ms(ms) C.pool_spec_poll(nil, 0, ms) end
-
--- Polls pred() until it holds or `seconds` (default 5) pass, driving the
--- handler loop in between. Returns whether it held.
-local function wait_until(pred, seconds)
-  local deadline = now() + (seconds or 5)
-  while true do
-    if pred() then return true end
-    if now() > deadline then return false end
-    handler.step()
-    sleep_ms(5)
-  end
-end
-
-local function fd_count()
-  local n = 0
-  for fd = 0, 4095 do
-    if C.pool_spec_fcntl(fd, 1) >= 0 then n = n + 1 end
-  end
-  return n
-end
-
--- How many of the host's fds are sockets.
-local function socket_count()
-  local n, buf = 0, ffi.new("char[256]")
-  for fd = 0, 4095 do
-    if C.pool_spec_fcntl(fd, 1) >= 0 then
-      local len = C.pool_spec_readlink("/proc/self/fd/" .. fd, buf, 255)
-      if len > 7 and ffi.string(buf, 7) == "socket:" then n = n + 1 end
-    end
-  end
-  return n
-end
-
--- "fd:target ..." of the host's open fds, for messages.
-local function fd_list()
-  local out, buf = {}, ffi.new("char[256]")
-  for fd = 0, 4095 do
-    if C.pool_spec_fcntl(fd, 1) >= 0 then
-      local n = C.pool_spec_readlink("/proc/self/fd/" .. fd, buf, 255)
-      out[#out + 1] = fd .. ":" .. (n > 0 and ffi.string(buf, n) or "?")
-    end
-  end
-  return concat(out, " ")
-end
-
--- A process exists and is not a zombie.
-local function alive(pid)
-  local f = io.open("/proc/" .. tostring(pid) .. "/stat")
-  if f == nil then return false end
-  local s = f:read("*a")
-  f:close()
-  local st = s and s:match("^.*%) (%S)")
-  return st ~= nil and st ~= "Z" and st ~= "X"
-end
-
-local function proc_state(pid)
-  local f = io.open("/proc/" .. tostring(pid) .. "/stat")
-  if f == nil then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s and s:match("^.*%) (%S)")
-end
-
--- Live worker pids the core knows.
-local function workers()
-  local p = core.procs()
-  local out = {}
-  for i = 1, #p do out[i] = p[i] end
-  return out
-end
-
-local function set_of(list)
-  local s = {}
-  for _, v in ipairs(list) do s[v] = true end
-  return s
-end
-
--- Worker pids that are not in `before` (a set).
-local function new_workers(before)
-  local out = {}
-  for _, pid in ipairs(workers()) do
-    if not before[pid] then out[#out + 1] = pid end
-  end
-  return out
-end
+local HOST_PID = H.getpid()
 
 -- Workers that were alive before the current test (another spec's idle
 -- ones, say): the checks below are about the others.
 local preexisting = {}
 local function mine() return new_workers(preexisting) end
 
-local function shell_quote(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
-
 local tmpdir
 local seq = 0
 local function tmpname(what)
   seq = seq + 1
   return format("%s/%s%d", tmpdir, what, seq)
-end
-
-local function write_file(path, text)
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-end
-
-local function read_file(path)
-  local f = io.open(path)
-  if f == nil then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s
 end
 
 ---------------------------------------------------------------------------
@@ -160,7 +40,7 @@ local gates = {}
 
 local function new_gate()
   local path = tmpname("gate")
-  assert(C.pool_spec_mkfifo(path, 384) == 0, "mkfifo " .. path)
+  H.mkfifo(path)
   local g = { path = path, holder = assert(io.open(path, "r+")) }
   gates[#gates + 1] = g
   return g
@@ -282,12 +162,10 @@ end
 local KiB = 1024
 
 describe("handler pools", function()
-  local baseline_fds, baseline_list
+  local baseline
 
   setup(function()
-    local p = io.popen("mktemp -d")
-    tmpdir = p:read("*l")
-    p:close()
+    tmpdir = H.tmpdir()
     -- Start the supervisor (and the loop's fds) before any baseline is taken.
     local before = set_of(workers())
     local warm = handler.pool({ idle_ms = 0 })
@@ -298,35 +176,12 @@ describe("handler pools", function()
 
   teardown(function()
     for _, g in ipairs(gates) do open_gate(g) end
-    os.execute("rm -rf " .. shell_quote(tmpdir))
+    H.rm_r(tmpdir)
   end)
 
-  -- Waits until the core's list of workers matches the host's sockets: one
-  -- per listed worker, each a live idle process, plus the supervisor's. A
-  -- dying or retiring worker stays listed (its socket already closed) until
-  -- its exit is reported, and a killed one may be listed only once its pid
-  -- arrives; a reported one's socket closes in a close callback.
-  local function settled_now()
-    handler.step()
-    local list = core.procs()
-    for _, pid in ipairs(list) do
-      if proc_state(pid) ~= "S" then return false end
-    end
-    local sup = list.supervisor and 1 or 0
-    return (list.sockets or #list) == #list and socket_count() == #list + sup
-  end
-  local function settle() return wait_until(settled_now) end
-
-  -- The host's fds that are not sockets.
-  local function other_fds() return fd_count() - socket_count() end
-
   before_each(function()
-    collectgarbage()
-    collectgarbage()
-    settle()
+    baseline = H.fd_baseline()
     preexisting = set_of(workers())
-    baseline_fds = other_fds()
-    baseline_list = fd_list()
   end)
 
   after_each(function()
@@ -349,31 +204,14 @@ describe("handler pools", function()
       format("%d workers alive, the pools keep %d", #mine(), kept))
     -- Each one left is idle, blocked waiting for a job (dying ones drop out of
     -- procs() once their exit is reported).
-    local stuck
-    assert(wait_until(function()
-      stuck = nil
-      for _, pid in ipairs(mine()) do
-        if proc_state(pid) ~= "S" then stuck = pid end
-      end
-      return stuck == nil
-    end), format("worker %s is %s, not an idle sleeper", tostring(stuck),
-      tostring(stuck and proc_state(stuck))))
+    H.assert_idle(mine)
     local pids = mine()
     for i = #pools, 1, -1 do pools[i]:close() end
-    assert(wait_until(function() return #mine() == 0 end),
-      "workers left after close: " .. concat(mine(), ","))
-    for _, pid in ipairs(pids) do
-      assert(wait_until(function() return not alive(pid) end), "worker " .. pid .. " still alive")
-    end
-    collectgarbage()
-    collectgarbage()
+    H.assert_workers_gone(mine, pids)
     -- The host holds no fd the test added: no socket but the supervisor's and
-    -- one per live worker, and the same other fds as before.
-    assert(settle(), format("sockets %d for workers {%s}: %s", socket_count(),
-      concat(workers(), ","), fd_list()))
-    assert(wait_until(function() return other_fds() == baseline_fds end),
-      format("host fds other than sockets: %d, before the test: %d\nnow: %s\nbefore: %s",
-        other_fds(), baseline_fds, fd_list(), baseline_list))
+    -- one per live worker, a pidfd per live worker, and the same other fds
+    -- as before.
+    H.assert_fds_back(baseline)
   end)
 
   -------------------------------------------------------------------------
@@ -1120,12 +958,12 @@ describe("handler pools", function()
       local mid = pool({ delegate_to = root, max_memory_bytes = 2048 * KiB })
       local leaf = pool({ delegate_to = mid, name = "budget_leaf" })
       local chain = { leaf, mid, root }
-      local H = 256 * KiB
+      local HEAP = 256 * KiB
       local g = new_gate()
       local function check_reserved(what)
         for _, p in ipairs(chain) do
           assert.are.equal(1, p:stats().running, what .. ": " .. stats_line(p))
-          assert.are.equal(H, p:stats().bytes_committed, what .. ": " .. stats_line(p))
+          assert.are.equal(HEAP, p:stats().bytes_committed, what .. ": " .. stats_line(p))
         end
       end
       local function check_free(what)
@@ -1183,7 +1021,7 @@ describe("handler pools", function()
       }
       for _, case in ipairs(cases) do
         local name, fn, opts, finish, expect = case[1], case[2], case[3], case[4], case[5]
-        opts.max_heap_bytes = H
+        opts.max_heap_bytes = HEAP
         opts.max_ms = opts.max_ms or 30000
         local job = assert(leaf:async(fn, opts), name)
         check_reserved(name)
@@ -1196,8 +1034,8 @@ describe("handler pools", function()
       -- A job queued and then timed out, and one rejected, reserve nothing either.
       local g2 = new_gate()
       local hog = assert(root:async(waiter(g2.path, 1), { max_heap_bytes = 4096 * KiB }))
-      assert_reject("PoolTimeout", mid:run(function() end, { max_heap_bytes = H, pool_timeout = 20 }))
-      assert_reject("InsufficientMemory", mid:run(function() end, { max_heap_bytes = H }))
+      assert_reject("PoolTimeout", mid:run(function() end, { max_heap_bytes = HEAP, pool_timeout = 20 }))
+      assert_reject("InsufficientMemory", mid:run(function() end, { max_heap_bytes = HEAP }))
       assert.are.equal(0, mid:stats().running)
       assert.are.equal(0, mid:stats().bytes_committed)
       open_gate(g2)
@@ -1641,21 +1479,21 @@ end
     it("counts started, succeeded, failed by type, killed and rejected by type", function()
       local p = pool({ max_workers = 2, max_memory_bytes = 1024 * KiB })
       local g = new_gate()
-      local H = { max_heap_bytes = 64 * KiB }
-      assert.is_true((p:run(function() return 1 end, H)))
-      assert.is_true((p:run(function() return 2 end, H)))
-      assert.is_false((p:run(function() error("e") end, H)))
+      local small = { max_heap_bytes = 64 * KiB }
+      assert.is_true((p:run(function() return 1 end, small)))
+      assert.is_true((p:run(function() return 2 end, small)))
+      assert.is_false((p:run(function() error("e") end, small)))
       assert.is_false((p:run(spin, { max_heap_bytes = 64 * KiB, max_ms = 20 })))
-      assert.is_false((p:run(function() local t = {} for i = 1, 1e7 do t[i] = i end end, H)))
-      assert.is_false((p:run(function() os.exit(2) end, H)))
-      assert.is_false((p:run(function() require("ffi").cast("int *", 0)[0] = 1 end, H)))
-      assert.is_false((p:run(function() return coroutine.create(print) end, H)))
-      local k = assert(p:async(waiter(g.path, 1), H))
+      assert.is_false((p:run(function() local t = {} for i = 1, 1e7 do t[i] = i end end, small)))
+      assert.is_false((p:run(function() os.exit(2) end, small)))
+      assert.is_false((p:run(function() require("ffi").cast("int *", 0)[0] = 1 end, small)))
+      assert.is_false((p:run(function() return coroutine.create(print) end, small)))
+      local k = assert(p:async(waiter(g.path, 1), small))
       assert.is_true(p:kill_by_ref(k))
       assert_reject("InsufficientMemory", p:run(function() end, { max_heap_bytes = 2048 * KiB }))
-      local busy1 = assert(p:async(waiter(g.path, 1), H))
-      local busy2 = assert(p:async(waiter(g.path, 2), H))
-      assert_reject("NoWorkersAvailable", p:run(function() end, H))
+      local busy1 = assert(p:async(waiter(g.path, 1), small))
+      local busy2 = assert(p:async(waiter(g.path, 2), small))
+      assert_reject("NoWorkersAvailable", p:run(function() end, small))
       assert_reject("PoolTimeout", p:run(function() end, { max_heap_bytes = 64 * KiB, pool_timeout = 10 }))
       local s = p:stats()
       assert.are.equal(2, s.running)

@@ -26,6 +26,8 @@ cdef [[void *hd_spec_opendir(const char *path) __asm__("opendir");]]
 cdef [[hd_spec_dirent *hd_spec_readdir(void *dir) __asm__("readdir");]]
 cdef [[int hd_spec_closedir(void *dir) __asm__("closedir");]]
 cdef [[int hd_spec_kill(int pid, int sig) __asm__("kill");]]
+cdef [[long hd_spec_readlink(const char *path, char *buf, unsigned long n) __asm__("readlink");]]
+cdef [[int hd_spec_mkfifo(const char *path, unsigned int mode) __asm__("mkfifo");]]
 
 local C = ffi.C
 local F_GETFD = 1
@@ -81,6 +83,40 @@ function M.open_fds()
     if C.hd_spec_fcntl(fd, F_GETFD) >= 0 then fds[#fds + 1] = fd end
   end
   return fds
+end
+
+--- { {fd=, target=}, ... } of the host's open fds: what /proc/self/fd/N
+-- links to ("socket:[...]", "anon_inode:[pidfd]", a path), "?" when the
+-- link cannot be read.
+local function fd_targets()
+  local out, buf = {}, ffi.new("char[256]")
+  for _, fd in ipairs(M.open_fds()) do
+    local n = tonumber(C.hd_spec_readlink("/proc/self/fd/" .. fd, buf, 255))
+    out[#out + 1] = { fd = fd, target = n > 0 and ffi.string(buf, n) or "?" }
+  end
+  return out
+end
+
+--- How many of the host's fds are sockets, pidfds and anything else.
+function M.fd_kinds()
+  local k = { sockets = 0, pidfds = 0, other = 0 }
+  for _, f in ipairs(fd_targets()) do
+    if f.target:sub(1, 7) == "socket:" then
+      k.sockets = k.sockets + 1
+    elseif f.target:find("pidfd", 1, true) then
+      k.pidfds = k.pidfds + 1
+    else
+      k.other = k.other + 1
+    end
+  end
+  return k
+end
+
+--- "fd:target ..." of the host's open fds, for messages.
+function M.fd_list()
+  local out = {}
+  for i, f in ipairs(fd_targets()) do out[i] = f.fd .. ":" .. f.target end
+  return concat(out, " ")
 end
 
 ---------------------------------------------------------------------------
@@ -149,6 +185,33 @@ function M.contains(list, v)
   return false
 end
 
+--- { [v] = true } of the values of list.
+function M.set_of(list)
+  local s = {}
+  for _, v in ipairs(list) do s[v] = true end
+  return s
+end
+
+--- Live worker pids that are not in `before` (a set, see set_of).
+function M.new_workers(before)
+  local out = {}
+  for _, pid in ipairs(M.workers()) do
+    if not before[pid] then out[#out + 1] = pid end
+  end
+  return out
+end
+
+--- Waits until a worker that is not in `before` (a set) is listed, and
+-- returns the first such pid (nil after 5 s).
+function M.new_worker(before)
+  local pid
+  M.wait_until(function()
+    pid = M.new_workers(before)[1]
+    return pid ~= nil
+  end)
+  return pid
+end
+
 ---------------------------------------------------------------------------
 -- Job bodies used across the specs. They run in the worker, so they use only
 -- what a fresh state has.
@@ -173,7 +236,7 @@ function M.lua_env()
   return "LUA_PATH=" .. shell_quote(package.path) .. " LUA_CPATH=" .. shell_quote(package.cpath)
 end
 
---- A fresh temporary directory (removed by rmdir_r).
+--- A fresh temporary directory (removed by rm_r).
 function M.tmpdir()
   local p = popen("mktemp -d")
   local d = p:read("*l")
@@ -210,6 +273,11 @@ end
 
 function M.rm_r(path)
   os.execute("rm -rf " .. shell_quote(path))
+end
+
+--- Makes a FIFO at path (mode 0600); asserts it was made.
+function M.mkfifo(path)
+  luassert(C.hd_spec_mkfifo(path, 384) == 0, "mkfifo " .. path)
 end
 
 --- Runs `luajit script` (the script given as text) with the spec's handler on
@@ -323,6 +391,76 @@ function M.assert_clean(snap, pools)
     return true
   end, 5)
   luassert(ok, why)
+end
+
+---------------------------------------------------------------------------
+-- The strict check of the pool specs: not "no more fds than before" but
+-- exactly the descriptors the live workers account for, and every worker
+-- left an idle sleeper.
+
+--- Whether the core's workers and the host's descriptors agree now: every
+-- listed worker is an idle sleeper (state S), the core holds a socket and a
+-- pidfd for each (procs().sockets), and the host has exactly those: one
+-- socket per listed worker plus the supervisor's, one pidfd per listed
+-- worker. A dying, retiring or just-killed worker passes through states
+-- where they disagree (it stays listed, its socket closed, until its exit
+-- is reported; a killed one may be listed only once its pid arrives).
+-- Steps the loop first.
+function M.settled_now()
+  handler.step()
+  local list = handler._core.procs()
+  for _, pid in ipairs(list) do
+    if M.proc_state(pid) ~= "S" then return false end
+  end
+  local sup = list.supervisor and 1 or 0
+  local k = M.fd_kinds()
+  return list.sockets == 2 * #list and k.sockets == #list + sup and k.pidfds == #list
+end
+
+--- What assert_fds_back compares against, taken once settled (or after
+-- 5 s) and after a full collection: the count of the host's fds that are
+-- neither sockets nor pidfds, and their listing for messages.
+function M.fd_baseline()
+  collectgarbage()
+  collectgarbage()
+  M.wait_until(M.settled_now)
+  return { other = M.fd_kinds().other, list = M.fd_list() }
+end
+
+--- Asserts, after a full collection, that the host settles (see
+-- settled_now) and then holds exactly as many other fds as at `base`.
+function M.assert_fds_back(base)
+  collectgarbage()
+  collectgarbage()
+  luassert(M.wait_until(M.settled_now), format("host sockets %d and pidfds %d for workers {%s}: %s",
+    M.fd_kinds().sockets, M.fd_kinds().pidfds, concat(M.workers(), ","), M.fd_list()))
+  luassert(M.wait_until(function() return M.fd_kinds().other == base.other end),
+    format("host fds other than sockets and pidfds: %d, before: %d\nnow: %s\nbefore: %s",
+      M.fd_kinds().other, base.other, M.fd_list(), base.list))
+end
+
+--- Asserts that every pid list_fn() gives becomes an idle sleeper (state S)
+-- within 5 s, and `also()` with it when given; `ctx` ends the message.
+function M.assert_idle(list_fn, also, ctx)
+  local stuck
+  luassert(M.wait_until(function()
+    stuck = nil
+    for _, pid in ipairs(list_fn()) do
+      if M.proc_state(pid) ~= "S" then stuck = pid end
+    end
+    return stuck == nil and (also == nil or also())
+  end), format("worker %s is %s, not an idle sleeper%s", tostring(stuck),
+    tostring(stuck and M.proc_state(stuck)), ctx or ""))
+end
+
+--- Asserts that list_fn() becomes empty and that none of `pids` stays alive.
+function M.assert_workers_gone(list_fn, pids)
+  luassert(M.wait_until(function() return #list_fn() == 0 end),
+    "workers left after close: " .. concat(list_fn(), ","))
+  for _, pid in ipairs(pids) do
+    luassert(M.wait_until(function() return not M.alive(pid) end),
+      "worker " .. pid .. " still alive")
+  end
 end
 
 return M
