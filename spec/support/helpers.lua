@@ -47,6 +47,21 @@ function M.now()
   return tonumber(ts.sec) + tonumber(ts.nsec) / 1e9
 end
 
+--- How long the host waits for a killed worker's exit report before it ends
+-- the job anyway (HD_KILL_GRACE_MS in src/host/job.c).
+M.KILL_GRACE_S = 2
+
+--- Asserts that something with a deadline of `deadline_ms` (a job's max_ms,
+-- a queued job's pool_timeout), which took `took` seconds from before it was
+-- submitted, ended within KILL_GRACE_S of its deadline. An idle machine ends
+-- it within a few ms; a loaded one gets two seconds. No more: a job whose
+-- kill went unconfirmed ends only when the kill grace runs out, at least
+-- KILL_GRACE_S after the deadline, and this must still tell the two apart.
+function M.assert_ended_by(took, deadline_ms)
+  luassert(took < deadline_ms / 1000 + M.KILL_GRACE_S,
+    format("ended %.3f s after it was submitted, %d ms deadline", took, deadline_ms))
+end
+
 --- Sleeps ms milliseconds.
 function M.sleep_ms(ms)
   C.hd_spec_poll(nil, 0, ms)
