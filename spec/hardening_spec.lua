@@ -166,38 +166,8 @@ local function assert_nothing_survives(what, mark, tag, pidfile, since)
   return took
 end
 
----------------------------------------------------------------------------
--- Jobs resolve exactly once.
-
--- Submits fn to pool, awaits it, and checks that it resolved exactly once:
--- done, a second await gives the same outcome, and the pool counted one
--- start and one end. Returns the results packed.
-local function resolve(pool, fn, opts)
-  local before = pool:stats()
-  local job, why = pool:async(fn, opts)
-  assert(job, "rejected: " .. tostring(why))
-  local r = pack(job:await())
-  assert.is_true(job:done())
-  local again = pack(job:await())
-  assert.are.equal(r[1], again[1])
-  if r[1] then
-    assert.are.equal(r[2], again[2])
-  else
-    assert.are.equal(r[2].type, again[2].type)
-    assert.are.equal(r[2].message, again[2].message)
-  end
-  local after = pool:stats()
-  assert.are.equal(before.started + 1, after.started)
-  assert.are.equal(before.succeeded + before.failed + 1, after.succeeded + after.failed)
-  return r
-end
-
-local function expect_failure(r, kind)
-  assert.is_false(r[1], "expected the job to fail, it returned " .. tostring(r[2]))
-  assert.are.equal("table", type(r[2]))
-  if kind then assert.are.equal(kind, r[2].type, tostring(r[2].message)) end
-  return r[2]
-end
+-- Jobs resolve exactly once (H.resolve).
+local resolve, expect_failure = H.resolve, H.expect_failure
 
 ---------------------------------------------------------------------------
 -- Subprocess hosts.

@@ -239,6 +239,49 @@ function M.job_pid()
 end
 
 ---------------------------------------------------------------------------
+-- Jobs that resolve exactly once.
+
+--- Submits fn to pool, awaits it, and checks that it resolved exactly once:
+-- done, a second await gives the same outcome (the same values, compared
+-- deeply when tables, or an error of the same type and message), and the
+-- pool counted one start and one end. Returns the results packed.
+function M.resolve(pool, fn, opts)
+  local before = pool:stats()
+  local job, why = pool:async(fn, opts)
+  luassert(job, "rejected: " .. tostring(why))
+  local r = M.pack(job:await())
+  luassert.is_true(job:done())
+  local again = M.pack(job:await())
+  luassert.are.equal(r[1], again[1])
+  if r[1] then
+    luassert.are.equal(r.n, again.n)
+    for i = 2, r.n do
+      if type(r[i]) == "table" then
+        luassert.are.same(r[i], again[i])
+      else
+        luassert.are.equal(r[i], again[i])
+      end
+    end
+  else
+    luassert.are.equal(r[2].type, again[2].type)
+    luassert.are.equal(r[2].message, again[2].message)
+  end
+  local after = pool:stats()
+  luassert.are.equal(before.started + 1, after.started)
+  luassert.are.equal(before.succeeded + before.failed + 1, after.succeeded + after.failed)
+  return r
+end
+
+--- Asserts that packed results r are a failure with an error table, of
+-- type `kind` when given; returns the error.
+function M.expect_failure(r, kind)
+  luassert.is_false(r[1], "expected the job to fail, it returned " .. tostring(r[2]))
+  luassert.are.equal("table", type(r[2]))
+  if kind then luassert.are.equal(kind, r[2].type, tostring(r[2].message)) end
+  return r[2]
+end
+
+---------------------------------------------------------------------------
 -- Subprocess hosts.
 
 local function shell_quote(s)
