@@ -47,19 +47,7 @@ local function started()
 end
 
 describe("handler.run", function()
-  local snap
-
-  setup(function()
-    H.warm()
-  end)
-
-  before_each(function()
-    snap = H.snapshot()
-  end)
-
-  after_each(function()
-    H.assert_clean(snap)
-  end)
+  H.leak_checked()
 
   describe("results", function()
     it("returns true and the result, like pcall", function()

@@ -46,19 +46,7 @@ local function read_number(path)
 end
 
 describe("worker processes", function()
-  local snap
-
-  setup(function()
-    H.warm()
-  end)
-
-  before_each(function()
-    snap = H.snapshot()
-  end)
-
-  after_each(function()
-    H.assert_clean(snap)
-  end)
+  local leaks = H.leak_checked()
 
   describe("warm workers", function()
     it("reuses the same process for sequential runs", function()
@@ -476,7 +464,7 @@ describe("worker processes", function()
         local co = coroutine.create(print)
         assert.is_false(pcall(run, function() return co end))
       end
-      H.assert_clean(snap)
+      H.assert_clean(leaks.snap)
     end)
   end)
 end)

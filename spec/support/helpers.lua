@@ -369,6 +369,19 @@ function M.warm()
   luassert.is_true((handler.run(function() end)))
 end
 
+--- Declares, in the describe block it is called from, the leak check of a
+-- block whose tests start processes: H.warm() in setup, a snapshot before
+-- each test (kept in the returned table as `snap`, for tests that check
+-- mid-way) and assert_clean against it after each test.
+function M.leak_checked()
+  local busted = require("busted")
+  local state = {}
+  busted.setup(M.warm)
+  busted.before_each(function() state.snap = M.snapshot() end)
+  busted.after_each(function() M.assert_clean(state.snap) end)
+  return state
+end
+
 --- What "clean" is measured against: the host's fds apart from the one each
 -- live worker's socket holds.
 function M.snapshot()
