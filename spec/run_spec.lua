@@ -9,22 +9,8 @@ local run = handler.run
 local select, type, tostring, tonumber, pcall, error, rawequal =
   select, type, tostring, tonumber, pcall, error, rawequal
 
--- Called in a job: writes the worker's pid to path.
-local function report_pid(path)
-  local f = require("ffi")
-  pcall(f.cdef, "int getpid(void);")
-  local out = io.open(path, "w")
-  out:write(f.C.getpid())
-  out:close()
-end
-
-local function read_number(path)
-  local f = io.open(path)
-  if f == nil then return nil end
-  local n = tonumber(f:read("*a"))
-  f:close()
-  return n
-end
+local report_pid = H.job_bodies().report_pid
+local read_number = H.read_number
 
 -- The error a call raised, as a string.
 local function raised(fn, ...)

@@ -8,42 +8,9 @@ local H = require("spec.support.helpers")
 local run = handler.run
 local tostring, tonumber, type = tostring, tonumber, type
 
--- A job returning the sorted list of fds open in its process.
-local function job_fds()
-  local f = require("ffi")
-  pcall(f.cdef, "int fcntl(int fd, int cmd, ...);")
-  local open = {}
-  for fd = 0, 1023 do
-    if f.C.fcntl(fd, 1) >= 0 then open[#open + 1] = fd end
-  end
-  return open
-end
-
--- Called in a job: writes the worker's pid to path.
-local function report_pid(path)
-  local f = require("ffi")
-  pcall(f.cdef, "int getpid(void);")
-  local out = io.open(path, "w")
-  out:write(f.C.getpid())
-  out:close()
-end
-
--- Worker pids handler lists now that were not in `before`.
-local function new_workers(before)
-  local out = {}
-  for _, pid in ipairs(H.workers()) do
-    if not H.contains(before, pid) then out[#out + 1] = pid end
-  end
-  return out
-end
-
-local function read_number(path)
-  local f = io.open(path)
-  if f == nil then return nil end
-  local n = tonumber(f:read("*a"))
-  f:close()
-  return n
-end
+local bodies = H.job_bodies()
+local job_fds, report_pid = bodies.fds, bodies.report_pid
+local read_number = H.read_number
 
 describe("worker processes", function()
   local leaks = H.leak_checked()
@@ -168,9 +135,9 @@ describe("worker processes", function()
       assert.is_true((run(function() end)))
       assert.is_true(handler.default_pool():stats().processes >= 1)
       local pool = handler.pool({ idle_ms = 200 })
-      local before = H.workers()
+      local before = H.set_of(H.workers())
       assert.is_true((pool:run(function() end)))
-      local new = new_workers(before)
+      local new = H.new_workers(before)
       assert.are.equal(1, #new)
       local pid = new[1]
       assert.is_true(H.alive(pid))
@@ -188,7 +155,7 @@ describe("worker processes", function()
       -- And the pool starts a new one when it needs it.
       assert.is_true((pool:run(function() end)))
       assert.are.equal(2, pool:stats().processes_started)
-      local fresh = new_workers(before)
+      local fresh = H.new_workers(before)
       assert.are.equal(1, #fresh)
       assert.are_not.equal(pid, fresh[1])
       pool:close()

@@ -230,12 +230,43 @@ end
 ---------------------------------------------------------------------------
 -- Job bodies used across the specs. They run in the worker, so they use only
 -- what a fresh state has.
+--
+-- They are made anew by each call of job_bodies, not kept as fields of this
+-- module: a function that is a field of a loaded module travels by name,
+-- and the worker would load this module (and with it handler and luassert)
+-- to find it.
 
---- A job returning the pid of the worker process it ran in.
-function M.job_pid()
-  local ffi_ = require("ffi")
-  pcall(ffi_.cdef, "int getpid(void);")
-  return ffi_.C.getpid()
+function M.job_bodies()
+  local b = {}
+
+  --- A job returning the pid of the worker process it ran in.
+  function b.pid()
+    local f = require("ffi")
+    pcall(f.cdef, "int getpid(void);")
+    return f.C.getpid()
+  end
+
+  --- Called in a job: writes the worker's pid to path (see read_number).
+  function b.report_pid(path)
+    local f = require("ffi")
+    pcall(f.cdef, "int getpid(void);")
+    local out = io.open(path, "w")
+    out:write(f.C.getpid())
+    out:close()
+  end
+
+  --- A job returning the sorted list of fds open in its process.
+  function b.fds()
+    local f = require("ffi")
+    pcall(f.cdef, "int fcntl(int fd, int cmd, ...);")
+    local open_ = {}
+    for fd = 0, 1023 do
+      if f.C.fcntl(fd, 1) >= 0 then open_[#open_ + 1] = fd end
+    end
+    return open_
+  end
+
+  return b
 end
 
 ---------------------------------------------------------------------------
@@ -314,6 +345,12 @@ function M.read_file(path)
   local s = f:read("*a")
   f:close()
   return s
+end
+
+--- The number a file holds, or nil when it cannot be opened or holds none.
+function M.read_number(path)
+  local s = M.read_file(path)
+  return s and tonumber(s)
 end
 
 function M.exists(path)
