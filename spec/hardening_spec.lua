@@ -463,35 +463,33 @@ describe("hardening against hostile jobs", function()
 
   -------------------------------------------------------------------------
   describe("crashes and exits", function()
-    it("a segfault", function()
-      local err = expect_failure(resolve(pool, function()
-        return require("ffi").cast("int *", 0)[0]
-      end), "ProcessExit")
-      assert.are.equal("SIGSEGV", err.reason)
-    end)
-
-    it("abort()", function()
-      local err = expect_failure(resolve(pool, function()
+    -- Each ends its worker as a ProcessExit whose reason is `reason`, or a
+    -- string matching `matches`.
+    local crashes = {
+      { "a segfault", H.job_bodies().segv, reason = "SIGSEGV" },
+      { "abort()", function()
         local f = require("ffi")
         f.cdef "void abort(void);"
         f.C.abort()
-      end), "ProcessExit")
-      assert.are.equal("SIGABRT", err.reason)
-    end)
-
-    it("os.exit(0) before replying is a failure, not a result", function()
-      local err = expect_failure(resolve(pool, function() os.exit(0) end), "ProcessExit")
-      assert.are.equal("exit 0", err.reason)
-    end)
-
-    it("a stack overflow by deep recursion is reported as one", function()
-      local err = expect_failure(resolve(pool, function()
+      end, reason = "SIGABRT" },
+      { "os.exit(0) before replying is a failure, not a result", function() os.exit(0) end,
+        reason = "exit 0" },
+      { "a stack overflow by deep recursion is reported as one", function()
         local function f(n) return 1 + f(n + 1) end
         return f(1)
-      end, { max_heap_bytes = 64 * 2^20 }), "ProcessExit")
-      assert.are.equal("string", type(err.reason))
-      assert.matches("stack overflow", err.reason)
-    end)
+      end, { max_heap_bytes = 64 * 2^20 }, matches = "stack overflow" },
+    }
+    for _, case in ipairs(crashes) do
+      it(case[1], function()
+        local err = expect_failure(resolve(pool, case[2], case[3]), "ProcessExit")
+        if case.reason then
+          assert.are.equal(case.reason, err.reason)
+        else
+          assert.are.equal("string", type(err.reason))
+          assert.matches(case.matches, err.reason)
+        end
+      end)
+    end
   end)
 
   -------------------------------------------------------------------------
@@ -907,19 +905,7 @@ describe("hardening against hostile jobs", function()
     end)
 
     it("no core files and a bounded file size", function()
-      local r = resolve(pool, function()
-        local f = require("ffi")
-        f.cdef [[struct hd_rlimit { unsigned long cur, max; };
-          int getrlimit(int res, struct hd_rlimit *r);]]
-        local out = {}
-        for _, res in ipairs({ 4, 1 }) do -- RLIMIT_CORE, RLIMIT_FSIZE
-          local rl = f.new("struct hd_rlimit")
-          f.C.getrlimit(res, rl)
-          out[#out + 1] = tonumber(rl.cur)
-          out[#out + 1] = tonumber(rl.max)
-        end
-        return unpack(out)
-      end)
+      local r = resolve(pool, H.job_bodies().rlimits({ 4, 1 })) -- RLIMIT_CORE, RLIMIT_FSIZE
       assert.is_true(r[1], tostring(r[2]))
       assert.are.equal(0, r[2])
       assert.are.equal(0, r[3])

@@ -333,26 +333,12 @@ describe("the sandbox", function()
     end)
 
     it("a segfault is still SIGSEGV", function()
-      local err = failure(resolve(syscalls, function()
-        return require("ffi").cast("int *", 0)[0]
-      end), "ProcessExit")
+      local err = failure(resolve(syscalls, H.job_bodies().segv), "ProcessExit")
       assert.are.equal("SIGSEGV", err.reason)
     end)
 
     it("sets tight limits: 16 fds, 16 MiB files, no core files", function()
-      local r = resolve(syscalls, function()
-        local f = require("ffi")
-        f.cdef [[struct hd_sb_rlimit { unsigned long cur, max; };
-          int getrlimit(int res, struct hd_sb_rlimit *r);]]
-        local out = {}
-        for _, res in ipairs({ 7, 1, 4 }) do -- NOFILE, FSIZE, CORE
-          local rl = f.new("struct hd_sb_rlimit")
-          f.C.getrlimit(res, rl)
-          out[#out + 1] = tonumber(rl.cur)
-          out[#out + 1] = tonumber(rl.max)
-        end
-        return unpack(out)
-      end)
+      local r = resolve(syscalls, H.job_bodies().rlimits({ 7, 1, 4 })) -- NOFILE, FSIZE, CORE
       assert.are.same({ 16, 16, 16 * 2^20, 16 * 2^20, 0, 0 }, { ok_values(r) })
     end)
 

@@ -255,6 +255,29 @@ function M.job_bodies()
     out:close()
   end
 
+  --- A job that reads through a NULL pointer: its worker ends with SIGSEGV.
+  function b.segv()
+    return require("ffi").cast("int *", 0)[0]
+  end
+
+  --- A job returning the soft and hard limit of each of `resources` (RLIMIT_
+  -- numbers) in turn.
+  function b.rlimits(resources)
+    return function()
+      local f = require("ffi")
+      f.cdef [[struct hd_spec_rlimit { unsigned long cur, max; };
+        int getrlimit(int res, struct hd_spec_rlimit *r);]]
+      local out = {}
+      for _, res in ipairs(resources) do
+        local rl = f.new("struct hd_spec_rlimit")
+        f.C.getrlimit(res, rl)
+        out[#out + 1] = tonumber(rl.cur)
+        out[#out + 1] = tonumber(rl.max)
+      end
+      return unpack(out)
+    end
+  end
+
   --- A job returning the sorted list of fds open in its process.
   function b.fds()
     local f = require("ffi")
