@@ -172,9 +172,7 @@ local resolve, expect_failure = H.resolve, H.expect_failure
 ---------------------------------------------------------------------------
 -- Subprocess hosts.
 
-local function sh_quote(s)
-  return "'" .. s:gsub("'", "'\\''") .. "'"
-end
+local sh_quote = H.shell_quote
 
 -- Starts `luajit host.lua args...` in the background with extra
 -- environment `env` (a shell prefix), stdout and stderr to files in dir.
@@ -201,14 +199,6 @@ local function run_host(dir, script, env)
   os.execute("cd " .. sh_quote(dir) .. " && " .. (env or "") .. " " .. H.lua_env()
     .. " timeout -s KILL 60 luajit host.lua > out 2> err")
   return read_file(dir .. "/res") or ""
-end
-
-local function file_size(path)
-  local f = open(path, "rb")
-  if f == nil then return nil end
-  local n = f:seek("end")
-  f:close()
-  return n
 end
 
 local function rss_kb()
@@ -978,7 +968,7 @@ describe("hardening against hostile jobs", function()
       assert(e.err <= 2e6, "stderr got " .. e.err .. " bytes")
       assert.are.equal("true", rows.after.ok)
       assert.are.equal("2", rows.after.reason)
-      assert.are.equal(c.out, file_size(dir .. "/out"))
+      assert.are.equal(c.out, H.file_size(dir .. "/out"))
     end)
   end)
 

@@ -361,13 +361,24 @@ function M.pack(...)
   return { n = select("#", ...), ... }
 end
 
---- A file's whole contents, or nil when it cannot be opened.
-function M.read_file(path)
+--- What fn(file) gives for the file at path opened for reading, or nil
+-- when it cannot be opened.
+local function with_file(path, fn)
   local f = open(path, "rb")
   if f == nil then return nil end
-  local s = f:read("*a")
+  local v = fn(f)
   f:close()
-  return s
+  return v
+end
+
+--- A file's whole contents, or nil when it cannot be opened.
+function M.read_file(path)
+  return with_file(path, function(f) return f:read("*a") end)
+end
+
+--- A file's size in bytes, or nil when it cannot be opened.
+function M.file_size(path)
+  return with_file(path, function(f) return f:seek("end") end)
 end
 
 --- The number a file holds, or nil when it cannot be opened or holds none.
