@@ -226,11 +226,7 @@ local function note_pid(path, pid)
 end
 
 -- In a job: the pid of the worker process.
-local function my_pid()
-  local f = require("ffi")
-  pcall(f.cdef, "int getpid(void);")
-  return f.C.getpid()
-end
+local my_pid = H.job_bodies().pid
 
 -- In a job: starts `sleep <mark>` in the background (through `prefix`,
 -- e.g. "setsid "), and waits up to 2 s for it to show it started. Returns
@@ -484,38 +480,122 @@ describe("hardening against hostile jobs", function()
 
   -------------------------------------------------------------------------
   describe("the process tree: nothing a job started survives", function()
-    it("a background child of os.execute, the job returning", function()
-      local m, started = mark, dir .. "/started"
-      local r = resolve(pool, function()
-        return start_sleeper("", m, started)
-      end, { env = { HANDLER_TEST_TAG = tag } })
-      local t0 = H.now()
+    -- Jobs that leave processes behind. `job(mark, started, pidfile)` makes
+    -- the job; `env` runs it tagged, `max_ms` sets its limit; `check(r)`
+    -- checks what it returned; `what` names it in the report of how long
+    -- until nothing was left (checked against the pid file with `pids`).
+    local function child_started(r)
       assert.is_true(r[1], tostring(r[2]))
       assert.is_true(r[2], "the job's child did not start")
-      assert_nothing_survives("os.execute('sleep &')", mark, tag, nil, t0)
-    end)
-
-    it("a background child of os.execute, the job timing out", function()
-      local m = mark
-      local r = resolve(pool, function()
-        os.execute("sleep " .. m .. " >/dev/null 2>&1 &")
-        while true do end
-      end, { env = { HANDLER_TEST_TAG = tag }, max_ms = 300 })
-      local t0 = H.now()
+    end
+    local function timed_out(r)
       expect_failure(r, "Timeout")
-      assert_nothing_survives("os.execute('sleep &') then timeout", mark, tag, nil, t0)
-    end)
-
-    it("a child that calls setsid to slip out of the worker's group", function()
-      local m, started = mark, dir .. "/started"
-      local r = resolve(pool, function()
-        return start_sleeper("setsid ", m, started)
-      end, { env = { HANDLER_TEST_TAG = tag } })
-      local t0 = H.now()
-      assert.is_true(r[1], tostring(r[2]))
-      assert.is_true(r[2], "the job's child did not start")
-      assert_nothing_survives("setsid sleep &", mark, tag, nil, t0)
-    end)
+    end
+    local leavers = {
+      { "a background child of os.execute, the job returning", what = "os.execute('sleep &')",
+        env = true, check = child_started, job = function(m, started)
+          return function() return start_sleeper("", m, started) end
+        end },
+      { "a background child of os.execute, the job timing out",
+        what = "os.execute('sleep &') then timeout", env = true, max_ms = 300, check = timed_out,
+        job = function(m)
+          return function()
+            os.execute("sleep " .. m .. " >/dev/null 2>&1 &")
+            while true do end
+          end
+        end },
+      { "a child that calls setsid to slip out of the worker's group", what = "setsid sleep &",
+        env = true, check = child_started, job = function(m, started)
+          return function() return start_sleeper("setsid ", m, started) end
+        end },
+      { "a setsid child of a job that is killed at max_ms", what = "setsid sleep & then timeout",
+        env = true, max_ms = 300, check = timed_out, job = function(m)
+          return function()
+            os.execute("setsid sleep " .. m .. " >/dev/null 2>&1 &")
+            while true do end
+          end
+        end },
+      { "an io.popen child the job leaves open", what = "io.popen left open", env = true,
+        check = child_started, job = function(m, started)
+          return function()
+            local p = io.popen("touch " .. started .. "; exec sleep " .. m)
+            for _ = 1, 200 do
+              local f = io.open(started)
+              if f then
+                f:close()
+                return p ~= nil
+              end
+              os.execute("sleep 0.01")
+            end
+            return false
+          end
+        end },
+      { "50 children made with FFI fork", what = "50 FFI fork children", pids = true,
+        check = function(r)
+          assert.is_true(r[1], tostring(r[2]))
+          assert.are.equal(50, r[2])
+          assert.are.equal(50, #recorded(pidfile))
+        end, job = function(_, _, path)
+          return function()
+            local f = require("ffi")
+            f.cdef "int fork(void); unsigned int sleep(unsigned int s);"
+            local n = 0
+            for _ = 1, 50 do
+              local pid = f.C.fork()
+              if pid == 0 then
+                while true do f.C.sleep(1000) end
+              end
+              if pid > 0 then
+                n = n + 1
+                note_pid(path, pid)
+              end
+            end
+            return n
+          end
+        end },
+      -- 10 children each fork 5 grandchildren and exit, so the grandchildren
+      -- are orphans; every other one calls setsid.
+      { "a bounded fork bomb of orphans, some in their own sessions",
+        what = "fork bomb of 50 orphans", pids = true, max_ms = 20000, check = function(r)
+          assert.is_true(r[1], tostring(r[2]))
+          assert.are.equal(50, #recorded(pidfile))
+        end, job = function(_, _, path)
+          return function()
+            local f = require("ffi")
+            f.cdef [[int fork(void); int setsid(void); unsigned int sleep(unsigned int s);
+              void _exit(int code); int waitpid(int pid, int *st, int opt);]]
+            for i = 1, 10 do
+              local pid = f.C.fork()
+              if pid == 0 then
+                for k = 1, 5 do
+                  local g = f.C.fork()
+                  if g == 0 then
+                    if k % 2 == 0 then f.C.setsid() end
+                    while true do f.C.sleep(1000) end
+                  end
+                  if g > 0 then note_pid(path, g) end
+                end
+                f.C._exit(0)
+              end
+              if pid > 0 then f.C.waitpid(pid, nil, 0) end
+            end
+            return #io.open(path):read("*a")
+          end
+        end },
+    }
+    for _, case in ipairs(leavers) do
+      it(case[1], function()
+        local opts
+        if case.env or case.max_ms then
+          opts = { max_ms = case.max_ms }
+          if case.env then opts.env = { HANDLER_TEST_TAG = tag } end
+        end
+        local r = resolve(pool, case.job(mark, dir .. "/started", pidfile), opts)
+        local t0 = H.now()
+        case.check(r)
+        assert_nothing_survives(case.what, mark, tag, case.pids and pidfile or nil, t0)
+      end)
+    end
 
     it("another worker's death does not kill a running job's setsid child", function()
       -- The supervisor sweeps away the orphans a dead worker's job left; the
@@ -563,93 +643,6 @@ describe("hardening against hostile jobs", function()
       assert.are.equal("done", v)
       assert.is_false(killed, "the running job's child was killed when another worker died")
       assert_nothing_survives("setsid child after its job ended", mark, tag, pidfile, H.now())
-    end)
-
-    it("a setsid child of a job that is killed at max_ms", function()
-      local m = mark
-      local r = resolve(pool, function()
-        os.execute("setsid sleep " .. m .. " >/dev/null 2>&1 &")
-        while true do end
-      end, { env = { HANDLER_TEST_TAG = tag }, max_ms = 300 })
-      local t0 = H.now()
-      expect_failure(r, "Timeout")
-      assert_nothing_survives("setsid sleep & then timeout", mark, tag, nil, t0)
-    end)
-
-    it("an io.popen child the job leaves open", function()
-      local m, started = mark, dir .. "/started"
-      local r = resolve(pool, function()
-        local p = io.popen("touch " .. started .. "; exec sleep " .. m)
-        for _ = 1, 200 do
-          local f = io.open(started)
-          if f then
-            f:close()
-            return p ~= nil
-          end
-          os.execute("sleep 0.01")
-        end
-        return false
-      end, { env = { HANDLER_TEST_TAG = tag } })
-      local t0 = H.now()
-      assert.is_true(r[1], tostring(r[2]))
-      assert.is_true(r[2], "the job's child did not start")
-      assert_nothing_survives("io.popen left open", mark, tag, nil, t0)
-    end)
-
-    it("50 children made with FFI fork", function()
-      local path = pidfile
-      local r = resolve(pool, function()
-        local f = require("ffi")
-        f.cdef "int fork(void); unsigned int sleep(unsigned int s);"
-        local n = 0
-        for _ = 1, 50 do
-          local pid = f.C.fork()
-          if pid == 0 then
-            while true do f.C.sleep(1000) end
-          end
-          if pid > 0 then
-            n = n + 1
-            note_pid(path, pid)
-          end
-        end
-        return n
-      end)
-      local t0 = H.now()
-      assert.is_true(r[1], tostring(r[2]))
-      assert.are.equal(50, r[2])
-      assert.are.equal(50, #recorded(pidfile))
-      assert_nothing_survives("50 FFI fork children", mark, tag, pidfile, t0)
-    end)
-
-    it("a bounded fork bomb of orphans, some in their own sessions", function()
-      -- 10 children each fork 5 grandchildren and exit, so the grandchildren
-      -- are orphans; every other one calls setsid.
-      local path = pidfile
-      local r = resolve(pool, function()
-        local f = require("ffi")
-        f.cdef [[int fork(void); int setsid(void); unsigned int sleep(unsigned int s);
-          void _exit(int code); int waitpid(int pid, int *st, int opt);]]
-        for i = 1, 10 do
-          local pid = f.C.fork()
-          if pid == 0 then
-            for k = 1, 5 do
-              local g = f.C.fork()
-              if g == 0 then
-                if k % 2 == 0 then f.C.setsid() end
-                while true do f.C.sleep(1000) end
-              end
-              if g > 0 then note_pid(path, g) end
-            end
-            f.C._exit(0)
-          end
-          if pid > 0 then f.C.waitpid(pid, nil, 0) end
-        end
-        return #io.open(path):read("*a")
-      end, { max_ms = 20000 })
-      local t0 = H.now()
-      assert.is_true(r[1], tostring(r[2]))
-      assert.are.equal(50, #recorded(pidfile))
-      assert_nothing_survives("fork bomb of 50 orphans", mark, tag, pidfile, t0)
     end)
 
     it("a job that clears its death signal, then the supervisor is killed", function()
