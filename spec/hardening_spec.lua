@@ -775,15 +775,7 @@ describe("hardening against hostile jobs", function()
       local _, old = H.workers()
       assert.is_true(H.kill9(old))
       assert.is_true(H.wait_until(function() return select(2, H.workers()) ~= old end, 5))
-      local r = resolve(pool, function()
-        local f = require("ffi")
-        pcall(f.cdef, "int fcntl(int fd, int cmd, ...);")
-        local fds = {}
-        for fd = 0, 64 do
-          if f.C.fcntl(fd, 1) >= 0 then fds[#fds + 1] = fd end
-        end
-        return table.concat(fds, ",")
-      end)
+      local r = resolve(pool, H.job_bodies().fds)
       assert.is_true(r[1], tostring(r[2]))
       assert.are.equal("0,1,2,3", r[2])
     end)
@@ -796,15 +788,7 @@ describe("hardening against hostile jobs", function()
         ffi.C.listen(sock, 5)
         local keep = io.open("/proc/self/status")
         local handler = require("handler")
-        local ok, fds = handler.run(function()
-          local f = require("ffi")
-          f.cdef "int fcntl(int fd, int cmd, ...);"
-          local out = {}
-          for fd = 0, 64 do
-            if f.C.fcntl(fd, 1) >= 0 then out[#out + 1] = fd end
-          end
-          return table.concat(out, ",")
-        end)
+        local ok, fds = handler.run(]] .. H.FDS_JOB_SOURCE .. [[)
         local res = io.open("res", "w")
         res:write(tostring(ok), " ", tostring(fds), " host:", sock, "\n")
         res:close()
