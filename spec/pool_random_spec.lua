@@ -37,6 +37,16 @@ local function pick_kind()
   end
 end
 
+local waiter = H.job_bodies().waiter
+
+-- The check of a job that ends as a Timeout after max_ms.
+local function timed_out(max_ms)
+  return function(ok, e)
+    return ok == false and e.type == "Timeout"
+      and e.message == "Took more than " .. max_ms .. "ms to complete"
+  end
+end
+
 -- Builds a job: its function, options and the check of its natural outcome.
 local function make_job(id, kind, gate_path)
   local heap = ({ 64 * KiB, 256 * KiB, 512 * KiB, 1 * MiB })[random(4)]
@@ -76,26 +86,12 @@ local function make_job(id, kind, gate_path)
   elseif kind == "timeout" then
     max_ms = random(10, 60)
     fn = function() while true do end end
-    check = function(ok, e)
-      return ok == false and e.type == "Timeout"
-        and e.message == "Took more than " .. max_ms .. "ms to complete"
-    end
+    check = timed_out(max_ms)
   elseif kind == "block" then
     -- Waits on a gate that stays shut: ends by its timeout or a kill.
     max_ms = random(40, 250)
-    local path = gate_path
-    fn = function()
-      local f = io.open(path, "r")
-      if f then
-        f:read(1)
-        f:close()
-      end
-      return "released"
-    end
-    check = function(ok, e)
-      return ok == false and e.type == "Timeout"
-        and e.message == "Took more than " .. max_ms .. "ms to complete"
-    end
+    fn = waiter(gate_path, "released")
+    check = timed_out(max_ms)
   elseif kind == "oom" then
     heap = ({ 16 * KiB, 64 * KiB, 256 * KiB })[random(3)]
     fn = function()

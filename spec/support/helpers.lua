@@ -260,6 +260,19 @@ function M.job_bodies()
     return require("ffi").cast("int *", 0)[0]
   end
 
+  --- A job that returns `ret` once the gate at `path` opens: a FIFO whose
+  -- read blocks until the test closes its end, or a file (see pool_spec).
+  function b.waiter(path, ret)
+    return function()
+      local f = io.open(path, "r")
+      if f then
+        f:read(1)
+        f:close()
+      end
+      return ret
+    end
+  end
+
   --- A job returning the soft and hard limit of each of `resources` (RLIMIT_
   -- numbers) in turn.
   function b.rlimits(resources)
