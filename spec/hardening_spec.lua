@@ -852,18 +852,14 @@ describe("hardening against hostile jobs", function()
       assert.is_true(H.wait_until(function() return not exists(cwd) end, 5),
         cwd .. " is still there")
       -- Two workers at once have two directories.
-      local a = pool:async(function()
+      local function pwd()
         local p = io.popen("pwd; sleep 0.3")
         local d = p:read("*l")
         p:close()
         return d
-      end)
-      local b = pool:async(function()
-        local p = io.popen("pwd; sleep 0.3")
-        local d = p:read("*l")
-        p:close()
-        return d
-      end)
+      end
+      local a = pool:async(pwd)
+      local b = pool:async(pwd)
       local _, da = a:await()
       local _, db = b:await()
       assert.is_string(da)

@@ -78,6 +78,7 @@ local function next_id()
 end
 
 local read_file = H.read_file
+local report_pid = H.job_bodies().report_pid
 
 -- A job that writes its pid to pidfile, then `bytes` on the protocol socket,
 -- then, when given `bytes2`, waits for the file `gate` to exist and writes
@@ -88,10 +89,7 @@ local function attack(bytes, pidfile, after, bytes2, gate)
     local f = require("ffi")
     pcall(f.cdef, "long write(int fd, const void *p, unsigned long n);")
     pcall(f.cdef, "int poll(void *fds, unsigned long n, int ms);")
-    pcall(f.cdef, "int getpid(void);")
-    local out = io.open(pidfile, "w")
-    out:write(f.C.getpid())
-    out:close()
+    report_pid(pidfile)
     local function put(s)
       local p, off = f.cast("const char *", s), 0
       while off < #s do
@@ -477,10 +475,7 @@ describe("races", function()
       local f = require("ffi")
       pcall(f.cdef, "long write(int fd, const void *p, unsigned long n);")
       pcall(f.cdef, "int poll(void *fds, unsigned long n, int ms);")
-      pcall(f.cdef, "int getpid(void);")
-      local out = io.open(pidpath, "w")
-      out:write(f.C.getpid())
-      out:close()
+      report_pid(pidpath)
       local chunk = string.rep("y", 2^20)
       f.C.write(3, head, #head)
       for i = 1, 20 do
