@@ -442,6 +442,11 @@ function M.run_host(script)
   return text
 end
 
+--- Asserts that `text` holds each string of `list` (plain, not patterns).
+function M.assert_has_all(text, list)
+  for _, s in ipairs(list) do luassert.matches(s, text, 1, true) end
+end
+
 --- Sends SIGKILL to pid.
 function M.kill9(pid)
   return C.hd_spec_kill(pid, 9) == 0
