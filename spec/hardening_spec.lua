@@ -34,7 +34,7 @@ local C = ffi.C
 -- pending there.
 local it_rlimit_data = handler._core.sanitized and pending or it
 
-local pack, read_file, exists = H.pack, H.read_file, H.exists
+local read_file, exists = H.read_file, H.exists
 
 ---------------------------------------------------------------------------
 -- Processes.
