@@ -26,6 +26,45 @@ local function num_bytes(x)
   return ffi.string(d, 8)
 end
 
+-- The n-th message of a random run (math.random, seeded by the caller):
+-- random bytes for even n, mostly small tags and varints so the decoder gets
+-- past byte one; for odd n, one of `seeds` with one to four bytes changed,
+-- removed or inserted.
+local function random_message(n, seeds)
+  local random = math.random
+  if n % 2 == 0 then
+    local parts = {}
+    for i = 1, random(0, 40) do parts[i] = char(random(0, 255)) end
+    if #parts > 0 then parts[1] = char(random(0, 4)) end
+    for i = 2, #parts do
+      if random() < 0.6 then parts[i] = char(random(0, 12)) end
+    end
+    return table.concat(parts)
+  end
+  local seed = seeds[random(#seeds)]
+  local b = { byte(seed, 1, -1) }
+  for _ = 1, random(1, 4) do
+    local pos = random(#b)
+    local r = random()
+    if r < 0.4 then b[pos] = random(0, 255)
+    elseif r < 0.7 then table.remove(b, pos)
+    else table.insert(b, pos, random(0, 12)) end
+  end
+  return char(unpack(b))
+end
+
+-- Calls fn with each of the 20,000 messages of a random run seeded with
+-- `randomseed`, mutating two encoded messages and those of `extra`.
+local function each_random_message(randomseed, extra, fn)
+  math.randomseed(randomseed)
+  local seeds = {
+    encode({ 1, "two", { x = 3 }, string.format }),
+    encode(setmetatable({ a = { b = {} } }, { __index = {} }), "x", true, 1.5),
+  }
+  for _, m in ipairs(extra) do seeds[#seeds + 1] = m end
+  for n = 1, 20000 do fn(random_message(n, seeds)) end
+end
+
 -- Round trips through the trusted decoder (the worker's side).
 local function rt(...)
   return decode(encode(...), true)
@@ -663,36 +702,8 @@ describe("codec hostile input", function()
   end)
 
   it("decodes or refuses random bytes, never crashes", function()
-    math.randomseed(12345)
-    local random = math.random
-    local seeds = {
-      encode({ 1, "two", { x = 3 }, string.format }),
-      encode(setmetatable({ a = { b = {} } }, { __index = {} }), "x", true, 1.5),
-    }
     local decoded, refused = 0, 0
-    for n = 1, 20000 do
-      local s
-      if n % 2 == 0 then
-        local parts = {}
-        for i = 1, random(0, 40) do parts[i] = char(random(0, 255)) end
-        -- Mostly small tags and varints, so the decoder gets past byte one.
-        if #parts > 0 then parts[1] = char(random(0, 4)) end
-        for i = 2, #parts do
-          if random() < 0.6 then parts[i] = char(random(0, 12)) end
-        end
-        s = table.concat(parts)
-      else
-        local seed = seeds[random(#seeds)]
-        local b = { byte(seed, 1, -1) }
-        for _ = 1, random(1, 4) do
-          local pos = random(#b)
-          local r = random()
-          if r < 0.4 then b[pos] = random(0, 255)
-          elseif r < 0.7 then table.remove(b, pos)
-          else table.insert(b, pos, random(0, 12)) end
-        end
-        s = char(unpack(b))
-      end
+    each_random_message(12345, {}, function(s)
       local ok, err = pcall(decode, s)
       if ok then
         decoded = decoded + 1
@@ -700,7 +711,7 @@ describe("codec hostile input", function()
         refused = refused + 1
         assert(type(err) == "string" and err:find("^handler: bad message: "), tostring(err))
       end
-    end
+    end)
     assert.is_true(decoded > 0)
     assert.is_true(refused > 0)
   end)
@@ -917,39 +928,13 @@ describe("codec validate", function()
   end)
 
   it("agrees with decode on random and mutated bytes", function()
-    math.randomseed(54321)
-    local random = math.random
-    local seeds = {
-      encode({ 1, "two", { x = 3 }, string.format }),
-      encode(setmetatable({ a = { b = {} } }, { __index = {} }), "x", true, 1.5),
+    local accepted, refused = 0, 0
+    each_random_message(54321, {
       encode(setmetatable({}, { __index = string }), { f = print }),
       "\2\5\0\1\4\7__index" .. named("os", "exit") .. "\7\6\0\0\7\8\0",
-    }
-    local accepted, refused = 0, 0
-    for n = 1, 20000 do
-      local s
-      if n % 2 == 0 then
-        local parts = {}
-        for i = 1, random(0, 40) do parts[i] = char(random(0, 255)) end
-        if #parts > 0 then parts[1] = char(random(0, 4)) end
-        for i = 2, #parts do
-          if random() < 0.6 then parts[i] = char(random(0, 12)) end
-        end
-        s = table.concat(parts)
-      else
-        local seed = seeds[random(#seeds)]
-        local b = { byte(seed, 1, -1) }
-        for _ = 1, random(1, 4) do
-          local pos = random(#b)
-          local r = random()
-          if r < 0.4 then b[pos] = random(0, 255)
-          elseif r < 0.7 then table.remove(b, pos)
-          else table.insert(b, pos, random(0, 12)) end
-        end
-        s = char(unpack(b))
-      end
+    }, function(s)
       if agree(s) then accepted = accepted + 1 else refused = refused + 1 end
-    end
+    end)
     assert.is_true(accepted > 100)
     assert.is_true(refused > 100)
   end)

@@ -75,54 +75,43 @@ describe("worker executable handshake", function()
     assert.are.equal("", (kids:gsub("%s", "")), "host children left: " .. kids)
   end
 
-  it("reports a missing worker executable by name, on every attempt", function()
-    local out = host_with(dir .. "/no-such-worker")
-    for i = 1, 2 do
-      local line = out:match("run\t" .. i .. "\t([^\n]*)")
-      assert.is_not_nil(line, out)
-      assert.matches("^false\tProcessExit\t", line)
-      assert.matches("cannot start worker executable", line, 1, true)
-      assert.matches("no-such-worker: No such file or directory", line, 1, true)
-    end
-    expect_clean(out)
-  end)
-
-  it("reports a worker executable that exits at once", function()
-    local out = host_with(fake("dies", "#!/bin/sh\nexit 3\n"))
-    local line = out:match("run\t1\t([^\n]*)")
-    assert.is_not_nil(line, out)
-    assert.matches("^false\tProcessExit\t", line)
+  -- Worker executables that cannot serve. `worker()` makes one and returns
+  -- its path; the line of each run in `runs` (default: the first) must be a
+  -- ProcessExit that says each of `says`, and the output must hold `also`.
+  local broken = {
+    { "reports a missing worker executable by name, on every attempt",
+      worker = function() return dir .. "/no-such-worker" end, runs = { 1, 2 },
+      says = { "cannot start worker executable", "no-such-worker: No such file or directory" } },
     -- Depending on whether it died before or after the host asked it for a
     -- worker: "cannot start a worker: lost the supervisor process" or
     -- "worker lost: the supervisor process exited".
-    assert.matches("supervisor process", line, 1, true)
-    expect_clean(out)
-  end)
-
-  it("refuses a worker executable that speaks another protocol", function()
-    local out = host_with(fake("oldproto", fake_hello("", 999)))
-    local line = out:match("run\t1\t([^\n]*)")
-    assert.is_not_nil(line, out)
-    assert.matches("^false\tProcessExit\t", line)
-    assert.matches("speaks protocol 999, this module speaks", line, 1, true)
-    assert.matches("run\t2\tfalse\tProcessExit", out, 1, true)
-    expect_clean(out)
-  end)
-
-  it("refuses a worker executable built for another LuaJIT", function()
+    { "reports a worker executable that exits at once",
+      worker = function() return fake("dies", "#!/bin/sh\nexit 3\n") end,
+      says = { "supervisor process" } },
+    { "refuses a worker executable that speaks another protocol",
+      worker = function() return fake("oldproto", fake_hello("", 999)) end,
+      says = { "speaks protocol 999, this module speaks" }, also = "run\t2\tfalse\tProcessExit" },
     -- The right protocol, a bytecode header this VM does not write.
-    local out = host_with(fake("otherjit", fake_hello("\27LJ\1\0", 1)))
-    local line = out:match("run\t1\t([^\n]*)")
-    assert.is_not_nil(line, out)
-    assert.matches("^false\tProcessExit\t", line)
-    assert.matches("was built for another LuaJIT", line, 1, true)
-    expect_clean(out)
-  end)
+    { "refuses a worker executable built for another LuaJIT",
+      worker = function() return fake("otherjit", fake_hello("\27LJ\1\0", 1)) end,
+      says = { "was built for another LuaJIT" } },
+  }
+  for _, case in ipairs(broken) do
+    it(case[1], function()
+      local out = host_with(case.worker())
+      for _, i in ipairs(case.runs or { 1 }) do
+        local line = out:match("run\t" .. i .. "\t([^\n]*)")
+        assert.is_not_nil(line, out)
+        assert.matches("^false\tProcessExit\t", line)
+        for _, text in ipairs(case.says) do assert.matches(text, line, 1, true) end
+      end
+      if case.also then assert.matches(case.also, out, 1, true) end
+      expect_clean(out)
+    end)
+  end
 
   it("works with the real worker executable", function()
     local out = host_with(require("handler")._core.worker_path)
-    assert.matches("run\t1\ttrue", out, 1, true)
-    assert.matches("run\t2\ttrue", out, 1, true)
-    assert.matches("budget\t0\t0", out, 1, true)
+    H.assert_has_all(out, { "run\t1\ttrue", "run\t2\ttrue", "budget\t0\t0" })
   end)
 end)

@@ -78,6 +78,7 @@ local function next_id()
 end
 
 local read_file = H.read_file
+local report_pid = H.job_bodies().report_pid
 
 -- A job that writes its pid to pidfile, then `bytes` on the protocol socket,
 -- then, when given `bytes2`, waits for the file `gate` to exist and writes
@@ -88,10 +89,7 @@ local function attack(bytes, pidfile, after, bytes2, gate)
     local f = require("ffi")
     pcall(f.cdef, "long write(int fd, const void *p, unsigned long n);")
     pcall(f.cdef, "int poll(void *fds, unsigned long n, int ms);")
-    pcall(f.cdef, "int getpid(void);")
-    local out = io.open(pidfile, "w")
-    out:write(f.C.getpid())
-    out:close()
+    report_pid(pidfile)
     local function put(s)
       local p, off = f.cast("const char *", s), 0
       while off < #s do
@@ -133,22 +131,46 @@ local function assert_responsive(pool)
   assert.are.equal(2, v)
 end
 
-describe("hostile bytes from a worker", function()
-  local snap, pool, dir, pids, n
+-- What both blocks below share: a warm host and a scratch directory for the
+-- block; a snapshot and a fresh pool of two workers for each test, closed
+-- after it (each test checks for leaks itself, with that pool). The returned
+-- table holds the current snap, pool and dir, and path(name): a new file
+-- name in dir.
+local function fixture()
+  local fx, n = {}, 0
 
   setup(function()
     H.warm()
-    dir = H.tmpdir()
+    fx.dir = H.tmpdir()
     n = 0
   end)
 
   teardown(function()
-    H.rm_r(dir)
+    H.rm_r(fx.dir)
   end)
 
   before_each(function()
-    snap = H.snapshot()
-    pool = handler.pool({ max_workers = 2 })
+    fx.snap = H.snapshot()
+    fx.pool = handler.pool({ max_workers = 2 })
+  end)
+
+  after_each(function()
+    fx.pool:close()
+    H.wait_until(function() return fx.pool:stats().processes == 0 end)
+  end)
+
+  function fx.path(name)
+    n = n + 1
+    return format("%s/%s%d", fx.dir, name, n)
+  end
+
+  return fx
+end
+
+describe("hostile bytes from a worker", function()
+  local pids
+
+  before_each(function()
     pids = {}
   end)
 
@@ -157,13 +179,12 @@ describe("hostile bytes from a worker", function()
     for _, pid in ipairs(pids) do
       if H.alive(pid) then H.kill9(pid) end
     end
-    pool:close()
-    H.wait_until(function() return pool:stats().processes == 0 end)
   end)
 
+  local fx = fixture()
+
   local function pidfile()
-    n = n + 1
-    return format("%s/pid%d", dir, n)
+    return fx.path("pid")
   end
 
   -- The pid the attack at path wrote, waiting for it if need be.
@@ -194,7 +215,7 @@ describe("hostile bytes from a worker", function()
     local path = pidfile()
     local gate = path .. ".gate"
     local id = next_id()
-    local res = { pool:run(attack(case.bytes(id), path, case.after, case.bytes2 and
+    local res = { fx.pool:run(attack(case.bytes(id), path, case.after, case.bytes2 and
       case.bytes2(id), gate), { max_ms = case.max_ms or 5000 }) }
     local pid = attacker(path)
     if case.bytes2 then H.write_file(gate, "") end
@@ -211,9 +232,9 @@ describe("hostile bytes from a worker", function()
       end
     end
     assert_gone(pid)
-    assert_resolved_once(pool)
-    assert_responsive(pool)
-    H.assert_clean(snap, { pool })
+    assert_resolved_once(fx.pool)
+    assert_responsive(fx.pool)
+    H.assert_clean(fx.snap, { fx.pool })
     return res
   end
 
@@ -271,7 +292,7 @@ describe("hostile bytes from a worker", function()
       -- it, or that job fails with "exit 0" without ever having run.
       local path = pidfile()
       local id = next_id()
-      local ok, v = pool:run(attack(reply(id, OK, hi), path, "exit"))
+      local ok, v = fx.pool:run(attack(reply(id, OK, hi), path, "exit"))
       assert.is_true(ok, tostring(v))
       assert.are.equal("hi", v)
       local pid = attacker(path)
@@ -280,12 +301,12 @@ describe("hostile bytes from a worker", function()
       local deadline = H.now() + 5
       while not H.gone(pid) and H.now() < deadline do H.sleep_ms(5) end
       assert.is_true(H.gone(pid))
-      ok, v = pool:run(function() return 1 + 1 end)
+      ok, v = fx.pool:run(function() return 1 + 1 end)
       assert.is_true(ok, tostring(v))
       assert.are.equal(2, v)
       assert_gone(pid)
-      assert_resolved_once(pool)
-      H.assert_clean(snap, { pool })
+      assert_resolved_once(fx.pool)
+      H.assert_clean(fx.snap, { fx.pool })
     end)
 
     it("ends a worker that sends a frame while idle", function()
@@ -370,11 +391,11 @@ describe("hostile bytes from a worker", function()
     end)
 
     it("never loads a module a reply names", function()
-      local marker = dir .. "/evil-loaded"
-      H.write_file(dir .. "/hd_hostile_evil.lua",
+      local marker = fx.dir .. "/evil-loaded"
+      H.write_file(fx.dir .. "/hd_hostile_evil.lua",
         format("io.open(%q, 'w'):close() return {}", marker))
       local saved = package.path
-      package.path = dir .. "/?.lua;" .. package.path
+      package.path = fx.dir .. "/?.lua;" .. package.path
       local ok, err = pcall(hostile, { after = "exit",
         reason = 'bad message: no module in package.loaded named "hd_hostile_evil"',
         bytes = function(id) return reply(id, OK, uv(1) .. char(T_MOD) .. str("hd_hostile_evil"):sub(2)) end })
@@ -395,7 +416,7 @@ describe("hostile bytes from a worker", function()
       -- Results are data. A metatable naming a host function would make an
       -- ordinary read of the result call it (here: t.x would return the
       -- host's registry).
-      local ok, t = pool:run(function()
+      local ok, t = fx.pool:run(function()
         return setmetatable({}, { __index = debug.getregistry })
       end)
       if ok then
@@ -403,7 +424,7 @@ describe("hostile bytes from a worker", function()
         assert.is_false(rawequal(debug.getregistry(), t.x),
           "reading a field of the result called debug.getregistry")
       end
-      ok, t = pool:run(function()
+      ok, t = fx.pool:run(function()
         return { inner = setmetatable({}, { __call = debug.getregistry }) }
       end)
       if ok then
@@ -411,45 +432,21 @@ describe("hostile bytes from a worker", function()
         assert.is_false(called and rawequal(debug.getregistry(), v),
           "calling the result called debug.getregistry")
       end
-      assert_resolved_once(pool)
-      assert_responsive(pool)
-      H.assert_clean(snap, { pool })
+      assert_resolved_once(fx.pool)
+      assert_responsive(fx.pool)
+      H.assert_clean(fx.snap, { fx.pool })
     end)
   end)
 end)
 
 describe("races", function()
-  local snap, pool, dir, n
-
-  setup(function()
-    H.warm()
-    dir = H.tmpdir()
-    n = 0
-  end)
-
-  teardown(function()
-    H.rm_r(dir)
-  end)
-
-  before_each(function()
-    snap = H.snapshot()
-    pool = handler.pool({ max_workers = 2 })
-  end)
-
-  after_each(function()
-    pool:close()
-    H.wait_until(function() return pool:stats().processes == 0 end)
-  end)
-
-  local function path(name)
-    n = n + 1
-    return format("%s/%s%d", dir, name, n)
-  end
+  local fx = fixture()
+  local path = fx.path
 
   local function finish()
-    assert_resolved_once(pool)
-    assert_responsive(pool)
-    H.assert_clean(snap, { pool })
+    assert_resolved_once(fx.pool)
+    assert_responsive(fx.pool)
+    H.assert_clean(fx.snap, { fx.pool })
   end
 
   -- Asserts a job ended as killed by its user.
@@ -474,14 +471,11 @@ describe("races", function()
     local id = next_id()
     local head = u32(1 + 1 + 1 + #uv(size) + size) .. char(REPLY) .. u64(id) .. char(OK) ..
       uv(1) .. char(T_STR) .. uv(size)
-    local job = pool:async(function()
+    local job = fx.pool:async(function()
       local f = require("ffi")
       pcall(f.cdef, "long write(int fd, const void *p, unsigned long n);")
       pcall(f.cdef, "int poll(void *fds, unsigned long n, int ms);")
-      pcall(f.cdef, "int getpid(void);")
-      local out = io.open(pidpath, "w")
-      out:write(f.C.getpid())
-      out:close()
+      report_pid(pidpath)
       local chunk = string.rep("y", 2^20)
       f.C.write(3, head, #head)
       for i = 1, 20 do
@@ -499,7 +493,7 @@ describe("races", function()
     assert.are.equal(id, core.job_id(job._ud))
     assert.is_true(H.wait_until(function() return read_file(marker) ~= nil end))
     local pid = tonumber(read_file(pidpath))
-    assert.is_true((pool:kill_by_ref(job)))
+    assert.is_true((fx.pool:kill_by_ref(job)))
     assert_killed(job:await())
     assert.is_true(H.wait_until(function() return H.gone(pid) end), "the worker is still there")
     finish()
@@ -508,14 +502,14 @@ describe("races", function()
   it("kills a job whose 50 MB result is on its way, whenever the kill lands", function()
     local size = 50 * 2^20
     for _, ms in ipairs({ 0, 20, 60, 150 }) do
-      local job = pool:async(function() return string.rep("z", size) end,
+      local job = fx.pool:async(function() return string.rep("z", size) end,
         { max_heap_bytes = 256 * 2^20, max_ms = 30000 })
       local t0 = H.now()
       while H.now() - t0 < ms / 1000 do
         handler.step()
         H.sleep_ms(1)
       end
-      local killed, why = pool:kill_by_ref(job)
+      local killed, why = fx.pool:kill_by_ref(job)
       local ok, v = job:await()
       if killed then
         assert_killed(ok, v)
@@ -530,29 +524,29 @@ describe("races", function()
   end)
 
   it("kills twice: the second kill finds no worker", function()
-    local job = pool:async(function() while true do end end, { max_ms = 20000 })
-    assert.is_true(H.wait_until(function() return pool:stats().processes > 0 end))
-    assert.are.same({ true }, { pool:kill_by_ref(job) })
-    assert.are.same({ false, "no_such_worker" }, { pool:kill_by_ref(job) })
+    local job = fx.pool:async(function() while true do end end, { max_ms = 20000 })
+    assert.is_true(H.wait_until(function() return fx.pool:stats().processes > 0 end))
+    assert.are.same({ true }, { fx.pool:kill_by_ref(job) })
+    assert.are.same({ false, "no_such_worker" }, { fx.pool:kill_by_ref(job) })
     assert_killed(job:await())
     assert_killed(job:await())
-    assert.are.equal(1, pool:stats().killed)
+    assert.are.equal(1, fx.pool:stats().killed)
     finish()
   end)
 
   it("kills after the job ended: no such worker, and the result stands", function()
-    local job = pool:async(function() return 7 end)
+    local job = fx.pool:async(function() return 7 end)
     assert.are.same({ true, 7 }, { job:await() })
-    assert.are.same({ false, "no_such_worker" }, { pool:kill_by_ref(job) })
+    assert.are.same({ false, "no_such_worker" }, { fx.pool:kill_by_ref(job) })
     assert.are.same({ true, 7 }, { job:await() })
-    assert.are.equal(0, pool:stats().killed)
+    assert.are.equal(0, fx.pool:stats().killed)
     finish()
   end)
 
   it("kills a job while its worker is being spawned", function()
     local before = worker_set()
-    local job = pool:async(function() return 1 end)
-    assert.is_true((pool:kill_by_ref(job)))
+    local job = fx.pool:async(function() return 1 end)
+    assert.is_true((fx.pool:kill_by_ref(job)))
     assert_killed(job:await())
     -- The process started for it does not stay.
     assert.is_true(H.wait_until(function()
@@ -569,7 +563,7 @@ describe("races", function()
       for _, kind in ipairs({ REPLY, REPLY_LAST }) do
         local id = next_id()
         local bytes = reply(id, OK, encode("hi", i))
-        local res = { pool:run(function()
+        local res = { fx.pool:run(function()
           local f = require("ffi")
           pcall(f.cdef, "long write(int fd, const void *p, unsigned long n);")
           f.C.write(3, bytes, #bytes)
@@ -578,7 +572,7 @@ describe("races", function()
         assert.are.same({ true, "hi", i }, res)
         -- The next round gets a worker that is certainly alive (see "does
         -- not give a job to a worker that exited after its reply").
-        assert.is_true(H.wait_until(function() return pool:stats().processes == 0 end))
+        assert.is_true(H.wait_until(function() return fx.pool:stats().processes == 0 end))
       end
     end
     finish()
@@ -589,7 +583,7 @@ describe("races", function()
     -- (REPLY_LAST), so the reply and the exit race in the parent.
     local size = 4 * 2^20
     for _ = 1, 10 do
-      local ok, v = pool:run(function()
+      local ok, v = fx.pool:run(function()
         require("ffi")
         return string.rep("w", size)
       end, { max_heap_bytes = 64 * 2^20 })
@@ -625,14 +619,12 @@ describe("races", function()
 
   it("survives a worker that dies before reading a 50 MB job, with SIGPIPE at its default", function()
     local out = H.run_host(big_job_script())
-    assert.matches("result\tfalse\tProcessExit\tSIGKILL", out, 1, true)
-    assert.matches("after\ttrue\t2", out, 1, true)
-    assert.matches("alive", out, 1, true)
+    H.assert_has_all(out, { "result\tfalse\tProcessExit\tSIGKILL", "after\ttrue\t2", "alive" })
   end)
 
   it("cleans up after a worker that dies before reading a 50 MB job", function()
     local before = worker_set()
-    assert.is_true((pool:run(function() return 1 end)))
+    assert.is_true((fx.pool:run(function() return 1 end)))
     local pid
     for p in pairs(worker_set()) do
       if not before[p] then pid = p end
@@ -640,7 +632,7 @@ describe("races", function()
     assert.is_not_nil(pid)
     assert.are.equal(0, ffi.C.hd_hostile_kill(pid, 19)) -- SIGSTOP
     local big = rep("b", 50 * 2^20)
-    local job = pool:async(function() return #big end, { max_heap_bytes = 256 * 2^20 })
+    local job = fx.pool:async(function() return #big end, { max_heap_bytes = 256 * 2^20 })
     for _ = 1, 20 do handler.step() end
     assert.is_true(H.kill9(pid))
     local ok, err = job:await()

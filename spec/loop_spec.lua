@@ -19,19 +19,11 @@ local function drive(done, seconds)
 end
 
 describe("the host-driven loop", function()
-  local snap, pool
-
-  setup(function()
-    H.warm()
-  end)
+  local pool
+  H.leak_checked()
 
   before_each(function()
-    snap = H.snapshot()
     pool = handler.default_pool()
-  end)
-
-  after_each(function()
-    H.assert_clean(snap)
   end)
 
   it("handler.fd() is a pollable fd", function()

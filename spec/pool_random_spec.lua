@@ -7,81 +7,12 @@
 --
 -- HANDLER_RANDOM_SEED=<n> replays a run's choices (timing still varies).
 local handler = require("handler")
-local ffi = require("ffi")
+local H = require("spec.support.helpers")
 
-local core = handler._core
 local format, concat = string.format, table.concat
-local ipairs, pairs, tostring, type, pcall = ipairs, pairs, tostring, type, pcall
+local ipairs, pairs, tostring, type = ipairs, pairs, tostring, type
 local random = math.random
-
-local function cdef(s) pcall(ffi.cdef, s) end
-cdef [[int pool_spec_fcntl(int fd, int cmd, ...) __asm__("fcntl");]]
-cdef [[int pool_spec_mkfifo(const char *path, unsigned int mode) __asm__("mkfifo");]]
-cdef [[int pool_spec_poll(void *fds, unsigned long n, int ms) __asm__("poll");]]
-cdef [[int pool_spec_clock_gettime(int clk, void *ts) __asm__("clock_gettime");]]
-cdef [[long pool_spec_readlink(const char *path, char *buf, unsigned long n) __asm__("readlink");]]
-local C = ffi.C
-
-local ts = ffi.new("long[2]")
-local function now()
-  C.pool_spec_clock_gettime(1, ts)
-  return tonumber(ts[0]) + tonumber(ts[1]) / 1e9
-end
-
-local function sleep_ms(ms) C.pool_spec_poll(nil, 0, ms) end
-
-local function wait_until(pred, seconds)
-  local deadline = now() + (seconds or 5)
-  while true do
-    if pred() then return true end
-    if now() > deadline then return false end
-    handler.step()
-    sleep_ms(5)
-  end
-end
-
-local function fd_count()
-  local n = 0
-  for fd = 0, 4095 do
-    if C.pool_spec_fcntl(fd, 1) >= 0 then n = n + 1 end
-  end
-  return n
-end
-
--- How many of the host's fds are sockets or pidfds.
-local function socket_count()
-  local n, buf = 0, ffi.new("char[256]")
-  for fd = 0, 4095 do
-    if C.pool_spec_fcntl(fd, 1) >= 0 then
-      local len = C.pool_spec_readlink("/proc/self/fd/" .. fd, buf, 255)
-      -- The host holds a socket and a pidfd per worker, and the
-      -- supervisor's socket.
-      local link = len > 0 and ffi.string(buf, len) or ""
-      if link:sub(1, 7) == "socket:" or link:find("pidfd", 1, true) then n = n + 1 end
-    end
-  end
-  return n
-end
-
-local function proc_state(pid)
-  local f = io.open("/proc/" .. tostring(pid) .. "/stat")
-  if f == nil then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s and s:match("^.*%) (%S)")
-end
-
-local function alive(pid)
-  local st = proc_state(pid)
-  return st ~= nil and st ~= "Z" and st ~= "X"
-end
-
-local function workers()
-  local p = core.procs()
-  local out = {}
-  for i = 1, #p do out[i] = p[i] end
-  return out
-end
+local now, wait_until = H.now, H.wait_until
 
 local N_JOBS = 2000
 local MAX_IN_FLIGHT = 10
@@ -103,6 +34,16 @@ local function pick_kind()
   for _, k in ipairs(KINDS) do
     r = r - k[2]
     if r <= 0 then return k[1] end
+  end
+end
+
+local waiter = H.job_bodies().waiter
+
+-- The check of a job that ends as a Timeout after max_ms.
+local function timed_out(max_ms)
+  return function(ok, e)
+    return ok == false and e.type == "Timeout"
+      and e.message == "Took more than " .. max_ms .. "ms to complete"
   end
 end
 
@@ -145,26 +86,12 @@ local function make_job(id, kind, gate_path)
   elseif kind == "timeout" then
     max_ms = random(10, 60)
     fn = function() while true do end end
-    check = function(ok, e)
-      return ok == false and e.type == "Timeout"
-        and e.message == "Took more than " .. max_ms .. "ms to complete"
-    end
+    check = timed_out(max_ms)
   elseif kind == "block" then
     -- Waits on a gate that stays shut: ends by its timeout or a kill.
     max_ms = random(40, 250)
-    local path = gate_path
-    fn = function()
-      local f = io.open(path, "r")
-      if f then
-        f:read(1)
-        f:close()
-      end
-      return "released"
-    end
-    check = function(ok, e)
-      return ok == false and e.type == "Timeout"
-        and e.message == "Took more than " .. max_ms .. "ms to complete"
-    end
+    fn = waiter(gate_path, "released")
+    check = timed_out(max_ms)
   elseif kind == "oom" then
     heap = ({ 16 * KiB, 64 * KiB, 256 * KiB })[random(3)]
     fn = function()
@@ -203,53 +130,28 @@ describe("handler pools, randomized", function()
     math.randomseed(seed)
     print(format("\npool_random_spec: seed %d (HANDLER_RANDOM_SEED=%d replays it)", seed, seed))
 
-    local tmp = io.popen("mktemp -d")
-    local dir = tmp:read("*l")
-    tmp:close()
+    local dir = H.tmpdir()
     -- Workers alive before (another spec's idle ones) are not ours to check.
-    local preexisting = {}
-    for _, pid in ipairs(workers()) do preexisting[pid] = true end
-    local function mine()
-      local out = {}
-      for _, pid in ipairs(workers()) do
-        if not preexisting[pid] then out[#out + 1] = pid end
-      end
-      return out
-    end
-    -- Settled: one socket per listed worker (each a live idle process) and
-    -- the supervisor's; dying, retiring or just-killed workers pass through
-    -- states where the list and the sockets disagree.
-    local function settled_now()
-      handler.step()
-      local list = core.procs()
-      for _, pid in ipairs(list) do
-        if proc_state(pid) ~= "S" then return false end
-      end
-      local sup = list.supervisor and 1 or 0
-      return list.sockets == 2 * #list and socket_count() == 2 * #list + sup
-    end
-    local function other_fds() return fd_count() - socket_count() end
+    local preexisting = H.set_of(H.workers())
+    local function mine() return H.new_workers(preexisting) end
 
     -- Warm up, so the fd baseline includes the supervisor's socket.
     local warm = handler.pool({ idle_ms = 0 })
     assert(warm:run(function() end))
     warm:close()
     assert(wait_until(function() return #mine() == 0 end))
-    collectgarbage()
-    collectgarbage()
-    wait_until(settled_now)
-    local fds_before = other_fds()
+    local baseline = H.fd_baseline()
 
     -- "block" jobs wait on this gate, which stays shut.
     local gate = dir .. "/gate"
-    assert(C.pool_spec_mkfifo(gate, 384) == 0)
+    H.mkfifo(gate)
     local gate_holder = assert(io.open(gate, "r+"))
     local pools = {}
     finally(function()
       -- Also when an assertion failed half-way: nothing of ours stays.
       for _, p in ipairs(pools) do p:close() end
       if gate_holder then gate_holder:close() end
-      os.execute("rm -rf '" .. dir .. "'")
+      H.rm_r(dir)
     end)
 
     local root = handler.pool({ name = "rnd_root", max_workers = 10, max_memory_bytes = 5 * MiB })
@@ -536,15 +438,8 @@ describe("handler pools, randomized", function()
     for k, v in pairs(rejected) do assert.are.equal(tally[k] or 0, v, k) end
 
     -- No worker is stuck: each one left is an idle sleeper of the root.
-    local stuck
-    assert(wait_until(function()
-      stuck = nil
-      for _, pid in ipairs(mine()) do
-        if proc_state(pid) ~= "S" then stuck = pid end
-      end
-      return stuck == nil and root:stats().processes == #mine()
-    end), format("worker %s is %s (seed %d)", tostring(stuck), tostring(stuck and proc_state(stuck)),
-      seed))
+    H.assert_idle(mine, function() return root:stats().processes == #mine() end,
+      format(" (seed %d)", seed))
     note_workers()
 
     local parts = {}
@@ -560,17 +455,11 @@ describe("handler pools, randomized", function()
     for _, name in ipairs({ "rnd_root", "rnd_a", "rnd_b", "rnd_g" }) do
       assert.is_nil(handler.pools[name])
     end
-    assert(wait_until(function() return #mine() == 0 end), "workers left after close")
-    for pid in pairs(seen_pids) do
-      assert(wait_until(function() return not alive(pid) end), "worker " .. pid .. " still alive")
-    end
+    local pids = {}
+    for pid in pairs(seen_pids) do pids[#pids + 1] = pid end
+    H.assert_workers_gone(mine, pids)
     gate_holder:close()
     gate_holder = nil
-    collectgarbage()
-    collectgarbage()
-    assert(wait_until(settled_now), format("host sockets %d for workers {%s}", socket_count(),
-      concat(workers(), ",")))
-    assert(wait_until(function() return other_fds() == fds_before end),
-      format("host fds other than sockets: %d, before: %d", other_fds(), fds_before))
+    H.assert_fds_back(baseline)
   end)
 end)

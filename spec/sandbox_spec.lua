@@ -36,37 +36,12 @@ local function strays()
   return out
 end
 
--- Submits fn to pool, awaits it, and checks it resolved exactly once: done,
--- a second await gives the same outcome, and the pool counted one start and
--- one end. Returns the results packed.
-local function resolve(pool, fn, opts)
-  local before = pool:stats()
-  local job, why = pool:async(fn, opts)
-  assert(job, "rejected: " .. tostring(why))
-  local r = pack(job:await())
-  assert.is_true(job:done())
-  local again = pack(job:await())
-  assert.are.equal(r[1], again[1])
-  if not r[1] then
-    assert.are.equal(r[2].type, again[2].type)
-    assert.are.equal(r[2].message, again[2].message)
-  end
-  local after = pool:stats()
-  assert.are.equal(before.started + 1, after.started)
-  assert.are.equal(before.succeeded + before.failed + 1, after.succeeded + after.failed)
-  return r
-end
+-- Jobs resolve exactly once (H.resolve).
+local resolve, failure = H.resolve, H.expect_failure
 
 local function ok_values(r)
   assert.is_true(r[1], tostring(r[2]))
   return select(2, unpack(r, 1, r.n))
-end
-
-local function failure(r, kind)
-  assert.is_false(r[1], "expected the job to fail, it returned " .. tostring(r[2]))
-  assert.are.equal("table", type(r[2]))
-  if kind then assert.are.equal(kind, r[2].type, tostring(r[2].message)) end
-  return r[2]
 end
 
 local function violation(r)
@@ -172,7 +147,7 @@ describe("the sandbox", function()
       local err = failure(resolve(strict, function() while true do end end, { max_ms = 200 }),
         "Timeout")
       assert.are.equal("Took more than 200ms to complete", err.message)
-      assert(H.now() - t0 < 2, "took " .. (H.now() - t0) .. " s")
+      H.assert_ended_by(H.now() - t0, 200)
     end)
 
     it("ends a growing heap as OOM, pcall or not", function()
@@ -358,26 +333,12 @@ describe("the sandbox", function()
     end)
 
     it("a segfault is still SIGSEGV", function()
-      local err = failure(resolve(syscalls, function()
-        return require("ffi").cast("int *", 0)[0]
-      end), "ProcessExit")
+      local err = failure(resolve(syscalls, H.job_bodies().segv), "ProcessExit")
       assert.are.equal("SIGSEGV", err.reason)
     end)
 
     it("sets tight limits: 16 fds, 16 MiB files, no core files", function()
-      local r = resolve(syscalls, function()
-        local f = require("ffi")
-        f.cdef [[struct hd_sb_rlimit { unsigned long cur, max; };
-          int getrlimit(int res, struct hd_sb_rlimit *r);]]
-        local out = {}
-        for _, res in ipairs({ 7, 1, 4 }) do -- NOFILE, FSIZE, CORE
-          local rl = f.new("struct hd_sb_rlimit")
-          f.C.getrlimit(res, rl)
-          out[#out + 1] = tonumber(rl.cur)
-          out[#out + 1] = tonumber(rl.max)
-        end
-        return unpack(out)
-      end)
+      local r = resolve(syscalls, H.job_bodies().rlimits({ 7, 1, 4 })) -- NOFILE, FSIZE, CORE
       assert.are.same({ 16, 16, 16 * 2^20, 16 * 2^20, 0, 0 }, { ok_values(r) })
     end)
 

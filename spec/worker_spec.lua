@@ -8,57 +8,12 @@ local H = require("spec.support.helpers")
 local run = handler.run
 local tostring, tonumber, type = tostring, tonumber, type
 
--- A job returning the sorted list of fds open in its process.
-local function job_fds()
-  local f = require("ffi")
-  pcall(f.cdef, "int fcntl(int fd, int cmd, ...);")
-  local open = {}
-  for fd = 0, 1023 do
-    if f.C.fcntl(fd, 1) >= 0 then open[#open + 1] = fd end
-  end
-  return open
-end
-
--- Called in a job: writes the worker's pid to path.
-local function report_pid(path)
-  local f = require("ffi")
-  pcall(f.cdef, "int getpid(void);")
-  local out = io.open(path, "w")
-  out:write(f.C.getpid())
-  out:close()
-end
-
--- Worker pids handler lists now that were not in `before`.
-local function new_workers(before)
-  local out = {}
-  for _, pid in ipairs(H.workers()) do
-    if not H.contains(before, pid) then out[#out + 1] = pid end
-  end
-  return out
-end
-
-local function read_number(path)
-  local f = io.open(path)
-  if f == nil then return nil end
-  local n = tonumber(f:read("*a"))
-  f:close()
-  return n
-end
+local bodies = H.job_bodies()
+local job_fds, report_pid = bodies.fds, bodies.report_pid
+local read_number = H.read_number
 
 describe("worker processes", function()
-  local snap
-
-  setup(function()
-    H.warm()
-  end)
-
-  before_each(function()
-    snap = H.snapshot()
-  end)
-
-  after_each(function()
-    H.assert_clean(snap)
-  end)
+  local leaks = H.leak_checked()
 
   describe("warm workers", function()
     it("reuses the same process for sequential runs", function()
@@ -180,9 +135,9 @@ describe("worker processes", function()
       assert.is_true((run(function() end)))
       assert.is_true(handler.default_pool():stats().processes >= 1)
       local pool = handler.pool({ idle_ms = 200 })
-      local before = H.workers()
+      local before = H.set_of(H.workers())
       assert.is_true((pool:run(function() end)))
-      local new = new_workers(before)
+      local new = H.new_workers(before)
       assert.are.equal(1, #new)
       local pid = new[1]
       assert.is_true(H.alive(pid))
@@ -200,7 +155,7 @@ describe("worker processes", function()
       -- And the pool starts a new one when it needs it.
       assert.is_true((pool:run(function() end)))
       assert.are.equal(2, pool:stats().processes_started)
-      local fresh = new_workers(before)
+      local fresh = H.new_workers(before)
       assert.are.equal(1, #fresh)
       assert.are_not.equal(pid, fresh[1])
       pool:close()
@@ -243,12 +198,14 @@ describe("worker processes", function()
         local ok2, v2 = handler.run(function() print("second job") return "s" end)
         print("result2", ok2, v2)
       ]])
-      assert.matches("hello from the job", out, 1, true)
-      assert.matches(string.rep("x", 100000), out, 1, true)
-      assert.matches("to stderr", out, 1, true)
-      assert.matches("second job", out, 1, true)
-      assert.matches("result\ttrue\t42", out, 1, true)
-      assert.matches("result2\ttrue\ts", out, 1, true)
+      H.assert_has_all(out, {
+        "hello from the job",
+        string.rep("x", 100000),
+        "to stderr",
+        "second job",
+        "result\ttrue\t42",
+        "result2\ttrue\ts",
+      })
     end)
   end)
 
@@ -260,7 +217,7 @@ describe("worker processes", function()
       keep:close()
       os.remove(path)
       assert.is_true(ok, tostring(fds))
-      assert.are.same({ 0, 1, 2, 3 }, fds)
+      assert.are.equal("0,1,2,3", fds)
     end)
 
     it("closes fds the host had open when the worker processes started", function()
@@ -269,15 +226,7 @@ describe("worker processes", function()
         local handler = require("handler")
         local keep = assert(io.open(]] .. string.format("%q", path) .. [[, "w"))
         local pipe = io.popen("sleep 0.2")
-        local ok, fds = handler.run(function()
-          local f = require("ffi")
-          pcall(f.cdef, "int fcntl(int fd, int cmd, ...);")
-          local open = {}
-          for fd = 0, 1023 do
-            if f.C.fcntl(fd, 1) >= 0 then open[#open + 1] = fd end
-          end
-          return table.concat(open, ",")
-        end)
+        local ok, fds = handler.run(]] .. H.FDS_JOB_SOURCE .. [[)
         print("job fds", ok, fds)
         local sup = handler._core.procs().supervisor
         local ls = io.popen("ls -l /proc/" .. sup .. "/fd")
@@ -381,11 +330,13 @@ describe("worker processes", function()
         show("timeout", handler.run(function() while true do end end, { max_ms = 20 }))
         show("after", handler.run(function() return 2 end))
       ]])
-      assert.matches("ok\ttrue\t1\n", out, 1, true)
-      assert.matches("segv\tfalse\tProcessExit SIGSEGV\n", out, 1, true)
-      assert.matches("exit\tfalse\tProcessExit exit 3\n", out, 1, true)
-      assert.matches("timeout\tfalse\tTimeout nil\n", out, 1, true)
-      assert.matches("after\ttrue\t2\n", out, 1, true)
+      H.assert_has_all(out, {
+        "ok\ttrue\t1\n",
+        "segv\tfalse\tProcessExit SIGSEGV\n",
+        "exit\tfalse\tProcessExit exit 3\n",
+        "timeout\tfalse\tTimeout nil\n",
+        "after\ttrue\t2\n",
+      })
     end)
   end)
 
@@ -476,7 +427,7 @@ describe("worker processes", function()
         local co = coroutine.create(print)
         assert.is_false(pcall(run, function() return co end))
       end
-      H.assert_clean(snap)
+      H.assert_clean(leaks.snap)
     end)
   end)
 end)

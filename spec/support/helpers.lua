@@ -26,6 +26,8 @@ cdef [[void *hd_spec_opendir(const char *path) __asm__("opendir");]]
 cdef [[hd_spec_dirent *hd_spec_readdir(void *dir) __asm__("readdir");]]
 cdef [[int hd_spec_closedir(void *dir) __asm__("closedir");]]
 cdef [[int hd_spec_kill(int pid, int sig) __asm__("kill");]]
+cdef [[long hd_spec_readlink(const char *path, char *buf, unsigned long n) __asm__("readlink");]]
+cdef [[int hd_spec_mkfifo(const char *path, unsigned int mode) __asm__("mkfifo");]]
 
 local C = ffi.C
 local F_GETFD = 1
@@ -43,6 +45,21 @@ local ts = ffi.new("hd_spec_timespec")
 function M.now()
   C.hd_spec_clock_gettime(CLOCK_MONOTONIC, ts)
   return tonumber(ts.sec) + tonumber(ts.nsec) / 1e9
+end
+
+--- How long the host waits for a killed worker's exit report before it ends
+-- the job anyway (HD_KILL_GRACE_MS in src/host/job.c).
+M.KILL_GRACE_S = 2
+
+--- Asserts that something with a deadline of `deadline_ms` (a job's max_ms,
+-- a queued job's pool_timeout), which took `took` seconds from before it was
+-- submitted, ended within KILL_GRACE_S of its deadline. An idle machine ends
+-- it within a few ms; a loaded one gets two seconds. No more: a job whose
+-- kill went unconfirmed ends only when the kill grace runs out, at least
+-- KILL_GRACE_S after the deadline, and this must still tell the two apart.
+function M.assert_ended_by(took, deadline_ms)
+  luassert(took < deadline_ms / 1000 + M.KILL_GRACE_S,
+    format("ended %.3f s after it was submitted, %d ms deadline", took, deadline_ms))
 end
 
 --- Sleeps ms milliseconds.
@@ -81,6 +98,40 @@ function M.open_fds()
     if C.hd_spec_fcntl(fd, F_GETFD) >= 0 then fds[#fds + 1] = fd end
   end
   return fds
+end
+
+--- { {fd=, target=}, ... } of the host's open fds: what /proc/self/fd/N
+-- links to ("socket:[...]", "anon_inode:[pidfd]", a path), "?" when the
+-- link cannot be read.
+local function fd_targets()
+  local out, buf = {}, ffi.new("char[256]")
+  for _, fd in ipairs(M.open_fds()) do
+    local n = tonumber(C.hd_spec_readlink("/proc/self/fd/" .. fd, buf, 255))
+    out[#out + 1] = { fd = fd, target = n > 0 and ffi.string(buf, n) or "?" }
+  end
+  return out
+end
+
+--- How many of the host's fds are sockets, pidfds and anything else.
+function M.fd_kinds()
+  local k = { sockets = 0, pidfds = 0, other = 0 }
+  for _, f in ipairs(fd_targets()) do
+    if f.target:sub(1, 7) == "socket:" then
+      k.sockets = k.sockets + 1
+    elseif f.target:find("pidfd", 1, true) then
+      k.pidfds = k.pidfds + 1
+    else
+      k.other = k.other + 1
+    end
+  end
+  return k
+end
+
+--- "fd:target ..." of the host's open fds, for messages.
+function M.fd_list()
+  local out = {}
+  for i, f in ipairs(fd_targets()) do out[i] = f.fd .. ":" .. f.target end
+  return concat(out, " ")
 end
 
 ---------------------------------------------------------------------------
@@ -149,15 +200,155 @@ function M.contains(list, v)
   return false
 end
 
+--- { [v] = true } of the values of list.
+function M.set_of(list)
+  local s = {}
+  for _, v in ipairs(list) do s[v] = true end
+  return s
+end
+
+--- Live worker pids that are not in `before` (a set, see set_of).
+function M.new_workers(before)
+  local out = {}
+  for _, pid in ipairs(M.workers()) do
+    if not before[pid] then out[#out + 1] = pid end
+  end
+  return out
+end
+
+--- Waits until a worker that is not in `before` (a set) is listed, and
+-- returns the first such pid (nil after 5 s).
+function M.new_worker(before)
+  local pid
+  M.wait_until(function()
+    pid = M.new_workers(before)[1]
+    return pid ~= nil
+  end)
+  return pid
+end
+
 ---------------------------------------------------------------------------
 -- Job bodies used across the specs. They run in the worker, so they use only
 -- what a fresh state has.
+--
+-- They are made anew by each call of job_bodies, not kept as fields of this
+-- module: a function that is a field of a loaded module travels by name,
+-- and the worker would load this module (and with it handler and luassert)
+-- to find it.
 
---- A job returning the pid of the worker process it ran in.
-function M.job_pid()
-  local ffi_ = require("ffi")
-  pcall(ffi_.cdef, "int getpid(void);")
-  return ffi_.C.getpid()
+function M.job_bodies()
+  local b = {}
+
+  --- A job returning the pid of the worker process it ran in.
+  function b.pid()
+    local f = require("ffi")
+    pcall(f.cdef, "int getpid(void);")
+    return f.C.getpid()
+  end
+
+  --- Called in a job: writes the worker's pid to path (see read_number).
+  function b.report_pid(path)
+    local f = require("ffi")
+    pcall(f.cdef, "int getpid(void);")
+    local out = io.open(path, "w")
+    out:write(f.C.getpid())
+    out:close()
+  end
+
+  --- A job that reads through a NULL pointer: its worker ends with SIGSEGV.
+  function b.segv()
+    return require("ffi").cast("int *", 0)[0]
+  end
+
+  --- A job that returns `ret` once the gate at `path` opens: a FIFO whose
+  -- read blocks until the test closes its end, or a file (see pool_spec).
+  function b.waiter(path, ret)
+    return function()
+      local f = io.open(path, "r")
+      if f then
+        f:read(1)
+        f:close()
+      end
+      return ret
+    end
+  end
+
+  --- A job returning the soft and hard limit of each of `resources` (RLIMIT_
+  -- numbers) in turn.
+  function b.rlimits(resources)
+    return function()
+      local f = require("ffi")
+      f.cdef [[struct hd_spec_rlimit { unsigned long cur, max; };
+        int getrlimit(int res, struct hd_spec_rlimit *r);]]
+      local out = {}
+      for _, res in ipairs(resources) do
+        local rl = f.new("struct hd_spec_rlimit")
+        f.C.getrlimit(res, rl)
+        out[#out + 1] = tonumber(rl.cur)
+        out[#out + 1] = tonumber(rl.max)
+      end
+      return unpack(out)
+    end
+  end
+
+  --- A job returning the fds open in its process, "0,1,2,3" say.
+  b.fds = luassert(loadstring("return " .. M.FDS_JOB_SOURCE, "=fds job"))()
+
+  return b
+end
+
+--- The source of the fds job (a function expression), for host scripts.
+M.FDS_JOB_SOURCE = [[function()
+  local f = require("ffi")
+  pcall(f.cdef, "int fcntl(int fd, int cmd, ...);")
+  local open = {}
+  for fd = 0, 1023 do
+    if f.C.fcntl(fd, 1) >= 0 then open[#open + 1] = fd end
+  end
+  return table.concat(open, ",")
+end]]
+
+---------------------------------------------------------------------------
+-- Jobs that resolve exactly once.
+
+--- Submits fn to pool, awaits it, and checks that it resolved exactly once:
+-- done, a second await gives the same outcome (the same values, compared
+-- deeply when tables, or an error of the same type and message), and the
+-- pool counted one start and one end. Returns the results packed.
+function M.resolve(pool, fn, opts)
+  local before = pool:stats()
+  local job, why = pool:async(fn, opts)
+  luassert(job, "rejected: " .. tostring(why))
+  local r = M.pack(job:await())
+  luassert.is_true(job:done())
+  local again = M.pack(job:await())
+  luassert.are.equal(r[1], again[1])
+  if r[1] then
+    luassert.are.equal(r.n, again.n)
+    for i = 2, r.n do
+      if type(r[i]) == "table" then
+        luassert.are.same(r[i], again[i])
+      else
+        luassert.are.equal(r[i], again[i])
+      end
+    end
+  else
+    luassert.are.equal(r[2].type, again[2].type)
+    luassert.are.equal(r[2].message, again[2].message)
+  end
+  local after = pool:stats()
+  luassert.are.equal(before.started + 1, after.started)
+  luassert.are.equal(before.succeeded + before.failed + 1, after.succeeded + after.failed)
+  return r
+end
+
+--- Asserts that packed results r are a failure with an error table, of
+-- type `kind` when given; returns the error.
+function M.expect_failure(r, kind)
+  luassert.is_false(r[1], "expected the job to fail, it returned " .. tostring(r[2]))
+  luassert.are.equal("table", type(r[2]))
+  if kind then luassert.are.equal(kind, r[2].type, tostring(r[2].message)) end
+  return r[2]
 end
 
 ---------------------------------------------------------------------------
@@ -173,7 +364,7 @@ function M.lua_env()
   return "LUA_PATH=" .. shell_quote(package.path) .. " LUA_CPATH=" .. shell_quote(package.cpath)
 end
 
---- A fresh temporary directory (removed by rmdir_r).
+--- A fresh temporary directory (removed by rm_r).
 function M.tmpdir()
   local p = popen("mktemp -d")
   local d = p:read("*l")
@@ -186,13 +377,30 @@ function M.pack(...)
   return { n = select("#", ...), ... }
 end
 
---- A file's whole contents, or nil when it cannot be opened.
-function M.read_file(path)
+--- What fn(file) gives for the file at path opened for reading, or nil
+-- when it cannot be opened.
+local function with_file(path, fn)
   local f = open(path, "rb")
   if f == nil then return nil end
-  local s = f:read("*a")
+  local v = fn(f)
   f:close()
-  return s
+  return v
+end
+
+--- A file's whole contents, or nil when it cannot be opened.
+function M.read_file(path)
+  return with_file(path, function(f) return f:read("*a") end)
+end
+
+--- A file's size in bytes, or nil when it cannot be opened.
+function M.file_size(path)
+  return with_file(path, function(f) return f:seek("end") end)
+end
+
+--- The number a file holds, or nil when it cannot be opened or holds none.
+function M.read_number(path)
+  local s = M.read_file(path)
+  return s and tonumber(s)
 end
 
 function M.exists(path)
@@ -212,6 +420,11 @@ function M.rm_r(path)
   os.execute("rm -rf " .. shell_quote(path))
 end
 
+--- Makes a FIFO at path (mode 0600); asserts it was made.
+function M.mkfifo(path)
+  luassert(C.hd_spec_mkfifo(path, 384) == 0, "mkfifo " .. path)
+end
+
 --- Runs `luajit script` (the script given as text) with the spec's handler on
 -- its paths, and returns everything it printed (stdout and stderr). Output
 -- goes to a file, not a pipe, so a process that outlived the script cannot
@@ -229,6 +442,11 @@ function M.run_host(script)
   return text
 end
 
+--- Asserts that `text` holds each string of `list` (plain, not patterns).
+function M.assert_has_all(text, list)
+  for _, s in ipairs(list) do luassert.matches(s, text, 1, true) end
+end
+
 --- Sends SIGKILL to pid.
 function M.kill9(pid)
   return C.hd_spec_kill(pid, 9) == 0
@@ -241,6 +459,19 @@ end
 -- snapshot taken after it measures only what a test adds.
 function M.warm()
   luassert.is_true((handler.run(function() end)))
+end
+
+--- Declares, in the describe block it is called from, the leak check of a
+-- block whose tests start processes: H.warm() in setup, a snapshot before
+-- each test (kept in the returned table as `snap`, for tests that check
+-- mid-way) and assert_clean against it after each test.
+function M.leak_checked()
+  local busted = require("busted")
+  local state = {}
+  busted.setup(M.warm)
+  busted.before_each(function() state.snap = M.snapshot() end)
+  busted.after_each(function() M.assert_clean(state.snap) end)
+  return state
 end
 
 --- What "clean" is measured against: the host's fds apart from the one each
@@ -323,6 +554,76 @@ function M.assert_clean(snap, pools)
     return true
   end, 5)
   luassert(ok, why)
+end
+
+---------------------------------------------------------------------------
+-- The strict check of the pool specs: not "no more fds than before" but
+-- exactly the descriptors the live workers account for, and every worker
+-- left an idle sleeper.
+
+--- Whether the core's workers and the host's descriptors agree now: every
+-- listed worker is an idle sleeper (state S), the core holds a socket and a
+-- pidfd for each (procs().sockets), and the host has exactly those: one
+-- socket per listed worker plus the supervisor's, one pidfd per listed
+-- worker. A dying, retiring or just-killed worker passes through states
+-- where they disagree (it stays listed, its socket closed, until its exit
+-- is reported; a killed one may be listed only once its pid arrives).
+-- Steps the loop first.
+function M.settled_now()
+  handler.step()
+  local list = handler._core.procs()
+  for _, pid in ipairs(list) do
+    if M.proc_state(pid) ~= "S" then return false end
+  end
+  local sup = list.supervisor and 1 or 0
+  local k = M.fd_kinds()
+  return list.sockets == 2 * #list and k.sockets == #list + sup and k.pidfds == #list
+end
+
+--- What assert_fds_back compares against, taken once settled (or after
+-- 5 s) and after a full collection: the count of the host's fds that are
+-- neither sockets nor pidfds, and their listing for messages.
+function M.fd_baseline()
+  collectgarbage()
+  collectgarbage()
+  M.wait_until(M.settled_now)
+  return { other = M.fd_kinds().other, list = M.fd_list() }
+end
+
+--- Asserts, after a full collection, that the host settles (see
+-- settled_now) and then holds exactly as many other fds as at `base`.
+function M.assert_fds_back(base)
+  collectgarbage()
+  collectgarbage()
+  luassert(M.wait_until(M.settled_now), format("host sockets %d and pidfds %d for workers {%s}: %s",
+    M.fd_kinds().sockets, M.fd_kinds().pidfds, concat(M.workers(), ","), M.fd_list()))
+  luassert(M.wait_until(function() return M.fd_kinds().other == base.other end),
+    format("host fds other than sockets and pidfds: %d, before: %d\nnow: %s\nbefore: %s",
+      M.fd_kinds().other, base.other, M.fd_list(), base.list))
+end
+
+--- Asserts that every pid list_fn() gives becomes an idle sleeper (state S)
+-- within 5 s, and `also()` with it when given; `ctx` ends the message.
+function M.assert_idle(list_fn, also, ctx)
+  local stuck
+  luassert(M.wait_until(function()
+    stuck = nil
+    for _, pid in ipairs(list_fn()) do
+      if M.proc_state(pid) ~= "S" then stuck = pid end
+    end
+    return stuck == nil and (also == nil or also())
+  end), format("worker %s is %s, not an idle sleeper%s", tostring(stuck),
+    tostring(stuck and M.proc_state(stuck)), ctx or ""))
+end
+
+--- Asserts that list_fn() becomes empty and that none of `pids` stays alive.
+function M.assert_workers_gone(list_fn, pids)
+  luassert(M.wait_until(function() return #list_fn() == 0 end),
+    "workers left after close: " .. concat(list_fn(), ","))
+  for _, pid in ipairs(pids) do
+    luassert(M.wait_until(function() return not M.alive(pid) end),
+      "worker " .. pid .. " still alive")
+  end
 end
 
 return M
