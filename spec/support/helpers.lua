@@ -564,8 +564,8 @@ end
 --- Whether the core's workers and the host's descriptors agree now: every
 -- listed worker is an idle sleeper (state S), the core holds a socket and a
 -- pidfd for each (procs().sockets), and the host has exactly those: one
--- socket per listed worker plus the supervisor's, one pidfd per listed
--- worker. A dying, retiring or just-killed worker passes through states
+-- socket and one pidfd per listed worker, plus the supervisor's socket and
+-- the pidfd it is waited on by. A dying, retiring or just-killed worker passes through states
 -- where they disagree (it stays listed, its socket closed, until its exit
 -- is reported; a killed one may be listed only once its pid arrives).
 -- Steps the loop first.
@@ -577,7 +577,7 @@ function M.settled_now()
   end
   local sup = list.supervisor and 1 or 0
   local k = M.fd_kinds()
-  return list.sockets == 2 * #list and k.sockets == #list + sup and k.pidfds == #list
+  return list.sockets == 2 * #list and k.sockets == #list + sup and k.pidfds == #list + sup
 end
 
 --- What assert_fds_back compares against, taken once settled (or after
