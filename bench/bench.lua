@@ -1,4 +1,4 @@
--- bench.lua: the benchmark suite of issue 4. Run it through bench/run, which
+-- bench.lua: the benchmark suite. Run it through bench/run, which
 -- builds handler and the C floor and sets the module paths.
 --
 --   luajit bench/bench.lua --floor PATH [--quick] [--only 1,2,...]

@@ -1,4 +1,4 @@
--- soak.lua: the soak test of issue 5 (not CI). For N minutes (default 10)
+-- soak.lua: the soak test (not CI). For N minutes (default 10)
 -- it runs mixed random jobs with random outcomes through composed pools and
 -- prints, every 10 s, the host's RSS, fd count and process counts, which
 -- should all stay flat. Each sample is taken at a quiet moment: the jobs in

@@ -1,4 +1,4 @@
--- hardening_spec.lua: hostile and broken jobs (issue 5). Each test runs one
+-- hardening_spec.lua: hostile and broken jobs. Each test runs one
 -- fault and then checks what must hold under every fault: the host is alive
 -- and responsive (a run returns true, 2), its fd count is unchanged, nothing
 -- the job started is left (processes tagged by an environment variable, by a

@@ -1,6 +1,5 @@
 -- hostile_spec.lua: a worker that writes whatever it likes on its protocol
--- socket, and the races around kills and exits (issue 5, "Hostile bytes
--- from a worker" and "Races").
+-- socket, and the races around kills and exits.
 --
 -- A job plays the hostile worker: it writes raw frames to fd 3 through the
 -- FFI, then exits or sleeps so that the parent must react. After each case

@@ -1,5 +1,5 @@
--- pool_random_spec.lua: a seeded random workout of composed pools (issue 3,
--- point 8): thousands of jobs with random outcomes, random kills by name, by
+-- pool_random_spec.lua: a seeded random workout of composed pools:
+-- thousands of jobs with random outcomes, random kills by name, by
 -- ref and by flush, many in flight at once across a root, two children and a
 -- grandchild routed by delegate_fun. Afterwards every pool is empty, every
 -- job ended exactly once the way it was asked to (or the way it was killed),

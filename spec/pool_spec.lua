@@ -1,4 +1,4 @@
--- pool_spec.lua: pools (API.md "Pools", issue 3): budgets along delegation
+-- pool_spec.lua: pools (docs/API.md, "Pools"): budgets along delegation
 -- chains, async/await, kill/kill_by_ref/flush, waiting for capacity, the
 -- registry and lifetimes, stats; and the upstream Handler.Pool test suite,
 -- case by case, under its own names.
@@ -685,7 +685,7 @@ describe("handler pools", function()
   end)
 
   -------------------------------------------------------------------------
-  describe("API.md", function()
+  describe("docs/API.md", function()
     it("the example: a customer pool delegating to a shared pool by name", function()
       local shared = pool({ name = "shared_pool", max_memory_bytes = 10 * 2 ^ 30 })
       local customer = pool({
@@ -1372,7 +1372,7 @@ end
 
   -------------------------------------------------------------------------
   describe("stats", function()
-    it("has the fields API.md names and the dashboard counters", function()
+    it("has the fields docs/API.md names and the dashboard counters", function()
       local p = pool({ max_workers = 7, max_memory_bytes = 123 * KiB })
       local s = p:stats()
       for _, k in ipairs({ "running", "queued", "bytes_committed", "max_workers", "max_memory_bytes",

@@ -1,4 +1,4 @@
--- run_spec.lua: handler.run as API.md gives it: results, what travels with
+-- run_spec.lua: handler.run as docs/API.md gives it: results, what travels with
 -- the closure and what cannot, the four outcomes (a result, Timeout, OOM,
 -- ProcessExit), error values, and option checking.
 local handler = require("handler")
@@ -322,7 +322,7 @@ describe("handler.run", function()
   end)
 
   describe("Timeout", function()
-    it("ends a job that runs past max_ms, with the message API.md gives", function()
+    it("ends a job that runs past max_ms, with the message docs/API.md gives", function()
       local t0 = H.now()
       local err = failure(function() while true do end end, { max_ms = 10 })
       local elapsed = H.now() - t0
@@ -394,7 +394,7 @@ describe("handler.run", function()
       return #t
     end
 
-    it("ends a job whose heap passes max_heap_bytes, with the message API.md gives", function()
+    it("ends a job whose heap passes max_heap_bytes, with the message docs/API.md gives", function()
       local err = failure(grow, { max_heap_bytes = 4096 })
       assert.are.equal("OOM", err.type)
       assert.are.equal("Process tried to use more than 4096 bytes of memory", err.message)

@@ -1,4 +1,4 @@
--- sandbox_spec.lua: the sandbox option (issue 5). The "strict" profile
+-- sandbox_spec.lua: the sandbox option. The "strict" profile
 -- (sandbox = true) strips the Lua environment (no FFI, no C modules, no
 -- bytecode, io and os cut down to what cannot escape) on top of the seccomp
 -- filter; the "syscalls" profile keeps Lua whole and applies only the filter

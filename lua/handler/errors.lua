@@ -1,4 +1,4 @@
--- handler.errors: the error values handler returns, as API.md describes them.
+-- handler.errors: the error values handler returns, as docs/API.md describes them.
 local setmetatable, tostring, type, format, floor =
   setmetatable, tostring, type, string.format, math.floor
 

@@ -1,4 +1,12 @@
 -- handler: run dangerous Lua closures in worker processes and keep them in check.
+
+-- The core is built for LuaJIT 2.1: under PUC Lua loading it would fail with
+-- an obscure missing symbol, so say what is wrong first.
+if type(jit) ~= "table" or not tostring(jit.version):find("^LuaJIT 2%.1") then
+  error("handler needs LuaJIT 2.1; this is "
+    .. (type(jit) == "table" and tostring(jit.version) or _VERSION), 0)
+end
+
 local core = require("handler.core")
 local errors = require("handler.errors")
 

@@ -96,7 +96,9 @@ void *hd_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize) {
     return NULL;
   }
   if (nsize > osize && a->limit != 0) {
-    if (a->tripped || a->used - osize + nsize > a->base + a->limit) {
+    /* Counted above the baseline, so a limit near SIZE_MAX cannot wrap. */
+    size_t want = a->used - osize + nsize;
+    if (a->tripped || (want > a->base && want - a->base > a->limit)) {
       a->tripped = 1;
       return NULL;
     }
