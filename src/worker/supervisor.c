@@ -28,6 +28,13 @@
 
 #define SUP_CTL_FD 3
 
+/* What `ps` shows: the title replaces the command line (/proc/PID/cmdline),
+ * the short name is the kernel's comm (/proc/PID/comm, at most 15 bytes). */
+#define SUP_TITLE_SUPERVISOR "handler: supervisor"
+#define SUP_TITLE_WORKER "handler: worker"
+#define SUP_COMM_SUPERVISOR "handler-sup"
+#define SUP_COMM_WORKER "handler-worker"
+
 typedef struct sup_child {
   uint32_t id;
   pid_t pid;
@@ -71,6 +78,100 @@ static void sup_close_from(int from, int keep) {
     for (fd = from; fd < max; fd++)
       if (fd != keep) close(fd);
   }
+}
+
+/* ---- The process title ---------------------------------------------------
+ * The kernel shows a process's command line from the memory its argv strings
+ * were copied to at exec, and the environment strings follow them there. As
+ * nginx and PostgreSQL do, the supervisor takes that whole area for a short
+ * title, once it has copied what it needs from argv and moved the
+ * environment out of the way. Workers inherit the area, at the same address,
+ * and write their own title over it. */
+static struct {
+  char *area;
+  size_t len;
+} sup_title;
+
+/* Copies the environment out of the area; 0, or -1 when memory runs out
+ * (the environment then stays where it is, and the title keeps out of it). */
+static int sup_move_environ(size_t n) {
+  char **env = malloc((n + 1) * sizeof *env);
+  size_t k;
+  if (env == NULL) return -1;
+  for (k = 0; k < n; k++) {
+    if ((env[k] = strdup(environ[k])) == NULL) {
+      while (k > 0) free(env[--k]);
+      free(env);
+      return -1;
+    }
+  }
+  env[n] = NULL;
+  environ = env;
+  return 0;
+}
+
+/* Claims the strings of argv, and those of the environment right after
+ * them, for the title. Nothing may read argv's strings afterwards. */
+static void sup_title_init(int argc, char **argv) {
+  char *end, *name;
+  size_t n = 0, k;
+  int i;
+  if (argc < 1 || argv[0] == NULL) return;
+  /* glibc's own messages name the program through this pointer into argv. */
+  if ((name = strdup(argv[0])) != NULL) {
+    char *slash = strrchr(name, '/');
+    program_invocation_name = name;
+    program_invocation_short_name = slash != NULL ? slash + 1 : name;
+  }
+  end = argv[0] + strlen(argv[0]) + 1;
+  for (i = 1; i < argc && argv[i] == end; i++) end += strlen(argv[i]) + 1;
+  if (i == argc && environ != NULL) {
+    char *env_end = end;
+    while (environ[n] != NULL) n++;
+    for (k = 0; k < n && environ[k] == env_end; k++) env_end += strlen(environ[k]) + 1;
+    if (env_end != end && sup_move_environ(n) == 0) end = env_end;
+  }
+  sup_title.area = argv[0];
+  sup_title.len = (size_t)(end - argv[0]);
+  for (i = 1; i < argc; i++) argv[i] = NULL;
+}
+
+/* Writes the title over the area (cut to fit, the rest zeroed: the kernel
+ * then shows exactly the title) and sets the kernel's short name. */
+static void sup_title_set(const char *title, const char *comm) {
+  if (sup_title.len > 0) {
+    size_t n = strlen(title);
+    if (n >= sup_title.len) n = sup_title.len - 1;
+    memcpy(sup_title.area, title, n);
+    memset(sup_title.area + n, 0, sup_title.len - n);
+  }
+  prctl(PR_SET_NAME, comm, 0, 0, 0);
+}
+
+/* "handler: worker (NAME)", or without the name when the host sent none.
+ * The name is the pool's, any string: control bytes are shown as '?', and a
+ * UTF-8 sequence the wire cut in half is dropped. */
+static void sup_worker_title(const char *name) {
+  char title[sizeof SUP_TITLE_WORKER + sizeof " ()" + HD_CTL_NAME];
+  size_t n = strnlen(name, HD_CTL_NAME), k, lead;
+  if (n == 0) {
+    sup_title_set(SUP_TITLE_WORKER, SUP_COMM_WORKER);
+    return;
+  }
+  /* The last sequence: its lead byte, and whether all its bytes are here. */
+  lead = n;
+  while (lead > 0 && ((unsigned char)name[lead - 1] & 0xC0) == 0x80) lead--;
+  if (lead > 0 && (unsigned char)name[lead - 1] >= 0xC0) {
+    unsigned char c = (unsigned char)name[lead - 1];
+    size_t want = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : 2;
+    if (n - (lead - 1) < want) n = lead - 1;
+  }
+  k = (size_t)snprintf(title, sizeof title, "%s (", SUP_TITLE_WORKER);
+  memcpy(title + k, name, n);
+  for (; n > 0; n--, k++)
+    if ((unsigned char)title[k] < 0x20 || title[k] == 0x7F) title[k] = '?';
+  memcpy(title + k, ")", sizeof ")");
+  sup_title_set(title, SUP_COMM_WORKER);
 }
 
 static void sup_send(sup *s, const char *msg, size_t len) {
@@ -139,9 +240,10 @@ static void sup_child_signals(void) {
 }
 
 /* In the forked child: become a worker on `fd`. Never returns. */
-/* In the forked child: become a worker on `fd`. Never returns. */
-static void sup_become_worker(sup *s, int fd, pid_t sup_pid, const char *dir, int flags) {
+static void sup_become_worker(sup *s, int fd, pid_t sup_pid, const char *dir, int flags,
+                              const char *name) {
   struct rlimit rl;
+  sup_worker_title(name);
   sup_child_signals();
   /* The control socket is descriptor 3 too: it goes first. */
   close(s->ctl);
@@ -265,7 +367,7 @@ static int sup_sweep_orphans(sup *s) {
   return found;
 }
 
-static void sup_spawn(sup *s, uint32_t id, int fd, int flags) {
+static void sup_spawn(sup *s, uint32_t id, int fd, int flags, const char *name) {
   pid_t pid;
   if (s->nkids == s->capkids) {
     size_t cap = s->capkids ? s->capkids * 2 : 16;
@@ -287,7 +389,7 @@ static void sup_spawn(sup *s, uint32_t id, int fd, int flags) {
     if (mkdtemp(s->kids[s->nkids].dir) == NULL) s->kids[s->nkids].dir[0] = '\0';
   }
   pid = fork();
-  if (pid == 0) sup_become_worker(s, fd, getppid(), s->kids[s->nkids].dir, flags);
+  if (pid == 0) sup_become_worker(s, fd, getppid(), s->kids[s->nkids].dir, flags, name);
   close(fd);
   if (pid < 0) {
     sup_rmdir(s->kids[s->nkids].dir);
@@ -347,7 +449,7 @@ static int sup_read_ctl(sup *s) {
   if (n == 0) return -1;
   if (hd_wire_ctl_unpack(buf, (size_t)n, HD_CTL_DOWN, &m) == 0) {
     if (m.type == HD_CTL_SPAWN && fd >= 0) {
-      sup_spawn(s, m.id, fd, (int)m.arg);
+      sup_spawn(s, m.id, fd, (int)m.arg, m.name);
       return 0;
     }
     if (m.type == HD_CTL_KILL) sup_kill(s, m.id);
@@ -405,6 +507,9 @@ int main(int argc, char **argv) {
   s.path = hd_worker_abspaths(argv[2], NULL);
   s.cpath = hd_worker_abspaths(argv[3], NULL);
   if (s.path == NULL || s.cpath == NULL) return 5;
+  /* argv is read: its area becomes the title. */
+  sup_title_init(argc, argv);
+  sup_title_set(SUP_TITLE_SUPERVISOR, SUP_COMM_SUPERVISOR);
   {
     const char *t = getenv("TMPDIR");
     snprintf(s.tmpdir, sizeof s.tmpdir, "%s",

@@ -1,0 +1,313 @@
+-- spec/process_spec.lua: the worker executable as processes: the titles `ps`
+-- shows for the supervisor and its workers (the command line and the kernel's
+-- short name), read from /proc.
+local handler = require("handler")
+local H = require("spec.support.helpers")
+
+local format, concat, tostring, tonumber, ipairs = string.format, table.concat, tostring,
+  tonumber, ipairs
+
+-- The worker executable of the build under test: beside the core module.
+local function worker_path()
+  local core = assert(package.searchpath("handler.core", package.cpath))
+  return (core:gsub("/[^/]*$", "")) .. "/handler-worker"
+end
+
+-- A process's command line as `ps` shows it: the arguments joined by
+-- spaces, trailing NULs (the padding of a shortened title) dropped.
+local function cmdline(pid)
+  local s = H.read_file("/proc/" .. tostring(pid) .. "/cmdline")
+  if s == nil then return nil end
+  return (s:gsub("%z+$", ""):gsub("%z", " "))
+end
+
+-- A process's short name (comm), without the newline.
+local function comm(pid)
+  local s = H.read_file("/proc/" .. tostring(pid) .. "/comm")
+  return s and (s:gsub("\n$", ""))
+end
+
+-- What `ps -o args` prints for pid.
+local function ps_args(pid)
+  local p = io.popen("ps -o args= -p " .. tostring(pid))
+  local s = p:read("*a")
+  p:close()
+  return (s:gsub("%s+$", ""))
+end
+
+-- A job returning the pid of its worker, without tainting it (no FFI).
+local function job_pid()
+  local f = io.open("/proc/self/stat")
+  local s = f:read("*a")
+  f:close()
+  return tonumber(s:match("^(%d+)"))
+end
+
+-- The supervisor speaks its control protocol (wire.h) with a luajit script
+-- that plays the host: it starts the worker executable itself, asks for
+-- workers with given pool names, and prints what /proc shows for each.
+local DIRECT = [==[
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct { void *base; size_t len; } sp_iovec;
+typedef struct {
+  void *name; unsigned namelen; sp_iovec *iov; size_t iovlen;
+  void *control; size_t controllen; int flags;
+} sp_msghdr;
+typedef struct { size_t len; int level; int type; int fd; } sp_cmsg_fd;
+int socketpair(int domain, int type, int proto, int sv[2]);
+int close(int fd);
+long sendmsg(int fd, const sp_msghdr *m, int flags);
+long recv(int fd, void *buf, size_t n, int flags);
+int posix_spawn_file_actions_init(void *fa);
+int posix_spawn_file_actions_adddup2(void *fa, int fd, int newfd);
+int posix_spawn(int *pid, const char *path, const void *fa, const void *attr,
+                char *const argv[], char *const envp[]);
+int setenv(const char *k, const char *v, int overwrite);
+int getpid(void);
+int waitpid(int pid, int *status, int options);
+long readlink(const char *path, char *buf, size_t n);
+char **environ;
+]]
+local C = ffi.C
+local AF_UNIX, SOCK_STREAM, SOCK_SEQPACKET, SOCK_CLOEXEC = 1, 1, 5, 0x80000
+local SOL_SOCKET, SCM_RIGHTS = 1, 1
+local CTL_SPAWN, CTL_HELLO, CTL_SPAWNED, CTL_EXITED = 1, 1, 2, 3
+local HELLO_LEN = 17 -- a frame header, then u32 pid
+local function u32(n)
+  return string.char(n % 256, math.floor(n / 256) % 256, math.floor(n / 65536) % 256,
+    math.floor(n / 16777216) % 256)
+end
+local function get_u32(s, i)
+  local a, b, c, d = s:byte(i, i + 3)
+  return a + b * 256 + c * 65536 + d * 16777216
+end
+local function slurp(path)
+  local f = io.open(path, "rb")
+  if f == nil then return "?" end
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+local function show(what, pid)
+  -- %q keeps NULs and control bytes visible.
+  print(what, string.format("%q", slurp("/proc/" .. pid .. "/cmdline")),
+    (slurp("/proc/" .. pid .. "/comm"):gsub("\n$", "")))
+end
+local buf = ffi.new("char[128]")
+local function recv(fd)
+  local n = tonumber(C.recv(fd, buf, 128, 0))
+  assert(n > 0, "recv failed")
+  return ffi.string(buf, n)
+end
+
+C.setenv("TMPDIR", @TMPDIR@, 1)
+local sv = ffi.new("int[2]")
+assert(C.socketpair(AF_UNIX, SOCK_SEQPACKET + SOCK_CLOEXEC, 0, sv) == 0)
+local fa = ffi.new("char[256]")
+C.posix_spawn_file_actions_init(fa)
+C.posix_spawn_file_actions_adddup2(fa, sv[1], 3)
+-- A short argv: the titles are longer than its strings and run on over the
+-- environment's, which the supervisor must have moved first.
+local args = { @ARGV0@, "--supervisor", "", "", tostring(C.getpid()) }
+local argv = ffi.new("char *[6]")
+local keep = {}
+for i, a in ipairs(args) do
+  keep[i] = ffi.new("char[?]", #a + 1, a)
+  argv[i - 1] = keep[i]
+end
+local pid = ffi.new("int[1]")
+assert(C.posix_spawn(pid, @WORKER@, fa, nil, argv, C.environ) == 0)
+C.close(sv[1])
+local ctl = sv[0]
+assert(recv(ctl):byte(1) == CTL_HELLO)
+show("supervisor", pid[0])
+
+local function spawn(id, name)
+  local w = ffi.new("int[2]")
+  assert(C.socketpair(AF_UNIX, SOCK_STREAM + SOCK_CLOEXEC, 0, w) == 0)
+  local msg = string.char(CTL_SPAWN) .. u32(id) .. "\0" .. name
+  local iov = ffi.new("sp_iovec[1]")
+  iov[0].base = ffi.cast("void *", msg)
+  iov[0].len = #msg
+  local cm = ffi.new("sp_cmsg_fd[1]")
+  cm[0].len = 20 -- CMSG_LEN(sizeof(int))
+  cm[0].level = SOL_SOCKET
+  cm[0].type = SCM_RIGHTS
+  cm[0].fd = w[1]
+  local mh = ffi.new("sp_msghdr[1]")
+  mh[0].iov = iov
+  mh[0].iovlen = 1
+  mh[0].control = cm
+  mh[0].controllen = ffi.sizeof("sp_cmsg_fd")
+  assert(C.sendmsg(ctl, mh, 0) == #msg)
+  C.close(w[1])
+  -- SPAWNED (the pidfd attached is dropped by a plain recv), then the
+  -- worker's own hello, with its pid, once it is running.
+  local m = recv(ctl)
+  -- Earlier workers' EXITED reports may come first.
+  while m:byte(1) == CTL_EXITED do m = recv(ctl) end
+  assert(m:byte(1) == CTL_SPAWNED and get_u32(m, 2) == id, "no SPAWNED")
+  local h = recv(w[0])
+  assert(#h == HELLO_LEN, "no hello")
+  return get_u32(h, HELLO_LEN - 3), w[0]
+end
+
+for i, name in ipairs({ @NAMES@ }) do
+  local wpid, fd = spawn(i, name)
+  show("worker", wpid)
+  local cwd = ffi.new("char[512]")
+  local n = tonumber(C.readlink("/proc/" .. wpid .. "/cwd", cwd, 512))
+  print("cwd", n > 0 and ffi.string(cwd, n) or "?")
+  C.close(fd)
+end
+C.close(ctl)
+C.waitpid(pid[0], nil, 0)
+print("done")
+]==]
+
+-- Runs DIRECT with the given argv[0] and pool names; returns its output and
+-- its lines split on tabs.
+local function direct(argv0, names, tmpdir)
+  local quoted = {}
+  for i, n in ipairs(names) do quoted[i] = format("%q", n) end
+  local script = DIRECT:gsub("@(%u+%d?)@", {
+    TMPDIR = format("%q", tmpdir),
+    ARGV0 = format("%q", argv0),
+    WORKER = format("%q", worker_path()),
+    NAMES = concat(quoted, ", "),
+  })
+  local out = H.run_host(script)
+  local rows = {}
+  for line in out:gmatch("[^\n]+") do
+    local row = {}
+    for field in (line .. "\t"):gmatch("([^\t]*)\t") do row[#row + 1] = field end
+    rows[#rows + 1] = row
+  end
+  return out, rows
+end
+
+-- The value DIRECT printed with %q, back as a string.
+local function unq(s)
+  return assert(loadstring("return " .. s))()
+end
+
+describe("process titles", function()
+  local snap
+
+  setup(function()
+    H.warm()
+  end)
+
+  before_each(function()
+    snap = H.snapshot()
+  end)
+
+  after_each(function()
+    H.assert_clean(snap)
+  end)
+
+  it("show the supervisor as handler: supervisor, not its argv", function()
+    local _, sup = H.workers()
+    assert.is_number(sup)
+    assert.are.equal("handler: supervisor", cmdline(sup))
+    assert.are.equal("handler: supervisor", ps_args(sup))
+    assert.are.equal("handler-sup", comm(sup))
+  end)
+
+  it("show a worker of an unnamed pool as handler: worker", function()
+    local ok, pid = handler.run(job_pid)
+    assert.is_true(ok)
+    assert.is_true(H.contains(H.workers(), pid))
+    assert.are.equal("handler: worker", cmdline(pid))
+    assert.are.equal("handler: worker", ps_args(pid))
+    assert.are.equal("handler-worker", comm(pid))
+  end)
+
+  it("show a worker of a named pool with the pool's name", function()
+    local pool = handler.pool({ name = "process_spec_titled" })
+    local ok, pid = pool:run(job_pid)
+    assert.is_true(ok)
+    -- The host sends the pool's name with the spawn request; a host that
+    -- does not yet leaves it out, and the title is the plain one.
+    local title = cmdline(pid)
+    assert(title == "handler: worker (process_spec_titled)" or title == "handler: worker",
+      "title: " .. tostring(title))
+    assert.are.equal(title, ps_args(pid))
+    assert.are.equal("handler-worker", comm(pid))
+    pool:close()
+  end)
+
+  it("are read by the job itself from /proc/self", function()
+    local ok, me, parent, mycomm = handler.run(function()
+      local function slurp(p)
+        local f = io.open(p)
+        local s = f:read("*a")
+        f:close()
+        return s
+      end
+      local ppid = slurp("/proc/self/stat"):match("^.*%) %S (%d+)")
+      return slurp("/proc/self/cmdline"), slurp("/proc/" .. ppid .. "/cmdline"),
+        slurp("/proc/self/comm")
+    end)
+    assert.is_true(ok)
+    assert.are.equal("handler: worker", (me:gsub("%z+$", "")))
+    assert.are.equal("handler: supervisor", (parent:gsub("%z+$", "")))
+    assert.are.equal("handler-worker\n", mycomm)
+  end)
+
+  describe("given by the supervisor from the spawn request's name", function()
+    local tmp
+
+    before_each(function()
+      tmp = H.tmpdir()
+    end)
+
+    after_each(function()
+      H.rm_r(tmp)
+    end)
+
+    it("over a short argv, the environment moved and still read", function()
+      local long = string.rep("n", 39) .. "\195\169" -- 41 bytes, cut to 40 on the wire
+      local out, rows = direct("w", { "mypool", "", "a\nb\tc\127d", long, string.rep("x", 60) },
+        tmp)
+      assert.are.equal("done", rows[#rows] and rows[#rows][1], out)
+      local want = {
+        { "supervisor", "handler: supervisor", "handler-sup" },
+        { "worker", "handler: worker (mypool)", "handler-worker" },
+        { "cwd" },
+        { "worker", "handler: worker", "handler-worker" },
+        { "cwd" },
+        -- Control bytes shown as '?'.
+        { "worker", "handler: worker (a?b?c?d)", "handler-worker" },
+        { "cwd" },
+        -- A UTF-8 sequence the wire cut in half is dropped.
+        { "worker", "handler: worker (" .. string.rep("n", 39) .. ")", "handler-worker" },
+        { "cwd" },
+        { "worker", "handler: worker (" .. string.rep("x", 40) .. ")", "handler-worker" },
+        { "cwd" },
+      }
+      for i, w in ipairs(want) do
+        local row = rows[i]
+        assert(row ~= nil and row[1] == w[1], "line " .. i .. " of:\n" .. out)
+        if w[1] == "cwd" then
+          -- TMPDIR, read by the supervisor after it moved the environment.
+          assert.are.equal(tmp .. "/handler-", row[2]:sub(1, #tmp + 9))
+        else
+          -- Exactly the title, padded with NULs to the end of the area.
+          local raw = unq(row[2])
+          assert.are.equal(w[2], (raw:gsub("%z+$", "")), out)
+          assert.is_nil(raw:gsub("%z+$", ""):find("%z"), out)
+          assert.are.equal(w[3], row[3])
+        end
+      end
+    end)
+
+    it("over a long argv", function()
+      local out, rows = direct(string.rep("/long", 100) .. "/handler-worker", { "p" }, tmp)
+      assert.are.equal("done", rows[#rows] and rows[#rows][1], out)
+      assert.are.equal("handler: supervisor", (unq(rows[1][2]):gsub("%z+$", "")))
+      assert.are.equal("handler: worker (p)", (unq(rows[2][2]):gsub("%z+$", "")))
+    end)
+  end)
+end)
