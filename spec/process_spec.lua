@@ -29,7 +29,8 @@ end
 
 -- What `ps -o args` prints for pid.
 local function ps_args(pid)
-  local p = io.popen("ps -o args= -p " .. tostring(pid))
+  -- Without the sanitizer the specs may run under: ps is not built for it.
+  local p = io.popen("env -u LD_PRELOAD ps -o args= -p " .. tostring(pid))
   local s = p:read("*a")
   p:close()
   return (s:gsub("%s+$", ""))
