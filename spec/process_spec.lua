@@ -1,6 +1,9 @@
 -- spec/process_spec.lua: the worker executable as processes: the titles `ps`
 -- shows for the supervisor and its workers (the command line and the kernel's
--- short name), read from /proc.
+-- short name), read from /proc; and the JIT's machine code, which each job's
+-- traces leave mapped unless the worker's interposition of mmap64 and
+-- munmap tracks it: the supervisor tests that at start and, when it cannot,
+-- workers run with the JIT off.
 local handler = require("handler")
 local H = require("spec.support.helpers")
 
@@ -42,6 +45,21 @@ local function job_pid()
   local s = f:read("*a")
   f:close()
   return tonumber(s:match("^(%d+)"))
+end
+
+-- The bytes of a process's anonymous executable mappings: the JIT's machine
+-- code. (Counting lines would not do: adjacent areas merge into one, and the
+-- sanitizers' allocator splits and joins its own.)
+local function mcode_bytes(pid)
+  local s = H.read_file("/proc/" .. tostring(pid) .. "/maps")
+  if s == nil then return nil end
+  local bytes = 0
+  for a, b, perm, inode, rest in s:gmatch("(%x+)%-(%x+) (%S+) %S+ %S+ (%d+)([^\n]*)\n") do
+    if perm:find("x", 1, true) and inode == "0" and not rest:find("[", 1, true) then
+      bytes = bytes + (tonumber(b, 16) - tonumber(a, 16))
+    end
+  end
+  return bytes
 end
 
 -- The supervisor speaks its control protocol (wire.h) with a luajit script
@@ -310,5 +328,120 @@ describe("process titles", function()
       assert.are.equal("handler: supervisor", (unq(rows[1][2]):gsub("%z+$", "")))
       assert.are.equal("handler: worker (p)", (unq(rows[2][2]):gsub("%z+$", "")))
     end)
+  end)
+end)
+
+-- A host whose supervisor starts with the interposition's self-test forced
+-- to fail. It runs in one worker: jobs whose hot loops would compile traces,
+-- and the worker's machine code before and after them.
+local NO_INTERPOSE = [==[
+local ffi = require("ffi")
+ffi.cdef("int setenv(const char *, const char *, int);")
+ffi.C.setenv("HANDLER_TEST_NO_INTERPOSE", "1", 1)
+local handler = require("handler")
+local pool = handler.pool({ max_workers = 1 })
+local function job_pid()
+  local f = io.open("/proc/self/stat")
+  local s = f:read("*a")
+  f:close()
+  return tonumber(s:match("^(%d+)"))
+end
+local function mcode_bytes(pid)
+  local f = io.open("/proc/" .. pid .. "/maps")
+  local bytes = 0
+  for a, b, perm, inode, rest in f:read("*a"):gmatch("(%x+)%-(%x+) (%S+) %S+ %S+ (%d+)([^\n]*)\n") do
+    if perm:find("x", 1, true) and inode == "0" and not rest:find("[", 1, true) then
+      bytes = bytes + (tonumber(b, 16) - tonumber(a, 16))
+    end
+  end
+  f:close()
+  return bytes
+end
+print("status", pool:run(function() return (jit.status()) end))
+local _, pid = pool:run(job_pid)
+for i = 1, 20 do pool:run(function() local s = 0 for k = 1, 1000 do s = s + k end return s end) end
+local before, wrong = mcode_bytes(pid), 0
+for i = 1, 200 do
+  local ok, v = pool:run(function()
+    local s = 0
+    for k = 1, 1000 do s = s + k end
+    return s + i
+  end)
+  if not ok or v ~= 500500 + i then wrong = wrong + 1 end
+end
+local _, after_pid = pool:run(job_pid)
+print("jobs", wrong, after_pid == pid)
+print("mcode", before, mcode_bytes(pid))
+-- A job may turn the JIT on; its worker then serves no other job.
+print("on", pool:run(function() jit.on() return (jit.status()), job_pid() end))
+print("next", pool:run(function() return (jit.status()), job_pid() end))
+]==]
+
+describe("the JIT's machine code", function()
+  local snap
+
+  setup(function()
+    H.warm()
+  end)
+
+  before_each(function()
+    snap = H.snapshot()
+  end)
+
+  after_each(function()
+    H.assert_clean(snap)
+  end)
+
+  it("is compiled in jobs: the supervisor's self-test passed", function()
+    local ok, on, traced = handler.run(function()
+      local s = 0
+      for i = 1, 1000 do s = s + i end
+      return jit.status(), require("jit.util").traceinfo(1) ~= nil
+    end)
+    assert.is_true(ok)
+    assert.is_true(on)
+    assert.is_true(traced)
+  end)
+
+  it("is unmapped after each job: 200 jobs with traces leave the mappings as they were", function()
+    local pool = handler.pool({ max_workers = 1 })
+    local function hot(i)
+      return function()
+        local s = 0
+        for k = 1, 1000 do s = s + k end
+        return s + i, require("jit.util").traceinfo(1) ~= nil
+      end
+    end
+    local _, pid = pool:run(job_pid)
+    for i = 1, 20 do assert.is_true((pool:run(hot(i)))) end
+    local before = mcode_bytes(pid)
+    for i = 1, 200 do
+      local ok, v, traced = pool:run(hot(i))
+      assert.is_true(ok)
+      assert.are.equal(500500 + i, v)
+      assert.is_true(traced)
+    end
+    local _, after_pid = pool:run(job_pid)
+    assert.are.equal(pid, after_pid)
+    local after = mcode_bytes(pid)
+    assert(after <= before, format("machine code grew from %d to %d bytes", before, after))
+    pool:close()
+  end)
+
+  it("is off in jobs when the self-test fails, and jobs still work", function()
+    local out = H.run_host(NO_INTERPOSE)
+    assert.matches("handler-worker: the JIT's machine code cannot be tracked", out, 1, true)
+    assert.matches("\nstatus\ttrue\tfalse\n", out)
+    assert.matches("\njobs\t0\ttrue\n", out)
+    local before, after = out:match("\nmcode\t(%d+)\t(%d+)\n")
+    assert(before ~= nil, out)
+    assert(tonumber(after) <= tonumber(before), "machine code grew:\n" .. out)
+    -- jit.on works for the job that calls it, which taints its worker: the
+    -- next job runs in a fresh one, with the JIT off again.
+    local on, pid1 = out:match("\non\ttrue\t(%S+)\t(%d+)\n")
+    local next_on, pid2 = out:match("\nnext\ttrue\t(%S+)\t(%d+)\n")
+    assert.are.equal("true", on, out)
+    assert.are.equal("false", next_on, out)
+    assert.are_not.equal(pid1, pid2)
   end)
 end)

@@ -11,6 +11,7 @@
 #include <lauxlib.h>
 #include <lua.h>
 #include <lualib.h>
+#include <luajit.h>
 #include <malloc.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -128,6 +129,86 @@ __attribute__((visibility("default"))) void __deregister_frame(void *info) {
     }
   }
   if (wk_frames.dereg) wk_frames.dereg(info);
+}
+
+/* ---- The start-up self-test of the interposition -----------------------
+ * Unmapping a job's machine code works only if LuaJIT's calls reach the
+ * definitions above: a libluajit linked with direct calls, or a static one
+ * bound to the C library's, would bypass them, and every job's traces would
+ * stay mapped for the life of the worker. The supervisor checks once, in a
+ * throwaway state, that compiling a trace goes through them (about 0.3 ms);
+ * if not, it says so on stderr and the image runs with the JIT off. */
+
+/* Set in the host's environment (which the supervisor inherits): the
+ * self-test fails, for the specs of the fallback. */
+#define WK_FORCE_NO_INTERPOSE "HANDLER_TEST_NO_INTERPOSE"
+
+/* Hot enough to compile one trace with the default parameters (hotloop=56);
+ * returns the trace's machine code address, 0 when the JIT is off (nothing
+ * to track then), or nothing when no trace was made. */
+static const char wk_selftest_chunk[] =
+    "if not jit.status() then return 0 end\n"
+    "local s = 0\n"
+    "for i = 1, 1000 do s = s + i end\n"
+    "local _, addr = require('jit.util').tracemc(1)\n"
+    "return addr\n";
+
+/* libgcc's lookup of unwind information: it finds what was registered with
+ * __register_frame, whether or not that went through the definition above. */
+struct wk_eh_bases {
+  void *tbase, *dbase, *func;
+};
+typedef const void *(*wk_find_fde_fn)(void *pc, struct wk_eh_bases *bases);
+
+static void *wk_plain_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  (void)ud;
+  (void)osize;
+  if (nsize == 0) {
+    free(ptr);
+    return NULL;
+  }
+  return realloc(ptr, nsize);
+}
+
+/* Whether the code at addr lies in a mapping made through mmap64 above, and
+ * its unwind information, if the JIT registered any, through
+ * __register_frame above. */
+static int wk_tracked(uintptr_t addr) {
+  wk_find_fde_fn find;
+  struct wk_eh_bases bases;
+  int i, mapped = 0;
+  for (i = 0; i < wk_maps.n; i++)
+    if (addr >= (uintptr_t)wk_maps.addr[i] && addr - (uintptr_t)wk_maps.addr[i] < wk_maps.len[i])
+      mapped = 1;
+  if (!mapped) return 0;
+  *(void **)&find = dlsym(RTLD_DEFAULT, "_Unwind_Find_FDE");
+  if (find != NULL && wk_frames.n == 0 && find((void *)(addr + 1), &bases) != NULL) return 0;
+  return 1;
+}
+
+/* Returns 1 when jobs may use the JIT: its machine code is tracked. */
+static int wk_jit_selftest(void) {
+  const char *force = getenv(WK_FORCE_NO_INTERPOSE);
+  lua_State *L;
+  int ok = 0;
+  if (force != NULL && strcmp(force, "1") == 0) return 0;
+  L = lua_newstate(wk_plain_alloc, NULL);
+  if (L == NULL) return 0;
+  luaL_openlibs(L);
+  wk_maps.n = 0;
+  wk_frames.n = 0;
+  wk_maps.tracking = 1;
+  if (luaL_loadbuffer(L, wk_selftest_chunk, sizeof wk_selftest_chunk - 1, "=selftest") == 0 &&
+      lua_pcall(L, 0, 1, 0) == 0 && lua_isnumber(L, -1)) {
+    lua_Number addr = lua_tonumber(L, -1);
+    ok = addr == 0 || (addr > 0 && wk_tracked((uintptr_t)addr));
+  }
+  wk_maps.tracking = 0;
+  /* Closing unmaps the trace through munmap above, which forgets it. */
+  lua_close(L);
+  wk_maps.n = 0;
+  wk_frames.n = 0;
+  return ok;
 }
 
 static void wk_unmap_job(void) {
@@ -428,14 +509,29 @@ static void wk_wrap_all(lua_State *L) {
   lua_pop(L, 1);
 }
 
+/* The image without the JIT: the engine off, and jit.on a function that
+ * taints, so a job that turns it back on takes its worker with it. */
+static void wk_jit_off(lua_State *L) {
+  luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
+  lua_getglobal(L, "jit");
+  if (lua_istable(L, -1)) wk_wrap(L, -1, "on", wk_tainting);
+  lua_pop(L, 1);
+}
+
 int hd_worker_prepare(const char *path, const char *cpath) {
   lua_State *L;
+  int jit;
   wk_frames_resolve();
+  jit = wk_jit_selftest();
+  if (!jit)
+    fprintf(stderr, "handler-worker: the JIT's machine code cannot be tracked across jobs; "
+                    "workers run with the JIT off\n");
   if (getcwd(wk.host_cwd, sizeof wk.host_cwd) == NULL) wk.host_cwd[0] = '\0';
   if (hd_alloc_init(&wk.alloc, 64u << 20) != 0) return -1;
   L = lua_newstate(hd_alloc_fn, &wk.alloc);
   if (L == NULL) return -1;
   luaL_openlibs(L);
+  if (!jit) wk_jit_off(L);
   lua_getglobal(L, "package");
   lua_pushstring(L, path);
   lua_setfield(L, -2, "path");
