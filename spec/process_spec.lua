@@ -232,6 +232,10 @@ describe("process titles", function()
     assert.are.equal("handler: supervisor", cmdline(sup))
     assert.are.equal("handler: supervisor", ps_args(sup))
     assert.are.equal("handler-sup", comm(sup))
+    -- argv's strings were room enough: the environment's are untouched, and
+    -- /proc still shows what the supervisor was started with.
+    local env = H.read_file("/proc/" .. sup .. "/environ")
+    assert.is_truthy(env:find("PATH=" .. os.getenv("PATH") .. "\0", 1, true))
   end)
 
   it("show a worker of an unnamed pool as handler: worker", function()
@@ -286,7 +290,7 @@ describe("process titles", function()
       H.rm_r(tmp)
     end)
 
-    it("over a short argv, the environment moved and still read", function()
+    it("over a short argv: a longer title runs on over the environment's strings", function()
       local long = string.rep("n", 39) .. "\195\169" -- 41 bytes, cut to 40 on the wire
       local out, rows = direct("w", { "mypool", "", "a\nb\tc\127d", long, string.rep("x", 60) },
         tmp)
@@ -310,7 +314,7 @@ describe("process titles", function()
         local row = rows[i]
         assert(row ~= nil and row[1] == w[1], "line " .. i .. " of:\n" .. out)
         if w[1] == "cwd" then
-          -- TMPDIR, read by the supervisor after it moved the environment.
+          -- TMPDIR, read by the supervisor after it took argv for its title.
           assert.are.equal(tmp .. "/handler-", row[2]:sub(1, #tmp + 9))
         else
           -- Exactly the title, padded with NULs to the end of the area.

@@ -83,21 +83,26 @@ static void sup_close_from(int from, int keep) {
 /* ---- The process title ---------------------------------------------------
  * The kernel shows a process's command line from the memory its argv strings
  * were copied to at exec, and the environment strings follow them there. As
- * nginx and PostgreSQL do, the supervisor takes that whole area for a short
- * title, once it has copied what it needs from argv and moved the
- * environment out of the way. Workers inherit the area, at the same address,
- * and write their own title over it. */
+ * nginx and PostgreSQL do, the supervisor takes argv's strings for a short
+ * title once it has copied what it needs from them; a title longer than
+ * they are runs on over the environment's, which are moved out of the way
+ * first (only then: /proc/PID/environ keeps telling what the process was
+ * started with). Workers inherit the area, at the same address, and write
+ * their own title over it. */
 static struct {
   char *area;
-  size_t len;
+  size_t argv_len; /* argv's strings */
+  size_t full_len; /* and the environment's right after them */
+  int moved;       /* the environment was moved: the area is full_len long */
 } sup_title;
 
 /* Copies the environment out of the area; 0, or -1 when memory runs out
  * (the environment then stays where it is, and the title keeps out of it). */
-static int sup_move_environ(size_t n) {
-  char **env = malloc((n + 1) * sizeof *env);
-  size_t k;
-  if (env == NULL) return -1;
+static int sup_move_environ(void) {
+  char **env;
+  size_t n = 0, k;
+  while (environ != NULL && environ[n] != NULL) n++;
+  if ((env = malloc((n + 1) * sizeof *env)) == NULL) return -1;
   for (k = 0; k < n; k++) {
     if ((env[k] = strdup(environ[k])) == NULL) {
       while (k > 0) free(env[--k]);
@@ -114,7 +119,7 @@ static int sup_move_environ(size_t n) {
  * them, for the title. Nothing may read argv's strings afterwards. */
 static void sup_title_init(int argc, char **argv) {
   char *end, *name;
-  size_t n = 0, k;
+  size_t k;
   int i;
   if (argc < 1 || argv[0] == NULL) return;
   /* glibc's own messages name the program through this pointer into argv. */
@@ -125,25 +130,26 @@ static void sup_title_init(int argc, char **argv) {
   }
   end = argv[0] + strlen(argv[0]) + 1;
   for (i = 1; i < argc && argv[i] == end; i++) end += strlen(argv[i]) + 1;
-  if (i == argc && environ != NULL) {
-    char *env_end = end;
-    while (environ[n] != NULL) n++;
-    for (k = 0; k < n && environ[k] == env_end; k++) env_end += strlen(environ[k]) + 1;
-    if (env_end != end && sup_move_environ(n) == 0) end = env_end;
-  }
   sup_title.area = argv[0];
-  sup_title.len = (size_t)(end - argv[0]);
+  sup_title.argv_len = (size_t)(end - argv[0]);
+  if (i == argc && environ != NULL)
+    for (k = 0; environ[k] != NULL && environ[k] == end; k++) end += strlen(environ[k]) + 1;
+  sup_title.full_len = (size_t)(end - argv[0]);
   for (i = 1; i < argc; i++) argv[i] = NULL;
 }
 
 /* Writes the title over the area (cut to fit, the rest zeroed: the kernel
  * then shows exactly the title) and sets the kernel's short name. */
 static void sup_title_set(const char *title, const char *comm) {
-  if (sup_title.len > 0) {
-    size_t n = strlen(title);
-    if (n >= sup_title.len) n = sup_title.len - 1;
+  size_t n = strlen(title), len = sup_title.moved ? sup_title.full_len : sup_title.argv_len;
+  if (n >= len && !sup_title.moved && sup_title.full_len > len && sup_move_environ() == 0) {
+    sup_title.moved = 1;
+    len = sup_title.full_len;
+  }
+  if (len > 0) {
+    if (n >= len) n = len - 1;
     memcpy(sup_title.area, title, n);
-    memset(sup_title.area + n, 0, sup_title.len - n);
+    memset(sup_title.area + n, 0, len - n);
   }
   prctl(PR_SET_NAME, comm, 0, 0, 0);
 }
