@@ -77,6 +77,7 @@ typedef struct { size_t len; int level; int type; int fd; } sp_cmsg_fd;
 int socketpair(int domain, int type, int proto, int sv[2]);
 int close(int fd);
 long sendmsg(int fd, const sp_msghdr *m, int flags);
+long recvmsg(int fd, sp_msghdr *m, int flags);
 long recv(int fd, void *buf, size_t n, int flags);
 int posix_spawn_file_actions_init(void *fa);
 int posix_spawn_file_actions_adddup2(void *fa, int fd, int newfd);
@@ -118,6 +119,25 @@ local function recv(fd)
   local n = tonumber(C.recv(fd, buf, 128, 0))
   assert(n > 0, "recv failed")
   return ffi.string(buf, n)
+end
+-- One message and the descriptor attached to it (-1: none).
+local function recv_fd(fd)
+  local iov = ffi.new("sp_iovec[1]")
+  iov[0].base = buf
+  iov[0].len = 128
+  local cm = ffi.new("sp_cmsg_fd[1]")
+  local mh = ffi.new("sp_msghdr[1]")
+  mh[0].iov = iov
+  mh[0].iovlen = 1
+  mh[0].control = cm
+  mh[0].controllen = ffi.sizeof("sp_cmsg_fd")
+  local n = tonumber(C.recvmsg(fd, mh, 0))
+  assert(n > 0, "recvmsg failed")
+  local got = -1
+  if mh[0].controllen > 0 and cm[0].level == SOL_SOCKET and cm[0].type == SCM_RIGHTS then
+    got = cm[0].fd
+  end
+  return ffi.string(buf, n), got
 end
 
 C.setenv("TMPDIR", @TMPDIR@, 1)
@@ -163,13 +183,18 @@ local function spawn(id, name)
   C.close(w[1])
   -- SPAWNED (the pidfd attached is dropped by a plain recv), then the
   -- worker's own hello, with its pid, once it is running.
-  local m = recv(ctl)
+  local m, pidfd = recv_fd(ctl)
   -- Earlier workers' EXITED reports may come first.
-  while m:byte(1) == CTL_EXITED do m = recv(ctl) end
+  while m:byte(1) == CTL_EXITED do m, pidfd = recv_fd(ctl) end
   assert(m:byte(1) == CTL_SPAWNED and get_u32(m, 2) == id, "no SPAWNED")
   local h = recv(w[0])
   assert(#h == HELLO_LEN, "no hello")
-  return get_u32(h, HELLO_LEN - 3), w[0]
+  local wpid = get_u32(h, HELLO_LEN - 3)
+  -- SPAWNED carries the worker's pid, and a pidfd of it attached.
+  assert(#m == 9 and get_u32(m, 6) == wpid, "SPAWNED without the worker's pid")
+  assert(pidfd >= 0, "SPAWNED without a pidfd")
+  C.close(pidfd)
+  return wpid, w[0]
 end
 
 for i, name in ipairs({ @NAMES@ }) do

@@ -28,6 +28,9 @@
 
 #define SUP_CTL_FD 3
 
+/* SPAWNED: u8 type, u32 worker id, u32 pid (wire.h). */
+#define SUP_SPAWNED_LEN 9
+
 /* What `ps` shows: the title replaces the command line (/proc/PID/cmdline),
  * the short name is the kernel's comm (/proc/PID/comm, at most 15 bytes). */
 #define SUP_TITLE_SUPERVISOR "handler: supervisor"
@@ -198,13 +201,16 @@ static void sup_report(sup *s, int type, uint32_t id, uint32_t v) {
  * exactly this process even after the supervisor is gone. Opened here,
  * before the child can have been reaped, so it cannot name another process. */
 static void sup_report_spawned(sup *s, uint32_t id, pid_t pid) {
-  hd_ctl m = {0};
-  char out[HD_CTL_MAX];
+  char out[SUP_SPAWNED_LEN];
   int pfd = (int)syscall(SYS_pidfd_open, pid, 0);
-  m.type = HD_CTL_SPAWNED;
-  m.id = id;
-  m.pid = (uint32_t)pid;
-  hd_send_fd(s->ctl, out, hd_wire_ctl_pack(&m, out), pfd, 0);
+  /* Packed here, not by hd_wire_ctl_pack: control message types are
+   * numbered per direction, and it takes SPAWNED (2, up) for KILL (2,
+   * down), leaving the pid out; the host then drops the message and the
+   * pidfd with it. */
+  out[0] = (char)HD_CTL_SPAWNED;
+  hd_put_u32(out + 1, id);
+  hd_put_u32(out + 5, (uint32_t)pid);
+  hd_send_fd(s->ctl, out, sizeof out, pfd, 0);
   if (pfd >= 0) close(pfd);
 }
 
