@@ -474,3 +474,94 @@ describe("the JIT's machine code", function()
     assert.are_not.equal(pid1, pid2)
   end)
 end)
+
+describe("the worker executable", function()
+  local snap, tmp
+
+  setup(function()
+    H.warm()
+  end)
+
+  before_each(function()
+    snap = H.snapshot()
+    tmp = H.tmpdir()
+  end)
+
+  after_each(function()
+    H.rm_r(tmp)
+    H.assert_clean(snap)
+  end)
+
+  it("charges print with what __tostring and tostring return", function()
+    local out = H.run_host([[
+      local handler = require("handler")
+      local function report(what, ok, err)
+        -- The worker writes to the same file, unbuffered by us: flushed on
+        -- both sides of the line, the line stays between the jobs' output.
+        io.stdout:flush()
+        print("\n" .. what, ok, type(err) == "table" and err.reason or tostring(err))
+        io.stdout:flush()
+      end
+      local long = setmetatable({}, { __tostring = function() return ("x"):rep(100000) end })
+      for _, sandbox in ipairs({ false, true }) do
+        local tag = sandbox and "sandboxed" or "trusted"
+        report(tag .. "_mt", handler.run(function()
+          print(setmetatable({}, { __tostring = function() return ("x"):rep(100000) end }))
+          return 1
+        end, { max_output_bytes = 1000, sandbox = sandbox }))
+        report(tag .. "_tostring", handler.run(function()
+          tostring = function() return ("y"):rep(100000) end
+          print(1, "a", nil)
+          return 1
+        end, { max_output_bytes = 1000, sandbox = sandbox }))
+        report(tag .. "_fits", handler.run(function()
+          print("ab", 12, nil, true)
+          print()
+          return 1
+        end, { max_output_bytes = 16, sandbox = sandbox }))
+        report(tag .. "_over", handler.run(function()
+          print("ab", 12, nil, true)
+          print()
+          return 1
+        end, { max_output_bytes = 15, sandbox = sandbox }))
+        report(tag .. "_notstring", handler.run(function()
+          tostring = function() return {} end
+          print(1)
+        end, { sandbox = sandbox }))
+      end
+    ]])
+    local _, xs = out:gsub("x", "")
+    local _, ys = out:gsub("y", "")
+    assert(xs < 2000 and ys < 2000, format("printed %d x and %d y:\n%s", xs, ys, out:sub(1, 2000)))
+    for _, tag in ipairs({ "trusted", "sandboxed" }) do
+      for _, case in ipairs({ "_mt", "_tostring", "_over" }) do
+        local limit = case == "_over" and 15 or 1000
+        assert.matches("\n" .. tag .. case .. "\tfalse\t[^\n]*handler: output limit of " .. limit
+          .. " bytes exceeded", out)
+      end
+      -- "ab\t12\tnil\ttrue\n" and "\n": 16 bytes, written as print writes.
+      assert.matches("ab\t12\tnil\ttrue\n\n\n" .. tag .. "_fits\ttrue\t1", out, 1, true)
+      assert.matches("\n" .. tag .. "_notstring\tfalse\t[^\n]*'tostring' must return a string"
+        .. " to 'print'", out)
+    end
+  end)
+
+  it("makes relative module paths absolute against a host directory of any length", function()
+    -- Deeper than 1024 bytes, short of PATH_MAX.
+    local deep = tmp
+    for _ = 1, 6 do deep = deep .. "/" .. ("d"):rep(200) end
+    os.execute("mkdir -p " .. H.shell_quote(deep .. "/sub"))
+    H.write_file(deep .. "/sub/deepmod.lua", "return 'deep'")
+    local out = H.run_host(format([[
+      local ffi = require("ffi")
+      ffi.cdef("int chdir(const char *);")
+      assert(ffi.C.chdir(%q) == 0)
+      local handler = require("handler")
+      assert(handler.run(function() return 1 end))
+      -- Changed after the supervisor started: jobs carry the paths.
+      package.path = "sub/?.lua;" .. package.path
+      print("required", handler.run(function() return require("deepmod") end))
+    ]], deep))
+    assert.matches("required\ttrue\tdeep\n", out, 1, true)
+  end)
+end)
