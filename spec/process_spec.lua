@@ -475,6 +475,19 @@ describe("the JIT's machine code", function()
   end)
 end)
 
+-- Like H.run_host, with the shell redirections given: `redir` is formatted
+-- with the output file's path. Returns what the host wrote there.
+local function run_host_redir(script, redir)
+  local dir = H.tmpdir()
+  local path, out = dir .. "/host.lua", dir .. "/out"
+  H.write_file(path, script)
+  os.execute(H.lua_env() .. " timeout -s KILL 60 luajit " .. H.shell_quote(path) .. " "
+    .. format(redir, H.shell_quote(out)))
+  local text = H.read_file(out) or ""
+  H.rm_r(dir)
+  return text
+end
+
 describe("the worker executable", function()
   local snap, tmp
 
@@ -563,5 +576,77 @@ describe("the worker executable", function()
       print("required", handler.run(function() return require("deepmod") end))
     ]], deep))
     assert.matches("required\ttrue\tdeep\n", out, 1, true)
+  end)
+
+  it("gives workers /dev/null for a host's closed standard input and output", function()
+    local out = run_host_redir([[
+      local handler = require("handler")
+      local ok, a, b = handler.run(function()
+        local ffi = require("ffi")
+        ffi.cdef("long readlink(const char *, char *, size_t);")
+        local function link(fd)
+          local buf = ffi.new("char[256]")
+          local n = tonumber(ffi.C.readlink("/proc/self/fd/" .. fd, buf, 256))
+          return n > 0 and ffi.string(buf, n) or "closed"
+        end
+        return link(0), link(1)
+      end)
+      io.stderr:write("fds\t", tostring(ok), "\t", tostring(a), "\t", tostring(b), "\n")
+    ]], "<&- >&- 2> %s")
+    assert.matches("fds\ttrue\t/dev/null\t/dev/null\n", out, 1, true)
+  end)
+
+  it("fails a spawn at once when the supervisor has no room for the worker's socket", function()
+    local out = H.run_host([[
+      local ffi = require("ffi")
+      ffi.cdef([=[
+        typedef struct { unsigned long cur, max; } ps_rlimit;
+        int prlimit(int pid, int resource, const ps_rlimit *new, ps_rlimit *old);
+      ]=])
+      local RLIMIT_NOFILE = 7
+      local handler = require("handler")
+      assert(handler.run(function() return 1 end))
+      local sup = handler._core.procs().supervisor
+      local n = 0
+      local ls = io.popen("ls /proc/" .. sup .. "/fd")
+      for _ in ls:lines() do n = n + 1 end
+      ls:close()
+      -- Room for the descriptors it holds, not one more (the soft limit:
+      -- raising a hard one back takes a capability).
+      local old = ffi.new("ps_rlimit")
+      assert(ffi.C.prlimit(sup, RLIMIT_NOFILE, nil, old) == 0)
+      assert(ffi.C.prlimit(sup, RLIMIT_NOFILE, ffi.new("ps_rlimit", n, old.max), nil) == 0)
+      local pool = handler.pool({})
+      local clock0 = os.time()
+      local ok, err = pool:run(function() return 2 end, { max_ms = 20000 })
+      print("limited", ok, type(err) == "table" and err.type, os.time() - clock0 < 10)
+      assert(ffi.C.prlimit(sup, RLIMIT_NOFILE, old, nil) == 0)
+      print("after", pool:run(function() return 3 end))
+    ]])
+    assert.matches("limited\tfalse\tProcessExit\ttrue\n", out, 1, true)
+    assert.matches("after\ttrue\t3\n", out, 1, true)
+  end)
+
+  it("runs no job when it cannot make the job's private directory", function()
+    local out = H.run_host(format([[
+      local ffi = require("ffi")
+      ffi.cdef("int chdir(const char *); int setenv(const char *, const char *, int);")
+      assert(ffi.C.chdir(%q) == 0)
+      ffi.C.setenv("TMPDIR", %q, 1)
+      local handler = require("handler")
+      for i = 1, 2 do
+        local ok, err = handler.run(function()
+          io.open("written-here", "w"):close()
+          return 1
+        end, { max_ms = 10000 })
+        print("run", ok, type(err) == "table" and err.type)
+      end
+    ]], tmp, tmp .. "/missing"))
+    assert.matches("run\tfalse\tProcessExit\nrun\tfalse\tProcessExit\n", out, 1, true)
+    assert.is_false(H.exists(tmp .. "/written-here"))
+    -- Said once, on stderr.
+    local _, said = out:gsub("cannot make a worker's directory in " .. tmp:gsub("%p", "%%%0")
+      .. "/missing: No such file or directory", "")
+    assert.are.equal(1, said, out)
   end)
 end)
