@@ -4,7 +4,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <glob.h>
 #include <poll.h>
 #include <signal.h>
@@ -19,6 +18,7 @@
 
 #include "fdpass.h"
 #include "queue.h"
+#include "rmtree.h"
 #include "wire.h"
 
 extern char **environ;
@@ -99,14 +99,6 @@ pid_t hd_sup_pid(const hd_sup *s) {
   return s->up ? s->pid : -1;
 }
 
-static int sup_rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
-  (void)st;
-  (void)flag;
-  (void)ftw;
-  remove(path);
-  return 0;
-}
-
 /* Removes the private directories of a dead supervisor's workers. The
  * supervisor removes each when it reaps the worker; this is for one that
  * was killed before it could. */
@@ -119,7 +111,7 @@ static void sup_rm_dirs(pid_t pid) {
   snprintf(pattern, sizeof pattern, "%s/handler-%d-??????",
            t != NULL && t[0] == '/' && strlen(t) < 100 ? t : "/tmp", (int)pid);
   if (glob(pattern, GLOB_NOSORT, NULL, &g) != 0) return;
-  for (i = 0; i < g.gl_pathc; i++) nftw(g.gl_pathv[i], sup_rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+  for (i = 0; i < g.gl_pathc; i++) hd_rm_tree(g.gl_pathv[i]);
   globfree(&g);
 }
 

@@ -56,11 +56,11 @@ void hd_alloc_restore(hd_alloc *a) {
   a->taint = 0;
 }
 
-static int in_region(const hd_alloc *a, const void *p) {
+static int alloc_in_region(const hd_alloc *a, const void *p) {
   return p != NULL && (const char *)p >= a->region && (const char *)p < a->region + a->region_cap;
 }
 
-static void *blk_new(hd_alloc *a, size_t n) {
+static void *alloc_blk_new(hd_alloc *a, size_t n) {
   hd_blk *b;
   if (n > SIZE_MAX - sizeof *b) return NULL;
   b = malloc(sizeof *b + n);
@@ -73,7 +73,7 @@ static void *blk_new(hd_alloc *a, size_t n) {
   return b + 1;
 }
 
-static void blk_free(void *p) {
+static void alloc_blk_free(void *p) {
   hd_blk *b = (hd_blk *)p - 1;
   b->prev->next = b->next;
   b->next->prev = b->prev;
@@ -91,7 +91,7 @@ void *hd_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize) {
   void *p;
   if (ptr == NULL) osize = 0;
   if (nsize == 0) {
-    if (ptr != NULL && !in_region(a, ptr)) blk_free(ptr);
+    if (ptr != NULL && !alloc_in_region(a, ptr)) alloc_blk_free(ptr);
     a->used -= osize;
     return NULL;
   }
@@ -117,19 +117,19 @@ void *hd_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize) {
     a->used = a->used - osize + nsize;
     return p;
   }
-  if (ptr != NULL && in_region(a, ptr)) {
+  if (ptr != NULL && alloc_in_region(a, ptr)) {
     if (nsize <= osize) {
       a->used -= osize - nsize;
       return ptr;
     }
-    p = blk_new(a, nsize);
+    p = alloc_blk_new(a, nsize);
     if (p == NULL) goto fail;
     memcpy(p, ptr, osize);
     a->used = a->used - osize + nsize;
     return p;
   }
   if (ptr == NULL) {
-    p = blk_new(a, nsize);
+    p = alloc_blk_new(a, nsize);
     if (p == NULL) goto fail;
   } else {
     hd_blk *b = (hd_blk *)ptr - 1, *nb;

@@ -13,7 +13,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <ftw.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
@@ -23,10 +22,33 @@
 #include <unistd.h>
 
 #include "fdpass.h"
+#include "rmtree.h"
 #include "wire.h"
 #include "worker.h"
 
 #define SUP_CTL_FD 3
+
+/* Bytes read at a time from the list of our children: a pid is at most 10
+ * digits, so a chunk always holds a whole one. */
+#define SUP_CHILDREN_CHUNK 4096
+/* Descriptors closed per pass over /proc/self/fd. */
+#define SUP_FD_BATCH 256
+/* After a worker died, what its jobs left behind is looked for this many
+ * times, this often (a fork bomb keeps making more). */
+#define SUP_SWEEPS 10
+#define SUP_SWEEP_MS 100
+/* At shutdown: sweeps, this far apart, until none is left. */
+#define SUP_SHUTDOWN_SWEEPS 100
+#define SUP_SHUTDOWN_SWEEP_NS 10000000L
+/* The longest TMPDIR used (the host's clean-up uses the same rule). */
+#define SUP_TMPDIR_MAX 100
+
+/* What `ps` shows: the title replaces the command line (/proc/PID/cmdline),
+ * the short name is the kernel's comm (/proc/PID/comm, at most 15 bytes). */
+#define SUP_TITLE_SUPERVISOR "handler: supervisor"
+#define SUP_TITLE_WORKER "handler: worker"
+#define SUP_COMM_SUPERVISOR "handler-sup"
+#define SUP_COMM_WORKER "handler-worker"
 
 typedef struct sup_child {
   uint32_t id;
@@ -38,7 +60,8 @@ typedef struct sup {
   int ctl;
   int sigfd;
   char *path, *cpath;
-  char tmpdir[128];
+  char tmpdir[SUP_TMPDIR_MAX + 1];
+  int dir_failed;   /* said once that a worker's directory cannot be made */
   int orphans_seen; /* sweeps still to do after a worker died */
   sup_child *kids;
   size_t nkids, capkids;
@@ -51,17 +74,17 @@ static void sup_close_from(int from, int keep) {
   if (d != NULL) {
     int dfd = dirfd(d);
     struct dirent *e;
-    int fds[256];
+    int fds[SUP_FD_BATCH];
     int n = 0, i;
     /* Collect first: closing while reading the directory skips entries. */
-    while ((e = readdir(d)) != NULL && n < 256) {
+    while ((e = readdir(d)) != NULL && n < SUP_FD_BATCH) {
       int fd = atoi(e->d_name);
       if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
       if (fd >= from && fd != keep && fd != dfd) fds[n++] = fd;
     }
     closedir(d);
     for (i = 0; i < n; i++) close(fds[i]);
-    if (n < 256) return;
+    if (n < SUP_FD_BATCH) return;
   }
   /* No /proc, or very many descriptors: the slow sweep. */
   {
@@ -70,6 +93,122 @@ static void sup_close_from(int from, int keep) {
     if (max < 0 || max > 1 << 20) max = 1 << 20;
     for (fd = from; fd < max; fd++)
       if (fd != keep) close(fd);
+  }
+}
+
+/* ---- The process title ---------------------------------------------------
+ * The kernel shows a process's command line from the memory its argv strings
+ * were copied to at exec, and the environment strings follow them there. As
+ * nginx and PostgreSQL do, the supervisor takes argv's strings for a short
+ * title once it has copied what it needs from them; a title longer than
+ * they are runs on over the environment's, which are moved out of the way
+ * first (only then: /proc/PID/environ keeps telling what the process was
+ * started with). Workers inherit the area, at the same address, and write
+ * their own title over it. */
+static struct {
+  char *area;
+  size_t argv_len; /* argv's strings */
+  size_t full_len; /* and the environment's right after them */
+  int moved;       /* the environment was moved: the area is full_len long */
+} sup_title;
+
+/* Copies the environment out of the area; 0, or -1 when memory runs out
+ * (the environment then stays where it is, and the title keeps out of it). */
+static int sup_move_environ(void) {
+  char **env;
+  size_t n = 0, k;
+  while (environ != NULL && environ[n] != NULL) n++;
+  if ((env = malloc((n + 1) * sizeof *env)) == NULL) return -1;
+  for (k = 0; k < n; k++) {
+    if ((env[k] = strdup(environ[k])) == NULL) {
+      while (k > 0) free(env[--k]);
+      free(env);
+      return -1;
+    }
+  }
+  env[n] = NULL;
+  environ = env;
+  return 0;
+}
+
+/* Claims the strings of argv, and those of the environment right after
+ * them, for the title. Nothing may read argv's strings afterwards. */
+static void sup_title_init(int argc, char **argv) {
+  char *end, *name;
+  size_t k;
+  int i;
+  if (argc < 1 || argv[0] == NULL) return;
+  /* glibc's own messages name the program through this pointer into argv. */
+  if ((name = strdup(argv[0])) != NULL) {
+    char *slash = strrchr(name, '/');
+    program_invocation_name = name;
+    program_invocation_short_name = slash != NULL ? slash + 1 : name;
+  }
+  end = argv[0] + strlen(argv[0]) + 1;
+  for (i = 1; i < argc && argv[i] == end; i++) end += strlen(argv[i]) + 1;
+  sup_title.area = argv[0];
+  sup_title.argv_len = (size_t)(end - argv[0]);
+  if (i == argc && environ != NULL)
+    for (k = 0; environ[k] != NULL && environ[k] == end; k++) end += strlen(environ[k]) + 1;
+  sup_title.full_len = (size_t)(end - argv[0]);
+  for (i = 1; i < argc; i++) argv[i] = NULL;
+}
+
+/* Writes the title over the area (cut to fit, the rest zeroed: the kernel
+ * then shows exactly the title) and sets the kernel's short name. */
+static void sup_title_set(const char *title, const char *comm) {
+  size_t n = strlen(title), len = sup_title.moved ? sup_title.full_len : sup_title.argv_len;
+  if (n >= len && !sup_title.moved && sup_title.full_len > len && sup_move_environ() == 0) {
+    sup_title.moved = 1;
+    len = sup_title.full_len;
+  }
+  if (len > 0) {
+    if (n >= len) n = len - 1;
+    memcpy(sup_title.area, title, n);
+    memset(sup_title.area + n, 0, len - n);
+  }
+  prctl(PR_SET_NAME, comm, 0, 0, 0);
+}
+
+/* "handler: worker (NAME)", or without the name when the host sent none.
+ * The name is the pool's, any string: control bytes are shown as '?', and a
+ * UTF-8 sequence the wire cut in half is dropped. */
+static void sup_worker_title(const char *name) {
+  char title[sizeof SUP_TITLE_WORKER + sizeof " ()" + HD_CTL_NAME];
+  size_t n = strnlen(name, HD_CTL_NAME), k, lead;
+  if (n == 0) {
+    sup_title_set(SUP_TITLE_WORKER, SUP_COMM_WORKER);
+    return;
+  }
+  /* The last sequence: its lead byte, and whether all its bytes are here. */
+  lead = n;
+  while (lead > 0 && ((unsigned char)name[lead - 1] & 0xC0) == 0x80) lead--;
+  if (lead > 0 && (unsigned char)name[lead - 1] >= 0xC0) {
+    unsigned char c = (unsigned char)name[lead - 1];
+    size_t want = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : 2;
+    if (n - (lead - 1) < want) n = lead - 1;
+  }
+  k = (size_t)snprintf(title, sizeof title, "%s (", SUP_TITLE_WORKER);
+  memcpy(title + k, name, n);
+  for (; n > 0; n--, k++)
+    if ((unsigned char)title[k] < 0x20 || title[k] == 0x7F) title[k] = '?';
+  memcpy(title + k, ")", sizeof ")");
+  sup_title_set(title, SUP_COMM_WORKER);
+}
+
+/* Descriptors 0 to 2 are open: standard input on /dev/null, and output on
+ * /dev/null where the host had it closed. A closed one would be taken by
+ * the next descriptor opened: the signalfd here, a file a job opens in a
+ * worker, which print would then write into. */
+static void sup_std_fds(void) {
+  int fd;
+  for (fd = STDIN_FILENO; fd <= STDERR_FILENO; fd++) {
+    int null;
+    if (fd != STDIN_FILENO && fcntl(fd, F_GETFD) >= 0) continue;
+    null = open("/dev/null", fd == STDIN_FILENO ? O_RDONLY : O_WRONLY);
+    if (null < 0 || null == fd) continue;
+    dup2(null, fd);
+    close(null);
   }
 }
 
@@ -91,9 +230,10 @@ static void sup_report(sup *s, int type, uint32_t id, uint32_t v) {
  * exactly this process even after the supervisor is gone. Opened here,
  * before the child can have been reaped, so it cannot name another process. */
 static void sup_report_spawned(sup *s, uint32_t id, pid_t pid) {
-  hd_ctl m = {0};
   char out[HD_CTL_MAX];
   int pfd = (int)syscall(SYS_pidfd_open, pid, 0);
+  hd_ctl m;
+  memset(&m, 0, sizeof m);
   m.type = HD_CTL_SPAWNED;
   m.id = id;
   m.pid = (uint32_t)pid;
@@ -139,15 +279,16 @@ static void sup_child_signals(void) {
 }
 
 /* In the forked child: become a worker on `fd`. Never returns. */
-/* In the forked child: become a worker on `fd`. Never returns. */
-static void sup_become_worker(sup *s, int fd, pid_t sup_pid, const char *dir, int flags) {
+static void sup_become_worker(sup *s, int fd, pid_t sup_pid, const char *dir, int flags,
+                              const char *name) {
   struct rlimit rl;
+  sup_worker_title(name);
   sup_child_signals();
   /* The control socket is descriptor 3 too: it goes first. */
   close(s->ctl);
   close(s->sigfd);
   if (fd != HD_WORKER_FD) {
-    if (dup2(fd, HD_WORKER_FD) < 0) _exit(73);
+    if (dup2(fd, HD_WORKER_FD) < 0) _exit(HD_EXIT_NO_SOCKET);
     close(fd);
   }
   /* The protocol socket must not leak into programs a job executes. */
@@ -155,7 +296,7 @@ static void sup_become_worker(sup *s, int fd, pid_t sup_pid, const char *dir, in
   sup_close_from(HD_WORKER_FD + 1, -1);
   /* Dies with the supervisor; the supervisor dies with the host. */
   prctl(PR_SET_PDEATHSIG, SIGKILL);
-  if (getppid() != sup_pid) _exit(74);
+  if (getppid() != sup_pid) _exit(HD_EXIT_ORPHAN);
   /* Its own process group, so a kill reaches what the job started too. And
    * a subreaper: what a running job starts stays under this worker even
    * when it slips out of the group, so the supervisor's sweep after another
@@ -166,7 +307,7 @@ static void sup_become_worker(sup *s, int fd, pid_t sup_pid, const char *dir, in
   /* What a job sees: no host environment (a job may ask for an allow-list),
    * a private working directory, no core files, bounded file size. */
   clearenv();
-  if (dir[0] != '\0' && chdir(dir) != 0) _exit(75);
+  if (chdir(dir) != 0) _exit(HD_EXIT_NO_DIR);
   rl.rlim_cur = rl.rlim_max = 0;
   setrlimit(RLIMIT_CORE, &rl);
   rl.rlim_cur = rl.rlim_max = HD_WORKER_FSIZE;
@@ -174,17 +315,9 @@ static void sup_become_worker(sup *s, int fd, pid_t sup_pid, const char *dir, in
   _exit(hd_worker_run(HD_WORKER_FD, flags));
 }
 
-static int sup_rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
-  (void)st;
-  (void)flag;
-  (void)ftw;
-  remove(path);
-  return 0;
-}
-
 /* Removes a worker's private directory and what its jobs left in it. */
 static void sup_rmdir(const char *dir) {
-  if (dir[0] != '\0') nftw(dir, sup_rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+  if (dir[0] != '\0') hd_rm_tree(dir);
 }
 
 /* Kills our children that are not workers: what a dead worker's job left
@@ -206,29 +339,45 @@ static int sup_kill_orphan(sup *s, pid_t pid) {
   return 1;
 }
 
+/* Kills the orphans among the pids written in [p, end), space-separated. */
+static int sup_kill_listed(sup *s, const char *p, const char *end) {
+  int found = 0;
+  while (p < end) {
+    long pid = 0;
+    int digits = 0;
+    while (p < end && (*p < '0' || *p > '9')) p++;
+    for (; p < end && *p >= '0' && *p <= '9'; p++, digits = 1)
+      if (pid <= (long)INT32_MAX / 10) pid = pid * 10 + (*p - '0');
+    if (digits) found |= sup_kill_orphan(s, (pid_t)pid);
+  }
+  return found;
+}
+
 /* The fast way: the kernel's list of this thread's children, one small
  * file. Returns -1 where the kernel does not have it. */
 static int sup_sweep_children(sup *s) {
-  char path[64], buf[4096];
+  char path[64], buf[SUP_CHILDREN_CHUNK];
   int fd, found = 0;
-  ssize_t n;
+  size_t keep = 0;
   snprintf(path, sizeof path, "/proc/self/task/%d/children", (int)getpid());
   fd = open(path, O_RDONLY | O_CLOEXEC);
   if (fd < 0) return -1;
   for (;;) {
-    char *p = buf, *end;
-    n = read(fd, buf, sizeof buf - 1);
+    size_t len, done;
+    ssize_t n = read(fd, buf + keep, sizeof buf - keep);
+    if (n < 0 && errno == EINTR) continue;
     if (n <= 0) break;
-    buf[n] = '\0';
-    /* Numbers split across two reads are rare; a missed one is caught by
-     * the next sweep. */
-    for (;;) {
-      long pid = strtol(p, &end, 10);
-      if (end == p) break;
-      found |= sup_kill_orphan(s, (pid_t)pid);
-      p = end;
+    len = keep + (size_t)n;
+    /* A number the read cut short is kept for the next one: read as it
+     * stands, it would name some other process. */
+    for (done = len; done > 0 && buf[done - 1] >= '0' && buf[done - 1] <= '9'; done--) {
     }
+    found |= sup_kill_listed(s, buf, buf + done);
+    keep = len - done;
+    memmove(buf, buf + done, keep);
   }
+  /* At the end of the file the last number is whole. */
+  found |= sup_kill_listed(s, buf, buf + keep);
   close(fd);
   return found;
 }
@@ -265,8 +414,8 @@ static int sup_sweep_orphans(sup *s) {
   return found;
 }
 
-static void sup_spawn(sup *s, uint32_t id, int fd, int flags) {
-  pid_t pid;
+static void sup_spawn(sup *s, uint32_t id, int fd, int flags, const char *name) {
+  pid_t pid, me;
   if (s->nkids == s->capkids) {
     size_t cap = s->capkids ? s->capkids * 2 : 16;
     sup_child *k = realloc(s->kids, cap * sizeof *k);
@@ -278,16 +427,27 @@ static void sup_spawn(sup *s, uint32_t id, int fd, int flags) {
     s->kids = k;
     s->capkids = cap;
   }
-  s->kids[s->nkids].dir[0] = '\0';
-  if (s->tmpdir[0] != '\0') {
-    /* Named after the supervisor, so the host can clean up after a
-     * supervisor that was killed before it could. */
-    snprintf(s->kids[s->nkids].dir, sizeof s->kids[s->nkids].dir, "%s/handler-%d-XXXXXX",
-             s->tmpdir, (int)getpid());
-    if (mkdtemp(s->kids[s->nkids].dir) == NULL) s->kids[s->nkids].dir[0] = '\0';
+  /* Named after the supervisor, so the host can clean up after a
+   * supervisor that was killed before it could. A worker without one would
+   * run in the host's directory: it is not started. */
+  snprintf(s->kids[s->nkids].dir, sizeof s->kids[s->nkids].dir, "%s/handler-%d-XXXXXX",
+           s->tmpdir, (int)getpid());
+  if (mkdtemp(s->kids[s->nkids].dir) == NULL) {
+    int err = errno;
+    if (!s->dir_failed)
+      fprintf(stderr, "handler-worker: cannot make a worker's directory in %s: %s\n", s->tmpdir,
+              strerror(err));
+    s->dir_failed = 1;
+    close(fd);
+    sup_report(s, HD_CTL_FAILED, id, (uint32_t)err);
+    return;
   }
+  /* The supervisor's pid, taken before the fork: the child checks that its
+   * parent is still this process once its death signal is armed. Taken in
+   * the child, it would be whoever adopted the child if we died first. */
+  me = getpid();
   pid = fork();
-  if (pid == 0) sup_become_worker(s, fd, getppid(), s->kids[s->nkids].dir, flags);
+  if (pid == 0) sup_become_worker(s, fd, me, s->kids[s->nkids].dir, flags, name);
   close(fd);
   if (pid < 0) {
     sup_rmdir(s->kids[s->nkids].dir);
@@ -330,7 +490,7 @@ static void sup_reap(sup *s) {
         sup_rmdir(s->kids[i].dir);
         s->kids[i] = s->kids[--s->nkids];
         sup_report(s, HD_CTL_EXITED, id, (uint32_t)st);
-        s->orphans_seen = 10;
+        s->orphans_seen = SUP_SWEEPS;
         break;
       }
     }
@@ -346,8 +506,12 @@ static int sup_read_ctl(sup *s) {
   if (n < 0) return (errno == EINTR || errno == EAGAIN) ? 0 : -1;
   if (n == 0) return -1;
   if (hd_wire_ctl_unpack(buf, (size_t)n, HD_CTL_DOWN, &m) == 0) {
-    if (m.type == HD_CTL_SPAWN && fd >= 0) {
-      sup_spawn(s, m.id, fd, (int)m.arg);
+    if (m.type == HD_CTL_SPAWN) {
+      /* A SPAWN comes with the worker's socket; without it (the kernel
+       * drops a descriptor we have no room for) the host must still hear
+       * back, or the job waiting for that worker waits for ever. */
+      if (fd >= 0) sup_spawn(s, m.id, fd, (int)m.arg, m.name);
+      else sup_report(s, HD_CTL_FAILED, m.id, EMFILE);
       return 0;
     }
     if (m.type == HD_CTL_KILL) sup_kill(s, m.id);
@@ -371,8 +535,8 @@ static void sup_shutdown(sup *s) {
   s->nkids = 0;
   /* Orphans reparent to us as their parents die: sweep until none is left,
    * for at most a second (a fork bomb keeps making them). */
-  for (round = 0; round < 100; round++) {
-    struct timespec ts = {0, 10000000};
+  for (round = 0; round < SUP_SHUTDOWN_SWEEPS; round++) {
+    struct timespec ts = {0, SUP_SHUTDOWN_SWEEP_NS};
     int found = sup_sweep_orphans(s);
     while (waitpid(-1, NULL, WNOHANG) > 0) {
     }
@@ -385,7 +549,6 @@ int main(int argc, char **argv) {
   sup s;
   sigset_t chld;
   pid_t host;
-  int devnull;
   if (argc < 5 || strcmp(argv[1], "--supervisor") != 0) {
     fprintf(stderr, "handler-worker: started by the handler Lua module, not by hand\n");
     return 2;
@@ -405,19 +568,18 @@ int main(int argc, char **argv) {
   s.path = hd_worker_abspaths(argv[2], NULL);
   s.cpath = hd_worker_abspaths(argv[3], NULL);
   if (s.path == NULL || s.cpath == NULL) return 5;
+  /* argv is read: its area becomes the title. */
+  sup_title_init(argc, argv);
+  sup_title_set(SUP_TITLE_SUPERVISOR, SUP_COMM_SUPERVISOR);
   {
     const char *t = getenv("TMPDIR");
     snprintf(s.tmpdir, sizeof s.tmpdir, "%s",
-             t != NULL && t[0] == '/' && strlen(t) < 100 ? t : "/tmp");
+             t != NULL && t[0] == '/' && strlen(t) < SUP_TMPDIR_MAX ? t : "/tmp");
   }
   /* Orphans of a job become ours, so we can reap and kill them. */
   prctl(PR_SET_CHILD_SUBREAPER, 1);
   sup_close_from(SUP_CTL_FD + 1, -1);
-  devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
-  if (devnull >= 0) {
-    dup2(devnull, 0);
-    close(devnull);
-  }
+  sup_std_fds();
   sigemptyset(&chld);
   sigaddset(&chld, SIGCHLD);
   sigaddset(&chld, SIGTERM);
@@ -440,7 +602,7 @@ int main(int argc, char **argv) {
     p[0].events = POLLIN;
     p[1].fd = s.sigfd;
     p[1].events = POLLIN;
-    if (poll(p, 2, s.orphans_seen > 0 ? 100 : -1) < 0) {
+    if (poll(p, 2, s.orphans_seen > 0 ? SUP_SWEEP_MS : -1) < 0) {
       if (errno == EINTR) continue;
       break;
     }
@@ -454,7 +616,7 @@ int main(int argc, char **argv) {
     }
     if (s.orphans_seen > 0) {
       /* For a second after a worker died, look for what it left behind. */
-      if (sup_sweep_orphans(&s)) s.orphans_seen = 10;
+      if (sup_sweep_orphans(&s)) s.orphans_seen = SUP_SWEEPS;
       else s.orphans_seen--;
     }
     if (p[0].revents & (POLLIN | POLLHUP | POLLERR)) {

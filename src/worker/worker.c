@@ -3,6 +3,7 @@
 
 #include <dlfcn.h>
 #include <errno.h>
+#include <limits.h>
 #include <poll.h>
 #include <sched.h>
 #include <sys/mman.h>
@@ -11,6 +12,7 @@
 #include <lauxlib.h>
 #include <lua.h>
 #include <lualib.h>
+#include <luajit.h>
 #include <malloc.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -30,7 +32,7 @@ typedef struct hd_wk {
   int fd;
   hd_alloc alloc;
   lua_State *L;
-  char host_cwd[1024];  /* the host's directory, before the private one */
+  char host_cwd[PATH_MAX]; /* the host's directory, before the private one */
   size_t out_budget;    /* bytes the job may still print */
   size_t out_limit;     /* max_output_bytes */
   int env_set;          /* the job set environment variables */
@@ -44,6 +46,20 @@ typedef struct hd_wk {
   uint64_t job_id;
   size_t frame_len;     /* bytes of the job frame at the start of `in` */
 } hd_wk;
+
+/* Bytes a read from the socket asks for at least. */
+#define WK_READ_CHUNK 65536
+/* The pristine state's region: the standard libraries and what the image
+ * adds fit in a fraction of it; pages never touched cost nothing. */
+#define WK_REGION_BYTES (64u << 20)
+/* malloc keeps big blocks in the heap and does not trim by itself: memory
+ * stays warm across jobs and goes back when the worker is idle. */
+#define WK_MMAP_THRESHOLD (256 << 20)
+#define WK_TRIM_THRESHOLD (1 << 30)
+/* A job that arrives within this long of the last reply came back to back. */
+#define WK_BACK_TO_BACK_NS 200000
+/* Idle for this long after a job, a worker gives memory back. */
+#define WK_IDLE_TRIM_MS 200
 
 /* The worker process's one context. It is a static because the pristine
  * state must sit at the same address in the supervisor, which builds it, and
@@ -130,6 +146,86 @@ __attribute__((visibility("default"))) void __deregister_frame(void *info) {
   if (wk_frames.dereg) wk_frames.dereg(info);
 }
 
+/* ---- The start-up self-test of the interposition -----------------------
+ * Unmapping a job's machine code works only if LuaJIT's calls reach the
+ * definitions above: a libluajit linked with direct calls, or a static one
+ * bound to the C library's, would bypass them, and every job's traces would
+ * stay mapped for the life of the worker. The supervisor checks once, in a
+ * throwaway state, that compiling a trace goes through them (about 0.3 ms);
+ * if not, it says so on stderr and the image runs with the JIT off. */
+
+/* Set in the host's environment (which the supervisor inherits): the
+ * self-test fails, for the specs of the fallback. */
+#define WK_FORCE_NO_INTERPOSE "HANDLER_TEST_NO_INTERPOSE"
+
+/* Hot enough to compile one trace with the default parameters (hotloop=56);
+ * returns the trace's machine code address, 0 when the JIT is off (nothing
+ * to track then), or nothing when no trace was made. */
+static const char wk_selftest_chunk[] =
+    "if not jit.status() then return 0 end\n"
+    "local s = 0\n"
+    "for i = 1, 1000 do s = s + i end\n"
+    "local _, addr = require('jit.util').tracemc(1)\n"
+    "return addr\n";
+
+/* libgcc's lookup of unwind information: it finds what was registered with
+ * __register_frame, whether or not that went through the definition above. */
+struct wk_eh_bases {
+  void *tbase, *dbase, *func;
+};
+typedef const void *(*wk_find_fde_fn)(void *pc, struct wk_eh_bases *bases);
+
+static void *wk_plain_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  (void)ud;
+  (void)osize;
+  if (nsize == 0) {
+    free(ptr);
+    return NULL;
+  }
+  return realloc(ptr, nsize);
+}
+
+/* Whether the code at addr lies in a mapping made through mmap64 above, and
+ * its unwind information, if the JIT registered any, through
+ * __register_frame above. */
+static int wk_tracked(uintptr_t addr) {
+  wk_find_fde_fn find;
+  struct wk_eh_bases bases;
+  int i, mapped = 0;
+  for (i = 0; i < wk_maps.n; i++)
+    if (addr >= (uintptr_t)wk_maps.addr[i] && addr - (uintptr_t)wk_maps.addr[i] < wk_maps.len[i])
+      mapped = 1;
+  if (!mapped) return 0;
+  *(void **)&find = dlsym(RTLD_DEFAULT, "_Unwind_Find_FDE");
+  if (find != NULL && wk_frames.n == 0 && find((void *)(addr + 1), &bases) != NULL) return 0;
+  return 1;
+}
+
+/* Returns 1 when jobs may use the JIT: its machine code is tracked. */
+static int wk_jit_selftest(void) {
+  const char *force = getenv(WK_FORCE_NO_INTERPOSE);
+  lua_State *L;
+  int ok = 0;
+  if (force != NULL && strcmp(force, "1") == 0) return 0;
+  L = lua_newstate(wk_plain_alloc, NULL);
+  if (L == NULL) return 0;
+  luaL_openlibs(L);
+  wk_maps.n = 0;
+  wk_frames.n = 0;
+  wk_maps.tracking = 1;
+  if (luaL_loadbuffer(L, wk_selftest_chunk, sizeof wk_selftest_chunk - 1, "=selftest") == 0 &&
+      lua_pcall(L, 0, 1, 0) == 0 && lua_isnumber(L, -1)) {
+    lua_Number addr = lua_tonumber(L, -1);
+    ok = addr == 0 || (addr > 0 && wk_tracked((uintptr_t)addr));
+  }
+  wk_maps.tracking = 0;
+  /* Closing unmaps the trace through munmap above, which forgets it. */
+  lua_close(L);
+  wk_maps.n = 0;
+  wk_frames.n = 0;
+  return ok;
+}
+
 static void wk_unmap_job(void) {
   int i;
   for (i = 0; i < wk_frames.n; i++)
@@ -144,7 +240,7 @@ static void wk_unmap_job(void) {
 static int wk_fill(hd_wk *w) {
   for (;;) {
     ssize_t r;
-    if (hd_buf_reserve(&w->in, 65536) != 0) return -1;
+    if (hd_buf_reserve(&w->in, WK_READ_CHUNK) != 0) return -1;
     r = read(w->fd, w->in.data + w->in.len, w->in.cap - w->in.len);
     if (r > 0) {
       w->in.len += (size_t)r;
@@ -203,10 +299,51 @@ static int wk_load_guard(lua_State *L) {
 }
 
 /* Output goes to the host's stdout and stderr: a job may write only
- * max_output_bytes of it, so a runaway writer cannot flood the host. The
- * wrapped function is upvalue 1; upvalue 2 is 0 for print, 1 for io.write,
- * 2 for a file's write method (counted for stdout and stderr only, which
- * are upvalues 3 and 4). */
+ * max_output_bytes of it, so a runaway writer cannot flood the host. Takes
+ * n bytes from the budget, or raises once it is spent. */
+static void wk_output_charge(lua_State *L, size_t n) {
+  if (n > wk.out_budget) {
+    char lim[32];
+    wk.out_budget = 0;
+    snprintf(lim, sizeof lim, "%.0f", (double)wk.out_limit);
+    luaL_error(L, "handler: output limit of %s bytes exceeded", lim);
+  }
+  wk.out_budget -= n;
+}
+
+/* print, written here rather than wrapped: each argument goes through the
+ * global tostring first, as print does, so what is charged is exactly what
+ * is written; a __tostring (or a tostring) returning a long string cannot
+ * pass for a short value. */
+static int wk_print(lua_State *L) {
+  int i, n = lua_gettop(L);
+  size_t total = n > 0 ? (size_t)n : 1; /* the tabs and the newline */
+  lua_getglobal(L, "tostring");
+  for (i = 1; i <= n; i++) {
+    size_t len;
+    lua_pushvalue(L, n + 1);
+    lua_pushvalue(L, i);
+    lua_call(L, 1, 1);
+    if (lua_tolstring(L, -1, &len) == NULL)
+      return luaL_error(L, "'tostring' must return a string to 'print'");
+    lua_replace(L, i);
+    total = len > SIZE_MAX - total ? SIZE_MAX : total + len;
+  }
+  wk_output_charge(L, total);
+  for (i = 1; i <= n; i++) {
+    size_t len;
+    const char *s = lua_tolstring(L, i, &len);
+    if (i > 1) putchar('\t');
+    fwrite(s, 1, len, stdout);
+  }
+  putchar('\n');
+  return 0;
+}
+
+/* io.write (upvalue 2 is 1) and a file's write method (2; counted for
+ * stdout and stderr only, which are upvalues 3 and 4): the wrapped function
+ * is upvalue 1. Strings and numbers are what they write; anything else
+ * they refuse. */
 static int wk_output_guard(lua_State *L) {
   int kind = (int)lua_tointeger(L, lua_upvalueindex(2));
   int i, top = lua_gettop(L), first = kind == 2 ? 2 : 1;
@@ -214,18 +351,12 @@ static int wk_output_guard(lua_State *L) {
   if (kind != 2 || lua_rawequal(L, 1, lua_upvalueindex(3)) ||
       lua_rawequal(L, 1, lua_upvalueindex(4))) {
     for (i = first; i <= top; i++) {
-      size_t len = 24;
+      size_t len = 0;
       int t = lua_type(L, i);
       if (t == LUA_TSTRING || t == LUA_TNUMBER) lua_tolstring(L, i, &len);
-      n += len + (kind == 0 ? 1 : 0);
+      n = len > SIZE_MAX - n ? SIZE_MAX : n + len;
     }
-    if (n > wk.out_budget) {
-      char lim[32];
-      wk.out_budget = 0;
-      snprintf(lim, sizeof lim, "%.0f", (double)wk.out_limit);
-      return luaL_error(L, "handler: output limit of %s bytes exceeded", lim);
-    }
-    wk.out_budget -= n;
+    wk_output_charge(L, n);
   }
   lua_pushvalue(L, lua_upvalueindex(1));
   lua_insert(L, 1);
@@ -234,9 +365,7 @@ static int wk_output_guard(lua_State *L) {
 }
 
 static void wk_guard_output(lua_State *L) {
-  lua_getglobal(L, "print");
-  lua_pushinteger(L, 0);
-  lua_pushcclosure(L, wk_output_guard, 2);
+  lua_pushcfunction(L, wk_print);
   lua_setglobal(L, "print");
   lua_getglobal(L, "io");
   lua_getfield(L, -1, "write");
@@ -428,14 +557,29 @@ static void wk_wrap_all(lua_State *L) {
   lua_pop(L, 1);
 }
 
+/* The image without the JIT: the engine off, and jit.on a function that
+ * taints, so a job that turns it back on takes its worker with it. */
+static void wk_jit_off(lua_State *L) {
+  luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
+  lua_getglobal(L, "jit");
+  if (lua_istable(L, -1)) wk_wrap(L, -1, "on", wk_tainting);
+  lua_pop(L, 1);
+}
+
 int hd_worker_prepare(const char *path, const char *cpath) {
   lua_State *L;
+  int jit;
   wk_frames_resolve();
+  jit = wk_jit_selftest();
+  if (!jit)
+    fprintf(stderr, "handler-worker: the JIT's machine code cannot be tracked across jobs; "
+                    "workers run with the JIT off\n");
   if (getcwd(wk.host_cwd, sizeof wk.host_cwd) == NULL) wk.host_cwd[0] = '\0';
-  if (hd_alloc_init(&wk.alloc, 64u << 20) != 0) return -1;
+  if (hd_alloc_init(&wk.alloc, WK_REGION_BYTES) != 0) return -1;
   L = lua_newstate(hd_alloc_fn, &wk.alloc);
   if (L == NULL) return -1;
   luaL_openlibs(L);
+  if (!jit) wk_jit_off(L);
   lua_getglobal(L, "package");
   lua_pushstring(L, path);
   lua_setfield(L, -2, "path");
@@ -717,7 +861,7 @@ static uint64_t wk_now_ns(void) {
 static void wk_spin_for_job(hd_wk *w) {
   uint64_t start;
   if (!w->back_to_back || w->in.len != 0) return;
-  if (hd_buf_reserve(&w->in, 65536) != 0) return;
+  if (hd_buf_reserve(&w->in, WK_READ_CHUNK) != 0) return;
   start = wk_now_ns();
   while (wk_now_ns() - start < WK_SPIN_NS) {
     ssize_t r = recv(w->fd, w->in.data, w->in.cap, MSG_DONTWAIT);
@@ -739,7 +883,7 @@ static void wk_trim_when_idle(hd_wk *w) {
   pf.fd = w->fd;
   pf.events = POLLIN;
   pf.revents = 0;
-  if (poll(&pf, 1, 200) != 0) return;
+  if (poll(&pf, 1, WK_IDLE_TRIM_MS) != 0) return;
   /* The I/O buffers too: cheap to make again, and every page counts for an
    * idle worker. */
   hd_buf_free(&w->in);
@@ -752,11 +896,9 @@ int hd_worker_run(int fd, int flags) {
   hd_wk *w = &wk;
   char h[HD_HELLO_LEN];
   w->fd = fd;
-  if (flags != 0 && wk_sandbox(w, flags) != 0) return 76;
-  /* Big blocks from the heap rather than fresh mappings, and no automatic
-   * trimming: memory stays warm across jobs and goes back when idle. */
-  mallopt(M_MMAP_THRESHOLD, 256 << 20);
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  if (flags != 0 && wk_sandbox(w, flags) != 0) return HD_EXIT_SANDBOX;
+  mallopt(M_MMAP_THRESHOLD, WK_MMAP_THRESHOLD);
+  mallopt(M_TRIM_THRESHOLD, WK_TRIM_THRESHOLD);
   /* The worker says who it is before anything else, so the parent knows its
    * pid by the time any reply of it arrives. */
   hd_wire_hello(h, getpid());
@@ -768,13 +910,12 @@ int hd_worker_run(int fd, int flags) {
     if (w->trim && w->in.len == 0) wk_trim_when_idle(w);
     while (w->in.len < HD_FRAME_HEADER)
       if (wk_fill(w) != 0) goto done;
-    /* Back to back: this job came within 200 us of the last reply. */
-    w->back_to_back = w->replied_at != 0 && wk_now_ns() - w->replied_at < 200000;
+    w->back_to_back = w->replied_at != 0 && wk_now_ns() - w->replied_at < WK_BACK_TO_BACK_NS;
     hd_wire_frame(w->in.data, &f);
-    if (f.type != HD_FRAME_JOB || f.len > HD_MAX_JOB_FRAME) return 71;
+    if (f.type != HD_FRAME_JOB || f.len > HD_MAX_JOB_FRAME) return HD_EXIT_BAD_FRAME;
     w->frame_len = HD_FRAME_HEADER + (size_t)f.len;
     if (w->in.len < w->frame_len && hd_buf_reserve(&w->in, w->frame_len - w->in.len) != 0)
-      return 72;
+      return HD_EXIT_NO_MEMORY;
     while (w->in.len < w->frame_len)
       if (wk_fill(w) != 0) goto done;
     w->job_id = f.id;
@@ -810,7 +951,7 @@ done:
 }
 
 char *hd_worker_abspaths(const char *paths, const char *cwd) {
-  char here[4096];
+  char here[PATH_MAX];
   hd_buf out = HD_BUF_INIT;
   const char *p = paths;
   if (cwd == NULL || cwd[0] == '\0') {
