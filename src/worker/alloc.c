@@ -50,7 +50,6 @@ void hd_alloc_restore(hd_alloc *a) {
   a->head.next = a->head.prev = &a->head;
   memcpy(a->region, a->snapshot, a->bump);
   a->used = a->snap_used;
-  a->peak = a->used;
   a->limit = 0;
   a->tripped = 0;
   a->taint = 0;
@@ -145,7 +144,6 @@ void *hd_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize) {
     p = nb + 1;
   }
   a->used = a->used - osize + nsize;
-  if (a->used > a->peak) a->peak = a->used;
   return p;
 fail:
   if (a->limit != 0) a->tripped = 1;
