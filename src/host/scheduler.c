@@ -532,6 +532,8 @@ static void sched_on_exited(void *ud, uint32_t id, int status) {
 static void sched_on_lost(void *ud, const char *why) {
   hd_sched *s = ud;
   hd_queue *q, *n;
+  /* None of them may take a job that a freed slot starts meanwhile. */
+  HD_QUEUE_EACH(q, n, &s->procs) proc_unidle(HD_QUEUE_DATA(q, sched_proc, node));
   HD_QUEUE_EACH(q, n, &s->procs) {
     sched_proc *p = HD_QUEUE_DATA(q, sched_proc, node);
     /* Workers die with their supervisor, unless a job cleared that. */
