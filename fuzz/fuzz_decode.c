@@ -17,7 +17,13 @@
  *     lua_State), it agrees with hd_decode as codec.h promises: what it
  *     accepts decodes unless a name is missing from package.loaded; what it
  *     refuses and hd_decode accepts holds a named value it is stricter
- *     about; when both refuse, they say the same thing.
+ *     about; when both refuse, they say the same thing;
+ *   - memory in proportion to the input: decoding the input takes (peak
+ *     bytes, counted by the state's allocator, the collector stopped) at
+ *     most FZ_AMP_HONEST times what decoding the same values as the encoder
+ *     writes them takes, plus FZ_AMP_PER_BYTE bytes per input byte: size
+ *     hints may cost what their message is worth (codec_int.h,
+ *     CX_HINT_BYTES_PER_BYTE), never what they claim.
  */
 #include <lauxlib.h>
 #include <lua.h>
@@ -82,6 +88,36 @@ static const char fz_same_src[] =
     "  end\n"
     "  return true\n"
     "end\n";
+
+/* The memory bound (see the top): the honest decode's peak may be reached
+ * by a hostile message in another order or without hints, which makes its
+ * tables grow by rehashing (the old and new parts live at once); hints may
+ * add CX_HINT_BYTES_PER_BYTE per byte; and FZ_AMP_SLACK covers the decoder's
+ * own slots and strings for error messages. */
+#define FZ_AMP_HONEST 4
+#define FZ_AMP_PER_BYTE 4
+#define FZ_AMP_SLACK 8192
+
+/* The state's allocator counts the bytes it holds, and their peak while
+ * fz_counting is set. */
+static size_t fz_live, fz_peak;
+static int fz_counting;
+
+static void *fz_alloc(void *ud, void *p, size_t osize, size_t nsize) {
+  void *q;
+  size_t old = p != NULL ? osize : 0;
+  (void)ud;
+  if (nsize == 0) {
+    fz_live -= old;
+    free(p);
+    return NULL;
+  }
+  q = realloc(p, nsize);
+  if (q == NULL) return NULL;
+  fz_live = fz_live - old + nsize;
+  if (fz_counting && fz_live > fz_peak) fz_peak = fz_live;
+  return q;
+}
 
 typedef struct fz_input {
   const char *p;
@@ -194,9 +230,58 @@ static void fz_check_validate(const uint8_t *data, size_t size, const char *derr
 #endif
 }
 
+/* Peak bytes hd_decode(p, len, 0) allocates on an empty stack after a full
+ * collection, the collector stopped meanwhile; SIZE_MAX when it refuses
+ * the message (which cannot happen for the honest encoding of values it
+ * accepted, or for the input it accepted a moment ago). */
+static size_t fz_decode_peak(lua_State *L, const char *p, size_t len) {
+  fz_input in;
+  size_t base;
+  int rc;
+  in.p = p;
+  in.len = len;
+  lua_settop(L, 0);
+  lua_gc(L, LUA_GCCOLLECT, 0);
+  lua_gc(L, LUA_GCSTOP, 0);
+  lua_pushcfunction(L, fz_decode);
+  lua_pushlightuserdata(L, &in);
+  base = fz_peak = fz_live;
+  fz_counting = 1;
+  rc = lua_pcall(L, 1, LUA_MULTRET, 0);
+  fz_counting = 0;
+  lua_settop(L, 0);
+  lua_gc(L, LUA_GCRESTART, 0);
+  return rc != 0 ? SIZE_MAX : fz_peak - base;
+}
+
+/* The memory check (see the top), for an input whose values re-encoded to
+ * fz_out. */
+static void fz_check_memory(lua_State *L, const uint8_t *data, size_t size) {
+  size_t honest, hostile;
+  char why[160];
+  /* fz_out is reused by nothing below. */
+  honest = fz_decode_peak(L, fz_out.data ? fz_out.data : "", fz_out.len);
+  hostile = fz_decode_peak(L, (const char *)data, size);
+  if (honest == SIZE_MAX || hostile == SIZE_MAX) return; /* out of memory */
+  if (hostile > FZ_AMP_HONEST * honest + FZ_AMP_PER_BYTE * size + FZ_AMP_SLACK) {
+    snprintf(why, sizeof why, "%zu bytes for %zu input bytes; %zu for the same values encoded",
+             hostile, size, honest);
+    fz_fail("decoding allocates out of proportion to the input", why);
+  }
+}
+
+/* The state's memory comes from malloc, some of it reachable only through
+ * LuaJIT's tagged pointers, which LeakSanitizer does not follow: closing
+ * the state at exit frees it all before the leak check. */
+static void fz_fini(void) {
+  if (fz_L != NULL) lua_close(fz_L);
+  fz_L = NULL;
+}
+
 static void fz_init(void) {
-  fz_L = luaL_newstate();
+  fz_L = lua_newstate(fz_alloc, NULL);
   if (fz_L == NULL) fz_fail("cannot create a lua_State", NULL);
+  atexit(fz_fini);
   luaL_openlibs(fz_L);
   if (luaL_loadstring(fz_L, fz_same_src) != 0 || lua_pcall(fz_L, 0, 1, 0) != 0)
     fz_fail("cannot load the comparison function", lua_tostring(fz_L, -1));
@@ -255,6 +340,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
              lua_tostring(L, -1) ? lua_tostring(L, -1) : "?");
     fz_fail("the round trip changed a value", why);
   }
+  fz_check_memory(L, data, size);
 done:
   lua_settop(L, 0);
   if ((++iter & 1023) == 0) lua_gc(L, LUA_GCCOLLECT, 0);

@@ -95,3 +95,165 @@ describe("a host whose Lua state closes", function()
     assert.matches("NODELETE", text, 1, true)
   end)
 end)
+
+---------------------------------------------------------------------------
+-- The wire format (src/common/wire.h, codec_int.h), to play a hostile worker.
+
+local REPLY = 2
+local OK = 0
+local T_TRUE, T_NUM, T_STR, T_TABLE, T_TABLE_MT, T_END = 2, 3, 4, 5, 6, 7
+
+local function u32(n)
+  return char(n % 256, floor(n / 256) % 256, floor(n / 65536) % 256, floor(n / 16777216) % 256)
+end
+
+local function u64(n)
+  return u32(n % 2^32) .. u32(floor(n / 2^32))
+end
+
+-- An unsigned LEB128 varint.
+local function uv(n)
+  local out = {}
+  repeat
+    local b = n % 128
+    n = floor(n / 128)
+    out[#out + 1] = char(n > 0 and b + 128 or b)
+  until n == 0
+  return concat(out)
+end
+
+local function str(s)
+  return char(T_STR) .. uv(#s) .. s
+end
+
+-- A double's eight bytes, as the encoder writes them.
+local function num(x)
+  return encode(x):sub(3)
+end
+
+local function reply_frame(id, msg)
+  local body = char(OK) .. msg
+  return u32(#body) .. char(REPLY) .. u64(id) .. body
+end
+
+-- The id the next job submitted in this process gets (ids count up by one
+-- per job submitted).
+local function next_id(pool)
+  local probe = pool:async(function() end)
+  local id = core.job_id(probe._ud)
+  assert.is_true((probe:await()))
+  return id + 1
+end
+
+-- A job that writes `bytes` on its protocol socket, then exits: the host
+-- reads the reply it finds there before it learns of the exit.
+local function send_raw(bytes)
+  return function()
+    local f = require("ffi")
+    pcall(f.cdef, "long write(int fd, const void *p, unsigned long n);")
+    local p, off = f.cast("const char *", bytes), 0
+    while off < #bytes do
+      local n = tonumber(f.C.write(3, p + off, #bytes - off))
+      if n <= 0 then break end
+      off = off + n
+    end
+    os.exit(0)
+  end
+end
+
+-- The host's resident set, in bytes (for messages).
+local function rss()
+  local s = H.read_file("/proc/self/statm") or ""
+  local pages = tonumber(s:match("^%d+ (%d+)")) or 0
+  return pages * 4096
+end
+
+-- Runs `fn` with the collector stopped, keeping what it returns; returns
+-- those results packed and the growth of the Lua heap and of the resident
+-- set meanwhile, in bytes.
+local function growth_of(fn)
+  collectgarbage()
+  collectgarbage()
+  collectgarbage("stop")
+  local heap0, rss0 = collectgarbage("count") * 1024, rss()
+  local r = H.pack(fn())
+  local heap1, rss1 = collectgarbage("count") * 1024, rss()
+  collectgarbage("restart")
+  return r, heap1 - heap0, rss1 - rss0
+end
+
+describe("a reply's size hints", function()
+  local pool
+
+  setup(function()
+    H.warm()
+    pool = handler.pool({ max_workers = 2 })
+  end)
+
+  teardown(function()
+    pool:close()
+  end)
+
+  -- A megabyte of padding: what a lying hint claims to be able to fill.
+  local pad = rep("p", 2^20 + 64)
+
+  -- Each message is small next to what its hints claim; the reply is
+  -- decoded as it would be, and the host's Lua heap may grow by what the
+  -- values hold and CX_HINT_BYTES_PER_BYTE per byte at most.
+  local BOUND_PER_BYTE, SLACK = 6, 256 * 1024
+  local cases = {
+    { "a hash part of 2^63 slots claimed by one entry",
+      msg = function()
+        return uv(1) .. char(T_TABLE) .. uv(0) .. uv(2^63) .. char(T_TRUE) .. str(pad) ..
+          char(T_END)
+      end,
+      check = function(v) return type(v) == "table" and v[true] == pad end },
+    { "an array part of 2^63 slots claimed by one entry",
+      msg = function()
+        return uv(1) .. char(T_TABLE) .. uv(2^63) .. uv(0) .. char(T_NUM) .. num(1) .. str(pad)
+          .. char(T_END)
+      end,
+      check = function(v) return type(v) == "table" and v[1] == pad end },
+    { "150 nested tables, each claiming ten million hash slots over the same bytes",
+      msg = function()
+        local m = { uv(1) }
+        for _ = 1, 150 do m[#m + 1] = char(T_TABLE) .. uv(0) .. uv(1e7) .. char(T_TRUE) end
+        m[#m + 1] = str(pad)
+        for _ = 1, 150 do m[#m + 1] = char(T_END) end
+        return concat(m)
+      end,
+      check = function(v)
+        for _ = 1, 150 do
+          if type(v) ~= "table" then return false end
+          v = v[true]
+        end
+        return v == pad
+      end },
+    { "7000 tables, each claiming ten million hash slots",
+      msg = function()
+        local m = { uv(7001) }
+        for _ = 1, 7000 do m[#m + 1] = char(T_TABLE) .. uv(0) .. uv(1e7) .. char(T_END) end
+        m[#m + 1] = str(pad)
+        return concat(m)
+      end,
+      check = function(_, r) return r.n == 7002 and r[7002] == pad end },
+  }
+  for _, c in ipairs(cases) do
+    it("costs the host memory in proportion to the reply: " .. c[1], function()
+      local msg = c.msg()
+      local job = send_raw(reply_frame(next_id(pool), msg))
+      local r, heap, res = growth_of(function() return pool:run(job, { max_ms = 10000 }) end)
+      assert.is_true(r[1], tostring(r[2]))
+      assert.is_true(c.check(r[2], r), "the values came back wrong")
+      assert(heap <= BOUND_PER_BYTE * #msg + SLACK, format(
+        "a %d byte reply grew the host's Lua heap by %d bytes (%.1f per byte); resident set +%d",
+        #msg, heap, heap / #msg, res))
+      -- core.decode, the same decoder on the same bytes, in this process.
+      local d, dheap = growth_of(function() return decode(msg) end)
+      assert(dheap <= BOUND_PER_BYTE * #msg + SLACK, format(
+        "decoding %d bytes grew the Lua heap by %d bytes (%.1f per byte)", #msg, dheap,
+        dheap / #msg))
+      assert.is_true(d.n >= 1)
+    end)
+  end
+end)

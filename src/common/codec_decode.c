@@ -24,7 +24,7 @@ typedef struct dec_state {
   int refs;          /* stack slot: ref index + 1 → object, and -(k + 1) → true when
                       * named value k is a function inside a table; nil until needed */
   uint64_t named_fn; /* named values that are functions inside a table (hostile only) */
-  size_t budget;     /* table slots that size hints may still preallocate */
+  uint64_t budget;   /* bytes of table parts that size hints may still preallocate */
 } dec_state;
 
 #define DEC(w) ((dec_state *)(w)->ud)
@@ -100,22 +100,56 @@ static void dec_register(cx_walk *w) {
   lua_rawseti(L, d->refs, (int)w->nrefs + 1);
 }
 
-/* A size hint, cut to what the `left` bytes after it could fill and to what
- * is left of the message's whole budget, so no header makes us allocate. */
-static int dec_hint(dec_state *d, uint64_t hint, size_t left) {
-  uint64_t room = (uint64_t)left / 2;
-  if (hint > room) hint = room;
-  if (hint > CX_HINT_MAX) hint = CX_HINT_MAX;
-  if (hint > d->budget) hint = d->budget;
-  d->budget -= (size_t)hint;
-  return (int)hint;
+/* The smallest power of two at or above n (n at most CX_HINT_MAX). */
+static uint64_t dec_pow2(uint64_t n) {
+  uint64_t p = 1;
+  while (p < n) p <<= 1;
+  return p;
 }
 
+/* The largest power of two at or below n, or 0 for 0. */
+static uint64_t dec_pow2_floor(uint64_t n) {
+  uint64_t p = 1;
+  if (n == 0) return 0;
+  while (p <= n / 2) p <<= 1;
+  return p;
+}
+
+/* A table's size hints, cut to the entries the bytes after each could hold
+ * and to what is left of the message's budget (CX_HINT_BYTES_PER_BYTE per
+ * byte), counted in the bytes LuaJIT allocates for them: so a message of n
+ * bytes preallocates at most CX_HINT_BYTES_PER_BYTE * n bytes through its
+ * hints, whatever they claim. */
 static void dec_table(cx_walk *w, int at, uint64_t narr, uint64_t nhash, size_t narr_left) {
   dec_state *d = DEC(w);
-  int a = dec_hint(d, narr, narr_left);
+  uint64_t cap, cost;
+  size_t left = (size_t)(w->end - w->p);
   (void)at;
-  lua_createtable(d->L, a, dec_hint(d, nhash, (size_t)(w->end - w->p)));
+  cap = (uint64_t)narr_left / CX_MIN_ARRAY_ENTRY;
+  if (narr > cap) narr = cap;
+  cap = (uint64_t)left / CX_MIN_HASH_ENTRY;
+  if (nhash > cap) nhash = cap;
+  if (narr > CX_HINT_MAX) narr = CX_HINT_MAX;
+  if (nhash > CX_HINT_MAX) nhash = CX_HINT_MAX;
+  if (nhash > 0) {
+    cost = CX_HASH_NODE_BYTES * dec_pow2(nhash);
+    if (cost > d->budget) {
+      nhash = dec_pow2_floor(d->budget / CX_HASH_NODE_BYTES);
+      cost = CX_HASH_NODE_BYTES * nhash;
+    }
+    d->budget -= cost;
+  }
+  if (narr > 0) {
+    /* LuaJIT's array part has a slot 0 too. */
+    cost = CX_ARRAY_SLOT_BYTES * (narr + 1);
+    if (cost > d->budget) {
+      narr = d->budget / CX_ARRAY_SLOT_BYTES;
+      narr = narr > 0 ? narr - 1 : 0;
+      cost = narr > 0 ? CX_ARRAY_SLOT_BYTES * (narr + 1) : 0;
+    }
+    d->budget -= cost;
+  }
+  lua_createtable(d->L, (int)narr, (int)nhash);
   dec_register(w);
 }
 
@@ -285,7 +319,7 @@ int hd_decode(lua_State *L, const char *p, size_t len, int flags) {
   d.L = L;
   d.flags = flags;
   d.named_fn = 0;
-  d.budget = len / 2;
+  d.budget = (uint64_t)len * CX_HINT_BYTES_PER_BYTE;
   if (!lua_checkstack(L, DEC_SLOTS)) cx_oom(L);
   lua_pushnil(L);
   base = d.refs = lua_gettop(L);
