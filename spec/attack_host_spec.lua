@@ -257,3 +257,131 @@ describe("a reply's size hints", function()
     end)
   end
 end)
+
+---------------------------------------------------------------------------
+-- Results are plain data: what a metatable made of data can do to the host.
+
+describe("a result's metatable", function()
+  local pool
+
+  setup(function()
+    H.warm()
+    pool = handler.pool({ max_workers = 2 })
+  end)
+
+  teardown(function()
+    pool:close()
+  end)
+
+  local function run(fn)
+    local ok, v = pool:run(fn)
+    assert.is_true(ok, tostring(v))
+    assert.are.equal("table", type(v))
+    return v
+  end
+
+  it("cannot make a result weak (__mode)", function()
+    local v = run(function()
+      return setmetatable({ {}, k = {} }, { __mode = "kv" })
+    end)
+    collectgarbage()
+    collectgarbage()
+    assert.are.equal("table", type(v[1]), "the result lost its entries to the collector")
+    assert.are.equal("table", type(v.k))
+    assert.is_nil(getmetatable(v).__mode)
+  end)
+
+  it("cannot make a result weak through a metatable shared with a value", function()
+    local v = run(function()
+      local mt = { __mode = "v" }
+      return { mt = mt, obj = setmetatable({ {} }, mt) }
+    end)
+    collectgarbage()
+    collectgarbage()
+    assert.are.equal("table", type(v.obj[1]))
+    assert.are.equal(v.mt, getmetatable(v.obj))
+    assert.is_nil(v.mt.__mode)
+  end)
+
+  it("cannot protect a result (__metatable)", function()
+    local v = run(function()
+      return setmetatable({}, { __metatable = "locked", kind = "point" })
+    end)
+    assert.are.equal("table", type(getmetatable(v)))
+    assert.are.equal("point", getmetatable(v).kind)
+    assert.is_true(pcall(setmetatable, v, nil), "the host cannot change the result's metatable")
+  end)
+
+  it("cannot make tostring raise (__tostring that is not a function)", function()
+    local v = run(function()
+      return { a = setmetatable({}, { __tostring = "x" }), b = setmetatable({}, { __tostring = {} }) }
+    end)
+    assert.is_true(pcall(tostring, v.a))
+    assert.is_true(pcall(tostring, v.b))
+    assert.matches("^table: ", tostring(v.a))
+  end)
+
+  it("cannot make #, ==, <, .. or a call behave otherwise than on a plain table", function()
+    local ok, a, b = pool:run(function()
+      local mt = { __len = 5, __eq = "x", __lt = 1, __le = true, __concat = "c", __call = {},
+        __unm = 1, __add = 2, __gc = "g", __pairs = "p", __ipairs = "i" }
+      return setmetatable({ 1, 2 }, mt), setmetatable({}, mt)
+    end)
+    assert.is_true(ok, tostring(a))
+    assert.are.equal(2, #a)
+    -- Two tables with the same __eq: == called the string and raised.
+    local eq_ok, eq = pcall(function() return a == b end)
+    assert.is_true(eq_ok, "comparing two results raised: " .. tostring(eq))
+    assert.is_false(eq)
+    local mt = getmetatable(a)
+    for _, k in ipairs({ "__len", "__eq", "__lt", "__le", "__concat", "__call", "__unm", "__add",
+      "__gc", "__pairs", "__ipairs" }) do
+      assert.is_nil(mt[k], k)
+    end
+  end)
+
+  it("cannot reach the host's string functions through a string __index", function()
+    -- A missing field of the result would be looked up in the string, whose
+    -- own metatable hands out the host's string library.
+    local v = run(function()
+      return setmetatable({}, { __index = "abc", __newindex = 7 })
+    end)
+    assert.is_nil(v.rep, "reading a field of the result gave string.rep")
+    assert.is_nil(v.format)
+    assert.is_true(pcall(function() v.x = 1 end))
+    assert.are.equal(1, rawget(v, "x"))
+  end)
+
+  it("keeps __index and __newindex tables, and fields that are not metamethods", function()
+    local v = run(function()
+      local store = {}
+      return setmetatable({}, { __index = { x = 1 }, __newindex = store, kind = "point",
+        __name = "Point" }), store
+    end)
+    assert.are.equal(1, v.x)
+    assert.are.equal("point", getmetatable(v).kind)
+    assert.are.equal("Point", getmetatable(v).__name)
+    v.y = 2
+    assert.is_nil(rawget(v, "y"))
+  end)
+
+  it("is plain data even when it refers to a table still being read", function()
+    -- Raw bytes: table T holds C, whose metatable is T itself, and only
+    -- then T's own __mode and __tostring fields: the metatable is used
+    -- before it is complete.
+    local msg = uv(1) .. char(T_TABLE) .. uv(0) .. uv(3) ..
+      str("c") .. char(T_TABLE_MT) .. uv(0) .. uv(0) .. char(T_END) .. char(8) .. uv(0) ..
+      str("__mode") .. str("kv") ..
+      str("__tostring") .. str("x") .. char(T_END)
+    local t = decode(msg)
+    assert.are.equal(t, getmetatable(t.c))
+    assert.is_nil(t.__mode)
+    assert.is_nil(t.__tostring)
+    local ok, v = pool:run(send_raw(reply_frame(next_id(pool), msg)))
+    assert.is_true(ok, tostring(v))
+    collectgarbage()
+    assert.are.equal(v, getmetatable(v.c))
+    assert.is_nil(v.__mode)
+    assert.is_true(pcall(tostring, v.c))
+  end)
+end)
