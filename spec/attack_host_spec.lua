@@ -385,3 +385,212 @@ describe("a result's metatable", function()
     assert.is_true(pcall(tostring, v.c))
   end)
 end)
+
+---------------------------------------------------------------------------
+-- A host that forks after handler started.
+
+describe("a host that forks", function()
+  -- What every script below starts with: the FFI declarations, the module,
+  -- and helpers: fork() that flushes first, wait(pid) -> exit status,
+  -- sup() -> the supervisor's pid, and job bodies.
+  local prelude = [[
+    local ffi = require("ffi")
+    ffi.cdef[[
+      int fork(void); int getpid(void); int waitpid(int pid, int *st, int opt);
+      int setuid(unsigned uid); int setgid(unsigned gid); int setgroups(unsigned long n, const void *l);
+      int poll(void *fds, unsigned long n, int ms);
+    ]=]
+    local handler = require("handler")
+    local function fork()
+      io.stdout:flush()
+      return ffi.C.fork()
+    end
+    local function wait(pid)
+      local st = ffi.new("int[1]")
+      ffi.C.waitpid(pid, st, 0)
+      return st[0]
+    end
+    local function sup() return handler._core.procs().supervisor end
+    local function sleep_ms(ms) ffi.C.poll(nil, 0, ms) end
+    -- A job returning its token, its pid, its parent's pid and its uid.
+    local function who(token)
+      return function()
+        local f = io.open("/proc/self/status")
+        local s = f:read("*a")
+        f:close()
+        return token, tonumber(s:match("\nPid:%s*(%d+)")), tonumber(s:match("\nPPid:%s*(%d+)")),
+          tonumber(s:match("\nUid:%s*(%d+)"))
+      end
+    end
+    -- Runs n jobs, each returning its own token; prints a line per process.
+    local function batch(name, pool, n)
+      local wrong, pids = 0, {}
+      for i = 1, n do
+        local ok, token, pid, ppid = pool:run(who(name .. i))
+        if not ok or token ~= name .. i then
+          wrong = wrong + 1
+          print(name .. " wrong", i, ok, token)
+        end
+        if pid then pids[#pids + 1] = pid end
+        if ppid ~= sup() then print(name .. " worker not under its supervisor", pid, ppid, sup()) end
+      end
+      print(name .. " batch", n - wrong, "of", n, "right; workers", table.concat(pids, " "))
+      io.stdout:flush()
+    end
+  ]]
+  prelude = prelude:gsub("%]=%]", "]" .. "]")
+
+  -- The pids a script printed as "pids: a b c", all gone (or zombies of a
+  -- dead parent) within 5 s.
+  local function assert_all_gone(out)
+    for line in out:gmatch("pids:([^\n]*)") do
+      for pid in line:gmatch("%d+") do
+        pid = tonumber(pid)
+        assert.is_true(H.wait_until(function() return not H.alive(pid) end, 5),
+          "process " .. pid .. " is left behind:\n" .. out)
+      end
+    end
+  end
+
+  it("gives the child its own supervisor and the right results, while the parent runs its own",
+    function()
+      local out, status = host(prelude .. [[
+        local pool = handler.pool({ max_workers = 4 })
+        assert(pool:run(function() return 1 end))
+        local parent_sup = sup()
+        local pid = fork()
+        if pid == 0 then
+          batch("child", pool, 60)
+          print("child sup", sup(), "parent sup", parent_sup)
+          print("pids:", sup(), table.concat(handler._core.procs(), " "))
+          io.stdout:flush()
+          os.exit(0, true)
+        end
+        batch("parent", pool, 60)
+        print("status", wait(pid))
+        print("parent sup", sup(), "before", parent_sup)
+        batch("parent again", pool, 5)
+        print("pids:", sup(), table.concat(handler._core.procs(), " "))
+      ]])
+      assert.are.equal(0, status, out)
+      H.assert_has_all(out, { "child batch\t60\tof\t60\tright", "parent batch\t60\tof\t60\tright",
+        "parent again batch\t5\tof\t5\tright", "status\t0" })
+      assert.is_nil(out:find("wrong", 1, true), out)
+      assert.is_nil(out:find("not under its supervisor", 1, true), out)
+      local child_sup, parent_sup = out:match("child sup\t(%d+)\tparent sup\t(%d+)")
+      assert.is_truthy(child_sup, out)
+      assert.are_not.equal(child_sup, parent_sup)
+      assert.matches("parent sup\t" .. parent_sup .. "\tbefore\t" .. parent_sup, out, 1, true)
+      assert_all_gone(out)
+    end)
+
+  it("gives a job started before the fork, awaited in the child, a clean error", function()
+    local out, status = host(prelude .. [[
+      local pool = handler.pool({ max_workers = 1 })
+      local job = pool:async(function()
+        local t = os.clock() + 0.3
+        while os.clock() < t do end
+        return "parent's"
+      end)
+      local pid = fork()
+      if pid == 0 then
+        print("child done", job:done())
+        local ok, err = job:await()
+        print("child await", ok, type(err) == "table" and err.type, err and err.reason, tostring(err))
+        print("child kill", pool:kill_by_ref(job))
+        -- The pool's one slot is the parent's job's: not the child's.
+        local s = pool:stats()
+        print("child stats", s.running, s.queued, s.bytes_committed, s.processes, s.started)
+        print("child run", pool:run(function() return "child's" end))
+        os.exit(0, true)
+      end
+      print("parent await", job:await())
+      print("status", wait(pid))
+    ]])
+    assert.are.equal(0, status, out)
+    H.assert_has_all(out, {
+      "child done\ttrue",
+      "child await\tfalse\tProcessExit\tforked\tThe job was started in another process, before a fork",
+      "child kill\tfalse\tno_such_worker",
+      "child stats\t0\t0\t0\t0\t0",
+      "child run\ttrue\tchild's",
+      "parent await\ttrue\tparent's",
+      "status\t0" })
+  end)
+
+  it("closes the child's copies of the parent's sockets at the fork", function()
+    -- The child never calls handler and outlives the parent's idle worker:
+    -- the worker must still see EOF when the parent retires it.
+    local out, status = host(prelude .. [[
+      local pool = handler.pool({ max_workers = 1, idle_ms = 100 })
+      local _, _, worker = pool:run(who("x"))
+      local pid = fork()
+      if pid == 0 then
+        sleep_ms(3000)
+        os.exit(0)
+      end
+      local gone = false
+      for _ = 1, 200 do
+        handler.step()
+        if pool:stats().processes == 0 then
+          local f = io.open("/proc/" .. worker .. "/stat")
+          local st = f and f:read("*a"):match("^.*%) (%S)")
+          if f then f:close() end
+          if st == nil or st == "Z" then gone = true break end
+        end
+        sleep_ms(10)
+      end
+      print("worker retired while the child lives", gone)
+      -- The child's fd table holds nothing of handler's.
+      local fds = {}
+      local p = io.popen("ls -l /proc/" .. pid .. "/fd 2>/dev/null")
+      for l in p:lines() do
+        if l:find("socket:") or l:find("anon_inode") then fds[#fds + 1] = l:match("(%d+) %->") end
+      end
+      p:close()
+      print("child sockets and anon inodes:", table.concat(fds, " "))
+      ffi.cdef("int kill(int, int);")
+      ffi.C.kill(pid, 9)
+      wait(pid)
+      print("pids:", sup(), worker)
+    ]])
+    assert.are.equal(0, status, out)
+    H.assert_has_all(out, { "worker retired while the child lives\ttrue",
+      "child sockets and anon inodes:\t\n" })
+    assert_all_gone(out)
+  end)
+
+  it("runs the child's workers with the child's uid after it drops root", function()
+    local id = io.popen("id -u")
+    local uid = id:read("*l")
+    id:close()
+    if uid ~= "0" then
+      pending("not root: the child cannot change its uid")
+      return
+    end
+    local out, status = host(prelude .. [[
+      assert(handler.run(function() return 1 end))
+      local pid = fork()
+      if pid == 0 then
+        assert(ffi.C.setgroups(0, nil) == 0)
+        assert(ffi.C.setgid(65534) == 0)
+        assert(ffi.C.setuid(65534) == 0)
+        local ok, token, wpid, ppid, uid = handler.run(who("c"))
+        print("child job", ok, token, uid, ppid == sup())
+        local f = io.open("/proc/" .. sup() .. "/status")
+        print("child supervisor uid", f and f:read("*a"):match("\nUid:%s*(%d+)"))
+        if f then f:close() end
+        print("pids:", sup(), wpid)
+        os.exit(0, true)
+      end
+      print("status", wait(pid))
+      local ok, token, wpid, ppid, uid = handler.run(who("p"))
+      print("parent job", ok, token, uid)
+      print("pids:", sup(), wpid)
+    ]])
+    assert.are.equal(0, status, out)
+    H.assert_has_all(out, { "child job\ttrue\tc\t65534\ttrue", "child supervisor uid\t65534",
+      "status\t0", "parent job\ttrue\tp\t0" })
+    assert_all_gone(out)
+  end)
+end)
