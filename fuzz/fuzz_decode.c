@@ -18,12 +18,11 @@
  *     accepts decodes unless a name is missing from package.loaded; what it
  *     refuses and hd_decode accepts holds a named value it is stricter
  *     about; when both refuse, they say the same thing;
- *   - memory in proportion to the input: decoding the input takes (peak
- *     bytes, counted by the state's allocator, the collector stopped) at
- *     most FZ_AMP_HONEST times what decoding the same values as the encoder
- *     writes them takes, plus FZ_AMP_PER_BYTE bytes per input byte: size
- *     hints may cost what their message is worth (codec_int.h,
- *     CX_HINT_BYTES_PER_BYTE), never what they claim.
+ *   - size hints cost what their message is worth (codec_int.h,
+ *     CX_HINT_BYTES_PER_BYTE), never what they claim: decoding the input
+ *     takes (peak bytes, counted by the state's allocator, the collector
+ *     stopped) at most FZ_AMP_PER_BYTE bytes per input byte more than
+ *     decoding the same input with every hint made 0.
  */
 #include <lauxlib.h>
 #include <lua.h>
@@ -34,6 +33,7 @@
 #include <string.h>
 
 #include "codec.h"
+#include "codec_walk.h"
 
 /* Compares two lists of decoded values, a[1..n] and b[1..n] (tables, as a
  * message may hold up to 8000 values and a C frame's stack not twice that). Data tables
@@ -89,12 +89,9 @@ static const char fz_same_src[] =
     "  return true\n"
     "end\n";
 
-/* The memory bound (see the top): the honest decode's peak may be reached
- * by a hostile message in another order or without hints, which makes its
- * tables grow by rehashing (the old and new parts live at once); hints may
- * add CX_HINT_BYTES_PER_BYTE per byte; and FZ_AMP_SLACK covers the decoder's
- * own slots and strings for error messages. */
-#define FZ_AMP_HONEST 4
+/* The memory bound (see the top): what hints may preallocate per byte
+ * (CX_HINT_BYTES_PER_BYTE), and FZ_AMP_SLACK for the decoder's own slots
+ * and the strings of error messages. */
 #define FZ_AMP_PER_BYTE 4
 #define FZ_AMP_SLACK 8192
 
@@ -258,19 +255,54 @@ static size_t fz_decode_peak(lua_State *L, const char *p, size_t len) {
   return rc != 0 ? SIZE_MAX : fz_peak - base;
 }
 
-/* The memory check (see the top), for an input whose values re-encoded to
- * fz_out. */
+/* Writes over bytes [from, to) of c a varint of the same length that says
+ * 0 (0x80... 0x00, which the reader accepts). */
+static void fz_zero_uv(unsigned char *c, size_t from, size_t to) {
+  size_t k;
+  for (k = from; k + 1 < to; k++) c[k] = 0x80;
+  c[to - 1] = 0;
+}
+
+/* The walker's table hook: the hints' varints, in the copy, say 0. The
+ * hash hint ends where the walk is; the array hint ends where it begins,
+ * narr_left bytes before the end, and begins after the tag, the first byte
+ * before it without the "more" bit. */
+static void fz_zero_table(cx_walk *w, int at, uint64_t narr, uint64_t nhash, size_t narr_left) {
+  unsigned char *copy = w->ud;
+  size_t mid = (size_t)(w->end - w->start) - narr_left, hend = (size_t)(w->p - w->start), i;
+  (void)at;
+  (void)narr;
+  (void)nhash;
+  fz_zero_uv(copy, mid, hend);
+  i = mid - 1;
+  while (w->start[i - 1] & CX_UV_MORE) i--;
+  fz_zero_uv(copy, i, mid);
+}
+
+static const cx_ops fz_zero_ops = {.table = fz_zero_table};
+
+/* The memory check (see the top), for an input decode accepted. */
 static void fz_check_memory(lua_State *L, const uint8_t *data, size_t size) {
-  size_t honest, hostile;
+  size_t zeroed, hinted;
+  unsigned char *copy;
+  cx_walk w;
   char why[160];
-  /* fz_out is reused by nothing below. */
-  honest = fz_decode_peak(L, fz_out.data ? fz_out.data : "", fz_out.len);
-  hostile = fz_decode_peak(L, (const char *)data, size);
-  if (honest == SIZE_MAX || hostile == SIZE_MAX) return; /* out of memory */
-  if (hostile > FZ_AMP_HONEST * honest + FZ_AMP_PER_BYTE * size + FZ_AMP_SLACK) {
-    snprintf(why, sizeof why, "%zu bytes for %zu input bytes; %zu for the same values encoded",
-             hostile, size, honest);
-    fz_fail("decoding allocates out of proportion to the input", why);
+  copy = malloc(size);
+  if (copy == NULL) return;
+  memcpy(copy, data, size);
+  cx_walk_init(&w, data, size, 0, copy);
+  if (cx_walk_run(&w, &fz_zero_ops) != CX_WALK_OK) {
+    free(copy);
+    return;
+  }
+  zeroed = fz_decode_peak(L, (const char *)copy, size);
+  free(copy);
+  hinted = fz_decode_peak(L, (const char *)data, size);
+  if (zeroed == SIZE_MAX || hinted == SIZE_MAX) return; /* out of memory */
+  if (hinted > zeroed + FZ_AMP_PER_BYTE * size + FZ_AMP_SLACK) {
+    snprintf(why, sizeof why, "%zu bytes for %zu input bytes; %zu with every hint 0", hinted,
+             size, zeroed);
+    fz_fail("size hints allocate out of proportion to the input", why);
   }
 }
 
