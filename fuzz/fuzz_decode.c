@@ -17,7 +17,12 @@
  *     lua_State), it agrees with hd_decode as codec.h promises: what it
  *     accepts decodes unless a name is missing from package.loaded; what it
  *     refuses and hd_decode accepts holds a named value it is stricter
- *     about; when both refuse, they say the same thing.
+ *     about; when both refuse, they say the same thing;
+ *   - size hints cost what their message is worth (codec_int.h,
+ *     CX_HINT_BYTES_PER_BYTE), never what they claim: decoding the input
+ *     takes (peak bytes, counted by the state's allocator, the collector
+ *     stopped) at most FZ_AMP_PER_BYTE bytes per input byte more than
+ *     decoding the same input with every hint made 0.
  */
 #include <lauxlib.h>
 #include <lua.h>
@@ -28,6 +33,7 @@
 #include <string.h>
 
 #include "codec.h"
+#include "codec_walk.h"
 
 /* Compares two lists of decoded values, a[1..n] and b[1..n] (tables, as a
  * message may hold up to 8000 values and a C frame's stack not twice that). Data tables
@@ -82,6 +88,37 @@ static const char fz_same_src[] =
     "  end\n"
     "  return true\n"
     "end\n";
+
+/* The memory bound (see the top): what hints may preallocate per byte
+ * (CX_HINT_BYTES_PER_BYTE), and FZ_AMP_SLACK for the decoder's own slots
+ * and the strings of error messages. */
+#define FZ_AMP_PER_BYTE 4
+#define FZ_AMP_SLACK 8192
+
+/* The state's allocator is LuaJIT's own, wrapped to count the bytes it
+ * holds, and their peak while fz_counting is set. (LuaJIT's allocator
+ * takes its memory with mmap, out of LeakSanitizer's sight: the objects a
+ * state keeps across inputs, reachable only through its tagged pointers,
+ * are not reported as leaks.) */
+static lua_Alloc fz_lj_alloc;
+static void *fz_lj_ud;
+static size_t fz_live, fz_peak;
+static int fz_counting;
+
+static void *fz_alloc(void *ud, void *p, size_t osize, size_t nsize) {
+  void *q;
+  size_t old = p != NULL ? osize : 0;
+  (void)ud;
+  q = fz_lj_alloc(fz_lj_ud, p, osize, nsize);
+  if (nsize == 0) {
+    fz_live -= old;
+    return q;
+  }
+  if (q == NULL) return NULL;
+  fz_live = fz_live - old + nsize;
+  if (fz_counting && fz_live > fz_peak) fz_peak = fz_live;
+  return q;
+}
 
 typedef struct fz_input {
   const char *p;
@@ -194,9 +231,88 @@ static void fz_check_validate(const uint8_t *data, size_t size, const char *derr
 #endif
 }
 
+/* Peak bytes hd_decode(p, len, 0) allocates on an empty stack after a full
+ * collection, the collector stopped meanwhile; SIZE_MAX when it refuses
+ * the message (which cannot happen for the honest encoding of values it
+ * accepted, or for the input it accepted a moment ago). */
+static size_t fz_decode_peak(lua_State *L, const char *p, size_t len) {
+  fz_input in;
+  size_t base;
+  int rc;
+  in.p = p;
+  in.len = len;
+  lua_settop(L, 0);
+  lua_gc(L, LUA_GCCOLLECT, 0);
+  lua_gc(L, LUA_GCSTOP, 0);
+  lua_pushcfunction(L, fz_decode);
+  lua_pushlightuserdata(L, &in);
+  base = fz_peak = fz_live;
+  fz_counting = 1;
+  rc = lua_pcall(L, 1, LUA_MULTRET, 0);
+  fz_counting = 0;
+  lua_settop(L, 0);
+  lua_gc(L, LUA_GCRESTART, 0);
+  return rc != 0 ? SIZE_MAX : fz_peak - base;
+}
+
+/* Writes over bytes [from, to) of c a varint of the same length that says
+ * 0 (0x80... 0x00, which the reader accepts). */
+static void fz_zero_uv(unsigned char *c, size_t from, size_t to) {
+  size_t k;
+  for (k = from; k + 1 < to; k++) c[k] = 0x80;
+  c[to - 1] = 0;
+}
+
+/* The walker's table hook: the hints' varints, in the copy, say 0. The
+ * hash hint ends where the walk is; the array hint ends where it begins,
+ * narr_left bytes before the end, and begins after the tag, the first byte
+ * before it without the "more" bit. */
+static void fz_zero_table(cx_walk *w, int at, uint64_t narr, uint64_t nhash, size_t narr_left) {
+  unsigned char *copy = w->ud;
+  size_t mid = (size_t)(w->end - w->start) - narr_left, hend = (size_t)(w->p - w->start), i;
+  (void)at;
+  (void)narr;
+  (void)nhash;
+  fz_zero_uv(copy, mid, hend);
+  i = mid - 1;
+  while (w->start[i - 1] & CX_UV_MORE) i--;
+  fz_zero_uv(copy, i, mid);
+}
+
+static const cx_ops fz_zero_ops = {.table = fz_zero_table};
+
+/* The memory check (see the top), for an input decode accepted. */
+static void fz_check_memory(lua_State *L, const uint8_t *data, size_t size) {
+  size_t zeroed, hinted;
+  unsigned char *copy;
+  cx_walk w;
+  char why[160];
+  copy = malloc(size);
+  if (copy == NULL) return;
+  memcpy(copy, data, size);
+  cx_walk_init(&w, data, size, 0, copy);
+  if (cx_walk_run(&w, &fz_zero_ops) != CX_WALK_OK) {
+    free(copy);
+    return;
+  }
+  zeroed = fz_decode_peak(L, (const char *)copy, size);
+  free(copy);
+  hinted = fz_decode_peak(L, (const char *)data, size);
+  if (zeroed == SIZE_MAX || hinted == SIZE_MAX) return; /* out of memory */
+  if (hinted > zeroed + FZ_AMP_PER_BYTE * size + FZ_AMP_SLACK) {
+    snprintf(why, sizeof why, "%zu bytes for %zu input bytes; %zu with every hint 0", hinted,
+             size, zeroed);
+    fz_fail("size hints allocate out of proportion to the input", why);
+  }
+}
+
 static void fz_init(void) {
   fz_L = luaL_newstate();
   if (fz_L == NULL) fz_fail("cannot create a lua_State", NULL);
+  /* Counted from what the state holds now (frees of those blocks come). */
+  fz_live = (size_t)lua_gc(fz_L, LUA_GCCOUNT, 0) * 1024 + (size_t)lua_gc(fz_L, LUA_GCCOUNTB, 0);
+  fz_lj_alloc = lua_getallocf(fz_L, &fz_lj_ud);
+  lua_setallocf(fz_L, fz_alloc, NULL);
   luaL_openlibs(fz_L);
   if (luaL_loadstring(fz_L, fz_same_src) != 0 || lua_pcall(fz_L, 0, 1, 0) != 0)
     fz_fail("cannot load the comparison function", lua_tostring(fz_L, -1));
@@ -255,6 +371,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
              lua_tostring(L, -1) ? lua_tostring(L, -1) : "?");
     fz_fail("the round trip changed a value", why);
   }
+  fz_check_memory(L, data, size);
 done:
   lua_settop(L, 0);
   if ((++iter & 1023) == 0) lua_gc(L, LUA_GCCOLLECT, 0);

@@ -73,6 +73,11 @@ function M.from_core(max_ms, heap, kind, a, b)
     return exit("bad reply from worker: " .. tostring(a))
   elseif kind == "failed" then
     return exit(tostring(a))
+  elseif kind == "forked" then
+    -- A job started before a fork, awaited in the child: its worker and
+    -- its reply belong to the parent.
+    return new({ type = "ProcessExit", reason = "forked",
+      message = "The job was started in another process, before a fork" })
   elseif rejects[kind] then
     return M.reject(kind)
   end

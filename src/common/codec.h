@@ -28,7 +28,13 @@ void hd_encode(lua_State *L, int first, int n, hd_buf *out, int flags);
  * names are only looked up in package.loaded, every length and count is
  * checked against the bytes that remain before anything is allocated, and a
  * message in which a metatable reaches a named function is refused ("a named
- * value in a metatable"), so that using a result calls no host function. */
+ * value in a metatable"), so that using a result calls no host function.
+ * Size hints preallocate at most what the bytes after them could fill, and
+ * a message's hints together at most CX_HINT_BYTES_PER_BYTE bytes per byte
+ * (codec_int.h). Metatables are set once the whole message is read; in
+ * hostile mode each (unless it is a named value) first loses the keys
+ * LuaJIT acts on, but for __index and __newindex holding tables, so that
+ * results are plain data. */
 int hd_decode(lua_State *L, const char *p, size_t len, int flags);
 
 /* Room enough for any message hd_validate writes. */

@@ -18,13 +18,20 @@
 /* The first byte of LuaJIT bytecode ("\033LJ"). */
 #define DEC_BYTECODE_MARK '\033'
 
+/* Where in the ref table the list of metatables to set waits (DEC_MTS:
+ * table, metatable, table, metatable...; and metatable → true once it has
+ * been made plain data). Ref keys are positive, named-value keys negative. */
+#define DEC_MTS 0
+
 typedef struct dec_state {
   lua_State *L;
   int flags;
+  int named_last;    /* the value just read is a named value (not one of the message's tables) */
   int refs;          /* stack slot: ref index + 1 → object, and -(k + 1) → true when
-                      * named value k is a function inside a table; nil until needed */
+                      * named value k is a function inside a table, DEC_MTS → the
+                      * metatables to set; nil until needed */
   uint64_t named_fn; /* named values that are functions inside a table (hostile only) */
-  size_t budget;     /* table slots that size hints may still preallocate */
+  uint64_t budget;   /* bytes of table parts that size hints may still preallocate */
 } dec_state;
 
 #define DEC(w) ((dec_state *)(w)->ud)
@@ -64,6 +71,7 @@ static int dec_room(cx_walk *w, int slots) {
 
 static void dec_scalar(cx_walk *w, int tag, const unsigned char *s, size_t len) {
   lua_State *L = DEC(w)->L;
+  DEC(w)->named_last = 0;
   switch (tag) {
     case CX_T_NIL:
       lua_pushnil(L);
@@ -100,22 +108,56 @@ static void dec_register(cx_walk *w) {
   lua_rawseti(L, d->refs, (int)w->nrefs + 1);
 }
 
-/* A size hint, cut to what the `left` bytes after it could fill and to what
- * is left of the message's whole budget, so no header makes us allocate. */
-static int dec_hint(dec_state *d, uint64_t hint, size_t left) {
-  uint64_t room = (uint64_t)left / 2;
-  if (hint > room) hint = room;
-  if (hint > CX_HINT_MAX) hint = CX_HINT_MAX;
-  if (hint > d->budget) hint = d->budget;
-  d->budget -= (size_t)hint;
-  return (int)hint;
+/* The smallest power of two at or above n (n at most CX_HINT_MAX). */
+static uint64_t dec_pow2(uint64_t n) {
+  uint64_t p = 1;
+  while (p < n) p <<= 1;
+  return p;
 }
 
+/* The largest power of two at or below n, or 0 for 0. */
+static uint64_t dec_pow2_floor(uint64_t n) {
+  uint64_t p = 1;
+  if (n == 0) return 0;
+  while (p <= n / 2) p <<= 1;
+  return p;
+}
+
+/* A table's size hints, cut to the entries the bytes after each could hold
+ * and to what is left of the message's budget (CX_HINT_BYTES_PER_BYTE per
+ * byte), counted in the bytes LuaJIT allocates for them: so a message of n
+ * bytes preallocates at most CX_HINT_BYTES_PER_BYTE * n bytes through its
+ * hints, whatever they claim. */
 static void dec_table(cx_walk *w, int at, uint64_t narr, uint64_t nhash, size_t narr_left) {
   dec_state *d = DEC(w);
-  int a = dec_hint(d, narr, narr_left);
+  uint64_t cap, cost;
+  size_t left = (size_t)(w->end - w->p);
   (void)at;
-  lua_createtable(d->L, a, dec_hint(d, nhash, (size_t)(w->end - w->p)));
+  cap = (uint64_t)narr_left / CX_MIN_ARRAY_ENTRY;
+  if (narr > cap) narr = cap;
+  cap = (uint64_t)left / CX_MIN_HASH_ENTRY;
+  if (nhash > cap) nhash = cap;
+  if (narr > CX_HINT_MAX) narr = CX_HINT_MAX;
+  if (nhash > CX_HINT_MAX) nhash = CX_HINT_MAX;
+  if (nhash > 0) {
+    cost = CX_HASH_NODE_BYTES * dec_pow2(nhash);
+    if (cost > d->budget) {
+      nhash = dec_pow2_floor(d->budget / CX_HASH_NODE_BYTES);
+      cost = CX_HASH_NODE_BYTES * nhash;
+    }
+    d->budget -= cost;
+  }
+  if (narr > 0) {
+    /* LuaJIT's array part has a slot 0 too. */
+    cost = CX_ARRAY_SLOT_BYTES * (narr + 1);
+    if (cost > d->budget) {
+      narr = d->budget / CX_ARRAY_SLOT_BYTES;
+      narr = narr > 0 ? narr - 1 : 0;
+      cost = narr > 0 ? CX_ARRAY_SLOT_BYTES * (narr + 1) : 0;
+    }
+    d->budget -= cost;
+  }
+  lua_createtable(d->L, (int)narr, (int)nhash);
   dec_register(w);
 }
 
@@ -123,8 +165,117 @@ static void dec_field(cx_walk *w) {
   lua_rawset(DEC(w)->L, -3);
 }
 
+/* Metatables are set once the whole message is read (dec_set_metatables):
+ * until then none is in force, so none can make a table weak while it is
+ * being filled, and a metatable that is one of the message's tables is
+ * complete, whatever refers to it before its last field. Here the pair is
+ * noted. L: ... table metatable → ... table */
 static void dec_metatable(cx_walk *w) {
-  lua_setmetatable(DEC(w)->L, -2);
+  dec_state *d = DEC(w);
+  lua_State *L = d->L;
+  int n;
+  lua_rawgeti(L, d->refs, DEC_MTS);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, d->refs, DEC_MTS);
+  }
+  n = (int)lua_objlen(L, -1);
+  lua_pushvalue(L, -3);
+  lua_rawseti(L, -2, n + 1);
+  lua_pushvalue(L, -2);
+  lua_rawseti(L, -2, n + 2);
+  /* A named metatable is the host's own table: never changed, only set. */
+  if (d->named_last) {
+    lua_pushvalue(L, -2);
+    lua_pushboolean(L, 1);
+    lua_rawset(L, -3);
+  }
+  lua_pop(L, 2);
+}
+
+static void dec_close(cx_walk *w) {
+  DEC(w)->named_last = 0;
+}
+
+/* The metamethods LuaJIT looks up (lj_obj.h, MMDEF, with the FFI's and
+ * Lua 5.2's). In a hostile message none may be a function (functions never
+ * come back, named ones are refused in metatables), so each is data the VM
+ * would act on: __mode makes a table weak, __metatable protects it, and
+ * the others make an ordinary use raise (tostring with a string
+ * __tostring) or change what it means. Only __index and __newindex with a
+ * table are plain data: lookups and writes that go on in another table of
+ * the message. */
+static const char *const dec_metamethods[] = {
+    "__index", "__newindex", "__gc",  "__mode", "__eq",  "__len",     "__lt",
+    "__le",    "__concat",   "__call", "__add", "__sub", "__mul",     "__div",
+    "__mod",   "__pow",      "__unm", "__metatable", "__tostring", "__new", "__pairs",
+    "__ipairs", "__close",   NULL};
+
+/* Whether key (at -2, value at -1) is a metamethod a result may not carry. */
+static int dec_forbidden(lua_State *L) {
+  size_t len;
+  const char *k;
+  int i;
+  if (lua_type(L, -2) != LUA_TSTRING) return 0;
+  k = lua_tolstring(L, -2, &len);
+  if (len < 4 || k[0] != '_' || k[1] != '_') return 0;
+  for (i = 0; dec_metamethods[i] != NULL; i++) {
+    if (strcmp(k, dec_metamethods[i]) == 0) {
+      /* __index, __newindex: a table is data. */
+      return i >= 2 || !lua_istable(L, -1);
+    }
+  }
+  return 0;
+}
+
+/* Makes the metatable at the top of the stack plain data: removes the
+ * metamethods dec_forbidden names. Clearing fields while lua_next walks
+ * them is allowed. L: ... mt → ... mt */
+static void dec_plain(lua_State *L) {
+  lua_pushnil(L);
+  while (lua_next(L, -2) != 0) {
+    if (dec_forbidden(L)) {
+      lua_pop(L, 1);
+      lua_pushvalue(L, -1);
+      lua_pushnil(L);
+      lua_rawset(L, -4);
+    } else {
+      lua_pop(L, 1);
+    }
+  }
+}
+
+/* Sets the metatables dec_metatable noted, each made plain data first when
+ * the message is hostile. */
+static void dec_set_metatables(dec_state *d) {
+  lua_State *L = d->L;
+  int i, n;
+  if (!lua_checkstack(L, DEC_FAIL_SLOTS)) cx_oom(L);
+  lua_rawgeti(L, d->refs, DEC_MTS);
+  n = (int)lua_objlen(L, -1);
+  for (i = 1; i + 1 <= n; i += 2) {
+    lua_rawgeti(L, -1, i);
+    lua_rawgeti(L, -2, i + 1);
+    if (!(d->flags & HD_DEC_TRUSTED)) {
+      /* Each metatable once; a named one never. */
+      lua_pushvalue(L, -1);
+      lua_rawget(L, -4);
+      if (!lua_toboolean(L, -1)) {
+        lua_pop(L, 1);
+        dec_plain(L);
+        lua_pushvalue(L, -1);
+        lua_pushboolean(L, 1);
+        lua_rawset(L, -5);
+      } else {
+        lua_pop(L, 1);
+      }
+    }
+    lua_setmetatable(L, -2);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
 }
 
 /* The number of upvalues of the function at idx. */
@@ -174,6 +325,7 @@ static void dec_upvalue(cx_walk *w, int i) {
 static int dec_ref(cx_walk *w, int at, uint64_t ref) {
   dec_state *d = DEC(w);
   (void)at;
+  d->named_last = 0;
   lua_rawgeti(d->L, d->refs, (int)ref + 1);
   return lua_istable(d->L, -1) ? CX_K_TABLE : CX_K_OTHER;
 }
@@ -213,6 +365,7 @@ static int dec_named(cx_walk *w, int at, const unsigned char *mod, size_t mlen,
   lua_State *L = d->L;
   uint64_t k = w->nnamed;
   (void)at;
+  d->named_last = 1;
   dec_module(w, mod, mlen);
   if (field != NULL) {
     if (!lua_istable(L, -1)) dec_bad_name(w, "module is not a table:", mod, mlen, NULL, 0);
@@ -276,6 +429,7 @@ static const cx_ops dec_ops = {
     .field = dec_field,
     .metatable = dec_metatable,
     .upvalue = dec_upvalue,
+    .close = dec_close,
 };
 
 int hd_decode(lua_State *L, const char *p, size_t len, int flags) {
@@ -285,7 +439,8 @@ int hd_decode(lua_State *L, const char *p, size_t len, int flags) {
   d.L = L;
   d.flags = flags;
   d.named_fn = 0;
-  d.budget = len / 2;
+  d.named_last = 0;
+  d.budget = (uint64_t)len * CX_HINT_BYTES_PER_BYTE;
   if (!lua_checkstack(L, DEC_SLOTS)) cx_oom(L);
   lua_pushnil(L);
   base = d.refs = lua_gettop(L);
@@ -295,6 +450,7 @@ int hd_decode(lua_State *L, const char *p, size_t len, int flags) {
     dec_bad_at(L, w.what, w.at);
   }
   if (w.saw_mt && d.named_fn > 0) dec_mt_check(&d, &w);
+  if (w.saw_mt) dec_set_metatables(&d);
   n = lua_gettop(L) - base;
   lua_remove(L, base);
   return n;

@@ -60,6 +60,24 @@ enum {
  * rehashing; a table that really is bigger still grows as it fills. */
 #define CX_HINT_MAX (1u << 20)
 
+/* The fewest bytes an entry takes on the wire: an array entry has a number
+ * key (a tag and CX_NUM_BYTES) and a value of at least one byte; a hash
+ * entry a one-byte key (true) and value. A hint is cut to the entries the
+ * bytes after it could hold. */
+#define CX_MIN_ARRAY_ENTRY (1 + CX_NUM_BYTES + 1)
+#define CX_MIN_HASH_ENTRY 2
+
+/* What the hints of one message may preallocate in all, in bytes of table
+ * parts per byte of the message: enough for the hints an encoder writes for
+ * real data (a hash of short string keys takes about 3 bytes of nodes per
+ * byte on the wire), and the bound on what a lying header can cost. */
+#define CX_HINT_BYTES_PER_BYTE 4
+
+/* What LuaJIT allocates per slot: an array slot is a TValue; a hash node a
+ * value, a key and a link, and the hash part is a power of two. */
+#define CX_ARRAY_SLOT_BYTES 8
+#define CX_HASH_NODE_BYTES 24
+
 /* The hash-size hint is backpatched after the entries are counted, so it is
  * written as a varint of a fixed CX_HINT3_BYTES bytes and can hold at most
  * CX_HINT3_MAX. */

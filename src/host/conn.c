@@ -107,6 +107,13 @@ void hd_conn_close(hd_conn *c) {
   uv_close((uv_handle_t *)&c->poll, conn_close_cb);
 }
 
+void hd_conn_forsake(hd_conn *c) {
+  c->closing = 1;
+  c->frame = NULL;
+  if (c->fd >= 0) close(c->fd);
+  c->fd = -1;
+}
+
 void hd_conn_free(hd_conn *c) {
   hd_buf_free(&c->in);
   free(c);

@@ -57,6 +57,11 @@ void hd_conn_close(hd_conn *c);
 
 void hd_conn_free(hd_conn *c);
 
+/* In a forked child, whose copy of the loop must not be touched (its epoll
+ * instance is the parent's too): closes the child's copy of the socket,
+ * and nothing else; the connection is never used again. */
+void hd_conn_forsake(hd_conn *c);
+
 /* The worker's pid from its hello, or 0 before it. */
 pid_t hd_conn_pid(const hd_conn *c);
 

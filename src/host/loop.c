@@ -2,6 +2,7 @@
 #include "loop.h"
 
 #include <stdlib.h>
+#include <unistd.h>
 
 /* Buffers kept warm: big enough to be worth it, small enough to hold. */
 #define LOOP_SPARE_MIN 65536
@@ -28,6 +29,32 @@ void hd_loop_free(hd_loop *l) {
   while (uv_loop_close(&l->uv) == UV_EBUSY) uv_run(&l->uv, UV_RUN_NOWAIT);
   hd_buf_free(&l->spare);
   free(l);
+}
+
+static void loop_close_fd(int *fd) {
+  if (*fd >= 0) close(*fd);
+  *fd = -1;
+}
+
+/* The descriptors are fields of uv_loop_t that uv.h declares for unix
+ * (UV_LOOP_PRIVATE_FIELDS) and uv_loop_fork replaces in the same way: the
+ * backend (epoll) descriptor, the signal pipe every loop makes for its
+ * child watcher, the async wakeup descriptors, and inotify's. A handle
+ * may hold a descriptor too; those are the layers' own (hd_conn_forsake,
+ * hd_sup_forsake). */
+void hd_loop_forsake(hd_loop *l) {
+  uv_loop_t *uv = &l->uv;
+  int fd = uv_backend_fd(uv);
+  if (fd >= 0) close(fd);
+  uv->backend_fd = -1;
+  loop_close_fd(&uv->signal_pipefd[0]);
+  loop_close_fd(&uv->signal_pipefd[1]);
+  if (uv->async_wfd != uv->async_io_watcher.fd) loop_close_fd(&uv->async_wfd);
+  loop_close_fd(&uv->async_io_watcher.fd);
+  uv->async_wfd = -1;
+#if defined(__linux__)
+  loop_close_fd(&uv->inotify_fd);
+#endif
 }
 
 uv_loop_t *hd_loop_uv(hd_loop *l) {

@@ -17,6 +17,12 @@ void hd_loop_free(hd_loop *l);
 
 uv_loop_t *hd_loop_uv(hd_loop *l);
 
+/* In a forked child: closes the child's copies of the loop's own
+ * descriptors (its epoll instance, shared with the parent's loop, and its
+ * internal pipes) without a libuv call, which would change the parent's
+ * loop. The loop is never used again. */
+void hd_loop_forsake(hd_loop *l);
+
 /* The loop's cached time, in ms. */
 uint64_t hd_loop_now(hd_loop *l);
 

@@ -70,6 +70,12 @@ double hd_pool_idle_ms(const hd_pool *p) {
   return p->idle_ms;
 }
 
+void hd_pool_reset(hd_pool *p) {
+  p->running = p->committed = p->queued = p->procs = p->spawned = 0;
+  p->started = p->succeeded = p->rejected = 0;
+  memset(p->by_outcome, 0, sizeof p->by_outcome);
+}
+
 void hd_pool_set_closed(hd_pool *p) {
   p->closed = 1;
 }

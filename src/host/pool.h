@@ -37,6 +37,11 @@ double hd_pool_idle_ms(const hd_pool *p);
 void hd_pool_set_closed(hd_pool *p);
 int hd_pool_closed(const hd_pool *p);
 
+/* In a forked child: the pool's counts were of the parent's jobs and
+ * processes, which are not the child's; they all start again from zero.
+ * Its configuration stays. */
+void hd_pool_reset(hd_pool *p);
+
 /* One pointer the layer above may keep on each pool; `drop` is called on
  * it when the pool is freed. */
 void hd_pool_set_data(hd_pool *p, void *data, void (*drop)(void *));

@@ -2,6 +2,7 @@
  * deadlines, and each job's end, exactly once. */
 #include "scheduler.h"
 
+#include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
@@ -95,8 +96,12 @@ typedef struct sched_pool {
 struct hd_sched {
   hd_loop *loop;
   hd_sup *sup;
-  int refs;             /* the caller's, jobs, processes */
+  int refs;             /* the caller's, jobs, processes; one more for good once forsaken */
   int closing;
+  int forsaken;         /* this process is a fork of the one that made it: never used again */
+  hd_queue anode;       /* every context alive in the process, while not forsaken */
+  char bchead[HD_BCHEAD]; /* the host VM's bytecode header, for a renewal */
+  size_t bchead_len;
   int in_loop;
   char *worker_path;
   char *lua_path, *lua_cpath; /* the host's package.path and cpath, for workers */
@@ -133,8 +138,79 @@ static void sched_idle_close_cb(uv_handle_t *h) {
   free(h);
 }
 
+/* ---- Forks -------------------------------------------------------------------
+ *
+ * A fork copies the context, and the copy shares every kernel object with
+ * the original: the epoll instance of the loop, the supervisor's control
+ * socket, each worker's socket. The child must not use them: a libuv call
+ * on its loop (uv_close, uv_poll_stop: epoll_ctl) would change the
+ * parent's loop, a read would take the parent's reports and replies, and a
+ * word to the supervisor would reach the parent's. So in the child, at the
+ * fork itself, every context is forsaken: its copies of those descriptors
+ * are closed (no libuv call), and it is never used or freed again (its
+ * memory is the child's copy of the parent's). The layer above notices
+ * (hd_sched_forsaken) and makes the child a context of its own, with its
+ * own supervisor, started by the child and so with the child's
+ * credentials (hd_sched_renew).
+ *
+ * Why pthread_atfork rather than comparing getpid() with the pid that made
+ * the context: the closing happens at the fork, before the child can open
+ * descriptors of its own under the same numbers (a daemon closes every
+ * descriptor and opens its log; closing "ours" later would close that),
+ * and while the parent still holds its copies, so a child that never calls
+ * handler does not keep the parent's workers and supervisor from seeing
+ * EOF; and a call then costs a load, not a system call. What it does not
+ * see: a process made by the raw clone or fork system call, bypassing
+ * libc's fork, and vfork (whose child may only exec or _exit). */
+
+static pthread_mutex_t sched_all_lock = PTHREAD_MUTEX_INITIALIZER;
+static hd_queue sched_all = {&sched_all, &sched_all};
+static pthread_once_t sched_fork_once = PTHREAD_ONCE_INIT;
+static int sched_fork_ok;
+
+static void proc_forsake(void *p);
+
+/* Closes the child's copies of a context's descriptors and retires it. */
+static void sched_forsake(hd_sched *s) {
+  hd_queue *q;
+  s->forsaken = 1;
+  s->refs++;
+  for (q = s->procs.next; q != &s->procs; q = q->next) proc_forsake(q);
+  hd_sup_forsake(s->sup);
+  hd_loop_forsake(s->loop);
+}
+
+static void sched_fork_prepare(void) {
+  pthread_mutex_lock(&sched_all_lock);
+}
+
+static void sched_fork_parent(void) {
+  pthread_mutex_unlock(&sched_all_lock);
+}
+
+/* In the child, at the fork: only close() and list walks. */
+static void sched_fork_child(void) {
+  hd_queue *q;
+  while ((q = hd_queue_head(&sched_all)) != NULL) {
+    hd_queue_remove(q);
+    sched_forsake(HD_QUEUE_DATA(q, hd_sched, anode));
+  }
+  pthread_mutex_unlock(&sched_all_lock);
+}
+
+static void sched_fork_init(void) {
+  sched_fork_ok =
+      pthread_atfork(sched_fork_prepare, sched_fork_parent, sched_fork_child) == 0;
+}
+
 hd_sched *hd_sched_new(const char *worker_path, char *err, size_t errlen) {
-  hd_sched *s = calloc(1, sizeof *s);
+  hd_sched *s;
+  pthread_once(&sched_fork_once, sched_fork_init);
+  if (!sched_fork_ok) {
+    snprintf(err, errlen, "cannot register a fork handler");
+    return NULL;
+  }
+  s = calloc(1, sizeof *s);
   if (s == NULL) goto oom;
   s->loop = hd_loop_new();
   if (s->loop == NULL) {
@@ -167,6 +243,9 @@ hd_sched *hd_sched_new(const char *worker_path, char *err, size_t errlen) {
   hd_queue_init(&s->idle);
   hd_queue_init(&s->running);
   hd_queue_init(&s->waiting);
+  pthread_mutex_lock(&sched_all_lock);
+  hd_queue_insert_tail(&sched_all, &s->anode);
+  pthread_mutex_unlock(&sched_all_lock);
   return s;
 oom:
   snprintf(err, errlen, "out of memory");
@@ -174,6 +253,9 @@ oom:
 }
 
 static void sched_free(hd_sched *s) {
+  pthread_mutex_lock(&sched_all_lock);
+  hd_queue_remove(&s->anode);
+  pthread_mutex_unlock(&sched_all_lock);
   hd_sup_free(s->sup);
   hd_buf_free(&s->scratch);
   hd_loop_free(s->loop);
@@ -191,6 +273,32 @@ int hd_sched_closing(const hd_sched *s) {
   return s->closing;
 }
 
+int hd_sched_forsaken(const hd_sched *s) {
+  return s->forsaken;
+}
+
+hd_sched *hd_sched_renew(hd_sched *old, char *err, size_t errlen) {
+  hd_sched *s = hd_sched_new(old->worker_path, err, errlen);
+  if (s == NULL) return NULL;
+  hd_sched_set_bchead(s, old->bchead, old->bchead_len);
+  if (old->lua_path != NULL && old->lua_cpath != NULL)
+    hd_sched_set_paths(s, old->lua_path, old->lua_cpath);
+  s->max_result = old->max_result;
+  s->spin_ns = old->spin_ns;
+  return s;
+}
+
+void hd_sched_adopt_pool(hd_sched *s, hd_pool *p) {
+  sched_pool *sp = hd_pool_data(p);
+  (void)s;
+  hd_pool_reset(p);
+  /* Its queue held the parent's jobs; they stay with the forsaken context. */
+  if (sp != NULL) {
+    hd_queue_init(&sp->jobs);
+    hd_queue_init(&sp->wnode);
+  }
+}
+
 const char *hd_sched_worker_path(const hd_sched *s) {
   return s->worker_path;
 }
@@ -202,6 +310,8 @@ hd_buf *hd_sched_scratch(hd_sched *s) {
 }
 
 void hd_sched_set_bchead(hd_sched *s, const char *bc, size_t n) {
+  s->bchead_len = n < HD_BCHEAD ? n : HD_BCHEAD;
+  memcpy(s->bchead, bc, s->bchead_len);
   hd_sup_set_bchead(s->sup, bc, n);
 }
 
@@ -347,6 +457,14 @@ static void proc_free_if_done(sched_proc *p) {
   hd_pool_unref(p->root);
   free(p);
   hd_sched_unref(s);
+}
+
+/* At a fork, in the child (see sched_forsake): q is the node of a process. */
+static void proc_forsake(void *q) {
+  sched_proc *p = HD_QUEUE_DATA((hd_queue *)q, sched_proc, node);
+  hd_conn_forsake(p->conn);
+  if (p->pidfd >= 0) close(p->pidfd);
+  p->pidfd = -1;
 }
 
 static void proc_unidle(sched_proc *p) {
@@ -691,6 +809,10 @@ const char *hd_job_detail(const hd_job *j) {
 void hd_job_message(const hd_job *j, const char **p, size_t *len) {
   *p = j->frame.data ? j->frame.data + j->msg_off : "";
   *len = j->msg_len;
+}
+
+int hd_job_forsaken(const hd_job *j) {
+  return j->sched->forsaken;
 }
 
 int hd_job_in_pool(const hd_job *j, const hd_pool *p) {

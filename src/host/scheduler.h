@@ -26,6 +26,22 @@ void hd_sched_shutdown(hd_sched *s);
 void hd_sched_unref(hd_sched *s);
 int hd_sched_closing(const hd_sched *s);
 
+/* Whether this process is a fork of the one that made the context: then
+ * the context was forsaken at the fork (its copies of the parent's
+ * descriptors closed, no libuv call made on it) and must never be used or
+ * freed; its jobs, pools and processes are the parent's. */
+int hd_sched_forsaken(const hd_sched *s);
+
+/* A new context for a forked child, with the settings of the forsaken one
+ * (worker, bytecode header, module paths, limits): its own loop, and its
+ * own supervisor once a job needs one. NULL, with why in err, when it
+ * cannot be made. */
+hd_sched *hd_sched_renew(hd_sched *forsaken, char *err, size_t errlen);
+
+/* A pool the forked child goes on using under its new context: its counts
+ * of the parent's jobs and processes, and its queue, start afresh. */
+void hd_sched_adopt_pool(hd_sched *s, hd_pool *p);
+
 const char *hd_sched_worker_path(const hd_sched *s);
 
 /* An empty buffer to build a job frame in, reused across submits. */
@@ -119,6 +135,10 @@ hd_outcome hd_job_outcome(const hd_job *j);
 int hd_job_status(const hd_job *j);
 const char *hd_job_detail(const hd_job *j);
 void hd_job_message(const hd_job *j, const char **p, size_t *len);
+
+/* Whether the job is of a forsaken context: started before a fork, in
+ * another process. */
+int hd_job_forsaken(const hd_job *j);
 
 /* Whether `p` is the job's own pool or one it was (or may be) delegated to. */
 int hd_job_in_pool(const hd_job *j, const hd_pool *p);

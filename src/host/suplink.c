@@ -452,6 +452,26 @@ void hd_sup_close(hd_sup *s) {
   sup_let_go(s, SUP_EXIT_WAIT_MS);
 }
 
+void hd_sup_forsake(hd_sup *s) {
+  hd_queue *q;
+  s->up = 0;
+  if (s->fd >= 0) close(s->fd);
+  if (s->pidfd >= 0) close(s->pidfd);
+  s->fd = s->pidfd = -1;
+  s->pid = -1;
+  for (q = s->out.next; q != &s->out; q = q->next) {
+    sup_msg *m = HD_QUEUE_DATA(q, sup_msg, node);
+    if (m->fd >= 0) close(m->fd);
+    m->fd = -1;
+  }
+  for (q = s->gone.next; q != &s->gone; q = q->next) {
+    sup_gone *g = HD_QUEUE_DATA(q, sup_gone, node);
+    if (g->pidfd >= 0) close(g->pidfd);
+    g->pidfd = -1;
+    g->pid = -1;
+  }
+}
+
 void hd_sup_free(hd_sup *s) {
   hd_sup_close(s);
   hd_sup_reap(s);

@@ -29,6 +29,12 @@ hd_sup *hd_sup_new(hd_loop *l, const char *worker_path, const hd_sup_cbs *cbs, v
  * workers and exits, and is waited for (a second at most) and reaped. */
 void hd_sup_close(hd_sup *s);
 
+/* In a forked child: closes the child's copies of the link's descriptors
+ * (the control socket, the pidfds, the worker sockets waiting to be sent)
+ * without a libuv call and without a word to the supervisor, which is the
+ * parent's; the link is never used again. */
+void hd_sup_forsake(hd_sup *s);
+
 /* Closes the link if it is up, then frees. */
 void hd_sup_free(hd_sup *s);
 

@@ -32,6 +32,31 @@ L_EXPORT int luaopen_handler_core(lua_State *L);
 static char l_ctx_key;     /* registry: the context userdata */
 static char l_jobs_key;    /* registry: weak table, job pointer -> job userdata */
 static char l_killerr_key; /* a job userdata's fenv: the caller's kill error */
+static char l_pools_key;   /* registry: weak-keyed table, pool userdata -> true */
+
+/* A forked child's first call: the context copied from the parent was
+ * forsaken at the fork (scheduler.c); the child gets one of its own, with
+ * the same settings, and the pools of this state start counting afresh. */
+static hd_sched *l_renew(lua_State *L, l_ctx *x) {
+  char err[256];
+  hd_sched *s = hd_sched_renew(x->s, err, sizeof err);
+  if (s == NULL) luaL_error(L, "handler: after a fork: %s", err);
+  /* Never frees the forsaken context: it holds a reference for good. */
+  hd_sched_unref(x->s);
+  x->s = s;
+  lua_pushlightuserdata(L, &l_pools_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  if (lua_istable(L, -1)) {
+    lua_pushnil(L);
+    while (lua_next(L, -2) != 0) {
+      l_pool *u = lua_touserdata(L, -2);
+      lua_pop(L, 1);
+      if (u != NULL && u->p != NULL) hd_sched_adopt_pool(s, u->p);
+    }
+  }
+  lua_pop(L, 1);
+  return s;
+}
 
 /* Every function, the __gc methods included, has the context userdata as
  * upvalue 1. */
@@ -39,6 +64,7 @@ static hd_sched *l_core(lua_State *L) {
   l_ctx *x = lua_touserdata(L, lua_upvalueindex(1));
   if (x->s == NULL || hd_sched_closing(x->s))
     luaL_error(L, "handler: the module has been shut down");
+  if (hd_sched_forsaken(x->s)) return l_renew(L, x);
   return x->s;
 }
 
@@ -59,7 +85,8 @@ static int l_ctx_gc(lua_State *L) {
   if (x->s != NULL) {
     hd_sched *s = x->s;
     x->s = NULL;
-    hd_sched_shutdown(s);
+    /* A forsaken context is the parent's: nothing of it is shut down. */
+    if (!hd_sched_forsaken(s)) hd_sched_shutdown(s);
     hd_sched_unref(s);
   }
   return 0;
@@ -73,7 +100,8 @@ static int l_pool_gc(lua_State *L) {
     u->p = NULL;
     /* Nobody can start jobs here any more: idle processes go now, busy ones
      * when their jobs end. */
-    if (x != NULL && x->s != NULL && !hd_sched_closing(x->s)) hd_sched_forget_pool(x->s, p);
+    if (x != NULL && x->s != NULL && !hd_sched_closing(x->s) && !hd_sched_forsaken(x->s))
+      hd_sched_forget_pool(x->s, p);
     hd_pool_unref(p);
   }
   return 0;
@@ -111,6 +139,13 @@ static int l_pool_new(lua_State *L) {
   lua_setfenv(L, -2);
   u->p = hd_pool_new(&cfg);
   if (u->p == NULL) return luaL_error(L, "handler: out of memory");
+  /* Listed, so that a forked child can reset every pool of this state. */
+  lua_pushlightuserdata(L, &l_pools_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  lua_pushvalue(L, -2);
+  lua_pushboolean(L, 1);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
   return 1;
 }
 
@@ -278,6 +313,12 @@ static int l_push_signal(lua_State *L, int sig) {
 static int l_push_outcome(lua_State *L, hd_job *j, int ud) {
   int n, status = hd_job_status(j);
   hd_outcome out = hd_job_outcome(j);
+  if (hd_job_forsaken(j)) {
+    /* Started before a fork: its worker and its reply are the parent's. */
+    lua_pushboolean(L, 0);
+    lua_pushliteral(L, "forked");
+    return 2;
+  }
   switch (out) {
     case HD_OUT_OK:
       lua_pushboolean(L, 1);
@@ -349,8 +390,10 @@ static int l_push_outcome(lua_State *L, hd_job *j, int ud) {
   }
 }
 
-/* Blocks until the job is done. */
+/* Blocks until the job is done. A job of a forsaken context is over for
+ * this process (l_push_outcome). */
 static void l_wait(lua_State *L, hd_sched *s, hd_job *j) {
+  if (hd_job_forsaken(j)) return;
   if (hd_sched_in_loop(s)) luaL_error(L, "handler: cannot wait from inside the loop");
   hd_sched_wait(s, j);
 }
@@ -381,8 +424,10 @@ static int l_run(lua_State *L) {
 }
 
 static int l_done(lua_State *L) {
+  hd_job *j;
   l_core(L);
-  lua_pushboolean(L, hd_job_done(l_checkjob(L, 1)));
+  j = l_checkjob(L, 1);
+  lua_pushboolean(L, hd_job_forsaken(j) || hd_job_done(j));
   return 1;
 }
 
@@ -390,7 +435,7 @@ static int l_result(lua_State *L) {
   hd_job *j;
   l_core(L);
   j = l_checkjob(L, 1);
-  if (!hd_job_done(j)) return luaL_error(L, "handler: job is not done");
+  if (!hd_job_forsaken(j) && !hd_job_done(j)) return luaL_error(L, "handler: job is not done");
   lua_settop(L, 1);
   return l_push_outcome(L, j, 1);
 }
@@ -468,7 +513,7 @@ static int l_kill_job(lua_State *L) {
   l_core(L);
   p = l_checkpool(L, 1);
   j = l_checkjob(L, 2);
-  if (hd_job_done(j) || !hd_job_in_pool(j, p)) {
+  if (hd_job_forsaken(j) || hd_job_done(j) || !hd_job_in_pool(j, p)) {
     lua_pushboolean(L, 0);
     return 1;
   }
@@ -669,6 +714,13 @@ L_EXPORT int luaopen_handler_core(lua_State *L) {
     lua_newtable(L);
     lua_createtable(L, 0, 1);
     lua_pushliteral(L, "v");
+    lua_setfield(L, -2, "__mode");
+    lua_setmetatable(L, -2);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+    lua_pushlightuserdata(L, &l_pools_key);
+    lua_newtable(L);
+    lua_createtable(L, 0, 1);
+    lua_pushliteral(L, "k");
     lua_setfield(L, -2, "__mode");
     lua_setmetatable(L, -2);
     lua_rawset(L, LUA_REGISTRYINDEX);
