@@ -33,8 +33,6 @@ typedef struct hd_wk {
   hd_alloc alloc;
   lua_State *L;
   char host_cwd[PATH_MAX]; /* the host's directory, before the private one */
-  size_t out_budget;    /* bytes the job may still print */
-  size_t out_limit;     /* max_output_bytes */
   int env_set;          /* the job set environment variables */
   uint64_t data_limit;  /* the RLIMIT_DATA in force */
   int sandbox;          /* the sandbox profile is in force */
@@ -298,93 +296,6 @@ static int wk_load_guard(lua_State *L) {
   return wk_call_wrapped(L);
 }
 
-/* Output goes to the host's stdout and stderr: a job may write only
- * max_output_bytes of it, so a runaway writer cannot flood the host. Takes
- * n bytes from the budget, or raises once it is spent. */
-static void wk_output_charge(lua_State *L, size_t n) {
-  if (n > wk.out_budget) {
-    char lim[32];
-    wk.out_budget = 0;
-    snprintf(lim, sizeof lim, "%.0f", (double)wk.out_limit);
-    luaL_error(L, "handler: output limit of %s bytes exceeded", lim);
-  }
-  wk.out_budget -= n;
-}
-
-/* print, written here rather than wrapped: each argument goes through the
- * global tostring first, as print does, so what is charged is exactly what
- * is written; a __tostring (or a tostring) returning a long string cannot
- * pass for a short value. */
-static int wk_print(lua_State *L) {
-  int i, n = lua_gettop(L);
-  size_t total = n > 0 ? (size_t)n : 1; /* the tabs and the newline */
-  lua_getglobal(L, "tostring");
-  for (i = 1; i <= n; i++) {
-    size_t len;
-    lua_pushvalue(L, n + 1);
-    lua_pushvalue(L, i);
-    lua_call(L, 1, 1);
-    if (lua_tolstring(L, -1, &len) == NULL)
-      return luaL_error(L, "'tostring' must return a string to 'print'");
-    lua_replace(L, i);
-    total = len > SIZE_MAX - total ? SIZE_MAX : total + len;
-  }
-  wk_output_charge(L, total);
-  for (i = 1; i <= n; i++) {
-    size_t len;
-    const char *s = lua_tolstring(L, i, &len);
-    if (i > 1) putchar('\t');
-    fwrite(s, 1, len, stdout);
-  }
-  putchar('\n');
-  return 0;
-}
-
-/* io.write (upvalue 2 is 1) and a file's write method (2; counted for
- * stdout and stderr only, which are upvalues 3 and 4): the wrapped function
- * is upvalue 1. Strings and numbers are what they write; anything else
- * they refuse. */
-static int wk_output_guard(lua_State *L) {
-  int kind = (int)lua_tointeger(L, lua_upvalueindex(2));
-  int i, top = lua_gettop(L), first = kind == 2 ? 2 : 1;
-  size_t n = 0;
-  if (kind != 2 || lua_rawequal(L, 1, lua_upvalueindex(3)) ||
-      lua_rawequal(L, 1, lua_upvalueindex(4))) {
-    for (i = first; i <= top; i++) {
-      size_t len = 0;
-      int t = lua_type(L, i);
-      if (t == LUA_TSTRING || t == LUA_TNUMBER) lua_tolstring(L, i, &len);
-      n = len > SIZE_MAX - n ? SIZE_MAX : n + len;
-    }
-    wk_output_charge(L, n);
-  }
-  lua_pushvalue(L, lua_upvalueindex(1));
-  lua_insert(L, 1);
-  lua_call(L, top, LUA_MULTRET);
-  return lua_gettop(L);
-}
-
-static void wk_guard_output(lua_State *L) {
-  lua_pushcfunction(L, wk_print);
-  lua_setglobal(L, "print");
-  lua_getglobal(L, "io");
-  lua_getfield(L, -1, "write");
-  lua_pushinteger(L, 1);
-  lua_pushcclosure(L, wk_output_guard, 2);
-  lua_setfield(L, -2, "write");
-  luaL_getmetatable(L, "FILE*");
-  lua_getfield(L, -1, "__index");
-  if (lua_istable(L, -1)) {
-    lua_getfield(L, -1, "write");
-    lua_pushinteger(L, 2);
-    lua_getfield(L, -5, "stdout");
-    lua_getfield(L, -6, "stderr");
-    lua_pushcclosure(L, wk_output_guard, 4);
-    lua_setfield(L, -2, "write");
-  }
-  lua_pop(L, 3);
-}
-
 /* Replaces t[name] (t at index idx) by a wrapper around it. */
 static void wk_wrap(lua_State *L, int idx, const char *name, lua_CFunction w) {
   lua_getfield(L, idx, name);
@@ -587,7 +498,6 @@ int hd_worker_prepare(const char *path, const char *cpath) {
   lua_setfield(L, -2, "cpath");
   lua_pop(L, 1);
   wk_wrap_all(L);
-  wk_guard_output(L);
   lua_settop(L, 0);
   /* Encoding a named value builds the codec's name cache: built here, it is
    * part of the image, so no job pays for it or has it counted. */
@@ -740,7 +650,7 @@ static void wk_set_data_limit(uint64_t heap) {
 static void wk_job(hd_wk *w) {
   lua_State *L = w->L;
   hd_wire_job j;
-  uint64_t heap, output;
+  uint64_t heap;
   int rc;
   if (hd_wire_job_parse(w->in.data, w->frame_len, &j) != 0) {
     const char *m = "bad job frame";
@@ -749,11 +659,10 @@ static void wk_job(hd_wk *w) {
     return;
   }
   heap = j.max_heap;
-  output = j.max_output;
+  /* j.max_output is not enforced here: the host reads this process's
+   * stdout and stderr and counts every byte, whoever writes it. */
   if (j.path != NULL) wk_set_paths(L, &j);
   if (j.nenv > 0) wk_set_env(&j);
-  w->out_budget = output > SIZE_MAX ? SIZE_MAX : (size_t)output;
-  w->out_limit = w->out_budget;
   wk_set_data_limit(heap);
   lua_settop(L, 0);
   lua_pushcfunction(L, wk_msgh);
