@@ -1,7 +1,9 @@
 -- output_spec.lua: what a job writes to its stdout and stderr is metered by
 -- the host, at the descriptor: print, io.write, the FFI and the commands a
 -- job runs all count against max_output_bytes, and past it the job ends as
--- ProcessExit with reason "output limit", whatever it catches.
+-- ProcessExit with reason "output limit", whatever it catches. And the
+-- memory a job maps, shared mappings included, is bounded by the worker's
+-- RLIMIT_AS.
 --
 -- Jobs that write run in a disposable host (H.run_host), so their output
 -- lands in a file this spec reads, not in the test runner's.
@@ -9,6 +11,9 @@ local handler = require("handler")
 local H = require("spec.support.helpers")
 
 local format, tostring, ipairs, type = string.format, tostring, ipairs, type
+
+-- Sanitized (ASan) builds have no RLIMIT_AS in their workers.
+local it_rlimit_as = handler._core.sanitized and pending or it
 
 -- Runs `body` in a disposable host where `handler` is loaded and
 -- report(name, ok, v) records a job's outcome in a file of its own (not on
@@ -205,5 +210,62 @@ describe("output", function()
     local err = H.read_file(dir .. "/err") or ""
     H.rm_r(dir)
     assert.matches("after\ttrue\tdone\n", err, 1, true)
+  end)
+end)
+
+describe("memory outside the Lua heap", function()
+  H.leak_checked()
+
+  it_rlimit_as("a 1 GiB shared mapping fails in a worker with max_heap_bytes = 1 MiB", function()
+    local ok, v = handler.run(function()
+      local ffi = require("ffi")
+      ffi.cdef([[void *mmap(void *a, size_t n, int prot, int flags, int fd, long off);]])
+      local n = 2^30
+      -- PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS
+      local p = ffi.C.mmap(nil, n, 3, 0x01 + 0x20, -1, 0)
+      if ffi.cast("intptr_t", p) == -1 then return "MAP_FAILED" end
+      local b = ffi.cast("volatile char *", p)
+      for i = 0, n - 1, 4096 do b[i] = 1 end
+      return "touched"
+    end, { max_heap_bytes = 2^20, sandbox = "syscalls", max_ms = 30000 })
+    if ok then
+      assert.are.equal("MAP_FAILED", v)
+    else
+      assert.are.equal("OOM", v.type, tostring(v))
+    end
+  end)
+
+  it_rlimit_as("bounds the worker's address space by RLIMIT_AS, sized by max_heap_bytes",
+    function()
+      local function limits()
+        local f = require("ffi")
+        pcall(f.cdef, [[struct hd_out_rlimit { unsigned long cur, max; };
+          int getrlimit(int res, struct hd_out_rlimit *r);]])
+        local rl = f.new("struct hd_out_rlimit")
+        f.C.getrlimit(9, rl) -- RLIMIT_AS
+        return tonumber(rl.cur)
+      end
+      local ok1, small = handler.run(limits, { max_heap_bytes = 2^20 })
+      local ok2, big = handler.run(limits, { max_heap_bytes = 2^30 })
+      assert.is_true(ok1, tostring(small))
+      assert.is_true(ok2, tostring(big))
+      assert(small < 2^30, "RLIMIT_AS is " .. small)
+      -- Three times the heap apart, as the data limit.
+      assert.are.equal(3 * (2^30 - 2^20), big - small)
+    end)
+
+  it("runs an ordinary job with the default heap: the JIT on, a 5 MB string", function()
+    local s = ("0123456789"):rep(5 * 10^5)
+    local ok, n, sum, jit_on = handler.run(function()
+      local byte, total = string.byte, 0
+      for i = 1, #s, 64 do total = total + byte(s, i) end
+      return #s, total, jit.status()
+    end)
+    local expect = 0
+    for i = 1, #s, 64 do expect = expect + s:byte(i) end
+    assert.is_true(ok, tostring(n))
+    assert.are.equal(5 * 10^6, n)
+    assert.are.equal(expect, sum)
+    assert.is_true(jit_on)
   end)
 end)

@@ -477,6 +477,67 @@ static void wk_jit_off(lua_State *L) {
   lua_pop(L, 1);
 }
 
+/* ---- The address space limit ---------------------------------------------
+ * RLIMIT_DATA does not see shared mappings (mmap of MAP_SHARED|MAP_ANONYMOUS
+ * memory is as real as malloc's, and counts against no one's heap):
+ * RLIMIT_AS does, every mapping a job or a command it runs makes. It is
+ * sized like the data limit, on top of what the worker maps at rest: the
+ * image's region, the libraries, the stack (about 70 MB, nearly all of it
+ * the region, on x86-64 with LuaJIT 2.1). */
+
+/* Headroom beside 3 x max_heap_bytes, as for RLIMIT_DATA: the JIT's machine
+ * code, the reply buffer, malloc's slack, a locale archive (200 MB on some
+ * systems). */
+#define WK_AS_HEADROOM (256ull << 20)
+/* The base when /proc cannot tell: the region and a generous rest. */
+#define WK_AS_BASE_GUESS (64ull << 20)
+
+static struct {
+  uint64_t base;  /* the worker's address space at rest */
+  uint64_t limit; /* the RLIMIT_AS in force, 0: none set */
+} wk_as;
+
+/* Measures the address space once the image is built, in the supervisor:
+ * every worker forked from it starts the same. */
+static void wk_measure_as_base(void) {
+  unsigned long long pages = 0;
+  long page = sysconf(_SC_PAGESIZE);
+  FILE *f = fopen("/proc/self/statm", "re");
+  if (f != NULL) {
+    if (fscanf(f, "%llu", &pages) != 1) pages = 0;
+    fclose(f);
+  }
+  if (pages > 0 && page > 0 && pages < (UINT64_MAX >> 20))
+    wk_as.base = (uint64_t)pages * (uint64_t)page;
+  else
+    wk_as.base = (uint64_t)wk.alloc.region_cap + WK_AS_BASE_GUESS;
+}
+
+/* The per-job RLIMIT_AS: base + 256 MiB + 3 x max_heap_bytes. A job past it
+ * sees mmap and malloc fail inside the worker (an allocation of the Lua
+ * heap failing ends the job as OOM); the machine's OOM killer never has to
+ * choose. Lowered after a bigger job, the memory that job left in malloc
+ * goes back first, so the next job does not start above its own limit. */
+static void wk_set_as_limit(uint64_t heap) {
+#if defined(__SANITIZE_ADDRESS__)
+  /* AddressSanitizer reserves terabytes of shadow memory. */
+  (void)heap;
+#else
+  struct rlimit rl;
+  uint64_t lim = wk_as.base + WK_AS_HEADROOM;
+  lim += heap > (UINT64_MAX - lim) / 3 ? (UINT64_MAX - lim) : 3 * heap;
+  if (lim == wk_as.limit) return;
+  if (getrlimit(RLIMIT_AS, &rl) != 0) return;
+  if (wk_as.limit != 0 && lim < wk_as.limit) malloc_trim(0);
+  /* The soft limit, which the worker may raise again for the next job; in
+   * the sandbox the hard one too, so a job cannot lift it. */
+  rl.rlim_cur = (rlim_t)lim;
+  if (rl.rlim_max != RLIM_INFINITY && rl.rlim_cur > rl.rlim_max) rl.rlim_cur = rl.rlim_max;
+  if (wk.sandbox) rl.rlim_max = rl.rlim_cur;
+  if (setrlimit(RLIMIT_AS, &rl) == 0) wk_as.limit = lim;
+#endif
+}
+
 int hd_worker_prepare(const char *path, const char *cpath) {
   lua_State *L;
   int jit;
@@ -511,6 +572,7 @@ int hd_worker_prepare(const char *path, const char *cpath) {
   lua_gc(L, LUA_GCCOLLECT, 0);
   if (hd_alloc_snapshot(&wk.alloc) != 0) return -1;
   wk.L = L;
+  wk_measure_as_base();
   return 0;
 }
 
@@ -664,6 +726,7 @@ static void wk_job(hd_wk *w) {
   if (j.path != NULL) wk_set_paths(L, &j);
   if (j.nenv > 0) wk_set_env(&j);
   wk_set_data_limit(heap);
+  wk_set_as_limit(heap);
   lua_settop(L, 0);
   lua_pushcfunction(L, wk_msgh);
   lua_pushcfunction(L, wk_call);
