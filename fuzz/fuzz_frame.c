@@ -99,7 +99,8 @@ _Noreturn static void fz_fail(const char *what, unsigned long a) {
 hd_sup *__real_hd_sup_new(hd_loop *l, const char *worker_path, const hd_sup_cbs *cbs, void *ud);
 hd_sup *__wrap_hd_sup_new(hd_loop *l, const char *worker_path, const hd_sup_cbs *cbs, void *ud);
 int __wrap_hd_sup_ensure(hd_sup *s, const char *path, const char *cpath);
-int __wrap_hd_sup_spawn(hd_sup *s, uint32_t id, int flags, const char *name, int fd);
+int __wrap_hd_sup_spawn(hd_sup *s, uint32_t id, int flags, const char *name,
+                        const int fds[HD_SPAWN_FDS]);
 int __wrap_hd_sup_kill(hd_sup *s, uint32_t id);
 
 /* The callbacks the scheduler gave the link: the harness reports with them. */
@@ -120,14 +121,20 @@ int __wrap_hd_sup_ensure(hd_sup *s, const char *path, const char *cpath) {
   return 0;
 }
 
-/* SPAWN hands over the worker's end, which belongs to this function as in
- * suplink.c, and says hello as every worker does first. */
-int __wrap_hd_sup_spawn(hd_sup *s, uint32_t id, int flags, const char *name, int fd) {
+/* SPAWN hands over the worker's ends, which belong to this function as in
+ * suplink.c, and says hello as every worker does first. The harness writes
+ * no output: the pipes' write ends are closed at once (the parent sees EOF
+ * on them, as when a worker's job closes its stdout and stderr). */
+int __wrap_hd_sup_spawn(hd_sup *s, uint32_t id, int flags, const char *name,
+                        const int fds[HD_SPAWN_FDS]) {
   fz_worker *w;
   char h[HD_HELLO_LEN];
+  int fd = fds[HD_SPAWN_FD_SOCKET];
   (void)s;
   (void)flags;
   (void)name;
+  close(fds[HD_SPAWN_FD_STDOUT]);
+  close(fds[HD_SPAWN_FD_STDERR]);
   if (fz_sup.n == FZ_MAXPROCS) fz_fail("more than %lu workers", FZ_MAXPROCS);
   w = &fz_sup.w[fz_sup.n++];
   w->id = id;
@@ -213,6 +220,7 @@ static hd_job *fz_submit(hd_pool *pool, double max_ms, double max_result, uint32
   lim.max_ms = max_ms;
   lim.max_heap = 1 << 20;
   lim.max_result = max_result;
+  lim.max_output = 0;
   lim.pool_timeout = 0;
   hd_job_set_limits(j, &lim);
   /* A job frame with an empty message: the worker side is this harness. */
@@ -267,6 +275,7 @@ static int fz_check_job(hd_job *j) {
       break;
     case HD_OUT_BADREPLY:
     case HD_OUT_FAILED:
+    case HD_OUT_OUTPUT:
       if (!hd_job_detail(j)[0]) fz_fail("job %lu failed without a reason", hd_job_id(j));
       good = 0;
       break;

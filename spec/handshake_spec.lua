@@ -91,9 +91,10 @@ describe("worker executable handshake", function()
     { "refuses a worker executable that speaks another protocol",
       worker = function() return fake("oldproto", fake_hello("", 999)) end,
       says = { "speaks protocol 999, this module speaks" }, also = "run\t2\tfalse\tProcessExit" },
-    -- The right protocol, a bytecode header this VM does not write.
+    -- The right protocol (wire.h's HD_PROTO_VERSION), a bytecode header
+    -- this VM does not write.
     { "refuses a worker executable built for another LuaJIT",
-      worker = function() return fake("otherjit", fake_hello("\27LJ\1\0", 1)) end,
+      worker = function() return fake("otherjit", fake_hello("\27LJ\1\0", 2)) end,
       says = { "was built for another LuaJIT" } },
   }
   for _, case in ipairs(broken) do

@@ -924,20 +924,22 @@ describe("hardening against hostile jobs", function()
       local w = rows["io.write"]
       assert.are.equal("false", w.ok)
       assert.are.equal("ProcessExit", w.kind)
-      assert.matches("handler: output limit of 16777216 bytes exceeded", w.reason, 1, true)
+      assert.are.equal("output limit", w.reason)
       assert(w.out <= limit, "stdout got " .. w.out .. " bytes")
       local p = rows.print
       assert.are.equal("false", p.ok)
-      assert.matches("handler: output limit of 1000000 bytes exceeded", p.reason, 1, true)
+      assert.are.equal("output limit", p.reason)
       assert(p.out - w.out <= 1e6, "print wrote " .. (p.out - w.out))
-      -- Swallowing the error does not reopen the budget.
+      -- The limit is the host's, at the descriptor: no error to catch, the
+      -- worker is killed.
       local c = rows.pcall
-      assert.are.equal("true", c.ok)
-      assert(tonumber(c.reason) < 1000, "pcall'd writes succeeded " .. c.reason .. " times")
+      assert.are.equal("false", c.ok)
+      assert.are.equal("ProcessExit", c.kind)
+      assert.are.equal("output limit", c.reason)
       assert(c.out - p.out <= 1e6, "pcall'd writes wrote " .. (c.out - p.out))
       local e = rows.stderr
       assert.are.equal("false", e.ok)
-      assert.matches("handler: output limit of 2000000 bytes exceeded", e.reason, 1, true)
+      assert.are.equal("output limit", e.reason)
       assert(e.err <= 2e6, "stderr got " .. e.err .. " bytes")
       assert.are.equal("true", rows.after.ok)
       assert.are.equal("2", rows.after.reason)

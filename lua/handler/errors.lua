@@ -69,6 +69,10 @@ function M.from_core(max_ms, heap, kind, a, b)
     return M.user_killed()
   elseif kind == "badresult" then
     return exit("result cannot travel: " .. tostring(a))
+  elseif kind == "output" then
+    -- The host meters the worker's stdout and stderr: past max_output_bytes
+    -- the worker is killed, whatever the job was doing.
+    return exit("output limit", { cause = a })
   elseif kind == "badreply" then
     return exit("bad reply from worker: " .. tostring(a))
   elseif kind == "failed" then

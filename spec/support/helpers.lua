@@ -112,12 +112,14 @@ local function fd_targets()
   return out
 end
 
---- How many of the host's fds are sockets, pidfds and anything else.
+--- How many of the host's fds are sockets, pidfds, pipes and anything else.
 function M.fd_kinds()
-  local k = { sockets = 0, pidfds = 0, other = 0 }
+  local k = { sockets = 0, pidfds = 0, pipes = 0, other = 0 }
   for _, f in ipairs(fd_targets()) do
     if f.target:sub(1, 7) == "socket:" then
       k.sockets = k.sockets + 1
+    elseif f.target:sub(1, 5) == "pipe:" then
+      k.pipes = k.pipes + 1
     elseif f.target:find("pidfd", 1, true) then
       k.pidfds = k.pidfds + 1
     else
@@ -474,8 +476,8 @@ function M.leak_checked()
   return state
 end
 
---- What "clean" is measured against: the host's fds apart from the one each
--- live worker's socket holds.
+--- What "clean" is measured against: the host's fds apart from those each
+-- live worker holds (its socket, its output pipes, its pidfd).
 function M.snapshot()
   -- Files an earlier test left to the collector are closed now, not in
   -- the middle of this test's count.
@@ -562,10 +564,10 @@ end
 -- left an idle sleeper.
 
 --- Whether the core's workers and the host's descriptors agree now: every
--- listed worker is an idle sleeper (state S), the core holds a socket and a
--- pidfd for each (procs().sockets), and the host has exactly those: one
--- socket and one pidfd per listed worker, plus the supervisor's socket and
--- the pidfd it is waited on by. A dying, retiring or just-killed worker passes through states
+-- listed worker is an idle sleeper (state S), the core holds a socket, two
+-- output pipes and a pidfd for each (procs().sockets), and the host has
+-- exactly those: one socket, two pipes and one pidfd per listed worker, plus
+-- the supervisor's socket and the pidfd it is waited on by. A dying, retiring or just-killed worker passes through states
 -- where they disagree (it stays listed, its socket closed, until its exit
 -- is reported; a killed one may be listed only once its pid arrives).
 -- Steps the loop first.
@@ -577,29 +579,41 @@ function M.settled_now()
   end
   local sup = list.supervisor and 1 or 0
   local k = M.fd_kinds()
-  return list.sockets == 2 * #list and k.sockets == #list + sup and k.pidfds == #list + sup
+  return list.sockets == 4 * #list and k.sockets == #list + sup and k.pidfds == #list + sup
+    and k.pipes >= 2 * #list
+end
+
+--- The host's pipes that are not its workers' output pipes (its own
+-- stdout, say, and the module's copy of it).
+local function other_pipes()
+  return M.fd_kinds().pipes - 2 * #handler._core.procs()
 end
 
 --- What assert_fds_back compares against, taken once settled (or after
 -- 5 s) and after a full collection: the count of the host's fds that are
--- neither sockets nor pidfds, and their listing for messages.
+-- neither sockets, pipes nor pidfds, the pipes that are not its workers',
+-- and their listing for messages.
 function M.fd_baseline()
   collectgarbage()
   collectgarbage()
   M.wait_until(M.settled_now)
-  return { other = M.fd_kinds().other, list = M.fd_list() }
+  return { other = M.fd_kinds().other, pipes = other_pipes(), list = M.fd_list() }
 end
 
 --- Asserts, after a full collection, that the host settles (see
--- settled_now) and then holds exactly as many other fds as at `base`.
+-- settled_now) and then holds exactly as many other fds as at `base`, and
+-- no more pipes than its workers' and those it had then.
 function M.assert_fds_back(base)
   collectgarbage()
   collectgarbage()
   luassert(M.wait_until(M.settled_now), format("host sockets %d and pidfds %d for workers {%s}: %s",
     M.fd_kinds().sockets, M.fd_kinds().pidfds, concat(M.workers(), ","), M.fd_list()))
   luassert(M.wait_until(function() return M.fd_kinds().other == base.other end),
-    format("host fds other than sockets and pidfds: %d, before: %d\nnow: %s\nbefore: %s",
+    format("host fds other than sockets, pipes and pidfds: %d, before: %d\nnow: %s\nbefore: %s",
       M.fd_kinds().other, base.other, M.fd_list(), base.list))
+  luassert(M.wait_until(function() return other_pipes() == base.pipes end),
+    format("host pipes beside its workers': %d, before: %d\nnow: %s\nbefore: %s",
+      other_pipes(), base.pipes, M.fd_list(), base.list))
 end
 
 --- Asserts that every pid list_fn() gives becomes an idle sleeper (state S)

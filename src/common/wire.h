@@ -13,18 +13,30 @@
 
 /* Bumped whenever either protocol changes; the supervisor's hello carries it
  * so a worker executable from another build is refused with a clear error. */
-#define HD_PROTO_VERSION 1
+#define HD_PROTO_VERSION 2
 
 /* The worker's protocol socket is always this descriptor, so a job's print
  * (fd 1) and its errors (fd 2) never touch the protocol. */
 #define HD_WORKER_FD 3
+
+/* A SPAWN carries the worker's descriptors, in this order: its protocol
+ * socket, then the write ends of the pipes that become its stdout and its
+ * stderr. The host reads the other ends: a job's output is metered there,
+ * at the descriptor, whoever writes it. */
+#define HD_SPAWN_FD_SOCKET 0
+#define HD_SPAWN_FD_STDOUT 1
+#define HD_SPAWN_FD_STDERR 2
+#define HD_SPAWN_FDS 3
 
 /* A job frame, either direction, over a SOCK_STREAM socketpair:
  *   u32 body length | u8 type | u64 job id | body
  * All integers are little-endian. */
 #define HD_FRAME_HEADER 13
 #define HD_FRAME_JOB 1   /* parent → worker: u64 max_heap_bytes, u64 max_output_bytes,
-                          * u8 flags, [paths], [env], codec message */
+                          * u8 flags, [paths], [env], codec message. The
+                          * output limit is the host's to enforce (it reads
+                          * the worker's stdout and stderr); the worker is
+                          * told for information only. */
 /* Job flags. With HD_JOB_PATHS, package.path and package.cpath follow the
  * flags (u32 length and bytes each): the caller changed them after the
  * supervisor built its image. With HD_JOB_ENV, a u32 count of environment
@@ -47,7 +59,7 @@
 
 /* Control messages over a SOCK_SEQPACKET pair, one message per packet:
  * u8 type, then fields. */
-#define HD_CTL_SPAWN 1   /* parent → supervisor: u32 worker id, u8 flags, name; one fd attached */
+#define HD_CTL_SPAWN 1   /* parent → supervisor: u32 worker id, u8 flags, name; HD_SPAWN_FDS fds attached */
 #define HD_SPAWN_LUA 1     /* sandbox: the stripped Lua environment */
 #define HD_SPAWN_SECCOMP 2 /* sandbox: limits and the system call filter */
 #define HD_CTL_KILL 2    /* parent → supervisor: u32 worker id */
@@ -136,7 +148,7 @@ pid_t hd_wire_hello_pid(const char *body);
 /* One control message. Which fields a type uses:
  *   SPAWN    id, arg = HD_SPAWN_* flags, name = the pool's name for the
  *            worker's process title, cut to HD_CTL_NAME bytes (the
- *            worker's socket attached)
+ *            worker's socket, stdout and stderr attached: HD_SPAWN_FDS)
  *   KILL     id
  *   HELLO    arg = protocol version, pid, bchead
  *   SPAWNED  id, pid (a pidfd attached)

@@ -1,13 +1,18 @@
 /* conn.c: the host's connection to one worker process: its protocol socket,
- * the frames on it, and the checks every reply passes. */
+ * the frames on it, and the checks every reply passes; and the pipes that
+ * are its stdout and stderr, read here and passed on to the host's. */
 #include "conn.h"
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "codec.h"
@@ -21,6 +26,23 @@
 #define CONN_READ 65536
 /* A read buffer larger than this goes back to the loop after a reply. */
 #define CONN_KEEP (1u << 20)
+/* Output is read this many bytes at a time (on the stack), and at most
+ * CONN_OUT_TURN bytes of it per wake-up of the loop, so a worker that
+ * writes without end cannot hold the loop. */
+#define CONN_OUT_CHUNK 16384
+#define CONN_OUT_TURN (256u * 1024)
+/* The worker's stdout and stderr. */
+#define CONN_OUTS 2
+
+/* Our read end of one of the worker's output pipes. */
+typedef struct conn_out {
+  hd_conn *conn;
+  int fd;             /* -1 once closed */
+  int which;          /* 0: stdout, 1: stderr (hd_loop_out_fd) */
+  uv_poll_t poll;
+  int poll_open;      /* initialised, and uv_close not yet called */
+  int more;           /* the last read stopped short of EAGAIN */
+} conn_out;
 
 struct hd_conn {
   hd_loop *loop;
@@ -30,6 +52,16 @@ struct hd_conn {
   uv_poll_t poll;
   int poll_events;
   int poll_open;      /* the handle is initialised and not yet closed */
+  int handles;        /* handles initialised and not yet closed */
+  int orphan;         /* hd_conn_new failed: freed, not reported, once closed */
+  conn_out out[CONN_OUTS];
+  /* A reply read in the loop's poll phase is handed up in its check phase,
+   * once every output pipe that was readable with it has been read. */
+  uv_check_t check;
+  int check_open;     /* initialised, and uv_close not yet called */
+  int in_poll;        /* reading from the socket's poll callback */
+  int has_pending;    /* a checked reply waits in `in` */
+  hd_frame pending;
   int closing;        /* no more I/O */
   pid_t pid;          /* from the hello */
   int hello;          /* the hello arrived */
@@ -41,10 +73,39 @@ struct hd_conn {
 };
 
 static void conn_poll_cb(uv_poll_t *h, int status, int events);
+static void conn_out_cb(uv_poll_t *h, int status, int events);
+static void conn_check_cb(uv_check_t *h);
 
-hd_conn *hd_conn_new(hd_loop *l, const hd_conn_cbs *cbs, void *ud, int *peer, char *err,
-                     size_t errlen) {
-  int sv[2], k, fl, sz = CONN_SOCKBUF;
+static int conn_nonblock(int fd) {
+  int fl = fcntl(fd, F_GETFL);
+  return fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) != 0 ? -1 : 0;
+}
+
+/* Moves *fd above 2: in a host that closed its standard descriptors, a new
+ * one takes their place, and job output passed on to "stdout" would land
+ * in our own pipe. Returns -1 (with *fd closed) when it cannot. */
+static int conn_above_std(int *fd) {
+  int moved;
+  if (*fd > STDERR_FILENO) return 0;
+  moved = fcntl(*fd, F_DUPFD_CLOEXEC, STDERR_FILENO + 1);
+  close(*fd);
+  *fd = moved;
+  return moved < 0 ? -1 : 0;
+}
+
+static void conn_close_fds(int *fds, int n) {
+  int k;
+  for (k = 0; k < n; k++) {
+    if (fds[k] >= 0) close(fds[k]);
+    fds[k] = -1;
+  }
+}
+
+hd_conn *hd_conn_new(hd_loop *l, const hd_conn_cbs *cbs, void *ud, int peer[HD_SPAWN_FDS],
+                     char *err, size_t errlen) {
+  /* Ours: the socket's end, the pipes' read ends; the worker's: peer. */
+  int mine[HD_SPAWN_FDS] = {-1, -1, -1}, theirs[HD_SPAWN_FDS] = {-1, -1, -1};
+  int sv[2], pp[2], k, sz = CONN_SOCKBUF;
   hd_conn *c = calloc(1, sizeof *c);
   if (c == NULL) {
     snprintf(err, errlen, "out of memory");
@@ -55,28 +116,75 @@ hd_conn *hd_conn_new(hd_loop *l, const hd_conn_cbs *cbs, void *ud, int *peer, ch
     free(c);
     return NULL;
   }
-  fl = fcntl(sv[0], F_GETFL);
-  if (fl < 0 || fcntl(sv[0], F_SETFL, fl | O_NONBLOCK) != 0 ||
-      uv_poll_init(hd_loop_uv(l), &c->poll, sv[0]) != 0) {
-    snprintf(err, errlen, "cannot watch a socket");
-    close(sv[0]);
-    close(sv[1]);
-    free(c);
-    return NULL;
+  mine[HD_SPAWN_FD_SOCKET] = sv[0];
+  theirs[HD_SPAWN_FD_SOCKET] = sv[1];
+  for (k = HD_SPAWN_FD_STDOUT; k <= HD_SPAWN_FD_STDERR; k++) {
+    if (pipe2(pp, O_CLOEXEC) != 0) {
+      snprintf(err, errlen, "pipe: %s", strerror(errno));
+      goto fail;
+    }
+    mine[k] = pp[0];
+    theirs[k] = pp[1];
   }
+  for (k = 0; k < HD_SPAWN_FDS; k++) {
+    if (conn_above_std(&mine[k]) != 0 || conn_above_std(&theirs[k]) != 0 ||
+        conn_nonblock(mine[k]) != 0) {
+      snprintf(err, errlen, "fcntl: %s", strerror(errno));
+      goto fail;
+    }
+  }
+  if (uv_poll_init(hd_loop_uv(l), &c->poll, mine[HD_SPAWN_FD_SOCKET]) != 0) {
+    snprintf(err, errlen, "cannot watch a socket");
+    goto fail;
+  }
+  /* Cannot fail (a check handle only joins the loop's list). */
+  uv_check_init(hd_loop_uv(l), &c->check);
+  c->check.data = c;
+  c->check_open = 1;
   /* Best effort: the defaults work, only slower for big transfers. */
   for (k = 0; k < 2; k++) {
-    setsockopt(sv[k], SOL_SOCKET, SO_SNDBUF, &sz, sizeof sz);
-    setsockopt(sv[k], SOL_SOCKET, SO_RCVBUF, &sz, sizeof sz);
+    int fd = k == 0 ? mine[HD_SPAWN_FD_SOCKET] : theirs[HD_SPAWN_FD_SOCKET];
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sz, sizeof sz);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &sz, sizeof sz);
   }
   c->loop = l;
   c->cbs = *cbs;
   c->ud = ud;
-  c->fd = sv[0];
+  c->fd = mine[HD_SPAWN_FD_SOCKET];
   c->poll.data = c;
   c->poll_open = 1;
-  *peer = sv[1];
+  c->handles = 2;
+  for (k = 0; k < CONN_OUTS; k++) {
+    conn_out *o = &c->out[k];
+    o->conn = c;
+    o->fd = mine[HD_SPAWN_FD_STDOUT + k];
+    o->which = k;
+  }
+  /* The output is watched from the start, job or not: a worker blocked on
+   * a full pipe must not wait for a job to be sent. */
+  for (k = 0; k < CONN_OUTS; k++) {
+    conn_out *o = &c->out[k];
+    if (uv_poll_init(hd_loop_uv(l), &o->poll, o->fd) != 0) {
+      snprintf(err, errlen, "cannot watch a pipe");
+      conn_close_fds(theirs, HD_SPAWN_FDS);
+      /* Handles already made must be closed by the loop: the connection
+       * frees itself then. */
+      c->orphan = 1;
+      hd_conn_close(c);
+      return NULL;
+    }
+    o->poll.data = o;
+    o->poll_open = 1;
+    c->handles++;
+    uv_poll_start(&o->poll, UV_READABLE, conn_out_cb);
+  }
+  memcpy(peer, theirs, sizeof theirs);
   return c;
+fail:
+  conn_close_fds(mine, HD_SPAWN_FDS);
+  conn_close_fds(theirs, HD_SPAWN_FDS);
+  free(c);
+  return NULL;
 }
 
 static void conn_update_poll(hd_conn *c) {
@@ -89,29 +197,70 @@ static void conn_update_poll(hd_conn *c) {
   }
 }
 
+/* One of the connection's handles is closed; after the last, the
+ * connection is closed for good. */
+static void conn_handle_closed(hd_conn *c) {
+  if (--c->handles > 0) return;
+  if (c->orphan) hd_conn_free(c);
+  else c->cbs.closed(c, c->ud);
+}
+
 static void conn_close_cb(uv_handle_t *h) {
   hd_conn *c = h->data;
   c->poll_open = 0;
-  c->cbs.closed(c, c->ud);
+  conn_handle_closed(c);
+}
+
+static void conn_out_close_cb(uv_handle_t *h) {
+  conn_out *o = h->data;
+  conn_handle_closed(o->conn);
+}
+
+static void conn_check_close_cb(uv_handle_t *h) {
+  conn_handle_closed(h->data);
+}
+
+/* Closes one output pipe: its descriptor at once, its handle from the loop. */
+static void conn_out_close(conn_out *o) {
+  if (o->poll_open) {
+    uv_poll_stop(&o->poll);
+    o->poll_open = 0;
+    uv_close((uv_handle_t *)&o->poll, conn_out_close_cb);
+  }
+  if (o->fd >= 0) close(o->fd);
+  o->fd = -1;
 }
 
 void hd_conn_close(hd_conn *c) {
+  int k;
   if (c->closing) return;
   c->closing = 1;
   c->frame = NULL;
   uv_poll_stop(&c->poll);
-  /* The descriptor goes at once (a stopped poll no longer watches it), so
+  /* The descriptors go at once (a stopped poll no longer watches them), so
    * the host's descriptor count does not wait for the loop to run again. */
   if (c->fd >= 0) close(c->fd);
   c->fd = -1;
+  for (k = 0; k < CONN_OUTS; k++) conn_out_close(&c->out[k]);
+  c->has_pending = 0;
+  if (c->check_open) {
+    uv_check_stop(&c->check);
+    c->check_open = 0;
+    uv_close((uv_handle_t *)&c->check, conn_check_close_cb);
+  }
   uv_close((uv_handle_t *)&c->poll, conn_close_cb);
 }
 
 void hd_conn_forsake(hd_conn *c) {
+  int k;
   c->closing = 1;
   c->frame = NULL;
   if (c->fd >= 0) close(c->fd);
   c->fd = -1;
+  for (k = 0; k < CONN_OUTS; k++) {
+    if (c->out[k].fd >= 0) close(c->out[k].fd);
+    c->out[k].fd = -1;
+  }
 }
 
 void hd_conn_free(hd_conn *c) {
@@ -127,12 +276,110 @@ int hd_conn_open(const hd_conn *c) {
   return c->fd >= 0;
 }
 
+int hd_conn_fds(const hd_conn *c) {
+  int k, n = c->fd >= 0;
+  for (k = 0; k < CONN_OUTS; k++) n += c->out[k].fd >= 0;
+  return n;
+}
+
+/* Writes n bytes of a worker's output to the host's stdout or stderr (fd,
+ * a copy: see hd_loop_out_fd), as the worker's own write to it would have:
+ * blocking if fd is, and dropping
+ * what it does not take (EAGAIN, EPIPE). A closed reader must not kill the
+ * host: SIGPIPE is blocked around the write, and one it raised is taken
+ * back unless it was pending already. */
+static void conn_forward(int fd, const char *p, size_t n) {
+  sigset_t pipe_set, old, pending;
+  int had;
+  if (n == 0 || fd < 0) return;
+  sigemptyset(&pipe_set);
+  sigaddset(&pipe_set, SIGPIPE);
+  if (pthread_sigmask(SIG_BLOCK, &pipe_set, &old) != 0) return;
+  had = sigpending(&pending) == 0 && sigismember(&pending, SIGPIPE) == 1;
+  while (n > 0) {
+    ssize_t r = write(fd, p, n);
+    if (r > 0) {
+      p += r;
+      n -= (size_t)r;
+      continue;
+    }
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 && errno == EPIPE && !had) {
+      struct timespec zero = {0, 0};
+      while (sigtimedwait(&pipe_set, NULL, &zero) < 0 && errno == EINTR) {
+      }
+    }
+    break;
+  }
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+/* Reads at most `max` bytes of output from o, now: each read is reported,
+ * and what the layer above lets through goes on. At EOF (no writer is
+ * left) the pipe is closed. */
+static void conn_out_read(conn_out *o, size_t max) {
+  hd_conn *c = o->conn;
+  char buf[CONN_OUT_CHUNK];
+  while (max > 0 && o->fd >= 0) {
+    ssize_t r = read(o->fd, buf, max < sizeof buf ? max : sizeof buf);
+    if (r > 0) {
+      size_t pass = c->cbs.output(c, c->ud, (size_t)r);
+      max -= (size_t)r;
+      conn_forward(hd_loop_out_fd(c->loop, o->which), buf, pass < (size_t)r ? pass : (size_t)r);
+      continue;
+    }
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      o->more = 0;
+      return;
+    }
+    conn_out_close(o);
+    return;
+  }
+  o->more = o->fd >= 0;
+}
+
+static void conn_out_cb(uv_poll_t *h, int status, int events) {
+  conn_out *o = h->data;
+  (void)status;
+  (void)events;
+  /* An error or a hang-up shows in the read. */
+  conn_out_read(o, CONN_OUT_TURN);
+}
+
+/* Reads the output already in the pipes, and no more: what the worker
+ * wrote before the reply (or the exit) now being handled. One poll when
+ * there is none. */
+static void conn_out_drain(hd_conn *c) {
+  struct pollfd pf[CONN_OUTS];
+  conn_out *os[CONN_OUTS];
+  int k, n = 0;
+  for (k = 0; k < CONN_OUTS; k++) {
+    if (c->out[k].fd < 0) continue;
+    pf[n].fd = c->out[k].fd;
+    pf[n].events = POLLIN;
+    pf[n].revents = 0;
+    os[n++] = &c->out[k];
+  }
+  if (n == 0 || poll(pf, (nfds_t)n, 0) <= 0) return;
+  for (k = 0; k < n; k++) {
+    int avail = 0;
+    /* Reading one pipe may have closed the connection. */
+    if (!(pf[k].revents & POLLIN) || os[k]->fd < 0) continue;
+    if (ioctl(os[k]->fd, FIONREAD, &avail) != 0) avail = CONN_OUT_CHUNK;
+    if (avail > 0) conn_out_read(os[k], (size_t)avail);
+  }
+}
+
 static void conn_fail(hd_conn *c, int kind, const char *why) {
   hd_conn_close(c);
   c->cbs.fail(c, c->ud, kind, why);
 }
 
 static void conn_eof(hd_conn *c) {
+  /* What the worker wrote before it went is still its job's. */
+  conn_out_drain(c);
+  if (c->closing) return;
   hd_conn_close(c);
   c->cbs.eof(c, c->ud);
 }
@@ -195,12 +442,50 @@ static void conn_grow(hd_conn *c, size_t whole) {
   if (want > c->in.cap) hd_buf_reserve(&c->in, want - c->in.len);
 }
 
-/* A whole reply frame is in: checked, then reported. The read buffer is
- * handed to the callback, which may keep it or send the next job. */
+/* Hands up the checked reply waiting in `in`. The worker flushes its output
+ * before it replies, so output in the pipes now is this job's and counts
+ * before its result does. From the check phase (`exact` 0) the pipes need
+ * no look: the poll phase that brought the reply brought every pipe that
+ * was readable with it (level-triggered epoll reports all ready
+ * descriptors, and the output was written first), and their callbacks have
+ * run. Elsewhere, and when a pipe's read stopped short, they are drained
+ * here. The read buffer is handed to the callback, which may keep it or
+ * send the next job. */
+static void conn_deliver(hd_conn *c, int exact) {
+  hd_frame f = c->pending;
+  hd_buf in;
+  int k;
+  c->has_pending = 0;
+  uv_check_stop(&c->check);
+  for (k = 0; k < CONN_OUTS; k++) exact |= c->out[k].more;
+  if (exact) conn_out_drain(c);
+  if (c->closing) return;
+  c->frame = NULL;
+  in = c->in;
+  c->in.data = NULL;
+  c->in.len = c->in.cap = 0;
+  c->cbs.reply(c, c->ud, &in, HD_FRAME_HEADER, f.len, f.type == HD_FRAME_REPLY_LAST);
+  /* What the callee left of the buffer serves the next reply. */
+  in.len = 0;
+  if (c->in.data == NULL && in.cap <= CONN_KEEP) {
+    c->in = in;
+  } else {
+    hd_loop_give_buf(c->loop, &in);
+  }
+}
+
+static void conn_check_cb(uv_check_t *h) {
+  hd_conn *c = h->data;
+  uv_check_stop(h);
+  if (c->has_pending && !c->closing) conn_deliver(c, 0);
+}
+
+/* A whole reply frame is in: checked, then handed up, in the check phase
+ * when it was read in the poll phase, else now. Nothing more is read
+ * until then. */
 static void conn_reply(hd_conn *c, const hd_frame *f) {
   char why[HD_VALIDATE_ERRLEN];
   const char *body = c->in.data + HD_FRAME_HEADER;
-  hd_buf in;
   /* Before it is believed: nothing may follow it, and it must be a valid
    * reply; else the worker is broken and goes before another job. */
   if (c->in.len > HD_FRAME_HEADER + (size_t)f->len) {
@@ -211,18 +496,10 @@ static void conn_reply(hd_conn *c, const hd_frame *f) {
     conn_fail(c, HD_CONN_BREACH, why);
     return;
   }
-  c->frame = NULL;
-  in = c->in;
-  c->in.data = NULL;
-  c->in.len = c->in.cap = 0;
-  c->cbs.reply(c, c->ud, &in, HD_FRAME_HEADER, f->len, f->type == HD_FRAME_REPLY_LAST);
-  /* What the callee left of the buffer serves the next reply. */
-  in.len = 0;
-  if (c->in.data == NULL && in.cap <= CONN_KEEP) {
-    c->in = in;
-  } else {
-    hd_loop_give_buf(c->loop, &in);
-  }
+  c->pending = *f;
+  c->has_pending = 1;
+  if (c->in_poll) uv_check_start(&c->check, conn_check_cb);
+  else conn_deliver(c, 1);
 }
 
 /* Parses complete frames out of c->in. Returns -1 when reading must stop. */
@@ -275,7 +552,7 @@ static int conn_parse(hd_conn *c) {
       return 0;
     }
     conn_reply(c, &f);
-    return c->closing ? -1 : 0;
+    return c->closing || c->has_pending ? -1 : 0;
   }
   /* An idle worker has nothing to say: even a partial frame is a breach. */
   if (c->frame == NULL && c->hello && c->in.len > 0) {
@@ -287,7 +564,7 @@ static int conn_parse(hd_conn *c) {
 
 /* Reads what is there. */
 static void conn_read(hd_conn *c) {
-  while (!c->closing) {
+  while (!c->closing && !c->has_pending) {
     ssize_t r;
     if (hd_buf_reserve(&c->in, CONN_READ) != 0) {
       conn_fail(c, HD_CONN_BREACH, "out of memory reading a reply");
@@ -311,6 +588,12 @@ static void conn_read(hd_conn *c) {
 }
 
 void hd_conn_drain(hd_conn *c) {
+  if (c->closing) return;
+  if (c->has_pending) {
+    conn_deliver(c, 1);
+    return;
+  }
+  conn_out_drain(c);
   if (!c->closing) conn_read(c);
 }
 
@@ -318,6 +601,10 @@ static void conn_poll_cb(uv_poll_t *h, int status, int events) {
   hd_conn *c = h->data;
   if (status < 0) events = UV_READABLE;
   if ((events & UV_WRITABLE) && c->frame) conn_write(c);
-  if (events & (UV_READABLE | UV_DISCONNECT)) conn_read(c);
+  if (events & (UV_READABLE | UV_DISCONNECT)) {
+    c->in_poll = 1;
+    conn_read(c);
+    c->in_poll = 0;
+  }
   conn_update_poll(c);
 }

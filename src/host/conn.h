@@ -1,6 +1,7 @@
 /* conn.h: the host's connection to one worker process: its protocol socket
- * and the frames on it. Sends go down; replies, breaches and EOF come up
- * through callbacks. Every reply is checked before it is reported. */
+ * and the frames on it, and the pipes its stdout and stderr are. Sends go
+ * down; replies, output, breaches and EOF come up through callbacks. Every
+ * reply is checked before it is reported. */
 #ifndef HD_CONN_H
 #define HD_CONN_H
 
@@ -9,6 +10,7 @@
 
 #include "buf.h"
 #include "loop.h"
+#include "wire.h"
 
 typedef struct hd_conn hd_conn;
 
@@ -31,12 +33,20 @@ typedef struct hd_conn_cbs {
   void (*eof)(hd_conn *c, void *ud);
   /* The connection is closed for good and may be freed (hd_conn_free). */
   void (*closed)(hd_conn *c, void *ud);
+  /* `len` bytes the worker (or a process it started) wrote to its stdout
+   * or stderr have come. Returns how many of them, from the first, go on
+   * to the host's own stdout or stderr; the rest are dropped. The callee
+   * may close the connection. Output written before a reply is reported
+   * before the reply. */
+  size_t (*output)(hd_conn *c, void *ud, size_t len);
 } hd_conn_cbs;
 
-/* A connection over a new socketpair; *peer gets the worker's end. NULL,
- * with why in err, when it cannot be made. */
-hd_conn *hd_conn_new(hd_loop *l, const hd_conn_cbs *cbs, void *ud, int *peer, char *err,
-                     size_t errlen);
+/* A connection over a new socketpair and two pipes; peer gets the worker's
+ * ends, in the order of wire.h's HD_SPAWN_FD_*: the socket, the write ends
+ * of its stdout and of its stderr. NULL, with why in err, when it cannot be
+ * made. */
+hd_conn *hd_conn_new(hd_loop *l, const hd_conn_cbs *cbs, void *ud, int peer[HD_SPAWN_FDS],
+                     char *err, size_t errlen);
 
 /* Sends a job frame (kept by the caller until the job's reply, a failure
  * or hd_conn_close) and awaits the reply to job `id`, at most `max_result`
@@ -48,11 +58,13 @@ void hd_conn_send(hd_conn *c, uint64_t id, double max_result, const hd_buf *fram
  * reported). One non-blocking peek. */
 int hd_conn_fit(hd_conn *c);
 
-/* Reads what the worker has already written, now. */
+/* Reads what the worker has already written, now: its output, then its
+ * frames. */
 void hd_conn_drain(hd_conn *c);
 
-/* Stops all I/O and closes our end of the socket at once; `closed` comes
- * from the loop later. Safe to call more than once. */
+/* Stops all I/O and closes our ends of the socket and the pipes at once
+ * (what the worker or its children write after that fails with EPIPE);
+ * `closed` comes from the loop later. Safe to call more than once. */
 void hd_conn_close(hd_conn *c);
 
 void hd_conn_free(hd_conn *c);
@@ -67,5 +79,9 @@ pid_t hd_conn_pid(const hd_conn *c);
 
 /* Whether our end of the socket is still open. */
 int hd_conn_open(const hd_conn *c);
+
+/* How many descriptors the connection holds now: the socket's end and the
+ * read ends of the pipes still open. */
+int hd_conn_fds(const hd_conn *c);
 
 #endif

@@ -1,6 +1,8 @@
-/* loop.c: the host's private libuv loop, and the big buffer it keeps warm. */
+/* loop.c: the host's private libuv loop, the big buffer it keeps warm, and
+ * the host's stdout and stderr as they were when it was made. */
 #include "loop.h"
 
+#include <fcntl.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -12,12 +14,18 @@ struct hd_loop {
   uv_loop_t uv;
   hd_buf spare; /* one big buffer kept warm between big transfers */
   int spare_used; /* taken since the last age */
+  int out[2];     /* copies of the host's stdout and stderr, or -1 */
 };
 
 hd_loop *hd_loop_new(void) {
+  int k;
   hd_loop *l = calloc(1, sizeof *l);
   if (l == NULL) return NULL;
+  /* First, before the loop's own descriptors: a closed 1 or 2 stays -1. */
+  for (k = 0; k < 2; k++) l->out[k] = fcntl(STDOUT_FILENO + k, F_DUPFD_CLOEXEC, STDERR_FILENO + 1);
   if (uv_loop_init(&l->uv) != 0) {
+    for (k = 0; k < 2; k++)
+      if (l->out[k] >= 0) close(l->out[k]);
     free(l);
     return NULL;
   }
@@ -25,9 +33,12 @@ hd_loop *hd_loop_new(void) {
 }
 
 void hd_loop_free(hd_loop *l) {
+  int k;
   /* Close callbacks of the last handles run here; then the loop is empty. */
   while (uv_loop_close(&l->uv) == UV_EBUSY) uv_run(&l->uv, UV_RUN_NOWAIT);
   hd_buf_free(&l->spare);
+  for (k = 0; k < 2; k++)
+    if (l->out[k] >= 0) close(l->out[k]);
   free(l);
 }
 
@@ -55,6 +66,12 @@ void hd_loop_forsake(hd_loop *l) {
 #if defined(__linux__)
   loop_close_fd(&uv->inotify_fd);
 #endif
+  loop_close_fd(&l->out[0]);
+  loop_close_fd(&l->out[1]);
+}
+
+int hd_loop_out_fd(const hd_loop *l, int which) {
+  return which == 0 || which == 1 ? l->out[which] : -1;
 }
 
 uv_loop_t *hd_loop_uv(hd_loop *l) {

@@ -1,4 +1,5 @@
-/* loop.h: the host's private libuv loop, and the big buffer it keeps warm. */
+/* loop.h: the host's private libuv loop, the big buffer it keeps warm, and
+ * the host's stdout and stderr as they were when it was made. */
 #ifndef HD_LOOP_H
 #define HD_LOOP_H
 
@@ -22,6 +23,14 @@ uv_loop_t *hd_loop_uv(hd_loop *l);
  * internal pipes) without a libuv call, which would change the parent's
  * loop. The loop is never used again. */
 void hd_loop_forsake(hd_loop *l);
+
+/* Where workers' output goes: a copy of the host's descriptor 1 (which = 0)
+ * or 2 (which = 1) taken when the loop was made, before any descriptor of
+ * ours existed; -1 when the host had it closed. A copy, not the number: a
+ * host that closed its stdout would otherwise have a descriptor of ours
+ * (the supervisor's socket, say) take its place, and job output written
+ * into it. */
+int hd_loop_out_fd(const hd_loop *l, int which);
 
 /* The loop's cached time, in ms. */
 uint64_t hd_loop_now(hd_loop *l);

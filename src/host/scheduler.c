@@ -59,6 +59,7 @@ struct hd_job {
   hd_pool *origin;      /* the pool it was started in (holds a reference) */
   char *task_name;
   hd_job_limits lim;
+  double out_used;      /* bytes of output counted against lim.max_output */
   hd_buf frame;         /* the job frame; after the end, the reply's message */
   size_t msg_off, msg_len;
   sched_proc *proc;
@@ -410,9 +411,9 @@ void hd_sched_each_pid(hd_sched *s, void (*fn)(void *, pid_t), void *ud, pid_t *
     sched_proc *p = HD_QUEUE_DATA(q, sched_proc, node);
     pid_t pid = p->pid > 0 ? p->pid : hd_conn_pid(p->conn);
     if (!p->exited && pid > 0) fn(ud, pid);
-    /* Descriptors the host holds for its workers: the socket's end and the
-     * pidfd of each, pid known or not yet. */
-    if (hd_conn_open(p->conn)) (*fds)++;
+    /* Descriptors the host holds for its workers: the socket's end, the
+     * output pipes' and the pidfd of each, pid known or not yet. */
+    *fds += hd_conn_fds(p->conn);
     if (p->pidfd >= 0) (*fds)++;
   }
   *sup = hd_sup_pid(s->sup);
@@ -602,8 +603,34 @@ static void proc_on_closed(hd_conn *c, void *ud) {
   proc_free_if_done(p);
 }
 
+/* Output from the process, on its stdout or stderr: counted against the
+ * max_output of the job it runs, which ends (and the process is killed)
+ * once past it; only the bytes within the limit go on. Output while no job
+ * runs there (before the first, or from a child a job left) goes on and is
+ * counted for nobody. */
+static size_t proc_on_output(hd_conn *c, void *ud, size_t len) {
+  sched_proc *p = ud;
+  hd_job *j = p->job;
+  double left;
+  (void)c;
+  if (j == NULL) return len;
+  left = j->lim.max_output - j->out_used;
+  if ((double)len <= left) {
+    j->out_used += (double)len;
+    return len;
+  }
+  j->out_used = j->lim.max_output;
+  /* A job already decided (its process is being killed) keeps its end. */
+  if (j->pending == HD_OUT_NONE) {
+    snprintf(j->detail, sizeof j->detail, "wrote more than %.0f bytes to stdout and stderr",
+             j->lim.max_output);
+    job_finish(j, HD_OUT_OUTPUT);
+  }
+  return left > 0 ? (size_t)left : 0;
+}
+
 static const hd_conn_cbs proc_conn_cbs = {proc_on_reply, proc_on_fail, proc_on_eof,
-                                          proc_on_closed};
+                                          proc_on_closed, proc_on_output};
 
 static sched_proc *proc_find(hd_sched *s, uint32_t id) {
   hd_queue *q;
@@ -668,7 +695,7 @@ static void sched_on_lost(void *ud, const char *why) {
 /* A new worker process for `root`, or NULL with why in err. */
 static sched_proc *proc_spawn(hd_sched *s, hd_pool *root, char *err, size_t errlen) {
   sched_proc *p;
-  int peer, r = hd_sup_ensure(s->sup, s->lua_path, s->lua_cpath);
+  int peer[HD_SPAWN_FDS], r = hd_sup_ensure(s->sup, s->lua_path, s->lua_cpath);
   if (r < 0) {
     snprintf(err, errlen, "%s", hd_sup_error(s->sup));
     return NULL;
@@ -679,7 +706,7 @@ static sched_proc *proc_spawn(hd_sched *s, hd_pool *root, char *err, size_t errl
     snprintf(err, errlen, "out of memory");
     return NULL;
   }
-  p->conn = hd_conn_new(s->loop, &proc_conn_cbs, p, &peer, err, errlen);
+  p->conn = hd_conn_new(s->loop, &proc_conn_cbs, p, peer, err, errlen);
   if (p->conn == NULL) {
     free(p);
     return NULL;

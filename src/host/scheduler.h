@@ -103,6 +103,7 @@ typedef struct hd_job_limits {
   double max_ms;        /* math.huge: none */
   double pool_timeout;  /* ms to wait for capacity; 0: none */
   double max_result;    /* bytes; 0: the context's default */
+  double max_output;    /* bytes the job may write to stdout and stderr */
   uint64_t max_heap;
 } hd_job_limits;
 

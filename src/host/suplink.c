@@ -34,11 +34,12 @@ extern char **environ;
 /* How long closing the link waits for the supervisor to exit. */
 #define SUP_EXIT_WAIT_MS 1000
 
-/* A queued control message, with the descriptor it carries (or -1). */
+/* A queued control message, with the descriptors it carries. */
 typedef struct sup_msg {
   hd_queue node;
   size_t len;
-  int fd;
+  int nfds;
+  int fds[HD_SPAWN_FDS];
   char data[HD_CTL_MAX];
 } sup_msg;
 
@@ -167,11 +168,17 @@ void hd_sup_reap(hd_sup *s) {
   }
 }
 
+static void sup_close_fds(const int *fds, int nfds) {
+  int k;
+  for (k = 0; k < nfds; k++)
+    if (fds[k] >= 0) close(fds[k]);
+}
+
 static void sup_free_msgs(hd_sup *s) {
   while (!hd_queue_empty(&s->out)) {
     sup_msg *m = HD_QUEUE_DATA(hd_queue_head(&s->out), sup_msg, node);
     hd_queue_remove(&m->node);
-    if (m->fd >= 0) close(m->fd);
+    sup_close_fds(m->fds, m->nfds);
     free(m);
   }
 }
@@ -206,8 +213,8 @@ static void sup_broken(hd_sup *s, const char *why) {
 static void sup_poll_update(hd_sup *s);
 
 /* 0 sent, 1 not now (the socket is full), -1 the link is broken. */
-static int sup_sendmsg(hd_sup *s, const char *msg, size_t len, int fd) {
-  if (hd_send_fd(s->fd, msg, len, fd, MSG_DONTWAIT) >= 0) return 0;
+static int sup_sendmsg(hd_sup *s, const char *msg, size_t len, const int *fds, int nfds) {
+  if (hd_send_fds(s->fd, msg, len, fds, nfds, MSG_DONTWAIT) >= 0) return 0;
   if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) return 1;
   return -1;
 }
@@ -215,14 +222,14 @@ static int sup_sendmsg(hd_sup *s, const char *msg, size_t len, int fd) {
 static void sup_flush(hd_sup *s) {
   while (!hd_queue_empty(&s->out)) {
     sup_msg *m = HD_QUEUE_DATA(hd_queue_head(&s->out), sup_msg, node);
-    int r = sup_sendmsg(s, m->data, m->len, m->fd);
+    int r = sup_sendmsg(s, m->data, m->len, m->fds, m->nfds);
     if (r == 1) break;
     if (r < 0) {
       sup_broken(s, "lost the supervisor process");
       return;
     }
     hd_queue_remove(&m->node);
-    if (m->fd >= 0) close(m->fd);
+    sup_close_fds(m->fds, m->nfds);
     free(m);
   }
   if (s->up) sup_poll_update(s);
@@ -291,18 +298,20 @@ static void sup_poll_update(hd_sup *s) {
   }
 }
 
-/* Sends a packed message, queueing what the socket does not take now. */
-static int sup_send(hd_sup *s, const hd_ctl *c, int fd) {
+/* Sends a packed message with nfds descriptors (at most HD_SPAWN_FDS),
+ * queueing what the socket does not take now. The descriptors are closed
+ * here once sent, or at once when it cannot be. */
+static int sup_send(hd_sup *s, const hd_ctl *c, const int *fds, int nfds) {
   sup_msg *m;
   char data[HD_CTL_MAX];
   size_t len = hd_wire_ctl_pack(c, HD_CTL_DOWN, data);
   if (!s->up) {
-    if (fd >= 0) close(fd);
+    sup_close_fds(fds, nfds);
     return -1;
   }
   if (hd_queue_empty(&s->out)) {
-    int r = sup_sendmsg(s, data, len, fd);
-    if (r <= 0 && fd >= 0) close(fd);
+    int r = sup_sendmsg(s, data, len, fds, nfds);
+    if (r <= 0) sup_close_fds(fds, nfds);
     if (r == 0) return 0;
     if (r < 0) {
       sup_broken(s, "lost the supervisor process");
@@ -311,25 +320,27 @@ static int sup_send(hd_sup *s, const hd_ctl *c, int fd) {
   }
   m = malloc(sizeof *m);
   if (m == NULL) {
-    if (fd >= 0) close(fd);
+    sup_close_fds(fds, nfds);
     return -1;
   }
   m->len = len;
-  m->fd = fd;
+  m->nfds = nfds;
+  if (nfds > 0) memcpy(m->fds, fds, sizeof(int) * (size_t)nfds);
   memcpy(m->data, data, len);
   hd_queue_insert_tail(&s->out, &m->node);
   sup_poll_update(s);
   return 0;
 }
 
-int hd_sup_spawn(hd_sup *s, uint32_t id, int flags, const char *name, int fd) {
+int hd_sup_spawn(hd_sup *s, uint32_t id, int flags, const char *name,
+                 const int fds[HD_SPAWN_FDS]) {
   hd_ctl m;
   memset(&m, 0, sizeof m);
   m.type = HD_CTL_SPAWN;
   m.id = id;
   m.arg = (uint32_t)flags;
   if (name != NULL) snprintf(m.name, sizeof m.name, "%s", name);
-  return sup_send(s, &m, fd);
+  return sup_send(s, &m, fds, HD_SPAWN_FDS);
 }
 
 int hd_sup_kill(hd_sup *s, uint32_t id) {
@@ -337,7 +348,7 @@ int hd_sup_kill(hd_sup *s, uint32_t id) {
   memset(&m, 0, sizeof m);
   m.type = HD_CTL_KILL;
   m.id = id;
-  return sup_send(s, &m, -1);
+  return sup_send(s, &m, NULL, 0);
 }
 
 /* posix_spawn's attributes: no signal blocked, every one at its default
@@ -461,8 +472,8 @@ void hd_sup_forsake(hd_sup *s) {
   s->pid = -1;
   for (q = s->out.next; q != &s->out; q = q->next) {
     sup_msg *m = HD_QUEUE_DATA(q, sup_msg, node);
-    if (m->fd >= 0) close(m->fd);
-    m->fd = -1;
+    sup_close_fds(m->fds, m->nfds);
+    m->nfds = 0;
   }
   for (q = s->gone.next; q != &s->gone; q = q->next) {
     sup_gone *g = HD_QUEUE_DATA(q, sup_gone, node);

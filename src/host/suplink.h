@@ -8,6 +8,7 @@
 #include <sys/types.h>
 
 #include "loop.h"
+#include "wire.h"
 
 typedef struct hd_sup hd_sup;
 
@@ -48,9 +49,11 @@ int hd_sup_ensure(hd_sup *s, const char *path, const char *cpath);
 
 const char *hd_sup_error(const hd_sup *s);
 
-/* Orders. `fd` (hd_sup_spawn) is attached and closed here, whatever
- * happens. Each returns 0, or -1 when it could not be sent. */
-int hd_sup_spawn(hd_sup *s, uint32_t id, int flags, const char *name, int fd);
+/* Orders. `fds` (hd_sup_spawn: the worker's socket, stdout and stderr, in
+ * the order of wire.h's HD_SPAWN_FD_*) are attached and closed here,
+ * whatever happens. Each returns 0, or -1 when it could not be sent. */
+int hd_sup_spawn(hd_sup *s, uint32_t id, int flags, const char *name,
+                 const int fds[HD_SPAWN_FDS]);
 int hd_sup_kill(hd_sup *s, uint32_t id);
 
 /* Reads the reports already sent, without blocking. */

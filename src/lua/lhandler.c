@@ -245,6 +245,7 @@ static int l_submit(lua_State *L) {
   lim.max_heap = hd_u64_of(luaL_checknumber(L, 5));
   lim.pool_timeout = luaL_optnumber(L, 7, 0);
   lim.max_result = luaL_optnumber(L, 8, 0);
+  lim.max_output = max_output;
   luaL_checkany(L, 3);
   if (hd_sched_in_loop(s)) return luaL_error(L, "handler: cannot start a job from inside the loop");
   u = lua_newuserdata(L, sizeof *u);
@@ -372,6 +373,11 @@ static int l_push_outcome(lua_State *L, hd_job *j, int ud) {
         lua_pop(L, 1);
         lua_pushnil(L);
       }
+      return 3;
+    case HD_OUT_OUTPUT:
+      lua_pushboolean(L, 0);
+      lua_pushliteral(L, "output");
+      lua_pushstring(L, hd_job_detail(j));
       return 3;
     case HD_OUT_BADREPLY:
     case HD_OUT_FAILED:
@@ -553,11 +559,12 @@ static int l_stats(lua_State *L) {
   l_setnum(L, "failed_oom", o[HD_OUT_OOM]);
   l_setnum(L, "failed_error", o[HD_OUT_ERROR]);
   l_setnum(L, "failed_exit", o[HD_OUT_EXIT]);
-  l_setnum(L, "failed_other", o[HD_OUT_BADRESULT] + o[HD_OUT_BADREPLY] + o[HD_OUT_FAILED]);
+  l_setnum(L, "failed_other",
+           o[HD_OUT_BADRESULT] + o[HD_OUT_BADREPLY] + o[HD_OUT_FAILED] + o[HD_OUT_OUTPUT]);
   l_setnum(L, "killed", o[HD_OUT_KILLED]);
   l_setnum(L, "failed", o[HD_OUT_TIMEOUT] + o[HD_OUT_OOM] + o[HD_OUT_ERROR] + o[HD_OUT_EXIT] +
                             o[HD_OUT_BADRESULT] + o[HD_OUT_BADREPLY] + o[HD_OUT_FAILED] +
-                            o[HD_OUT_KILLED]);
+                            o[HD_OUT_OUTPUT] + o[HD_OUT_KILLED]);
   l_setnum(L, "rejected", st.rejected);
   l_setnum(L, "rejected_no_workers", o[HD_OUT_NOWORKERS]);
   l_setnum(L, "rejected_insufficient_memory", o[HD_OUT_NOMEMORY]);

@@ -278,15 +278,28 @@ static void sup_child_signals(void) {
   for (sig = 1; sig < NSIG; sig++) signal(sig, SIG_DFL);
 }
 
-/* In the forked child: become a worker on `fd`. Never returns. */
-static void sup_become_worker(sup *s, int fd, pid_t sup_pid, const char *dir, int flags,
-                              const char *name) {
+/* In the forked child: the pipes the host reads become descriptors 1 and
+ * 2, so every byte written to them, by the job, the FFI or a command it
+ * runs, passes the host's meter. They are above 2 (0 to 2 are open in the
+ * supervisor) and are closed once in place. */
+static void sup_worker_stdio(const int std[2]) {
+  if (dup2(std[0], STDOUT_FILENO) < 0 || dup2(std[1], STDERR_FILENO) < 0)
+    _exit(HD_EXIT_NO_SOCKET);
+  close(std[0]);
+  close(std[1]);
+}
+
+/* In the forked child: become a worker on `fd`, writing to `std`. Never
+ * returns. */
+static void sup_become_worker(sup *s, int fd, const int std[2], pid_t sup_pid, const char *dir,
+                              int flags, const char *name) {
   struct rlimit rl;
   sup_worker_title(name);
   sup_child_signals();
   /* The control socket is descriptor 3 too: it goes first. */
   close(s->ctl);
   close(s->sigfd);
+  sup_worker_stdio(std);
   if (fd != HD_WORKER_FD) {
     if (dup2(fd, HD_WORKER_FD) < 0) _exit(HD_EXIT_NO_SOCKET);
     close(fd);
@@ -414,13 +427,23 @@ static int sup_sweep_orphans(sup *s) {
   return found;
 }
 
-static void sup_spawn(sup *s, uint32_t id, int fd, int flags, const char *name) {
+/* Closes the n descriptors of fds that are open. */
+static void sup_close_fds(const int *fds, int n) {
+  int k;
+  for (k = 0; k < n; k++)
+    if (fds[k] >= 0) close(fds[k]);
+}
+
+/* fds: the SPAWN's descriptors (wire.h's HD_SPAWN_FD_*), closed here. */
+static void sup_spawn(sup *s, uint32_t id, const int *fds, int flags, const char *name) {
   pid_t pid, me;
+  int fd = fds[HD_SPAWN_FD_SOCKET];
+  const int std[2] = {fds[HD_SPAWN_FD_STDOUT], fds[HD_SPAWN_FD_STDERR]};
   if (s->nkids == s->capkids) {
     size_t cap = s->capkids ? s->capkids * 2 : 16;
     sup_child *k = realloc(s->kids, cap * sizeof *k);
     if (k == NULL) {
-      close(fd);
+      sup_close_fds(fds, HD_SPAWN_FDS);
       sup_report(s, HD_CTL_FAILED, id, ENOMEM);
       return;
     }
@@ -438,7 +461,7 @@ static void sup_spawn(sup *s, uint32_t id, int fd, int flags, const char *name) 
       fprintf(stderr, "handler-worker: cannot make a worker's directory in %s: %s\n", s->tmpdir,
               strerror(err));
     s->dir_failed = 1;
-    close(fd);
+    sup_close_fds(fds, HD_SPAWN_FDS);
     sup_report(s, HD_CTL_FAILED, id, (uint32_t)err);
     return;
   }
@@ -447,8 +470,8 @@ static void sup_spawn(sup *s, uint32_t id, int fd, int flags, const char *name) 
    * the child, it would be whoever adopted the child if we died first. */
   me = getpid();
   pid = fork();
-  if (pid == 0) sup_become_worker(s, fd, me, s->kids[s->nkids].dir, flags, name);
-  close(fd);
+  if (pid == 0) sup_become_worker(s, fd, std, me, s->kids[s->nkids].dir, flags, name);
+  sup_close_fds(fds, HD_SPAWN_FDS);
   if (pid < 0) {
     sup_rmdir(s->kids[s->nkids].dir);
     sup_report(s, HD_CTL_FAILED, id, (uint32_t)errno);
@@ -501,22 +524,29 @@ static void sup_reap(sup *s) {
 static int sup_read_ctl(sup *s) {
   char buf[HD_CTL_MAX];
   hd_ctl m;
-  int fd;
-  ssize_t n = hd_recv_fd(s->ctl, buf, sizeof buf, &fd, 0);
+  int fds[HD_SPAWN_FDS], k;
+  ssize_t n = hd_recv_fds(s->ctl, buf, sizeof buf, fds, HD_SPAWN_FDS, 0);
   if (n < 0) return (errno == EINTR || errno == EAGAIN) ? 0 : -1;
   if (n == 0) return -1;
   if (hd_wire_ctl_unpack(buf, (size_t)n, HD_CTL_DOWN, &m) == 0) {
     if (m.type == HD_CTL_SPAWN) {
-      /* A SPAWN comes with the worker's socket; without it (the kernel
-       * drops a descriptor we have no room for) the host must still hear
-       * back, or the job waiting for that worker waits for ever. */
-      if (fd >= 0) sup_spawn(s, m.id, fd, (int)m.arg, m.name);
-      else sup_report(s, HD_CTL_FAILED, m.id, EMFILE);
+      /* A SPAWN comes with the worker's socket and output pipes; without
+       * them (the kernel drops descriptors we have no room for) the host
+       * must still hear back, or the job waiting for that worker waits for
+       * ever. */
+      for (k = 0; k < HD_SPAWN_FDS && fds[k] >= 0; k++) {
+      }
+      if (k == HD_SPAWN_FDS) {
+        sup_spawn(s, m.id, fds, (int)m.arg, m.name);
+      } else {
+        sup_close_fds(fds, HD_SPAWN_FDS);
+        sup_report(s, HD_CTL_FAILED, m.id, EMFILE);
+      }
       return 0;
     }
     if (m.type == HD_CTL_KILL) sup_kill(s, m.id);
   }
-  if (fd >= 0) close(fd);
+  sup_close_fds(fds, HD_SPAWN_FDS);
   return 0;
 }
 

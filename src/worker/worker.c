@@ -33,8 +33,6 @@ typedef struct hd_wk {
   hd_alloc alloc;
   lua_State *L;
   char host_cwd[PATH_MAX]; /* the host's directory, before the private one */
-  size_t out_budget;    /* bytes the job may still print */
-  size_t out_limit;     /* max_output_bytes */
   int env_set;          /* the job set environment variables */
   uint64_t data_limit;  /* the RLIMIT_DATA in force */
   int sandbox;          /* the sandbox profile is in force */
@@ -298,93 +296,6 @@ static int wk_load_guard(lua_State *L) {
   return wk_call_wrapped(L);
 }
 
-/* Output goes to the host's stdout and stderr: a job may write only
- * max_output_bytes of it, so a runaway writer cannot flood the host. Takes
- * n bytes from the budget, or raises once it is spent. */
-static void wk_output_charge(lua_State *L, size_t n) {
-  if (n > wk.out_budget) {
-    char lim[32];
-    wk.out_budget = 0;
-    snprintf(lim, sizeof lim, "%.0f", (double)wk.out_limit);
-    luaL_error(L, "handler: output limit of %s bytes exceeded", lim);
-  }
-  wk.out_budget -= n;
-}
-
-/* print, written here rather than wrapped: each argument goes through the
- * global tostring first, as print does, so what is charged is exactly what
- * is written; a __tostring (or a tostring) returning a long string cannot
- * pass for a short value. */
-static int wk_print(lua_State *L) {
-  int i, n = lua_gettop(L);
-  size_t total = n > 0 ? (size_t)n : 1; /* the tabs and the newline */
-  lua_getglobal(L, "tostring");
-  for (i = 1; i <= n; i++) {
-    size_t len;
-    lua_pushvalue(L, n + 1);
-    lua_pushvalue(L, i);
-    lua_call(L, 1, 1);
-    if (lua_tolstring(L, -1, &len) == NULL)
-      return luaL_error(L, "'tostring' must return a string to 'print'");
-    lua_replace(L, i);
-    total = len > SIZE_MAX - total ? SIZE_MAX : total + len;
-  }
-  wk_output_charge(L, total);
-  for (i = 1; i <= n; i++) {
-    size_t len;
-    const char *s = lua_tolstring(L, i, &len);
-    if (i > 1) putchar('\t');
-    fwrite(s, 1, len, stdout);
-  }
-  putchar('\n');
-  return 0;
-}
-
-/* io.write (upvalue 2 is 1) and a file's write method (2; counted for
- * stdout and stderr only, which are upvalues 3 and 4): the wrapped function
- * is upvalue 1. Strings and numbers are what they write; anything else
- * they refuse. */
-static int wk_output_guard(lua_State *L) {
-  int kind = (int)lua_tointeger(L, lua_upvalueindex(2));
-  int i, top = lua_gettop(L), first = kind == 2 ? 2 : 1;
-  size_t n = 0;
-  if (kind != 2 || lua_rawequal(L, 1, lua_upvalueindex(3)) ||
-      lua_rawequal(L, 1, lua_upvalueindex(4))) {
-    for (i = first; i <= top; i++) {
-      size_t len = 0;
-      int t = lua_type(L, i);
-      if (t == LUA_TSTRING || t == LUA_TNUMBER) lua_tolstring(L, i, &len);
-      n = len > SIZE_MAX - n ? SIZE_MAX : n + len;
-    }
-    wk_output_charge(L, n);
-  }
-  lua_pushvalue(L, lua_upvalueindex(1));
-  lua_insert(L, 1);
-  lua_call(L, top, LUA_MULTRET);
-  return lua_gettop(L);
-}
-
-static void wk_guard_output(lua_State *L) {
-  lua_pushcfunction(L, wk_print);
-  lua_setglobal(L, "print");
-  lua_getglobal(L, "io");
-  lua_getfield(L, -1, "write");
-  lua_pushinteger(L, 1);
-  lua_pushcclosure(L, wk_output_guard, 2);
-  lua_setfield(L, -2, "write");
-  luaL_getmetatable(L, "FILE*");
-  lua_getfield(L, -1, "__index");
-  if (lua_istable(L, -1)) {
-    lua_getfield(L, -1, "write");
-    lua_pushinteger(L, 2);
-    lua_getfield(L, -5, "stdout");
-    lua_getfield(L, -6, "stderr");
-    lua_pushcclosure(L, wk_output_guard, 4);
-    lua_setfield(L, -2, "write");
-  }
-  lua_pop(L, 3);
-}
-
 /* Replaces t[name] (t at index idx) by a wrapper around it. */
 static void wk_wrap(lua_State *L, int idx, const char *name, lua_CFunction w) {
   lua_getfield(L, idx, name);
@@ -566,6 +477,67 @@ static void wk_jit_off(lua_State *L) {
   lua_pop(L, 1);
 }
 
+/* ---- The address space limit ---------------------------------------------
+ * RLIMIT_DATA does not see shared mappings (mmap of MAP_SHARED|MAP_ANONYMOUS
+ * memory is as real as malloc's, and counts against no one's heap):
+ * RLIMIT_AS does, every mapping a job or a command it runs makes. It is
+ * sized like the data limit, on top of what the worker maps at rest: the
+ * image's region, the libraries, the stack (about 70 MB, nearly all of it
+ * the region, on x86-64 with LuaJIT 2.1). */
+
+/* Headroom beside 3 x max_heap_bytes, as for RLIMIT_DATA: the JIT's machine
+ * code, the reply buffer, malloc's slack, a locale archive (200 MB on some
+ * systems). */
+#define WK_AS_HEADROOM (256ull << 20)
+/* The base when /proc cannot tell: the region and a generous rest. */
+#define WK_AS_BASE_GUESS (64ull << 20)
+
+static struct {
+  uint64_t base;  /* the worker's address space at rest */
+  uint64_t limit; /* the RLIMIT_AS in force, 0: none set */
+} wk_as;
+
+/* Measures the address space once the image is built, in the supervisor:
+ * every worker forked from it starts the same. */
+static void wk_measure_as_base(void) {
+  unsigned long long pages = 0;
+  long page = sysconf(_SC_PAGESIZE);
+  FILE *f = fopen("/proc/self/statm", "re");
+  if (f != NULL) {
+    if (fscanf(f, "%llu", &pages) != 1) pages = 0;
+    fclose(f);
+  }
+  if (pages > 0 && page > 0 && pages < (UINT64_MAX >> 20))
+    wk_as.base = (uint64_t)pages * (uint64_t)page;
+  else
+    wk_as.base = (uint64_t)wk.alloc.region_cap + WK_AS_BASE_GUESS;
+}
+
+/* The per-job RLIMIT_AS: base + 256 MiB + 3 x max_heap_bytes. A job past it
+ * sees mmap and malloc fail inside the worker (an allocation of the Lua
+ * heap failing ends the job as OOM); the machine's OOM killer never has to
+ * choose. Lowered after a bigger job, the memory that job left in malloc
+ * goes back first, so the next job does not start above its own limit. */
+static void wk_set_as_limit(uint64_t heap) {
+#if defined(__SANITIZE_ADDRESS__)
+  /* AddressSanitizer reserves terabytes of shadow memory. */
+  (void)heap;
+#else
+  struct rlimit rl;
+  uint64_t lim = wk_as.base + WK_AS_HEADROOM;
+  lim += heap > (UINT64_MAX - lim) / 3 ? (UINT64_MAX - lim) : 3 * heap;
+  if (lim == wk_as.limit) return;
+  if (getrlimit(RLIMIT_AS, &rl) != 0) return;
+  if (wk_as.limit != 0 && lim < wk_as.limit) malloc_trim(0);
+  /* The soft limit, which the worker may raise again for the next job; in
+   * the sandbox the hard one too, so a job cannot lift it. */
+  rl.rlim_cur = (rlim_t)lim;
+  if (rl.rlim_max != RLIM_INFINITY && rl.rlim_cur > rl.rlim_max) rl.rlim_cur = rl.rlim_max;
+  if (wk.sandbox) rl.rlim_max = rl.rlim_cur;
+  if (setrlimit(RLIMIT_AS, &rl) == 0) wk_as.limit = lim;
+#endif
+}
+
 int hd_worker_prepare(const char *path, const char *cpath) {
   lua_State *L;
   int jit;
@@ -587,7 +559,6 @@ int hd_worker_prepare(const char *path, const char *cpath) {
   lua_setfield(L, -2, "cpath");
   lua_pop(L, 1);
   wk_wrap_all(L);
-  wk_guard_output(L);
   lua_settop(L, 0);
   /* Encoding a named value builds the codec's name cache: built here, it is
    * part of the image, so no job pays for it or has it counted. */
@@ -601,6 +572,7 @@ int hd_worker_prepare(const char *path, const char *cpath) {
   lua_gc(L, LUA_GCCOLLECT, 0);
   if (hd_alloc_snapshot(&wk.alloc) != 0) return -1;
   wk.L = L;
+  wk_measure_as_base();
   return 0;
 }
 
@@ -740,7 +712,7 @@ static void wk_set_data_limit(uint64_t heap) {
 static void wk_job(hd_wk *w) {
   lua_State *L = w->L;
   hd_wire_job j;
-  uint64_t heap, output;
+  uint64_t heap;
   int rc;
   if (hd_wire_job_parse(w->in.data, w->frame_len, &j) != 0) {
     const char *m = "bad job frame";
@@ -749,12 +721,12 @@ static void wk_job(hd_wk *w) {
     return;
   }
   heap = j.max_heap;
-  output = j.max_output;
+  /* j.max_output is not enforced here: the host reads this process's
+   * stdout and stderr and counts every byte, whoever writes it. */
   if (j.path != NULL) wk_set_paths(L, &j);
   if (j.nenv > 0) wk_set_env(&j);
-  w->out_budget = output > SIZE_MAX ? SIZE_MAX : (size_t)output;
-  w->out_limit = w->out_budget;
   wk_set_data_limit(heap);
+  wk_set_as_limit(heap);
   lua_settop(L, 0);
   lua_pushcfunction(L, wk_msgh);
   lua_pushcfunction(L, wk_call);
