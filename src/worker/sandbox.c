@@ -2,6 +2,7 @@
  * tight limits and a seccomp filter. SECURITY.md says what it covers. */
 #include "sandbox.h"
 
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <lauxlib.h>
@@ -56,14 +57,52 @@ static int sb_load_text(lua_State *L) {
   return lua_gettop(L);
 }
 
+/* package.loaders[2] in the strict profile: a Lua module found on
+ * package.path, loaded as text only (the stock loader takes bytecode too,
+ * from any file the job points package.path at). Upvalue 1 is the package
+ * table, upvalue 2 package.searchpath. Errors read as the stock loader's. */
+static int sb_loader_text(lua_State *L) {
+  const char *name = luaL_checkstring(L, 1), *file;
+  lua_settop(L, 1);
+  lua_pushvalue(L, lua_upvalueindex(2));
+  lua_pushvalue(L, 1);
+  lua_getfield(L, lua_upvalueindex(1), "path");
+  if (!lua_isstring(L, -1)) return luaL_error(L, LUA_QL("package.path") " must be a string");
+  lua_call(L, 2, 2);
+  file = lua_tostring(L, 2);
+  /* Not found: the message of where it looked. */
+  if (file == NULL) return 1;
+  if (luaL_loadfilex(L, file, "t") != 0)
+    return luaL_error(L, "error loading module " LUA_QS " from file " LUA_QS ":\n\t%s", name,
+                      file, lua_tostring(L, -1));
+  return 1;
+}
+
+/* A cdata literal (1LL, 2ULL, 3i) in text a job loads, or in the bytecode of
+ * its closure, makes LuaJIT load the FFI on demand, and loading it puts the
+ * module in package.loaded. Loaded here, once, its C type state exists and
+ * nothing loads it again; the module itself is then dropped with its name.
+ * A LuaJIT built without the FFI has no cdata literals. */
+static void sb_load_ffi_types(lua_State *L) {
+  lua_CFunction open_ffi;
+  *(void **)&open_ffi = dlsym(RTLD_DEFAULT, "luaopen_ffi");
+  if (open_ffi == NULL) return;
+  lua_pushcfunction(L, open_ffi);
+  lua_call(L, 0, 0);
+}
+
 void hd_sandbox_lua(lua_State *L) {
   static const char *const keep_io[] = {"write", NULL};
   static const char *const keep_os[] = {"clock", "date", "time", "difftime", "getenv", NULL};
   static const char *const keep_debug[] = {"traceback", NULL};
   static const char *const drop_g[] = {"loadfile", "dofile", "jit", NULL};
-  static const char *const drop_loaded[] = {"jit", "jit.opt", "jit.util", "jit.profile", "ffi",
-                                            NULL};
+  /* string.buffer's reserve and ref hand out pointers as cdata (the FFI's
+   * C types exist, see sb_load_ffi_types); thread.exdata stores one. */
+  static const char *const drop_loaded[] = {"jit",          "jit.opt",       "jit.util",
+                                            "jit.profile",  "ffi",           "string.buffer",
+                                            "thread.exdata", "thread.exdata2", NULL};
   int k;
+  sb_load_ffi_types(L);
   sb_strip_global(L, "io", keep_io);
   sb_strip_global(L, "os", keep_os);
   sb_strip_global(L, "debug", keep_debug);
@@ -81,14 +120,18 @@ void hd_sandbox_lua(lua_State *L) {
     int pkg = lua_gettop(L);
     lua_pushnil(L);
     lua_setfield(L, pkg, "loadlib");
-    /* Loaders 3 and 4 load C libraries; 1 (preload) and 2 (Lua files on
-     * package.path) stay. */
+    /* Loaders 3 and 4 load C libraries: gone. 1 (preload) stays, and 2
+     * (Lua files on package.path) loads text only. */
     lua_getfield(L, pkg, "loaders");
     if (lua_istable(L, -1)) {
       lua_pushnil(L);
       lua_rawseti(L, -2, 4);
       lua_pushnil(L);
       lua_rawseti(L, -2, 3);
+      lua_pushvalue(L, pkg);
+      lua_getfield(L, pkg, "searchpath");
+      lua_pushcclosure(L, sb_loader_text, 2);
+      lua_rawseti(L, -2, 2);
     }
     lua_pop(L, 1);
     lua_getfield(L, pkg, "preload");
