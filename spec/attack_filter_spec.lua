@@ -125,14 +125,6 @@ local function violation(ok, err)
   assert.are.equal("SIGSYS", err.reason)
 end
 
--- The worker a job ran in, by its pid (the job reads /proc/self/stat).
-local function worker_pid_job()
-  local f = io.open("/proc/self/stat")
-  local s = f:read("*l")
-  f:close()
-  return tonumber(s:match("^(%d+)"))
-end
-
 describe("the system call filter", function()
   local pool, snap
 
