@@ -23,6 +23,7 @@
 
 #include "fdpass.h"
 #include "rmtree.h"
+#include "sandbox.h"
 #include "wire.h"
 #include "worker.h"
 
@@ -579,6 +580,11 @@ int main(int argc, char **argv) {
   sup s;
   sigset_t chld;
   pid_t host;
+  /* The system calls a sandboxed worker may make, for the specs. */
+  if (argc == 2 && strcmp(argv[1], "--sandbox-allowlist") == 0) {
+    hd_sandbox_allowlist(stdout);
+    return 0;
+  }
   if (argc < 5 || strcmp(argv[1], "--supervisor") != 0) {
     fprintf(stderr, "handler-worker: started by the handler Lua module, not by hand\n");
     return 2;
