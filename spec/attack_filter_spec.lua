@@ -738,10 +738,7 @@ describe("the strict profile (sandbox = true)", function()
   -- own table. The worker cannot be the one to refuse (a "syscalls" job
   -- writes any bytes to its socket); the decoder of a reply from a
   -- sandboxed pool must refuse named tables and userdata (see SECURITY.md).
-  local HOST_REFUSES_NAMED_TABLES = false
-  local it_named = HOST_REFUSES_NAMED_TABLES and it or pending
-  it_named("cannot hand the caller the host's _G, package.loaded, debug or os (the host's " ..
-    "decoder of a sandboxed reply still accepts named tables)", function()
+  it("cannot hand the caller the host's _G, package.loaded, debug or os", function()
     local jobs = {
       _G = function() return _G end,
       loaded = function() return package.loaded end,

@@ -55,6 +55,14 @@ int hd_decode(lua_State *L, const char *p, size_t len, int flags);
  * tables: then 8 bytes per table (at most 2 * len), freed before it returns. */
 int hd_validate(const char *p, size_t len, char *err, size_t errlen);
 
+/* Validator flags. */
+#define HD_VAL_NO_NAMES 1 /* refuse any value sent by name: the reply of a sandboxed
+                           * worker, which must not hand its caller the host's own
+                           * tables (_G, package.loaded, debug) by naming them */
+
+/* hd_validate, with flags. */
+int hd_validate_flags(const char *p, size_t len, int flags, char *err, size_t errlen);
+
 /* Writes to `out` a whole message of n strings (n may be 0), exactly as
  * hd_encode would write them, without a lua_State: the worker's own replies
  * (an error text, an empty OOM reply) are built with it. Returns 0, or -1

@@ -185,9 +185,18 @@ static int val_bad(char *err, size_t errlen, const char *what, int tag, size_t a
 }
 
 int hd_validate(const char *msg, size_t len, char *err, size_t errlen) {
+  return hd_validate_flags(msg, len, 0, err, errlen);
+}
+
+int hd_validate_flags(const char *msg, size_t len, int flags, char *err, size_t errlen) {
   cx_walk w;
   cx_walk_init(&w, msg, len, 0, NULL);
   if (cx_walk_run(&w, &val_ops) != CX_WALK_OK) return val_bad(err, errlen, w.what, w.tag, w.at);
+  if ((flags & HD_VAL_NO_NAMES) && w.nnamed > 0) {
+    if (err != NULL && errlen > 0)
+      snprintf(err, errlen, "handler: bad message: a value by name from a sandboxed worker");
+    return -1;
+  }
   if (w.saw_mt && w.named_in_table) {
     uint64_t inline_st[VAL_REACH_INLINE], *st = inline_st;
     size_t at;

@@ -208,7 +208,7 @@ static int wire_reply_shaped(int status, const char *msg, size_t len) {
   }
 }
 
-int hd_wire_reply_check(const char *body, size_t len, char *why, size_t whylen) {
+int hd_wire_reply_check(const char *body, size_t len, int flags, char *why, size_t whylen) {
   int status;
   if (len < 1) {
     snprintf(why, whylen, "empty reply");
@@ -220,7 +220,7 @@ int hd_wire_reply_check(const char *body, size_t len, char *why, size_t whylen) 
     return -1;
   }
   /* About a nanosecond a byte, no Lua state needed. */
-  if (hd_validate(body + 1, len - 1, why, whylen) != 0) return -1;
+  if (hd_validate_flags(body + 1, len - 1, flags, why, whylen) != 0) return -1;
   if (!wire_reply_shaped(status, body + 1, len - 1)) {
     snprintf(why, whylen, "reply of the wrong shape for its status");
     return -1;

@@ -133,9 +133,9 @@ int hd_wire_reply_strings(hd_buf *b, int status, int n, const char *const *s,
 int hd_wire_reply_end(hd_buf *b, uint64_t id, int last);
 
 /* Checks a whole reply body (status byte, message) from a hostile worker:
- * a status we know, a message that decodes (hd_validate), and the shape its
- * status calls for. Returns 0, or -1 with why in `why`. */
-int hd_wire_reply_check(const char *body, size_t len, char *why, size_t whylen);
+ * a status we know, a message that decodes (hd_validate_flags, with
+ * `flags`), and the shape its status calls for. Returns 0, or -1 with why in `why`. */
+int hd_wire_reply_check(const char *body, size_t len, int flags, char *why, size_t whylen);
 
 /* The worker's first frame, its pid: HD_HELLO_LEN bytes at out. */
 #define HD_HELLO_BODY 4

@@ -54,6 +54,7 @@ struct hd_conn {
   int poll_open;      /* the handle is initialised and not yet closed */
   int handles;        /* handles initialised and not yet closed */
   int orphan;         /* hd_conn_new failed: freed, not reported, once closed */
+  int check_flags;    /* hd_validate_flags for replies: HD_VAL_NO_NAMES when sandboxed */
   conn_out out[CONN_OUTS];
   /* A reply read in the loop's poll phase is handed up in its check phase,
    * once every output pipe that was readable with it has been read. */
@@ -249,6 +250,10 @@ void hd_conn_close(hd_conn *c) {
     uv_close((uv_handle_t *)&c->check, conn_check_close_cb);
   }
   uv_close((uv_handle_t *)&c->poll, conn_close_cb);
+}
+
+void hd_conn_refuse_names(hd_conn *c) {
+  c->check_flags |= HD_VAL_NO_NAMES;
 }
 
 void hd_conn_forsake(hd_conn *c) {
@@ -492,7 +497,7 @@ static void conn_reply(hd_conn *c, const hd_frame *f) {
     conn_fail(c, HD_CONN_BREACH, "bytes after the reply");
     return;
   }
-  if (hd_wire_reply_check(body, f->len, why, sizeof why) != 0) {
+  if (hd_wire_reply_check(body, f->len, c->check_flags, why, sizeof why) != 0) {
     conn_fail(c, HD_CONN_BREACH, why);
     return;
   }

@@ -58,6 +58,11 @@ void hd_conn_send(hd_conn *c, uint64_t id, double max_result, const hd_buf *fram
  * reported). One non-blocking peek. */
 int hd_conn_fit(hd_conn *c);
 
+/* From now on a reply holding a value sent by name is a breach: the
+ * worker is sandboxed, and a name would make the host hand its caller the
+ * host's own table of that name. */
+void hd_conn_refuse_names(hd_conn *c);
+
 /* Reads what the worker has already written, now: its output, then its
  * frames. */
 void hd_conn_drain(hd_conn *c);

@@ -722,6 +722,7 @@ static sched_proc *proc_spawn(hd_sched *s, hd_pool *root, char *err, size_t errl
   hd_pool_ref(root);
   s->refs++;
   hd_pool_note_process(root, 1, 1);
+  if (hd_pool_sandbox(root) != 0) hd_conn_refuse_names(p->conn);
   if (hd_sup_spawn(s->sup, p->id, hd_pool_sandbox(root), hd_pool_name(root), peer) != 0) {
     /* The supervisor went away: this process is as good as dead. */
     snprintf(err, errlen, "%s", hd_sup_error(s->sup));

@@ -230,12 +230,13 @@ static int sb_add_checked(scmp_filter_ctx ctx, pid_t me) {
   /* Seeking its own files only: 0, 1 and 2 share their offset with the
    * host, whose log a seek back would overwrite. */
   scmp_datum_t seek_fds[SB_NOFILE - 3];
-  /* Limits: its own (pid 0), reading any; setting only RLIMIT_DATA, which
-   * the worker lowers per job. Raising a hard limit needs a capability the
-   * sandbox has dropped. */
+  /* Limits: its own (pid 0), reading any; setting only RLIMIT_DATA and
+   * RLIMIT_AS, which the worker sets per job. Raising a hard limit needs a
+   * capability the sandbox has dropped. */
   const struct scmp_arg_cmp rl_get[] = {{0, SCMP_CMP_EQ, 0, 0}, {2, SCMP_CMP_EQ, 0, 0}};
   const struct scmp_arg_cmp rl_data[] = {{0, SCMP_CMP_EQ, 0, 0},
                                          {1, SCMP_CMP_EQ, RLIMIT_DATA, 0}};
+  const struct scmp_arg_cmp rl_as[] = {{0, SCMP_CMP_EQ, 0, 0}, {1, SCMP_CMP_EQ, RLIMIT_AS, 0}};
   /* Signals to itself only (raise, abort), by its pid as installed. */
   const struct scmp_arg_cmp to_me = {0, SCMP_CMP_EQ, (scmp_datum_t)me, 0};
   static const char *const signalling[] = {"kill", "tkill", "tgkill", "rt_sigqueueinfo",
@@ -244,7 +245,7 @@ static int sb_add_checked(scmp_filter_ctx ctx, pid_t me) {
   const struct scmp_arg_cmp sock_fd = {0, SCMP_CMP_EQ, HD_WORKER_FD, 0};
   const struct scmp_arg_cmp send_to[] = {{0, SCMP_CMP_EQ, HD_WORKER_FD, 0},
                                          {4, SCMP_CMP_EQ, 0, 0}};
-  const scmp_datum_t data = RLIMIT_DATA;
+  const scmp_datum_t per_job[] = {RLIMIT_DATA, RLIMIT_AS};
   size_t i;
   for (i = 0; i < sizeof seek_fds / sizeof seek_fds[0]; i++) seek_fds[i] = 3 + i;
   if (sb_rule(ctx, SCMP_ACT_ALLOW, "mmap", 1, &mmap_private) != 0 ||
@@ -258,7 +259,8 @@ static int sb_add_checked(scmp_filter_ctx ctx, pid_t me) {
       sb_allow_values(ctx, "lseek", 0, seek_fds, sizeof seek_fds / sizeof seek_fds[0]) ||
       sb_rule(ctx, SCMP_ACT_ALLOW, "prlimit64", 2, rl_get) != 0 ||
       sb_rule(ctx, SCMP_ACT_ALLOW, "prlimit64", 2, rl_data) != 0 ||
-      sb_allow_values(ctx, "setrlimit", 0, &data, 1) != 0 ||
+      sb_rule(ctx, SCMP_ACT_ALLOW, "prlimit64", 2, rl_as) != 0 ||
+      sb_allow_values(ctx, "setrlimit", 0, per_job, 2) != 0 ||
       sb_rule(ctx, SCMP_ACT_ALLOW, "sendto", 2, send_to) != 0 ||
       sb_rule(ctx, SCMP_ACT_ALLOW, "recvfrom", 1, &sock_fd) != 0)
     return -1;
