@@ -594,3 +594,39 @@ describe("a host that forks", function()
     assert_all_gone(out)
   end)
 end)
+
+describe("a host that runs sandboxed jobs", function()
+  it("closes its /proc/<pid>/mem to its own non-sandboxed workers", function()
+    -- Run as nobody, so that the kernel's check is the dumpable flag and
+    -- not the root host's capabilities.
+    local dir = H.tmpdir()
+    finally(function() H.rm_r(dir) end)
+    local uid = tonumber(io.popen("id -u"):read("*l"))
+    local as = ""
+    if uid == 0 and os.execute("command -v setpriv >/dev/null 2>&1") == 0 then
+      os.execute("chmod 777 " .. H.shell_quote(dir))
+      as = "setpriv --reuid=65534 --regid=65534 --clear-groups "
+    end
+    H.write_file(dir .. "/host.lua", [[
+      local handler = require("handler")
+      local ffi = require("ffi")
+      ffi.cdef "int getpid(void); int prctl(int, unsigned long, unsigned long, unsigned long, unsigned long);"
+      local host = ffi.C.getpid()
+      local function peek()
+        local f = io.open("/proc/" .. host .. "/mem")
+        if f then f:close() end
+        return f and "open" or "refused"
+      end
+      local plain = handler.pool({})
+      print("before", select(2, plain:run(peek)), ffi.C.prctl(3, 0, 0, 0, 0))
+      handler.pool({ sandbox = true })
+      print("after", select(2, plain:run(peek)), ffi.C.prctl(3, 0, 0, 0, 0))
+    ]])
+    os.execute(as .. "env TMPDIR=/tmp " .. H.lua_env() .. " timeout -s KILL 60 luajit "
+      .. H.shell_quote(dir .. "/host.lua") .. " > " .. H.shell_quote(dir .. "/out") .. " 2>&1")
+    local out = H.read_file(dir .. "/out") or ""
+    -- PR_GET_DUMPABLE (3): 1 before a sandboxed pool exists, 0 after.
+    assert.matches("before\topen\t1", out, 1, true)
+    assert.matches("after\trefused\t0", out, 1, true)
+  end)
+end)

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 
 #include "codec.h"
@@ -139,6 +140,11 @@ static int l_pool_new(lua_State *L) {
   lua_setfenv(L, -2);
   u->p = hd_pool_new(&cfg);
   if (u->p == NULL) return luaL_error(L, "handler: out of memory");
+  /* A host that runs untrusted code closes its /proc/<pid>/mem (and
+   * ptrace) to processes of its own user, its non-sandboxed workers
+   * included: it is no longer dumpable. */
+  if (cfg.sandbox != 0 && prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0)
+    return luaL_error(L, "handler: cannot make the host non-dumpable");
   /* Listed, so that a forked child can reset every pool of this state. */
   lua_pushlightuserdata(L, &l_pools_key);
   lua_rawget(L, LUA_REGISTRYINDEX);
