@@ -582,6 +582,67 @@ end
 
 local load = machine_note()
 local cpu0 = cpu_times()
+-- Row 10: sandboxed workers, each in namespaces and a file system of its
+-- own. The strict profile reuses its workers; the "syscalls" one (the FFI
+-- at hand) takes a fresh process per job, so its cost per job includes a
+-- worker's start-up: clone into the namespaces, the jail, the seccomp
+-- filter, the hello.
+local function row_sandboxed()
+  local n, w = count(2000), count(200)
+  progress("row 10: sandboxed jobs: strict (reused), syscalls (a process per job), start-up")
+  local strict = handler.pool({ name = "bench_strict", max_workers = 2, sandbox = true })
+  local sys = handler.pool({ name = "bench_syscalls", max_workers = 2, sandbox = "syscalls" })
+  local st = timeit(n, w, function()
+    local ok, v = strict:run(trivial)
+    if v ~= 2 then check(ok, v, 2, "strict:run") end
+  end)
+  time_row("10a", "`pool:run` trivial, strict profile (workers reused), sequential", st,
+    { ratio = true })
+  st = timeit(n, w, function()
+    local ok, v = sys:run(trivial)
+    if v ~= 2 then check(ok, v, 2, "syscalls:run") end
+  end)
+  time_row("10b", "`pool:run` trivial, \"syscalls\" profile (a fresh process per job), sequential",
+    st, { ratio = true })
+  local batches, size = count(20), 200
+  local function batch()
+    local jobs = {}
+    for i = 1, size do jobs[i] = assert(sys:async(trivial, { pool_timeout = 60000 })) end
+    for i = 1, size do
+      local ok, v = jobs[i]:await()
+      if v ~= 2 then check(ok, v, 2, "syscalls async") end
+    end
+  end
+  batch()
+  local rates, total = {}, 0
+  for i = 1, batches do
+    local t0 = now()
+    batch()
+    local t = now() - t0
+    total = total + t
+    rates[i] = size / (t / 1e9)
+  end
+  local r = summary(rates)
+  add({ id = "10c", name = format("throughput, \"syscalls\" profile, 2 workers, batches of %d", size),
+    kind = "rate", n = r.n, min = r.min, median = r.median, p99 = r.max,
+    note = format("a process per job; overall %.0f /s; p99 column = fastest batch",
+      batches * size / (total / 1e9)) })
+  strict:close()
+  sys:close()
+  -- Start-up: the first job of a new pool (spawn → hello → the job), for a
+  -- jailed worker and, beside it, an ordinary one (a plain fork).
+  for _, c in ipairs({ { "10d", true, "strict profile: namespaces, jail, filter" },
+    { "10e", false, "not sandboxed: a plain fork" } }) do
+    st = timeit(count(300), count(20), function()
+      local p = handler.pool({ max_workers = 1, sandbox = c[2] })
+      local ok, v = p:run(trivial)
+      p:close()
+      if v ~= 2 then check(ok, v, 2, "first job") end
+    end)
+    time_row(c[1], "a new worker's first job (spawn → hello → job → reply), " .. c[3], st)
+  end
+end
+
 local t_start = now()
 assert(floor_bin, "bench.lua: --floor PATH is required (use bench/run)")
 if wanted(1) then row_floor() end
@@ -607,6 +668,7 @@ if cold then for _, r in ipairs(cold) do add(r) end end
 if wanted(6) or wanted(7) then row_timeout() end
 if wanted(8) then row_memory(mem) end
 if wanted(9) then row_transfer(st3) end
+if wanted(10) then row_sandboxed() end
 
 pool2:close()
 child:close()

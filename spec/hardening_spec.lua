@@ -692,14 +692,52 @@ describe("hardening against hostile jobs", function()
     end)
 
     it("a host killed with SIGKILL takes everything its jobs started with it", function()
-      -- The host runs with HANDLER_TEST_TAG set from the start: the
-      -- supervisor, the workers and whatever they fork carry it in
-      -- /proc/<pid>/environ, and the jobs pass it to the programs they run.
+      -- The host runs with HANDLER_TEST_TAG set from the start, and the jobs
+      -- pass it to the programs they run, which carry it in
+      -- /proc/<pid>/environ. The supervisor clears the host's environment
+      -- from its memory (SECURITY.md), so it, the workers and what they
+      -- fork without running a program do not: once every job is ready,
+      -- the host writes down every process under it (pid and start time).
       local script = [[
         local handler = require("handler")
         local ffi = require("ffi")
-        ffi.cdef "int poll(void *fds, unsigned long n, int ms);"
+        ffi.cdef [=[int poll(void *fds, unsigned long n, int ms); int getpid(void);
+          typedef struct { uint64_t ino; int64_t off; unsigned short reclen; unsigned char type;
+            char name[256]; } hd_de;
+          void *opendir(const char *p); hd_de *readdir(void *d); int closedir(void *d);]=]
         local mark, dir = arg[1], arg[2]
+        -- "pid start" of every descendant of this host, into path.
+        local function record_tree(path)
+          local info, out, me = {}, {}, ffi.C.getpid()
+          local d = ffi.C.opendir("/proc")
+          while true do
+            local e = ffi.C.readdir(d)
+            if e == nil then break end
+            local pid = tonumber(ffi.string(e.name))
+            local f = pid and io.open("/proc/" .. pid .. "/stat")
+            if f then
+              local ppid, rest = (f:read("*a") or ""):match("^.*%) %S (%d+) (.*)$")
+              f:close()
+              if ppid then
+                info[pid] = { ppid = tonumber(ppid),
+                  start = rest:match("^" .. ("%S+ "):rep(17) .. "(%d+)") }
+              end
+            end
+          end
+          ffi.C.closedir(d)
+          for pid, i in pairs(info) do
+            local p, n = i.ppid, 0
+            while p and p > 1 and p ~= me and n < 64 do
+              p = info[p] and info[p].ppid
+              n = n + 1
+            end
+            if p == me then out[#out + 1] = pid .. " " .. i.start end
+          end
+          local f = io.open(path, "w")
+          f:write(table.concat(out, "\n"), "\n")
+          f:close()
+        end
+        local recorded = false
         local pool = handler.pool{}
         local opts = { env = { "HANDLER_TEST_TAG" }, max_ms = 60000 }
         local function ready(name) io.open(dir .. "/ready-" .. name, "w"):close() end
@@ -739,7 +777,11 @@ describe("hardening against hostile jobs", function()
             local f = io.open(dir .. "/ready-" .. i)
             if f then f:close() else all = false end
           end
-          if all then io.open(dir .. "/ready", "w"):close() end
+          if all and not recorded then
+            record_tree(dir .. "/pids")
+            recorded = true
+            io.open(dir .. "/ready", "w"):close()
+          end
         end
       ]]
       local host = spawn_host(dir, script, "HANDLER_TEST_TAG=" .. tag, mark, dir)
@@ -750,12 +792,12 @@ describe("hardening against hostile jobs", function()
       end)
       assert.is_true(H.wait_until(function() return exists(dir .. "/ready") end, 20),
         "the host's jobs never became ready: " .. (read_file(dir .. "/err") or ""))
-      local before = #strays(mark, tag, nil)
+      local before = #strays(mark, tag, dir .. "/pids")
       -- host, supervisor, 5 workers, 50 forks, 4 sleeps (and their shells)
       assert(before >= 60, "only " .. before .. " tagged processes")
       local t0 = H.now()
       assert.is_true(H.kill9(host))
-      assert_nothing_survives("host killed with SIGKILL", mark, tag, nil, t0)
+      assert_nothing_survives("host killed with SIGKILL", mark, tag, dir .. "/pids", t0)
     end)
   end)
 

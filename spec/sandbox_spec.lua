@@ -320,16 +320,19 @@ describe("the sandbox", function()
       end))
     end)
 
-    it("reading a file works", function()
-      local path = dir .. "/data"
-      H.write_file(path, "hello sandbox")
+    it("reading a file works (on the module path: the rest of the host is out of sight)", function()
+      -- A sandboxed worker sees only the directories of package.path and
+      -- package.cpath, read-only (spec/attack_isolation_spec.lua proves the
+      -- rest is hidden); the spec's own lua/ is one of them.
+      local path = (os.getenv("PWD") or ".") .. "/lua/handler/errors.lua"
+      local want = H.read_file(path)
       local r = resolve(syscalls, function()
         local f = assert(io.open(path))
         local s = f:read("*a")
         f:close()
         return s
       end)
-      assert.are.equal("hello sandbox", (ok_values(r)))
+      assert.are.equal(want, (ok_values(r)))
     end)
 
     it("a segfault is still SIGSEGV", function()

@@ -374,6 +374,20 @@ function M.tmpdir()
   return d
 end
 
+--- A temporary directory a sandboxed job can read: under the spec's own
+-- directory, which is on package.path and so in every sandboxed worker's
+-- view (read-only). Remove it with rm_r.
+function M.visible_tmpdir()
+  local base = (os.getenv("PWD") or ".") .. "/.spec-tmp"
+  os.execute("mkdir -p " .. M.shell_quote(base))
+  local p = popen("mktemp -d " .. M.shell_quote(base .. "/XXXXXX"))
+  local d = p:read("*l")
+  p:close()
+  -- Sandboxed jobs run as another user (nobody, when the host is root).
+  os.execute("chmod 755 " .. M.shell_quote(base) .. " " .. M.shell_quote(d))
+  return d
+end
+
 --- All the values of a call, with their count (nils kept).
 function M.pack(...)
   return { n = select("#", ...), ... }

@@ -228,6 +228,24 @@ int hd_wire_reply_check(const char *body, size_t len, int flags, char *why, size
   return 0;
 }
 
+void hd_wire_fail_text(uint32_t why, char *out, size_t n) {
+  const char *kind;
+  int err = (int)(why & HD_FAIL_ERRNO);
+  switch (why & ~HD_FAIL_ERRNO) {
+    case HD_FAIL_JAIL_NS:
+      kind = "a sandboxed worker needs namespaces of its own, and this system refused them "
+             "(unprivileged user namespaces disabled: kernel.unprivileged_userns_clone = 0 "
+             "or user.max_user_namespaces = 0?)";
+      break;
+    case HD_FAIL_JAIL_IDS: kind = "a sandboxed worker's user and group could not be mapped"; break;
+    case HD_FAIL_JAIL_MOUNT: kind = "a sandboxed worker's file system could not be set up"; break;
+    case HD_FAIL_JAIL_PRIVS: kind = "a sandboxed worker's privileges could not be dropped"; break;
+    default: kind = NULL; break;
+  }
+  if (kind != NULL) snprintf(out, n, "%s: %s", kind, strerror(err));
+  else snprintf(out, n, "%s", strerror((int)why));
+}
+
 void hd_wire_hello(char *out, pid_t pid) {
   wire_put_head(out, HD_FRAME_HELLO, 0, HD_HELLO_BODY);
   hd_put_u32(out + HD_FRAME_HEADER, (uint32_t)pid);

@@ -66,8 +66,20 @@
 #define HD_CTL_HELLO 1   /* supervisor → parent: u32 version, u32 pid, u8 n, n bytes of bytecode header */
 #define HD_CTL_SPAWNED 2 /* supervisor → parent: u32 worker id, u32 pid; a pidfd attached */
 #define HD_CTL_EXITED 3  /* supervisor → parent: u32 worker id, i32 wait status */
-#define HD_CTL_FAILED 4  /* supervisor → parent: u32 worker id, i32 errno */
+#define HD_CTL_FAILED 4  /* supervisor → parent: u32 worker id, u32 why: an errno, or an
+                          * HD_FAIL_* kind or'ed with the errno of its failed step */
 #define HD_CTL_MAX 64
+
+/* Why a sandboxed worker could not be started (FAILED): its namespaces,
+ * its user and group mapping, its file system, or dropping its privileges. */
+#define HD_FAIL_JAIL_NS (1u << 16)
+#define HD_FAIL_JAIL_IDS (2u << 16)
+#define HD_FAIL_JAIL_MOUNT (3u << 16)
+#define HD_FAIL_JAIL_PRIVS (4u << 16)
+#define HD_FAIL_ERRNO 0xFFFFu
+
+/* What a FAILED's `why` says, as a sentence, into out. */
+void hd_wire_fail_text(uint32_t why, char *out, size_t n);
 
 /* Every worker's file size limit (RLIMIT_FSIZE). */
 #define HD_WORKER_FSIZE (1ull << 30)

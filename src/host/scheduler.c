@@ -131,9 +131,11 @@ static void proc_on_exited(sched_proc *p, int status);
 
 static void sched_on_spawned(void *ud, uint32_t id, pid_t pid, int pidfd);
 static void sched_on_exited(void *ud, uint32_t id, int status);
+static void sched_on_failed(void *ud, uint32_t id, const char *why);
 static void sched_on_lost(void *ud, const char *why);
 
-static const hd_sup_cbs sched_sup_cbs = {sched_on_spawned, sched_on_exited, sched_on_lost};
+static const hd_sup_cbs sched_sup_cbs = {sched_on_spawned, sched_on_exited, sched_on_failed,
+                                          sched_on_lost};
 
 static void sched_idle_close_cb(uv_handle_t *h) {
   free(h);
@@ -563,10 +565,14 @@ static void proc_on_reply(hd_conn *c, void *ud, hd_buf *buf, size_t off, size_t 
   (void)c;
   p->job = NULL;
   j->proc = NULL;
-  if (last) {
-    /* The job touched process state: this worker exits after the reply. */
-    p->state = PROC_DYING;
-    hd_conn_close(p->conn);
+  /* A job of the "syscalls" profile has the FFI: it may have written this
+   * reply itself, and whatever the frame says, its process is not given
+   * another job. */
+  if (last || hd_pool_sandbox(p->root) == HD_SPAWN_SECCOMP) {
+    /* The job touched process state: this worker exits after the reply.
+     * It is killed as well: a job that wrote the reply itself could go on
+     * running, and nothing would end it. */
+    proc_kill(p);
   } else {
     proc_make_idle(p);
   }
@@ -670,6 +676,14 @@ static void sched_on_spawned(void *ud, uint32_t id, pid_t pid, int pidfd) {
 static void sched_on_exited(void *ud, uint32_t id, int status) {
   sched_proc *p = proc_find(ud, id);
   if (p != NULL) proc_on_exited(p, status);
+}
+
+/* The worker could not be started: its job, if it has one, says why. */
+static void sched_on_failed(void *ud, uint32_t id, const char *why) {
+  sched_proc *p = proc_find(ud, id);
+  if (p == NULL || p->exited || p->job == NULL || p->job->pending != HD_OUT_NONE) return;
+  snprintf(p->job->detail, sizeof p->job->detail, "cannot start a worker: %s", why);
+  p->job->pending = HD_OUT_FAILED;
 }
 
 /* The supervisor is gone: every process it held is gone with it (workers

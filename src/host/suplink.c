@@ -260,7 +260,13 @@ static void sup_on_report(hd_sup *s, const char *buf, ssize_t n, int fd) {
     case HD_CTL_HELLO: sup_on_hello(s, &m); return;
     case HD_CTL_SPAWNED: s->cbs.spawned(s->ud, m.id, (pid_t)m.pid, fd); return;
     case HD_CTL_EXITED: s->cbs.exited(s->ud, m.id, (int)m.arg); return;
-    case HD_CTL_FAILED: s->cbs.exited(s->ud, m.id, -1); return;
+    case HD_CTL_FAILED: {
+      char why[256];
+      hd_wire_fail_text(m.arg, why, sizeof why);
+      s->cbs.failed(s->ud, m.id, why);
+      s->cbs.exited(s->ud, m.id, -1);
+      return;
+    }
     default: return;
   }
 }

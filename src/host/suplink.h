@@ -19,6 +19,9 @@ typedef struct hd_sup_cbs {
   /* Worker `id` is gone; `status` is its wait status, or -1 when it could
    * not be started or is not known. */
   void (*exited)(void *ud, uint32_t id, int status);
+  /* Worker `id` could not be started, for `why` (a sentence); `exited`
+   * follows with -1. */
+  void (*failed)(void *ud, uint32_t id, const char *why);
   /* The supervisor is gone or unusable, for `why`: every worker it held is
    * gone with it. The link is down already; no `exited` follows. */
   void (*lost)(void *ud, const char *why);

@@ -15,6 +15,7 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -245,6 +246,10 @@ static int sb_add_checked(scmp_filter_ctx ctx, pid_t me) {
   const struct scmp_arg_cmp sock_fd = {0, SCMP_CMP_EQ, HD_WORKER_FD, 0};
   const struct scmp_arg_cmp send_to[] = {{0, SCMP_CMP_EQ, HD_WORKER_FD, 0},
                                          {4, SCMP_CMP_EQ, 0, 0}};
+  /* The worker of a one-job profile stops reading its socket before the
+   * job runs: shutdown(3, SHUT_RD) and nothing else. */
+  const struct scmp_arg_cmp shut_rd[] = {{0, SCMP_CMP_EQ, HD_WORKER_FD, 0},
+                                         {1, SCMP_CMP_EQ, SHUT_RD, 0}};
   const scmp_datum_t per_job[] = {RLIMIT_DATA, RLIMIT_AS};
   size_t i;
   for (i = 0; i < sizeof seek_fds / sizeof seek_fds[0]; i++) seek_fds[i] = 3 + i;
@@ -262,6 +267,7 @@ static int sb_add_checked(scmp_filter_ctx ctx, pid_t me) {
       sb_rule(ctx, SCMP_ACT_ALLOW, "prlimit64", 2, rl_as) != 0 ||
       sb_allow_values(ctx, "setrlimit", 0, per_job, 2) != 0 ||
       sb_rule(ctx, SCMP_ACT_ALLOW, "sendto", 2, send_to) != 0 ||
+      sb_rule(ctx, SCMP_ACT_ALLOW, "shutdown", 2, shut_rd) != 0 ||
       sb_rule(ctx, SCMP_ACT_ALLOW, "recvfrom", 1, &sock_fd) != 0)
     return -1;
   for (i = 0; signalling[i] != NULL; i++)

@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "fdpass.h"
+#include "jail.h"
 #include "rmtree.h"
 #include "sandbox.h"
 #include "wire.h"
@@ -43,6 +44,10 @@
 #define SUP_SHUTDOWN_SWEEP_NS 10000000L
 /* The longest TMPDIR used (the host's clean-up uses the same rule). */
 #define SUP_TMPDIR_MAX 100
+/* Set in the host's environment (which the supervisor reads at start): a
+ * sandboxed worker cannot be isolated, as where the system refuses
+ * namespaces; for the specs of that failure. */
+#define SUP_FORCE_NO_NAMESPACES "HANDLER_TEST_NO_USERNS"
 
 /* What `ps` shows: the title replaces the command line (/proc/PID/cmdline),
  * the short name is the kernel's comm (/proc/PID/comm, at most 15 bytes). */
@@ -63,6 +68,7 @@ typedef struct sup {
   char *path, *cpath;
   char tmpdir[SUP_TMPDIR_MAX + 1];
   int dir_failed;   /* said once that a worker's directory cannot be made */
+  int jail_failed;  /* said once that a sandboxed worker cannot be isolated */
   int orphans_seen; /* sweeps still to do after a worker died */
   sup_child *kids;
   size_t nkids, capkids;
@@ -169,6 +175,17 @@ static void sup_title_set(const char *title, const char *comm) {
     memset(sup_title.area + n, 0, len - n);
   }
   prctl(PR_SET_NAME, comm, 0, 0, 0);
+}
+
+/* The host's environment leaves this process's memory, which every worker
+ * is a copy of: the strings are zeroed where they are (the kernel shows
+ * /proc/PID/environ from their original place) and the variables cleared.
+ * Their area is then the title's to use. */
+static void sup_wipe_environ(void) {
+  size_t k;
+  for (k = 0; environ != NULL && environ[k] != NULL; k++) memset(environ[k], 0, strlen(environ[k]));
+  clearenv();
+  if (sup_title.area != NULL) sup_title.moved = 1;
 }
 
 /* "handler: worker (NAME)", or without the name when the host sent none.
@@ -293,7 +310,7 @@ static void sup_worker_stdio(const int std[2]) {
 /* In the forked child: become a worker on `fd`, writing to `std`. Never
  * returns. */
 static void sup_become_worker(sup *s, int fd, const int std[2], pid_t sup_pid, const char *dir,
-                              int flags, const char *name) {
+                              int flags, const char *name, int jailed) {
   struct rlimit rl;
   sup_worker_title(name);
   sup_child_signals();
@@ -308,9 +325,11 @@ static void sup_become_worker(sup *s, int fd, const int std[2], pid_t sup_pid, c
   /* The protocol socket must not leak into programs a job executes. */
   fcntl(HD_WORKER_FD, F_SETFD, FD_CLOEXEC);
   sup_close_from(HD_WORKER_FD + 1, -1);
-  /* Dies with the supervisor; the supervisor dies with the host. */
+  /* Dies with the supervisor; the supervisor dies with the host. A jailed
+   * worker armed this before its jail, and its parent is outside its PID
+   * namespace (getppid says 0). */
   prctl(PR_SET_PDEATHSIG, SIGKILL);
-  if (getppid() != sup_pid) _exit(HD_EXIT_ORPHAN);
+  if (!jailed && getppid() != sup_pid) _exit(HD_EXIT_ORPHAN);
   /* Its own process group, so a kill reaches what the job started too. And
    * a subreaper: what a running job starts stays under this worker even
    * when it slips out of the group, so the supervisor's sweep after another
@@ -319,14 +338,15 @@ static void sup_become_worker(sup *s, int fd, const int std[2], pid_t sup_pid, c
   setpgid(0, 0);
   prctl(PR_SET_CHILD_SUBREAPER, 1);
   /* What a job sees: no host environment (a job may ask for an allow-list),
-   * a private working directory, no core files, bounded file size. */
+   * a private working directory (a jailed one is in its /tmp already), no
+   * core files, bounded file size. */
   clearenv();
-  if (chdir(dir) != 0) _exit(HD_EXIT_NO_DIR);
+  if (!jailed && chdir(dir) != 0) _exit(HD_EXIT_NO_DIR);
   rl.rlim_cur = rl.rlim_max = 0;
   setrlimit(RLIMIT_CORE, &rl);
   rl.rlim_cur = rl.rlim_max = HD_WORKER_FSIZE;
   setrlimit(RLIMIT_FSIZE, &rl);
-  _exit(hd_worker_run(HD_WORKER_FD, flags));
+  _exit(hd_worker_run(HD_WORKER_FD, flags, jailed ? hd_jail_outer_pid() : getpid()));
 }
 
 /* Removes a worker's private directory and what its jobs left in it. */
@@ -440,6 +460,7 @@ static void sup_spawn(sup *s, uint32_t id, const int *fds, int flags, const char
   pid_t pid, me;
   int fd = fds[HD_SPAWN_FD_SOCKET];
   const int std[2] = {fds[HD_SPAWN_FD_STDOUT], fds[HD_SPAWN_FD_STDERR]};
+  int jailed = (flags & (HD_SPAWN_LUA | HD_SPAWN_SECCOMP)) != 0;
   if (s->nkids == s->capkids) {
     size_t cap = s->capkids ? s->capkids * 2 : 16;
     sup_child *k = realloc(s->kids, cap * sizeof *k);
@@ -470,8 +491,25 @@ static void sup_spawn(sup *s, uint32_t id, const int *fds, int flags, const char
    * parent is still this process once its death signal is armed. Taken in
    * the child, it would be whoever adopted the child if we died first. */
   me = getpid();
-  pid = fork();
-  if (pid == 0) sup_become_worker(s, fd, std, me, s->kids[s->nkids].dir, flags, name);
+  if (jailed) {
+    /* A sandboxed worker sees nothing of the host: its own namespaces and
+     * file system (jail.c), made before it is reported. */
+    uint32_t why;
+    pid = hd_jail_fork(s->kids[s->nkids].dir, &why);
+    if (pid < 0) {
+      char text[256];
+      hd_wire_fail_text(why, text, sizeof text);
+      if (!s->jail_failed) fprintf(stderr, "handler-worker: %s\n", text);
+      s->jail_failed = 1;
+      sup_close_fds(fds, HD_SPAWN_FDS);
+      sup_rmdir(s->kids[s->nkids].dir);
+      sup_report(s, HD_CTL_FAILED, id, why);
+      return;
+    }
+  } else {
+    pid = fork();
+  }
+  if (pid == 0) sup_become_worker(s, fd, std, me, s->kids[s->nkids].dir, flags, name, jailed);
   sup_close_fds(fds, HD_SPAWN_FDS);
   if (pid < 0) {
     sup_rmdir(s->kids[s->nkids].dir);
@@ -591,6 +629,10 @@ int main(int argc, char **argv) {
   }
   memset(&s, 0, sizeof s);
   s.ctl = SUP_CTL_FD;
+  /* Not traceable, its memory (/proc/PID/mem) and descriptors closed to
+   * other processes of its user, workers that are not sandboxed included.
+   * Workers inherit it. */
+  prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
   host = (pid_t)strtol(argv[4], NULL, 10);
   /* The host may block or ignore signals (OpenResty blocks SIGCHLD). */
   sup_child_signals();
@@ -612,6 +654,10 @@ int main(int argc, char **argv) {
     snprintf(s.tmpdir, sizeof s.tmpdir, "%s",
              t != NULL && t[0] == '/' && strlen(t) < SUP_TMPDIR_MAX ? t : "/tmp");
   }
+  {
+    const char *no = getenv(SUP_FORCE_NO_NAMESPACES);
+    if (hd_jail_init(s.path, s.cpath, no != NULL && strcmp(no, "1") == 0) != 0) return 5;
+  }
   /* Orphans of a job become ours, so we can reap and kill them. */
   prctl(PR_SET_CHILD_SUBREAPER, 1);
   sup_close_from(SUP_CTL_FD + 1, -1);
@@ -631,6 +677,8 @@ int main(int argc, char **argv) {
     fprintf(stderr, "handler-worker: cannot build the pristine Lua state\n");
     return 4;
   }
+  /* Everything the environment had to say is read. */
+  sup_wipe_environ();
   sup_hello(&s);
   for (;;) {
     struct pollfd p[2];

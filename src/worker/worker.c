@@ -864,16 +864,20 @@ static void wk_trim_when_idle(hd_wk *w) {
   w->trim = 0;
 }
 
-int hd_worker_run(int fd, int flags) {
+int hd_worker_run(int fd, int flags, pid_t pid) {
   hd_wk *w = &wk;
   char h[HD_HELLO_LEN];
+  /* The "syscalls" profile keeps the FFI: a job can reach any memory and
+   * descriptor of its process, the protocol socket included, so no other
+   * job may follow it there. One job, then the worker exits. */
+  int once = (flags & HD_SPAWN_SECCOMP) && !(flags & HD_SPAWN_LUA);
   w->fd = fd;
   if (flags != 0 && wk_sandbox(w, flags) != 0) return HD_EXIT_SANDBOX;
   mallopt(M_MMAP_THRESHOLD, WK_MMAP_THRESHOLD);
   mallopt(M_TRIM_THRESHOLD, WK_TRIM_THRESHOLD);
   /* The worker says who it is before anything else, so the parent knows its
    * pid by the time any reply of it arrives. */
-  hd_wire_hello(h, getpid());
+  hd_wire_hello(h, pid);
   if (wk_write_full(fd, h, sizeof h) != 0) return 0;
   for (;;) {
     hd_frame f;
@@ -891,6 +895,9 @@ int hd_worker_run(int fd, int flags) {
     while (w->in.len < w->frame_len)
       if (wk_fill(w) != 0) goto done;
     w->job_id = f.id;
+    /* Nothing more is read here: a job that takes the socket over cannot
+     * read another job's frame from it, whatever the host sends. */
+    if (once) shutdown(w->fd, SHUT_RD);
     wk_maps.tracking = 1;
     wk_job(w);
     wk_close_files(w);
@@ -898,7 +905,7 @@ int hd_worker_run(int fd, int flags) {
     /* A job's output reaches the host before its result does; the worker
      * leaves with _exit, which would drop anything still buffered. */
     fflush(NULL);
-    last = w->alloc.taint;
+    last = w->alloc.taint || once;
     if (w->env_set) {
       clearenv();
       w->env_set = 0;
