@@ -933,6 +933,21 @@ static void job_finish(hd_job *j, hd_outcome out) {
   hd_job_unref(j);
 }
 
+/* A worker that serves one job ("syscalls" profile) is started in the
+ * background while its predecessor runs, so the next job of its pool finds
+ * it ready: one idle spare per such pool, no more. A spare that cannot be
+ * had now is simply not there; a job then starts its own worker. */
+static void sched_keep_spare(hd_sched *s, hd_pool *root) {
+  char err[256];
+  sched_proc *p;
+  hd_queue *q;
+  if (hd_pool_sandbox(root) != HD_SPAWN_SECCOMP || s->closing || hd_pool_closed(root)) return;
+  for (q = s->idle.next; q != &s->idle; q = q->next)
+    if (HD_QUEUE_DATA(q, sched_proc, inode)->root == root) return;
+  p = proc_spawn(s, root, err, sizeof err);
+  if (p != NULL && !p->exited) proc_make_idle(p);
+}
+
 static void job_start(hd_job *j) {
   hd_sched *s = j->sched;
   hd_pool *root = hd_chains_root(j->chains);
@@ -960,6 +975,7 @@ static void job_start(hd_job *j) {
   j->proc = p;
   hd_conn_send(p->conn, j->id, j->lim.max_result > 0 ? j->lim.max_result : s->max_result,
                &j->frame);
+  sched_keep_spare(s, root);
 }
 
 static void job_timer_cb(uv_timer_t *t) {
