@@ -11,25 +11,12 @@ local encode = core.encode
 local dir = arg and arg[1] or "fuzz/seeds"
 
 ---------------------------------------------------------------------------
--- Wire helpers (src/common/proto.h, src/common/codec_int.h).
+-- Wire helpers (src/common/wire.h, src/common/codec_int.h).
 
-local function u32(n)
-  return char(n % 256, floor(n / 256) % 256, floor(n / 65536) % 256, floor(n / 16777216) % 256)
-end
-
-local function u64(n)
-  return u32(n % 2^32) .. u32(floor(n / 2^32))
-end
-
-local function uv(n)
-  local out = {}
-  repeat
-    local b = n % 128
-    n = floor(n / 128)
-    out[#out + 1] = char(n > 0 and b + 128 or b)
-  until n == 0
-  return table.concat(out)
-end
+-- The bytes of the wire format, shared with the specs that play a hostile
+-- worker (run from the checkout, so spec/ is on the default package.path).
+local W = require("spec.support.wire")
+local u32, u64, uv = W.u32, W.u64, W.uv
 
 local function num(x)
   -- A double's bits, little-endian, through the encoder itself.
@@ -39,7 +26,7 @@ end
 local T_NIL, T_FALSE, T_TRUE, T_NUM, T_STR, T_TABLE, T_TABLE_MT, T_END, T_REF, T_FUNC,
   T_UPJOIN, T_MOD, T_FIELD = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12
 
-local function str(s) return char(T_STR) .. uv(#s) .. s end
+local str = W.str
 
 ---------------------------------------------------------------------------
 -- Valid messages, table-driven.
@@ -166,13 +153,7 @@ for _, case in ipairs(hostile) do add("decode", "hostile_" .. case[1], case[2]) 
 
 local REPLY, LAST, HELLO = 2, 3, 4
 
-local function frame(kind, id, body)
-  return u32(#body) .. char(kind) .. u64(id) .. body
-end
-
-local function reply(id, status, msg, kind)
-  return frame(kind or REPLY, id, char(status) .. msg)
-end
+local frame, reply = W.frame, W.reply
 
 local ok_hi = reply(1, 0, encode("hi"))
 local streams = {

@@ -529,15 +529,7 @@ describe("the system call filter", function()
     -- Run as root, the host's capabilities already keep them from a worker
     -- that dropped its own: the disposable host then runs as nobody, and
     -- what is tested is the worker's Landlock domain.
-    local dir = H.tmpdir()
-    finally(function() H.rm_r(dir) end)
-    local uid = tonumber(io.popen("id -u"):read("*l"))
-    local as = ""
-    if uid == 0 and os.execute("command -v setpriv >/dev/null 2>&1") == 0 then
-      os.execute("chmod 777 " .. H.shell_quote(dir))
-      as = "setpriv --reuid=65534 --regid=65534 --clear-groups "
-    end
-    H.write_file(dir .. "/host.lua", [[
+    local out = H.run_host_as_nobody([[
       local handler = require("handler")
       local ffi = require("ffi")
       ffi.cdef "int getpid(void);"
@@ -556,9 +548,6 @@ describe("the system call filter", function()
         print(tostring(sandbox) .. ": " .. tostring(ok and v or v.type))
       end
     ]])
-    os.execute(as .. "env TMPDIR=/tmp " .. H.lua_env() .. " timeout -s KILL 60 luajit "
-      .. H.shell_quote(dir .. "/host.lua") .. " > " .. H.shell_quote(dir .. "/out") .. " 2>&1")
-    local out = H.read_file(dir .. "/out") or ""
     assert.matches("syscalls: mem refused, environ refused, maps refused", out, 1, true)
     -- Without the sandbox they are open (unless something else, such as
     -- Yama, closes them): the attack is real.

@@ -103,28 +103,8 @@ local REPLY = 2
 local OK = 0
 local T_TRUE, T_NUM, T_STR, T_TABLE, T_TABLE_MT, T_END = 2, 3, 4, 5, 6, 7
 
-local function u32(n)
-  return char(n % 256, floor(n / 256) % 256, floor(n / 65536) % 256, floor(n / 16777216) % 256)
-end
-
-local function u64(n)
-  return u32(n % 2^32) .. u32(floor(n / 2^32))
-end
-
--- An unsigned LEB128 varint.
-local function uv(n)
-  local out = {}
-  repeat
-    local b = n % 128
-    n = floor(n / 128)
-    out[#out + 1] = char(n > 0 and b + 128 or b)
-  until n == 0
-  return concat(out)
-end
-
-local function str(s)
-  return char(T_STR) .. uv(#s) .. s
-end
+local W = require("spec.support.wire")
+local uv, str = W.uv, W.str
 
 -- A double's eight bytes, as the encoder writes them.
 local function num(x)
@@ -132,8 +112,7 @@ local function num(x)
 end
 
 local function reply_frame(id, msg)
-  local body = char(OK) .. msg
-  return u32(#body) .. char(REPLY) .. u64(id) .. body
+  return W.reply(id, OK, msg)
 end
 
 -- The id the next job submitted in this process gets (ids count up by one
@@ -599,15 +578,7 @@ describe("a host that runs sandboxed jobs", function()
   it("closes its /proc/<pid>/mem to its own non-sandboxed workers", function()
     -- Run as nobody, so that the kernel's check is the dumpable flag and
     -- not the root host's capabilities.
-    local dir = H.tmpdir()
-    finally(function() H.rm_r(dir) end)
-    local uid = tonumber(io.popen("id -u"):read("*l"))
-    local as = ""
-    if uid == 0 and os.execute("command -v setpriv >/dev/null 2>&1") == 0 then
-      os.execute("chmod 777 " .. H.shell_quote(dir))
-      as = "setpriv --reuid=65534 --regid=65534 --clear-groups "
-    end
-    H.write_file(dir .. "/host.lua", [[
+    local out = H.run_host_as_nobody([[
       local handler = require("handler")
       local ffi = require("ffi")
       ffi.cdef "int getpid(void); int prctl(int, unsigned long, unsigned long, unsigned long, unsigned long);"
@@ -622,9 +593,6 @@ describe("a host that runs sandboxed jobs", function()
       handler.pool({ sandbox = true })
       print("after", select(2, plain:run(peek)), ffi.C.prctl(3, 0, 0, 0, 0))
     ]])
-    os.execute(as .. "env TMPDIR=/tmp " .. H.lua_env() .. " timeout -s KILL 60 luajit "
-      .. H.shell_quote(dir .. "/host.lua") .. " > " .. H.shell_quote(dir .. "/out") .. " 2>&1")
-    local out = H.read_file(dir .. "/out") or ""
     -- PR_GET_DUMPABLE (3): 1 before a sandboxed pool exists, 0 after.
     assert.matches("before\topen\t1", out, 1, true)
     assert.matches("after\trefused\t0", out, 1, true)

@@ -29,36 +29,8 @@ local REPLY, REPLY_LAST = 2, 3
 local OK, ERROR = 0, 1
 local T_NUM, T_STR, T_TABLE, T_FUNC, T_MOD = 3, 4, 5, 9, 11
 
-local function u32(n)
-  return char(n % 256, floor(n / 256) % 256, floor(n / 65536) % 256, floor(n / 16777216) % 256)
-end
-
-local function u64(n)
-  return u32(n % 2^32) .. u32(floor(n / 2^32))
-end
-
--- An unsigned LEB128 varint.
-local function uv(n)
-  local out = {}
-  repeat
-    local b = n % 128
-    n = floor(n / 128)
-    out[#out + 1] = char(n > 0 and b + 128 or b)
-  until n == 0
-  return concat(out)
-end
-
-local function frame(kind, id, body)
-  return u32(#body) .. char(kind) .. u64(id) .. body
-end
-
-local function reply(id, status, msg, kind)
-  return frame(kind or REPLY, id, char(status) .. msg)
-end
-
-local function str(s)
-  return char(T_STR) .. uv(#s) .. s
-end
+local W = require("spec.support.wire")
+local u32, u64, uv, frame, reply, str = W.u32, W.u64, W.uv, W.frame, W.reply, W.str
 
 -- A double's eight bytes, as the encoder writes them.
 local function num(x)

@@ -458,6 +458,27 @@ function M.run_host(script)
   return text
 end
 
+--- Runs `script` as run_host does, but as nobody (65534) when the spec runs
+-- as root, so that what is tested is a host of an ordinary user and not
+-- root's capabilities. Returns what it printed.
+function M.run_host_as_nobody(script)
+  local dir = M.tmpdir()
+  local id = popen("id -u")
+  local uid = tonumber(id:read("*l"))
+  id:close()
+  local as = ""
+  if uid == 0 and os.execute("command -v setpriv >/dev/null 2>&1") == 0 then
+    os.execute("chmod 777 " .. shell_quote(dir))
+    as = "setpriv --reuid=65534 --regid=65534 --clear-groups "
+  end
+  M.write_file(dir .. "/host.lua", script)
+  os.execute(as .. "env TMPDIR=/tmp " .. M.lua_env() .. " timeout -s KILL 60 luajit "
+    .. shell_quote(dir .. "/host.lua") .. " > " .. shell_quote(dir .. "/out") .. " 2>&1")
+  local out = M.read_file(dir .. "/out") or ""
+  M.rm_r(dir)
+  return out
+end
+
 --- Asserts that `text` holds each string of `list` (plain, not patterns).
 function M.assert_has_all(text, list)
   for _, s in ipairs(list) do luassert.matches(s, text, 1, true) end
