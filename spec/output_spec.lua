@@ -95,33 +95,23 @@ describe("output", function()
     assert_output_limit(rows, "pcall", out)
   end)
 
-  it("counts what the FFI writes to descriptor 1", function()
-    local rows, out = host([[
-      report("ffi", handler.run(function()
-        local ffi = require("ffi")
-        ffi.cdef("long write(int fd, const void *p, size_t n);")
-        local s = ("y"):rep(2^20)
-        ffi.C.write(1, s, #s)
-        return "done"
-      end, { max_output_bytes = 1000 }))
-    ]])
-    assert_output_limit(rows, "ffi", out)
-    assert(longest(out, "y") <= 1000, "the host got " .. longest(out, "y") .. " bytes")
-  end)
-
-  it("counts what the FFI writes to descriptor 2", function()
-    local rows, out = host([[
-      report("ffi2", handler.run(function()
-        local ffi = require("ffi")
-        ffi.cdef("long write(int fd, const void *p, size_t n);")
-        local s = ("z"):rep(2^20)
-        ffi.C.write(2, s, #s)
-        return "done"
-      end, { max_output_bytes = 1000 }))
-    ]])
-    assert_output_limit(rows, "ffi2", out)
-    assert(longest(out, "z") <= 1000, "the host got " .. longest(out, "z") .. " bytes")
-  end)
+  -- The FFI's write(2) to descriptor 1 and to descriptor 2, a MiB each.
+  for _, c in ipairs({ { 1, "y", "ffi" }, { 2, "z", "ffi2" } }) do
+    local fd, char, tag = c[1], c[2], c[3]
+    it("counts what the FFI writes to descriptor " .. fd, function()
+      local rows, out = host(([[
+        report(%q, handler.run(function()
+          local ffi = require("ffi")
+          ffi.cdef("long write(int fd, const void *p, size_t n);")
+          local s = (%q):rep(2^20)
+          ffi.C.write(%d, s, #s)
+          return "done"
+        end, { max_output_bytes = 1000 }))
+      ]]):format(tag, char, fd))
+      assert_output_limit(rows, tag, out)
+      assert(longest(out, char) <= 1000, "the host got " .. longest(out, char) .. " bytes")
+    end)
+  end
 
   it("counts what a command the job runs writes", function()
     local rows, out = host([[

@@ -247,19 +247,7 @@ local function unq(s)
 end
 
 describe("process titles", function()
-  local snap
-
-  setup(function()
-    H.warm()
-  end)
-
-  before_each(function()
-    snap = H.snapshot()
-  end)
-
-  after_each(function()
-    H.assert_clean(snap)
-  end)
+  H.leak_checked()
 
   it("show the supervisor as handler: supervisor, not its argv", function()
     local _, sup = H.workers()
@@ -416,19 +404,7 @@ print("next", pool:run(function() return (jit.status()), job_pid() end))
 ]==]
 
 describe("the JIT's machine code", function()
-  local snap
-
-  setup(function()
-    H.warm()
-  end)
-
-  before_each(function()
-    snap = H.snapshot()
-  end)
-
-  after_each(function()
-    H.assert_clean(snap)
-  end)
+  H.leak_checked()
 
   it("is compiled in jobs: the supervisor's self-test passed", function()
     local ok, on, traced = handler.run(function()
