@@ -94,7 +94,9 @@ static int jail_add_template(const char *t, size_t n) {
   memcpy(dir, t, len);
   dir[len] = '\0';
   jail_normalize(dir);
-  if (strcmp(dir, "/") == 0) return 0;
+  /* The root would be the whole file system; /tmp would hide the job's
+   * own /tmp under the host's. Neither is bound. */
+  if (strcmp(dir, "/") == 0 || strcmp(dir, "/tmp") == 0) return 0;
   if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) return 0;
   /* A directory under one already bound is there; one above replaces it. */
   for (i = 0; i < jl.nro; i++)
@@ -245,13 +247,16 @@ static int jail_mounts(const char *dir) {
   if (!jl.userns && chown(tmp, HD_JAIL_UID, HD_JAIL_GID) != 0) return -1;
   if (mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,nr_inodes=256,mode=0755") != 0)
     return -1;
+  /* /tmp first: a module directory under the host's /tmp (a checkout in
+   * /tmp, say) is then bound inside it, where the job finds it, rather
+   * than hidden under it. */
+  if (jail_bind(root, tmp, "/tmp", 0, 1) != 0) return -1;
   for (i = 0; i < jl.nro; i++)
     if (jail_bind(root, jl.ro[i], jl.ro[i], 0, 0) != 0) return -1;
   for (i = 0; jail_devs[i] != NULL; i++)
     if (jail_bind(root, jail_devs[i], jail_devs[i], 1, 1) != 0) return -1;
   if (jl.localtime[0] != '\0' && jail_bind(root, jl.localtime, "/etc/localtime", 1, 0) != 0)
     return -1;
-  if (jail_bind(root, tmp, "/tmp", 0, 1) != 0) return -1;
   /* /proc of the new PID namespace: only this process is in it. subset=pid
    * leaves out the files about the machine (Linux 5.8; without it where
    * the kernel does not know the option). */
