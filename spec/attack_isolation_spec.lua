@@ -167,7 +167,12 @@ describe("a sandboxed worker's isolation", function()
       assert.are.equal("null random urandom zero", dev)
       assert.matches("^ro,", root_opts)
       assert.matches("^rw,", tmp_opts)
-      assert.are.equal("", tmp)
+      -- Empty but for where module directories under the host's /tmp (a
+      -- checkout there) are bound.
+      for name in tmp:gmatch("%S+") do
+        assert.is_truthy(package.path:find("/tmp/" .. name .. "/", 1, true),
+          "unexpected /tmp/" .. name)
+      end
       assert.is_truthy(etc == "" or etc == "localtime")
     end)
 
