@@ -584,8 +584,9 @@ function M.assert_clean(snap, pools)
     -- of each live worker. One fewer is not: a worker's descriptors that
     -- existed at the snapshot may close while a test runs.
     if #fds - handler._core.procs().sockets > snap.base then
-      why = format("host fds %s with %d workers; before: %s with base %d",
-        describe_fds(fds), #workers, describe_fds(snap.fds), snap.base)
+      why = format("host fds %s with %d workers; before: %s with base %d; sockets %d; %s",
+        describe_fds(fds), #workers, describe_fds(snap.fds), snap.base,
+        handler._core.procs().sockets, M.fd_list())
       return false
     end
     return true

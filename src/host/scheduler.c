@@ -418,6 +418,8 @@ void hd_sched_each_pid(hd_sched *s, void (*fn)(void *, pid_t), void *ud, pid_t *
     *fds += hd_conn_fds(p->conn);
     if (p->pidfd >= 0) (*fds)++;
   }
+  /* And the workers' ends, while their spawn orders wait to be sent. */
+  *fds += hd_sup_held_fds(s->sup);
   *sup = hd_sup_pid(s->sup);
 }
 

@@ -96,6 +96,13 @@ const char *hd_sup_error(const hd_sup *s) {
   return s->error[0] ? s->error : "the supervisor is gone";
 }
 
+int hd_sup_held_fds(const hd_sup *s) {
+  const hd_queue *q;
+  int n = 0;
+  for (q = s->out.next; q != &s->out; q = q->next) n += HD_QUEUE_DATA(q, sup_msg, node)->nfds;
+  return n;
+}
+
 pid_t hd_sup_pid(const hd_sup *s) {
   return s->up ? s->pid : -1;
 }

@@ -62,6 +62,10 @@ int hd_sup_kill(hd_sup *s, uint32_t id);
 /* Reads the reports already sent, without blocking. */
 void hd_sup_drain(hd_sup *s);
 
+/* Descriptors held in orders not yet sent (a worker's socket and pipes
+ * wait here while the supervisor is slow to read). For tests. */
+int hd_sup_held_fds(const hd_sup *s);
+
 /* The supervisor's pid while the link is up, else -1. */
 pid_t hd_sup_pid(const hd_sup *s);
 
