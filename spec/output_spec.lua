@@ -18,7 +18,7 @@ local it_rlimit_as = handler._core.sanitized and pending or it
 -- Runs `body` in a disposable host where `handler` is loaded and
 -- report(name, ok, v) records a job's outcome in a file of its own (not on
 -- stdout, which the jobs share). Returns the rows by name ({ ok, type,
--- reason, message, cause, value }) and everything the host printed.
+-- reason, message, detail, value }) and everything the host printed.
 local function host(body)
   local dir = H.tmpdir()
   local res = dir .. "/res"
@@ -30,7 +30,7 @@ local function host(body)
     end
     local function report(name, ok, v)
       res:write(name, "\t", tostring(ok), "\t", field(v, "type"), "\t", field(v, "reason"), "\t",
-        field(v, "message"), "\t", field(v, "cause"), "\t",
+        field(v, "message"), "\t", field(v, "detail"), "\t",
         type(v) == "table" and "-" or tostring(v), "\n")
       res:flush()
     end
@@ -38,9 +38,9 @@ local function host(body)
     res:close()
   ]], res, body))
   local rows = {}
-  for name, ok, kind, reason, message, cause, value in
+  for name, ok, kind, reason, message, detail, value in
     (H.read_file(res) or ""):gmatch("([^\t\n]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\n]*)\n") do
-    rows[name] = { ok = ok, type = kind, reason = reason, message = message, cause = cause,
+    rows[name] = { ok = ok, type = kind, reason = reason, message = message, detail = detail,
       value = value }
   end
   H.rm_r(dir)
@@ -55,7 +55,7 @@ local function assert_output_limit(rows, name, out)
   assert.are.equal("ProcessExit", r.type, name)
   assert.are.equal("output limit", r.reason, name)
   assert.are.equal("Process exited with output limit", r.message, name)
-  assert.matches("more than %d+ bytes", r.cause)
+  assert.matches("more than %d+ bytes", r.detail)
 end
 
 -- The longest run of `c` in s.
@@ -78,7 +78,7 @@ describe("output", function()
       end, { max_output_bytes = 1000 }))
     ]])
     assert_output_limit(rows, "print", out)
-    assert.are.equal("wrote more than 1000 bytes to stdout and stderr", rows.print.cause)
+    assert.are.equal("wrote more than 1000 bytes to stdout and stderr", rows.print.detail)
     -- What went on to the host's stdout stops at the limit.
     assert(longest(out, "x") <= 1000, "the host got " .. longest(out, "x") .. " bytes")
   end)

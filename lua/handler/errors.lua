@@ -72,7 +72,7 @@ function M.from_core(max_ms, heap, kind, a, b)
   elseif kind == "output" then
     -- The host meters the worker's stdout and stderr: past max_output_bytes
     -- the worker is killed, whatever the job was doing.
-    return exit("output limit", { cause = a })
+    return exit("output limit", { detail = a })
   elseif kind == "badreply" then
     return exit("bad reply from worker: " .. tostring(a))
   elseif kind == "failed" then
