@@ -518,11 +518,12 @@ function M.snapshot()
   -- the middle of this test's count.
   collectgarbage()
   collectgarbage()
-  -- procs() first: it reads pending reports, which bring pidfds in.
-  handler._core.procs()
+  -- procs() first, and nothing that reads the supervisor's reports between
+  -- it and the listing: a report can bring a pidfd in, which the count
+  -- would then have and the listing not.
+  local sockets = handler._core.procs().sockets
   local fds = M.open_fds()
-  local workers = M.workers()
-  return { fds = fds, base = #fds - handler._core.procs().sockets }
+  return { fds = fds, base = #fds - sockets }
 end
 
 local function describe_fds(fds)
@@ -579,14 +580,15 @@ function M.assert_clean(snap, pools)
         return false
       end
     end
+    -- As in snapshot: the count first, then the listing, nothing between.
+    local sockets = handler._core.procs().sockets
     local fds = M.open_fds()
     -- A leak is a descriptor more than before, beyond the socket and pidfd
     -- of each live worker. One fewer is not: a worker's descriptors that
     -- existed at the snapshot may close while a test runs.
-    if #fds - handler._core.procs().sockets > snap.base then
+    if #fds - sockets > snap.base then
       why = format("host fds %s with %d workers; before: %s with base %d; sockets %d; %s",
-        describe_fds(fds), #workers, describe_fds(snap.fds), snap.base,
-        handler._core.procs().sockets, M.fd_list())
+        describe_fds(fds), #workers, describe_fds(snap.fds), snap.base, sockets, M.fd_list())
       return false
     end
     return true
