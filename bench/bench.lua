@@ -123,6 +123,21 @@ local function print_table()
   for i = 2, #lines do io.stdout:write(line(lines[i]), "\n") end
 end
 
+-- Runs batch() (size jobs) once to warm up, then `batches` times; returns
+-- the summary of the per-batch rates (jobs/s) and the overall rate.
+local function batch_rates(batch, batches, size)
+  batch()
+  local rates, total = {}, 0
+  for i = 1, batches do
+    local t0 = now()
+    batch()
+    local t = now() - t0
+    total = total + t
+    rates[i] = size / (t / 1e9)
+  end
+  return summary(rates), batches * size / (total / 1e9)
+end
+
 -- Times fn() n times after w warm-up calls; returns the summary in ns.
 local function timeit(n, w, fn)
   for _ = 1, w do fn() end
@@ -342,20 +357,12 @@ local function row_throughput()
       if v ~= 2 then check(ok, v, 2, "async/await") end
     end
   end
-  for _ = 1, 3 do batch() end
-  local rates, total_t = {}, 0
-  for i = 1, batches do
-    local t0 = now()
-    batch()
-    local t = now() - t0
-    total_t = total_t + t
-    rates[i] = size / (t / 1e9)
-  end
-  local st = summary(rates)
+  for _ = 1, 2 do batch() end
+  local st, overall = batch_rates(batch, batches, size)
   add({ id = "4", name = format("throughput, 2-worker pool, async + await in batches of %d", size),
     kind = "rate", n = st.n, min = st.min, median = st.median, p99 = st.max,
     note = format("jobs/s per batch: min = slowest batch, p99 column = fastest; overall %.0f /s; target ≥ 40000 /s",
-      batches * size / (total_t / 1e9)) })
+      overall) })
   -- The same with exactly two in flight (no queue): the latency-bound rate.
   local function pair_batch()
     for _ = 1, size / 2 do
@@ -365,14 +372,7 @@ local function row_throughput()
       check(b:await())
     end
   end
-  pair_batch()
-  rates = {}
-  for i = 1, batches do
-    local t0 = now()
-    pair_batch()
-    rates[i] = size / ((now() - t0) / 1e9)
-  end
-  st = summary(rates)
+  st = batch_rates(pair_batch, batches, size)
   add({ id = "4b", name = "throughput, 2-worker pool, exactly 2 in flight (async pairs)",
     kind = "rate", n = st.n, min = st.min, median = st.median, p99 = st.max,
     note = "as row 4" })
@@ -613,20 +613,10 @@ local function row_sandboxed()
       if v ~= 2 then check(ok, v, 2, "syscalls async") end
     end
   end
-  batch()
-  local rates, total = {}, 0
-  for i = 1, batches do
-    local t0 = now()
-    batch()
-    local t = now() - t0
-    total = total + t
-    rates[i] = size / (t / 1e9)
-  end
-  local r = summary(rates)
+  local r, overall = batch_rates(batch, batches, size)
   add({ id = "10c", name = format("throughput, \"syscalls\" profile, 2 workers, batches of %d", size),
     kind = "rate", n = r.n, min = r.min, median = r.median, p99 = r.max,
-    note = format("a process per job; overall %.0f /s; p99 column = fastest batch",
-      batches * size / (total / 1e9)) })
+    note = format("a process per job; overall %.0f /s; p99 column = fastest batch", overall) })
   strict:close()
   sys:close()
   -- Start-up: the first job of a new pool (spawn → hello → the job), for a

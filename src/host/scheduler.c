@@ -561,6 +561,12 @@ static void proc_job_died(sched_proc *p) {
 
 static void job_on_reply(hd_job *j, hd_buf *buf, size_t off, size_t len);
 
+/* Whether a root pool's workers serve one job each: the "syscalls" profile
+ * keeps the FFI, so its job may reach the protocol socket and memory. */
+static int sched_one_job(const hd_pool *root) {
+  return hd_pool_sandbox(root) == HD_SPAWN_SECCOMP;
+}
+
 static void proc_on_reply(hd_conn *c, void *ud, hd_buf *buf, size_t off, size_t len, int last) {
   sched_proc *p = ud;
   hd_job *j = p->job;
@@ -570,7 +576,7 @@ static void proc_on_reply(hd_conn *c, void *ud, hd_buf *buf, size_t off, size_t 
   /* A job of the "syscalls" profile has the FFI: it may have written this
    * reply itself, and whatever the frame says, its process is not given
    * another job. */
-  if (last || hd_pool_sandbox(p->root) == HD_SPAWN_SECCOMP) {
+  if (last || sched_one_job(p->root)) {
     /* The job touched process state: this worker exits after the reply.
      * It is killed as well: a job that wrote the reply itself could go on
      * running, and nothing would end it. */
@@ -943,7 +949,7 @@ static void sched_keep_spare(hd_sched *s, hd_pool *root) {
   char err[256];
   sched_proc *p;
   hd_queue *q;
-  if (hd_pool_sandbox(root) != HD_SPAWN_SECCOMP || s->closing || hd_pool_closed(root)) return;
+  if (!sched_one_job(root) || s->closing || hd_pool_closed(root)) return;
   for (q = s->idle.next; q != &s->idle; q = q->next)
     if (HD_QUEUE_DATA(q, sched_proc, inode)->root == root) return;
   p = proc_spawn(s, root, err, sizeof err);

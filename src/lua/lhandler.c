@@ -15,6 +15,7 @@
 #include "num.h"
 #include "pool.h"
 #include "scheduler.h"
+#include "weak.h"
 #include "wire.h"
 
 #define L_CTX "handler.ctx"
@@ -723,20 +724,8 @@ L_EXPORT int luaopen_handler_core(lua_State *L) {
     lua_pushlightuserdata(L, &l_ctx_key);
     lua_pushvalue(L, 1);
     lua_rawset(L, LUA_REGISTRYINDEX);
-    lua_pushlightuserdata(L, &l_jobs_key);
-    lua_newtable(L);
-    lua_createtable(L, 0, 1);
-    lua_pushliteral(L, "v");
-    lua_setfield(L, -2, "__mode");
-    lua_setmetatable(L, -2);
-    lua_rawset(L, LUA_REGISTRYINDEX);
-    lua_pushlightuserdata(L, &l_pools_key);
-    lua_newtable(L);
-    lua_createtable(L, 0, 1);
-    lua_pushliteral(L, "k");
-    lua_setfield(L, -2, "__mode");
-    lua_setmetatable(L, -2);
-    lua_rawset(L, LUA_REGISTRYINDEX);
+    hd_weak_registry(L, &l_jobs_key, "v");
+    hd_weak_registry(L, &l_pools_key, "k");
     l_bchead(L, s);
   }
   lua_newtable(L);

@@ -26,6 +26,7 @@
 #include "buf.h"
 #include "codec.h"
 #include "sandbox.h"
+#include "weak.h"
 #include "wire.h"
 
 typedef struct hd_wk {
@@ -409,13 +410,7 @@ static int wk_close_files_p(lua_State *L) {
 static void wk_wrap_all(lua_State *L) {
   static const char *const io_taint[] = {"popen", "lines", NULL};
   int i, io;
-  lua_pushlightuserdata(L, &wk_files_key);
-  lua_newtable(L);
-  lua_createtable(L, 0, 1);
-  lua_pushliteral(L, "k");
-  lua_setfield(L, -2, "__mode");
-  lua_setmetatable(L, -2);
-  lua_rawset(L, LUA_REGISTRYINDEX);
+  hd_weak_registry(L, &wk_files_key, "k");
   lua_getglobal(L, "io");
   io = lua_gettop(L);
   for (i = 0; io_taint[i]; i++) wk_wrap(L, io, io_taint[i], wk_tainting);
