@@ -18,6 +18,17 @@ local core_run, core_submit, core_await = core.run, core.submit, core.await
 
 local M = {}
 
+-- Inside nginx (ngx_lua) waiting yields the light thread instead of
+-- blocking the nginx worker (handler/ngx.lua).
+local ngx_api = rawget(_G, "ngx")
+local in_ngx = type(ngx_api) == "table" and type(ngx_api.get_phase) == "function"
+  and type(ngx_api.config) == "table" and ngx_api.config.ngx_lua_version ~= nil
+local ngx_wait
+local function nginx()
+  if ngx_wait == nil then ngx_wait = require("handler.ngx") end
+  return ngx_wait
+end
+
 local DEFAULT_MAX_MS = 60000
 local DEFAULT_HEAP = 10 * 1024 * 1024
 local DEFAULT_RESULT = 64 * 1024 * 1024
@@ -254,9 +265,22 @@ local function pool_args(self, what, opts)
   return max_ms, heap, result, task, wait or 0, chains, output, env
 end
 
+-- Inside nginx: submit, then yield until the job is done.
+local function run_yielding(pool_ud, chains, fn, max_ms, heap, task, wait, result, output, env)
+  local w = nginx()
+  w.check()
+  local job, why = core_submit(pool_ud, chains, fn, max_ms, heap, task, wait, result, output, env)
+  if job == nil then return false, reject(why) end
+  w.wait({ job }, 1)
+  return finish(max_ms, heap, core.result(job))
+end
+
 function Pool:run(fn, opts)
   check_fn("run", fn)
   local max_ms, heap, result, task, wait, chains, output, env = pool_args(self, "pool:run", opts)
+  if in_ngx then
+    return run_yielding(self._ud, chains, fn, max_ms, heap, task, wait, result, output, env)
+  end
   return finish(max_ms, heap,
     core_run(self._ud, chains, fn, max_ms, heap, task, wait, result, output, env))
 end
@@ -269,6 +293,9 @@ function Pool:async(fn, opts)
   local max_ms, heap, result, task, wait, chains, output, env = pool_args(self, "pool:async", opts)
   local job, why = core_submit(self._ud, chains, fn, max_ms, heap, task, wait, result, output, env)
   if job == nil then return nil, reject(why) end
+  -- In nginx the dispatcher steps the loop, so the job ends (and frees its
+  -- worker) even when nobody waits; timers cannot be made in init_by_lua.
+  if in_ngx and ngx_api.get_phase() ~= "init" then pcall(nginx().ensure) end
   return setmetatable({ _ud = job, _max_ms = max_ms, _heap = heap, pool = self,
     task_name = task }, Job)
 end
@@ -279,9 +306,19 @@ local function check_job(job, level)
   end
 end
 
+local function await(job)
+  if in_ngx then
+    local w = nginx()
+    w.check()
+    w.wait({ job._ud }, 1)
+    return finish(job._max_ms, job._heap, core.result(job._ud))
+  end
+  return finish(job._max_ms, job._heap, core_await(job._ud))
+end
+
 function Job:await()
   check_job(self, 2)
-  return finish(self._max_ms, self._heap, core_await(self._ud))
+  return await(self)
 end
 
 --- job:done() -> whether await would return at once.
@@ -291,7 +328,38 @@ end
 
 function M.await(job)
   check_job(job, 2)
-  return finish(job._max_ms, job._heap, core_await(job._ud))
+  return await(job)
+end
+
+--- handler.wait_any(jobs [, timeout_ms]) -> job, index | nil, "timeout"
+function M.wait_any(jobs, timeout_ms)
+  if type(jobs) ~= "table" or jobs[1] == nil then
+    error(format("bad argument #1 to 'wait_any' (non-empty array of jobs expected, got %s)",
+      type(jobs) == "table" and "an empty table" or typename(jobs)), 2)
+  end
+  if timeout_ms ~= nil and not nonneg(timeout_ms) then
+    error(format("bad argument #2 to 'wait_any' (non-negative number of milliseconds "
+      .. "expected, got %s)", typename(timeout_ms)), 2)
+  end
+  local n, uds = #jobs, {}
+  for i = 1, n do
+    local job = jobs[i]
+    if type(job) ~= "table" or getmetatable(job) ~= Job then
+      error(format("bad argument #1 to 'wait_any' (job expected at index %d, got %s)", i,
+        typename(job)), 2)
+    end
+    uds[i] = job._ud
+  end
+  local i
+  if in_ngx then
+    local w = nginx()
+    w.check()
+    i = w.wait(uds, n, timeout_ms)
+  else
+    i = core.wait_any(uds, timeout_ms or huge)
+  end
+  if i == nil then return nil, "timeout" end
+  return jobs[i], i
 end
 
 local function check_err(what, err)
@@ -373,6 +441,9 @@ function M.run(fn, opts)
     if opts.sandbox then pool = M.default_pool(opts.sandbox) end
   end
   pool = pool or default_pool or M.default_pool()
+  if in_ngx then
+    return run_yielding(pool._ud, nil, fn, max_ms, heap, nil, 0, result, output, env)
+  end
   return finish(max_ms, heap,
     core_run(pool._ud, nil, fn, max_ms, heap, nil, 0, result, output, env))
 end

@@ -2,8 +2,10 @@
  * the host's stdout and stderr as they were when it was made. */
 #include "loop.h"
 
+#include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
 /* Buffers kept warm: big enough to be worth it, small enough to hold. */
@@ -12,10 +14,25 @@
 
 struct hd_loop {
   uv_loop_t uv;
+  uv_poll_t wake;   /* watches wake_fd; never keeps the loop alive */
+  int wake_fd;      /* a timerfd on CLOCK_MONOTONIC, or -1 */
+  uint64_t wake_at; /* ms it is set for, UINT64_MAX when not set */
   hd_buf spare; /* one big buffer kept warm between big transfers */
   int spare_used; /* taken since the last age */
   int out[2];     /* copies of the host's stdout and stderr, or -1 */
 };
+
+/* The wake timer fired: its expiry is read, so the descriptor is quiet
+ * again until the next one; the timers due run in the same loop turn. */
+static void loop_wake_cb(uv_poll_t *h, int status, int events) {
+  hd_loop *l = h->data;
+  uint64_t n;
+  (void)status;
+  (void)events;
+  while (read(l->wake_fd, &n, sizeof n) < 0 && errno == EINTR) {
+  }
+  l->wake_at = UINT64_MAX;
+}
 
 hd_loop *hd_loop_new(void) {
   int k;
@@ -23,20 +40,33 @@ hd_loop *hd_loop_new(void) {
   if (l == NULL) return NULL;
   /* First, before the loop's own descriptors: a closed 1 or 2 stays -1. */
   for (k = 0; k < 2; k++) l->out[k] = fcntl(STDOUT_FILENO + k, F_DUPFD_CLOEXEC, STDERR_FILENO + 1);
-  if (uv_loop_init(&l->uv) != 0) {
-    for (k = 0; k < 2; k++)
-      if (l->out[k] >= 0) close(l->out[k]);
-    free(l);
-    return NULL;
+  l->wake_at = UINT64_MAX;
+  l->wake_fd = -1;
+  if (uv_loop_init(&l->uv) != 0) goto fail;
+  l->wake_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+  if (l->wake_fd < 0 || uv_poll_init(&l->uv, &l->wake, l->wake_fd) != 0) {
+    if (l->wake_fd >= 0) close(l->wake_fd);
+    uv_loop_close(&l->uv);
+    goto fail;
   }
+  l->wake.data = l;
+  uv_poll_start(&l->wake, UV_READABLE, loop_wake_cb);
+  uv_unref((uv_handle_t *)&l->wake);
   return l;
+fail:
+  for (k = 0; k < 2; k++)
+    if (l->out[k] >= 0) close(l->out[k]);
+  free(l);
+  return NULL;
 }
 
 void hd_loop_free(hd_loop *l) {
   int k;
+  uv_close((uv_handle_t *)&l->wake, NULL);
   /* Close callbacks of the last handles run here; then the loop is empty. */
   while (uv_loop_close(&l->uv) == UV_EBUSY) uv_run(&l->uv, UV_RUN_NOWAIT);
   hd_buf_free(&l->spare);
+  close(l->wake_fd);
   for (k = 0; k < 2; k++)
     if (l->out[k] >= 0) close(l->out[k]);
   free(l);
@@ -66,6 +96,7 @@ void hd_loop_forsake(hd_loop *l) {
 #if defined(__linux__)
   loop_close_fd(&uv->inotify_fd);
 #endif
+  loop_close_fd(&l->wake_fd);
   loop_close_fd(&l->out[0]);
   loop_close_fd(&l->out[1]);
 }
@@ -76,6 +107,32 @@ int hd_loop_out_fd(const hd_loop *l, int which) {
 
 uv_loop_t *hd_loop_uv(hd_loop *l) {
   return &l->uv;
+}
+
+int hd_loop_fd(hd_loop *l) {
+  return uv_backend_fd(&l->uv);
+}
+
+int hd_loop_timeout(hd_loop *l) {
+  /* uv_backend_timeout says 0 for a loop with nothing to do, which would
+   * have a host spin. */
+  if (!uv_loop_alive(&l->uv)) return -1;
+  return uv_backend_timeout(&l->uv);
+}
+
+void hd_loop_sync_wake(hd_loop *l) {
+  struct itimerspec its = {{0, 0}, {0, 0}};
+  int t = hd_loop_timeout(l);
+  uint64_t due;
+  if (t < 0) return;
+  /* The loop's clock may be the coarse one, up to a millisecond behind
+   * CLOCK_MONOTONIC: a timer set a millisecond later finds the loop's
+   * timer due. Work pending now wakes at once. */
+  due = t == 0 ? 1 : uv_now(&l->uv) + (uint64_t)t + 1;
+  if (due >= l->wake_at) return;
+  its.it_value.tv_sec = (time_t)(due / 1000);
+  its.it_value.tv_nsec = (long)(due % 1000) * 1000000L;
+  if (timerfd_settime(l->wake_fd, TFD_TIMER_ABSTIME, &its, NULL) == 0) l->wake_at = due;
 }
 
 uint64_t hd_loop_now(hd_loop *l) {

@@ -32,6 +32,22 @@ void hd_loop_forsake(hd_loop *l);
  * into it. */
 int hd_loop_out_fd(const hd_loop *l, int which);
 
+/* The loop's descriptor (its epoll instance) becomes readable when a
+ * watched descriptor is ready; with the wake timer, also when the loop's
+ * next timer is due or work is pending that needs no descriptor (close
+ * callbacks), so a host that waits on the descriptor alone still runs
+ * every deadline on time. hd_loop_sync_wake sets the wake timer from the
+ * loop's timers: called after anything that may have started a timer or
+ * made work pending. A wake too early is harmless: the host steps, and the
+ * next sync sets the timer again. */
+int hd_loop_fd(hd_loop *l);
+void hd_loop_sync_wake(hd_loop *l);
+
+/* Milliseconds until the loop has work that is not a descriptor's: 0 when
+ * it has some now, -1 when it has none (no timer, or nothing that keeps
+ * the loop alive). */
+int hd_loop_timeout(hd_loop *l);
+
 /* The loop's cached time, in ms. */
 uint64_t hd_loop_now(hd_loop *l);
 

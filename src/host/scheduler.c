@@ -66,6 +66,7 @@ struct hd_job {
   uv_timer_t timer;     /* max_ms while running, pool_timeout while queued */
   uint64_t deadline;    /* uv_hrtime() when the timer is due */
   int timer_open;
+  int notify;           /* hd_job_notify: the context's on_end is called at its end */
   hd_queue pnode;       /* its pool's wait queue, while queued */
   hd_queue rnode;       /* the running jobs, while running */
 };
@@ -116,7 +117,10 @@ struct hd_sched {
   hd_queue idle;
   hd_queue running;
   hd_queue waiting;     /* pools with waiting jobs */
+  int active;           /* jobs queued or running */
   uv_timer_t *idle_timer;
+  void (*on_end)(void *ud, hd_job *j); /* for jobs marked with hd_job_notify */
+  void *on_end_ud;
   int in_pump, pump_again;
   uint64_t spin_ns;     /* how long a blocking wait polls before sleeping */
   int spin_credit;      /* recent waits the polling paid off for */
@@ -357,11 +361,17 @@ int hd_sched_in_loop(const hd_sched *s) {
 }
 
 int hd_sched_fd(hd_sched *s) {
-  return uv_backend_fd(hd_loop_uv(s->loop));
+  return hd_loop_fd(s->loop);
 }
 
 int hd_sched_timeout(hd_sched *s) {
-  return uv_backend_timeout(hd_loop_uv(s->loop));
+  return hd_loop_timeout(s->loop);
+}
+
+/* After anything that may start a timer or leave work pending: the loop's
+ * descriptor wakes a host for it (hd_loop_sync_wake). */
+static void sched_sync(hd_sched *s) {
+  if (!s->in_loop && !s->forsaken) hd_loop_sync_wake(s->loop);
 }
 
 void hd_sched_step(hd_sched *s) {
@@ -369,6 +379,16 @@ void hd_sched_step(hd_sched *s) {
   uv_run(hd_loop_uv(s->loop), UV_RUN_NOWAIT);
   s->in_loop = 0;
   hd_sup_reap(s->sup);
+  sched_sync(s);
+}
+
+int hd_sched_active(const hd_sched *s) {
+  return s->active;
+}
+
+void hd_sched_on_end(hd_sched *s, void (*fn)(void *ud, hd_job *j), void *ud) {
+  s->on_end = fn;
+  s->on_end_ud = ud;
 }
 
 /* A short job's reply usually comes within a few tens of microseconds:
@@ -400,6 +420,49 @@ void hd_sched_wait(hd_sched *s, hd_job *j) {
   while (j->state != JOB_DONE) uv_run(uv, UV_RUN_ONCE);
   s->in_loop = 0;
   hd_sup_reap(s->sup);
+  sched_sync(s);
+}
+
+static void sched_wait_timer_cb(uv_timer_t *t) {
+  *(int *)t->data = 1;
+}
+
+static void sched_wait_close_cb(uv_handle_t *h) {
+  free(h);
+}
+
+static int sched_first_done(hd_job *const *jobs, int n) {
+  int i;
+  for (i = 0; i < n; i++)
+    if (jobs[i]->state == JOB_DONE) return i;
+  return -1;
+}
+
+int hd_sched_wait_any(hd_sched *s, hd_job *const *jobs, int n, double timeout_ms) {
+  uv_loop_t *uv = hd_loop_uv(s->loop);
+  uv_timer_t *t = NULL;
+  int i, expired = 0;
+  if ((i = sched_first_done(jobs, n)) >= 0) return i;
+  if (timeout_ms <= 0) {
+    hd_sched_step(s);
+    return sched_first_done(jobs, n);
+  }
+  if (timeout_ms < SCHED_NO_LIMIT_MS) {
+    t = malloc(sizeof *t);
+    if (t == NULL) return -2;
+    uv_timer_init(uv, t);
+    t->data = &expired;
+    uv_timer_start(t, sched_wait_timer_cb,
+                   (uint64_t)(timeout_ms > SCHED_MAX_TIMER_MS ? SCHED_MAX_TIMER_MS : timeout_ms),
+                   0);
+  }
+  s->in_loop = 1;
+  while ((i = sched_first_done(jobs, n)) < 0 && !expired) uv_run(uv, UV_RUN_ONCE);
+  s->in_loop = 0;
+  if (t != NULL) uv_close((uv_handle_t *)t, sched_wait_close_cb);
+  hd_sup_reap(s->sup);
+  sched_sync(s);
+  return i;
 }
 
 void hd_sched_each_pid(hd_sched *s, void (*fn)(void *, pid_t), void *ud, pid_t *sup,
@@ -908,6 +971,7 @@ static int job_enqueue(hd_job *j) {
   sched_pool *sp = sched_pool_of(j->origin);
   if (sp == NULL) return -1;
   j->state = JOB_QUEUED;
+  s->active++;
   hd_queue_insert_tail(&sp->jobs, &j->pnode);
   hd_pool_note_queued(j->origin, 1);
   if (!hd_queue_linked(&sp->wnode)) hd_queue_insert_tail(&s->waiting, &sp->wnode);
@@ -918,6 +982,7 @@ static void job_finish(hd_job *j, hd_outcome out) {
   hd_sched *s = j->sched;
   int was_running = j->state == JOB_RUNNING;
   if (j->state == JOB_DONE) return;
+  if (j->state == JOB_QUEUED || was_running) s->active--;
   if (j->state == JOB_QUEUED) job_unqueue(j);
   if (was_running) hd_queue_remove(&j->rnode);
   if (j->proc != NULL) {
@@ -937,6 +1002,7 @@ static void job_finish(hd_job *j, hd_outcome out) {
     uv_close((uv_handle_t *)&j->timer, job_timer_close_cb);
   }
   if (was_running) sched_pump(s);
+  if (j->notify && s->on_end != NULL) s->on_end(s->on_end_ud, j);
   /* The scheduler's reference, taken at submit. */
   hd_job_unref(j);
 }
@@ -960,6 +1026,7 @@ static void job_start(hd_job *j) {
   hd_sched *s = j->sched;
   hd_pool *root = hd_chains_root(j->chains);
   sched_proc *p = proc_idle_of(s, root);
+  if (j->state == JOB_NEW) s->active++;
   j->state = JOB_RUNNING;
   hd_queue_insert_head(&s->running, &j->rnode);
   hd_chains_count_start(j->chains);
@@ -1019,7 +1086,14 @@ static void job_timer_cb(uv_timer_t *t) {
   if (j->proc != NULL) proc_kill(j->proc);
 }
 
+static void job_submit(hd_job *j);
+
 void hd_job_submit(hd_job *j) {
+  job_submit(j);
+  sched_sync(j->sched);
+}
+
+static void job_submit(hd_job *j) {
   hd_sched *s = j->sched;
   sched_pool *sp = hd_pool_data(j->origin);
   uint64_t heap = j->lim.max_heap;
@@ -1083,6 +1157,11 @@ static void job_on_reply(hd_job *j, hd_buf *buf, size_t off, size_t len) {
 
 void hd_job_kill(hd_job *j) {
   job_finish(j, HD_OUT_KILLED);
+  sched_sync(j->sched);
+}
+
+void hd_job_notify(hd_job *j) {
+  j->notify = 1;
 }
 
 /* The first queued or running job `match` accepts, or NULL. */
@@ -1156,6 +1235,7 @@ void hd_sched_forget_pool(hd_sched *s, hd_pool *p) {
     sched_proc *sp = HD_QUEUE_DATA(q, sched_proc, inode);
     if (sp->root == p) proc_retire(sp);
   }
+  sched_sync(s);
 }
 
 void hd_sched_close_pool(hd_sched *s, hd_pool *p) {

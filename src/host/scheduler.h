@@ -77,6 +77,19 @@ void hd_sched_step(hd_sched *s);
 /* Blocks until the job is done. */
 void hd_sched_wait(hd_sched *s, hd_job *j);
 
+/* Blocks until one of the n jobs is done, or timeout_ms passes (math.huge:
+ * no limit; 0: one step, no wait). Returns the index of the first done job
+ * in the array, -1 on timeout, -2 when memory runs out. */
+int hd_sched_wait_any(hd_sched *s, hd_job *const *jobs, int n, double timeout_ms);
+
+/* How many jobs are queued or running. */
+int hd_sched_active(const hd_sched *s);
+
+/* fn(ud, job) is called as each job marked with hd_job_notify ends, from
+ * inside the loop or from the call that ended it (a kill, a reject): for
+ * hosts that wake their own waiters. */
+void hd_sched_on_end(hd_sched *s, void (*fn)(void *ud, hd_job *j), void *ud);
+
 /* Calls fn with the pid of each worker process alive; *sup gets the
  * supervisor's pid (or -1) and *fds the descriptors the host holds for its
  * workers. For tests and dashboards. */
@@ -143,6 +156,9 @@ int hd_job_forsaken(const hd_job *j);
 
 /* Whether `p` is the job's own pool or one it was (or may be) delegated to. */
 int hd_job_in_pool(const hd_job *j, const hd_pool *p);
+
+/* Marks the job for the context's on_end callback (hd_sched_on_end). */
+void hd_job_notify(hd_job *j);
 
 /* A user kill: the job ends now, as KILLED; its process is killed. */
 void hd_job_kill(hd_job *j);

@@ -10,6 +10,7 @@
 #include <sys/prctl.h>
 #include <sys/wait.h>
 
+#include "bell.h"
 #include "codec.h"
 #include "lcodec.h"
 #include "num.h"
@@ -22,7 +23,16 @@
 #define L_POOL "handler.pool"
 #define L_JOB "handler.job"
 
-typedef struct { hd_sched *s; } l_ctx;
+/* The context of a Lua state: the scheduler, the ids of watched jobs that
+ * ended since the host last asked (core.finished), and the bell, once a
+ * host that needs one asked for it. */
+typedef struct {
+  hd_sched *s;
+  double *ended;
+  size_t n_ended, cap_ended;
+  int ended_oom;
+  hd_bell *bell;
+} l_ctx;
 typedef struct { hd_pool *p; } l_pool;
 typedef struct { hd_job *j; } l_job;
 
@@ -39,6 +49,8 @@ static char l_pools_key;   /* registry: weak-keyed table, pool userdata -> true 
 /* A forked child's first call: the context copied from the parent was
  * forsaken at the fork (scheduler.c); the child gets one of its own, with
  * the same settings, and the pools of this state start counting afresh. */
+static void l_on_end(void *ud, hd_job *j);
+
 static hd_sched *l_renew(lua_State *L, l_ctx *x) {
   char err[256];
   hd_sched *s = hd_sched_renew(x->s, err, sizeof err);
@@ -46,6 +58,11 @@ static hd_sched *l_renew(lua_State *L, l_ctx *x) {
   /* Never frees the forsaken context: it holds a reference for good. */
   hd_sched_unref(x->s);
   x->s = s;
+  hd_sched_on_end(s, l_on_end, x);
+  /* The parent's ended jobs and bell are the parent's. */
+  x->n_ended = 0;
+  if (x->bell != NULL) hd_bell_forsake(x->bell);
+  x->bell = NULL;
   lua_pushlightuserdata(L, &l_pools_key);
   lua_rawget(L, LUA_REGISTRYINDEX);
   if (lua_istable(L, -1)) {
@@ -84,13 +101,24 @@ static hd_job *l_checkjob(lua_State *L, int i) {
 
 static int l_ctx_gc(lua_State *L) {
   l_ctx *x = luaL_checkudata(L, 1, L_CTX);
+  if (x->bell != NULL) {
+    if (x->s != NULL && hd_sched_forsaken(x->s)) hd_bell_forsake(x->bell);
+    else hd_bell_free(x->bell);
+    x->bell = NULL;
+  }
   if (x->s != NULL) {
     hd_sched *s = x->s;
     x->s = NULL;
     /* A forsaken context is the parent's: nothing of it is shut down. */
-    if (!hd_sched_forsaken(s)) hd_sched_shutdown(s);
+    if (!hd_sched_forsaken(s)) {
+      hd_sched_on_end(s, NULL, NULL);
+      hd_sched_shutdown(s);
+    }
     hd_sched_unref(s);
   }
+  free(x->ended);
+  x->ended = NULL;
+  x->n_ended = x->cap_ended = 0;
   return 0;
 }
 
@@ -598,6 +626,108 @@ static int l_step(lua_State *L) {
   return 0;
 }
 
+/* A watched job ended: its id is kept for core.finished. */
+static void l_on_end(void *ud, hd_job *j) {
+  l_ctx *x = ud;
+  if (x->n_ended == x->cap_ended) {
+    size_t cap = x->cap_ended ? 2 * x->cap_ended : 16;
+    double *e = realloc(x->ended, cap * sizeof *e);
+    if (e == NULL) {
+      /* core.finished then says so, and the host checks every job. */
+      x->ended_oom = 1;
+      return;
+    }
+    x->ended = e;
+    x->cap_ended = cap;
+  }
+  x->ended[x->n_ended++] = (double)hd_job_id(j);
+}
+
+/* watch(job) -> done: marks the job, so its id is among core.finished()'s
+ * when it ends; true when it is done already (then it is not marked). */
+static int l_watch(lua_State *L) {
+  hd_job *j;
+  l_core(L);
+  j = l_checkjob(L, 1);
+  if (hd_job_forsaken(j) || hd_job_done(j)) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  hd_job_notify(j);
+  lua_pushboolean(L, 0);
+  return 1;
+}
+
+/* finished() -> nil | { ids of watched jobs that ended since the last
+ * call } | false when memory ran out on the way (then check every job). */
+static int l_finished(lua_State *L) {
+  l_ctx *x = lua_touserdata(L, lua_upvalueindex(1));
+  size_t i;
+  l_core(L);
+  if (x->ended_oom) {
+    x->ended_oom = 0;
+    x->n_ended = 0;
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  if (x->n_ended == 0) return 0;
+  lua_createtable(L, (int)x->n_ended, 0);
+  for (i = 0; i < x->n_ended; i++) {
+    lua_pushnumber(L, x->ended[i]);
+    lua_rawseti(L, -2, (int)i + 1);
+  }
+  x->n_ended = 0;
+  return 1;
+}
+
+/* wait_any({ job, ... }, timeout_ms) -> index | nil: blocks until a job of
+ * the array is done (the lowest index of those done) or the time passes. */
+static int l_wait_any(lua_State *L) {
+  hd_sched *s = l_core(L);
+  double timeout = luaL_checknumber(L, 2);
+  int n, i, r;
+  hd_job **jobs;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  n = (int)lua_objlen(L, 1);
+  if (hd_sched_in_loop(s)) return luaL_error(L, "handler: cannot wait from inside the loop");
+  jobs = lua_newuserdata(L, (size_t)(n > 0 ? n : 1) * sizeof *jobs);
+  for (i = 0; i < n; i++) {
+    lua_rawgeti(L, 1, i + 1);
+    jobs[i] = l_checkjob(L, -1);
+    lua_pop(L, 1);
+    /* A job of the parent's, before a fork, is over here. */
+    if (hd_job_forsaken(jobs[i])) {
+      lua_pushinteger(L, i + 1);
+      return 1;
+    }
+  }
+  r = hd_sched_wait_any(s, jobs, n, timeout);
+  if (r == -2) return luaL_error(L, "handler: out of memory");
+  if (r < 0) return 0;
+  lua_pushinteger(L, r + 1);
+  return 1;
+}
+
+/* active() -> how many jobs are queued or running in this process. */
+static int l_active(lua_State *L) {
+  lua_pushinteger(L, hd_sched_active(l_core(L)));
+  return 1;
+}
+
+/* bell() -> path: the unix socket a host connects to, to be woken when the
+ * loop has work (bell.h). Made on first use. */
+static int l_bell(lua_State *L) {
+  l_ctx *x = lua_touserdata(L, lua_upvalueindex(1));
+  hd_sched *s = l_core(L);
+  if (x->bell == NULL) {
+    char err[256];
+    x->bell = hd_bell_new(hd_sched_fd(s), err, sizeof err);
+    if (x->bell == NULL) return luaL_error(L, "handler: %s", err);
+  }
+  lua_pushstring(L, hd_bell_path(x->bell));
+  return 1;
+}
+
 typedef struct {
   lua_State *L;
   int n;
@@ -648,7 +778,8 @@ static const luaL_Reg l_funcs[] = {
     {"flush", l_flush},       {"close", l_close},       {"stats", l_stats},
     {"fd", l_fd},             {"timeout", l_timeout},   {"step", l_step},
     {"procs", l_procs},       {"set_max_result", l_set_max_result},
-    {"set_spin", l_set_spin},
+    {"set_spin", l_set_spin}, {"watch", l_watch},     {"finished", l_finished},
+    {"wait_any", l_wait_any}, {"bell", l_bell},       {"active", l_active},
     {"validate", hd_l_validate},
     {NULL, NULL}};
 
@@ -710,7 +841,7 @@ L_EXPORT int luaopen_handler_core(lua_State *L) {
   } else {
     lua_settop(L, 0);
     x = lua_newuserdata(L, sizeof *x);
-    x->s = NULL;
+    memset(x, 0, sizeof *x);
     l_newmeta(L, L_POOL, l_pool_gc, 1);
     l_newmeta(L, L_JOB, l_job_gc, 1);
     l_newmeta(L, L_CTX, l_ctx_gc, 1);
@@ -719,6 +850,7 @@ L_EXPORT int luaopen_handler_core(lua_State *L) {
     s = hd_sched_new(path, err, sizeof err);
     if (s == NULL) return luaL_error(L, "handler: %s", err);
     x->s = s;
+    hd_sched_on_end(s, l_on_end, x);
     /* Kept in the registry, so the context outlives every module table and
      * is closed last, when the state is. */
     lua_pushlightuserdata(L, &l_ctx_key);
