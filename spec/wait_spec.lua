@@ -85,7 +85,10 @@ describe("handler.wait_any", function()
       { { { job }, "5" }, "got string" },
     }
     for _, c in ipairs(cases) do
-      local ok, err = pcall(function() return handler.wait_any(unpack(c[1], 1, 2)) end)
+      local ok, err = pcall(function()
+        local r = handler.wait_any(unpack(c[1], 1, 2))
+        return r
+      end)
       assert.is_false(ok)
       assert.matches(c[2], err)
       assert.matches("^[^:]*wait_spec.lua:%d+: ", err)
