@@ -28,6 +28,9 @@ local function nginx()
   if ngx_wait == nil then ngx_wait = require("handler.ngx") end
   return ngx_wait
 end
+local function nginx_waitlist()
+  return require("handler.waitlist")
+end
 
 local DEFAULT_MAX_MS = 60000
 local DEFAULT_HEAP = 10 * 1024 * 1024
@@ -130,6 +133,8 @@ local POOL_CONFIG = {
   delegate_fun = { function(v) return type(v) == "function" end, "a function" },
   idle_ms = { nonneg, "a non-negative number of milliseconds" },
   sandbox = RUN_OPTS.sandbox,
+  shared_dict = { function(v) return type(v) == "string" and v ~= "" end,
+    "the name of a lua_shared_dict" },
 }
 
 local function check_table(what, t, spec, level)
@@ -199,6 +204,19 @@ function M.pool(config)
     error("handler.pool: sandbox is set on root pools, which own the worker processes; "
       .. "a delegating pool's jobs run in its root's", 2)
   end
+  local budget
+  if config.shared_dict ~= nil then
+    if not in_ngx then
+      error("handler.pool: shared_dict holds a budget across nginx workers: it works "
+        .. "inside nginx only", 2)
+    end
+    if name == nil then
+      error("handler.pool: shared_dict needs a name: the nginx workers' pools of that "
+        .. "name share the budget", 2)
+    end
+    budget = require("handler.shared").new(config.shared_dict, name,
+      config.max_workers or 100, config.max_memory_bytes or 10 * 2^30)
+  end
   local parent
   if config.delegate_to ~= nil then
     parent = resolve_pool("handler.pool: delegate_to", config.delegate_to, 2)
@@ -217,6 +235,9 @@ function M.pool(config)
     _fun = config.delegate_fun,
     -- Chains go through Lua only when some pool up the chain has a delegate_fun.
     _dynamic = config.delegate_fun ~= nil or (parent ~= nil and parent._dynamic),
+    _budget = budget,
+    -- Whether a pool on a chain from here may hold a shared budget.
+    _shared = budget ~= nil or config.delegate_fun ~= nil or (parent ~= nil and parent._shared),
   }, Pool)
   if name ~= nil then M.pools[name] = self end
   return self
@@ -224,11 +245,12 @@ end
 
 -- The candidate chains of a job started in `pool`: lists of core pools from
 -- `pool` to a root, in the order delegate_fun gave them.
-local function chains_of(pool, param, prefix, out, depth)
+local function chains_of(pool, param, prefix, out, depth, tables)
   if depth > 16 then error("handler: delegation deeper than 16 pools", 4) end
   local chain = {}
   for i = 1, #prefix do chain[i] = prefix[i] end
   chain[#chain + 1] = pool._ud
+  if tables ~= nil then chain[-#chain] = pool end
   if pool._fun ~= nil then
     local cands = pool._fun(param)
     if type(cands) ~= "table" then
@@ -237,14 +259,66 @@ local function chains_of(pool, param, prefix, out, depth)
     end
     for i = 1, #cands do
       local c = resolve_pool("handler: delegate_fun", cands[i], 4)
-      if not c._closed then chains_of(c, param, chain, out, depth + 1) end
+      if not c._closed then chains_of(c, param, chain, out, depth + 1, tables) end
     end
   elseif pool._parent ~= nil then
-    chains_of(pool._parent, param, chain, out, depth + 1)
+    chains_of(pool._parent, param, chain, out, depth + 1, tables)
   else
     out[#out + 1] = chain
   end
   return out
+end
+
+---------------------------------------------------------------------------
+-- Shared budgets (nginx): a job reserves in every pool of its chain that
+-- has one before the core sees it, and gives back when it ends.
+
+local function release_chain(chain, n, heap)
+  for i = 1, n do
+    local p = chain[-i]
+    if p._budget ~= nil then p._budget:release(heap) end
+  end
+end
+
+local function reserve_chain(chain, heap)
+  for i = 1, #chain do
+    local p = chain[-i]
+    if p._budget ~= nil then
+      local ok, why, never = p._budget:reserve(heap)
+      if not ok then
+        release_chain(chain, i - 1, heap)
+        return nil, why, never
+      end
+    end
+  end
+  return true
+end
+
+-- Like core_submit, for a pool whose chains may hold shared budgets: tries
+-- the candidate chains in order, reserving the shared budgets of each.
+local function submit_shared(self, param, fn, max_ms, heap, task, wait, result, output, env)
+  -- Chains as lists of core pools (the array part) and of pool tables
+  -- (at negative indices, the same order).
+  local cands = chains_of(self, param, {}, {}, 1, true)
+  local why, never = "NoWorkersAvailable", true
+  for c = 1, #cands do
+    local chain = cands[c]
+    local n = #chain
+    local ok, w, no = reserve_chain(chain, heap)
+    never = never and no
+    if ok then
+      local job
+      job, w = core_submit(self._ud, { chain }, fn, max_ms, heap, task, wait, result, output, env)
+      if job ~= nil then
+        local function release() release_chain(chain, n, heap) end
+        if nginx_waitlist().add(release, job) then release() end
+        return job
+      end
+      release_chain(chain, n, heap)
+    end
+    why = w
+  end
+  return nil, why, never
 end
 
 local function pool_args(self, what, opts)
@@ -259,17 +333,49 @@ local function pool_args(self, what, opts)
     task, wait, env = opts.task_name, opts.pool_timeout, env_list(opts.env)
   end
   if self._closed then error(what .. ": the pool is closed", 3) end
-  if self._dynamic then
+  -- Shared budgets inside nginx pick their chain in submit_shared.
+  if self._dynamic and not (in_ngx and self._shared) then
     chains = chains_of(self, opts and opts.delegate_param, {}, {}, 1)
   end
   return max_ms, heap, result, task, wait or 0, chains, output, env
 end
 
 -- Inside nginx: submit, then yield until the job is done.
-local function run_yielding(pool_ud, chains, fn, max_ms, heap, task, wait, result, output, env)
+-- A job into `pool` (a pool table), through its shared budgets when it
+-- has some; `yielding`: in a phase that may wait out pool_timeout.
+local function submit(pool, chains, param, fn, max_ms, heap, task, wait, result, output, env,
+                      yielding)
+  if not (in_ngx and pool._shared) then
+    return core_submit(pool._ud, chains, fn, max_ms, heap, task, wait, result, output, env)
+  end
+  if ngx_api.get_phase() == "init" then
+    error("handler: a pool with a shared budget starts no job in the init phase: the budget "
+      .. "is counted per nginx worker, and none exists yet", 0)
+  end
+  local job, why, never = submit_shared(pool, param, fn, max_ms, heap, task, wait, result,
+    output, env)
+  if job == nil and why ~= nil and not never and wait > 0 and yielding then
+    -- Other nginx workers give capacity back without telling this one: it
+    -- looks again, more and more seldom, until pool_timeout passes.
+    local deadline, pause = ngx_api.now() + wait / 1000, 0.001
+    repeat
+      ngx_api.sleep(pause)
+      pause = pause < 0.016 and pause * 2 or 0.02
+      job, why, never = submit_shared(pool, param, fn, max_ms, heap, task, wait, result,
+        output, env)
+      ngx_api.update_time()
+    until job ~= nil or never or ngx_api.now() >= deadline
+    if job == nil and not never then why = "PoolTimeout" end
+  end
+  return job, why
+end
+
+local function run_yielding(pool, chains, param, fn, max_ms, heap, task, wait, result, output,
+                            env)
   local w = nginx()
   w.check()
-  local job, why = core_submit(pool_ud, chains, fn, max_ms, heap, task, wait, result, output, env)
+  local job, why = submit(pool, chains, param, fn, max_ms, heap, task, wait, result, output, env,
+    true)
   if job == nil then return false, reject(why) end
   w.wait({ job }, 1)
   return finish(max_ms, heap, core.result(job))
@@ -279,7 +385,8 @@ function Pool:run(fn, opts)
   check_fn("run", fn)
   local max_ms, heap, result, task, wait, chains, output, env = pool_args(self, "pool:run", opts)
   if in_ngx then
-    return run_yielding(self._ud, chains, fn, max_ms, heap, task, wait, result, output, env)
+    return run_yielding(self, chains, opts and opts.delegate_param, fn, max_ms, heap, task,
+      wait, result, output, env)
   end
   return finish(max_ms, heap,
     core_run(self._ud, chains, fn, max_ms, heap, task, wait, result, output, env))
@@ -291,7 +398,8 @@ Job.__index = Job
 function Pool:async(fn, opts)
   check_fn("async", fn)
   local max_ms, heap, result, task, wait, chains, output, env = pool_args(self, "pool:async", opts)
-  local job, why = core_submit(self._ud, chains, fn, max_ms, heap, task, wait, result, output, env)
+  local job, why = submit(self, chains, opts and opts.delegate_param, fn, max_ms, heap, task,
+    wait, result, output, env, false)
   if job == nil then return nil, reject(why) end
   -- In nginx the dispatcher steps the loop, so the job ends (and frees its
   -- worker) even when nobody waits; timers cannot be made in init_by_lua.
@@ -442,7 +550,7 @@ function M.run(fn, opts)
   end
   pool = pool or default_pool or M.default_pool()
   if in_ngx then
-    return run_yielding(pool._ud, nil, fn, max_ms, heap, nil, 0, result, output, env)
+    return run_yielding(pool, nil, nil, fn, max_ms, heap, nil, 0, result, output, env)
   end
   return finish(max_ms, heap,
     core_run(pool._ud, nil, fn, max_ms, heap, nil, 0, result, output, env))
