@@ -40,6 +40,8 @@
 #define SCHED_SPIN_MISS 4
 #define SCHED_SPIN_PROBE_MASK 63
 #define SCHED_SPIN_DEFAULT_NS 50000
+/* A loop that has not run for this long runs once before a job starts. */
+#define SCHED_STALE_NS 20000000
 
 typedef enum { JOB_NEW, JOB_QUEUED, JOB_RUNNING, JOB_DONE } job_state;
 typedef enum { PROC_IDLE, PROC_BUSY, PROC_DYING } proc_state;
@@ -118,6 +120,7 @@ struct hd_sched {
   hd_queue running;
   hd_queue waiting;     /* pools with waiting jobs */
   int active;           /* jobs queued or running */
+  uint64_t last_run;    /* uv_hrtime() when the loop last ran */
   uv_timer_t *idle_timer;
   void (*on_end)(void *ud, hd_job *j); /* for jobs marked with hd_job_notify */
   void *on_end_ud;
@@ -375,6 +378,7 @@ static void sched_sync(hd_sched *s) {
 }
 
 void hd_sched_step(hd_sched *s) {
+  s->last_run = uv_hrtime();
   s->in_loop = 1;
   uv_run(hd_loop_uv(s->loop), UV_RUN_NOWAIT);
   s->in_loop = 0;
@@ -419,6 +423,7 @@ void hd_sched_wait(hd_sched *s, hd_job *j) {
   }
   while (j->state != JOB_DONE) uv_run(uv, UV_RUN_ONCE);
   s->in_loop = 0;
+  s->last_run = uv_hrtime();
   hd_sup_reap(s->sup);
   sched_sync(s);
 }
@@ -459,6 +464,7 @@ int hd_sched_wait_any(hd_sched *s, hd_job *const *jobs, int n, double timeout_ms
   s->in_loop = 1;
   while ((i = sched_first_done(jobs, n)) < 0 && !expired) uv_run(uv, UV_RUN_ONCE);
   s->in_loop = 0;
+  s->last_run = uv_hrtime();
   if (t != NULL) uv_close((uv_handle_t *)t, sched_wait_close_cb);
   hd_sup_reap(s->sup);
   sched_sync(s);
@@ -1089,8 +1095,13 @@ static void job_timer_cb(uv_timer_t *t) {
 static void job_submit(hd_job *j);
 
 void hd_job_submit(hd_job *j) {
+  hd_sched *s = j->sched;
+  /* A host that has not run the loop for a while (nginx between requests)
+   * hears the news first: a supervisor or worker that died meanwhile is
+   * replaced, not handed the job. */
+  if (uv_hrtime() - s->last_run > SCHED_STALE_NS) hd_sched_step(s);
   job_submit(j);
-  sched_sync(j->sched);
+  sched_sync(s);
 }
 
 static void job_submit(hd_job *j) {
