@@ -248,7 +248,10 @@ end
 local function chains_of(pool, param, prefix, out, depth, tables)
   if depth > 16 then error("handler: delegation deeper than 16 pools", 4) end
   local chain = {}
-  for i = 1, #prefix do chain[i] = prefix[i] end
+  for i = 1, #prefix do
+    chain[i] = prefix[i]
+    if tables ~= nil then chain[-i] = prefix[-i] end
+  end
   chain[#chain + 1] = pool._ud
   if tables ~= nil then chain[-#chain] = pool end
   if pool._fun ~= nil then
