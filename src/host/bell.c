@@ -4,6 +4,7 @@
  * connected when the descriptor becomes readable. */
 #include "bell.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
@@ -14,6 +15,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -132,6 +134,31 @@ static const char *bell_tmpdir(void) {
   return t != NULL && t[0] == '/' ? t : "/tmp";
 }
 
+/* The directories of bells whose process died without removing them (a
+ * host killed with SIGKILL): ours by owner, and named for a pid that no
+ * longer exists. */
+static void bell_sweep(const char *tmp) {
+  DIR *d = opendir(tmp);
+  struct dirent *e;
+  if (d == NULL) return;
+  while ((e = readdir(d)) != NULL) {
+    char path[256], sock[272];
+    struct stat st;
+    long pid;
+    char *end;
+    if (strncmp(e->d_name, "handler-bell-", 13) != 0) continue;
+    pid = strtol(e->d_name + 13, &end, 10);
+    if (pid <= 0 || *end != '-') continue;
+    if (kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue;
+    if (snprintf(path, sizeof path, "%s/%s", tmp, e->d_name) >= (int)sizeof path) continue;
+    if (lstat(path, &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != geteuid()) continue;
+    snprintf(sock, sizeof sock, "%s/s", path);
+    unlink(sock);
+    rmdir(path);
+  }
+  closedir(d);
+}
+
 hd_bell *hd_bell_new(int fd, char *err, size_t errlen) {
   struct sockaddr_un sa;
   sigset_t all, old;
@@ -150,7 +177,9 @@ hd_bell *hd_bell_new(int fd, char *err, size_t errlen) {
   }
   b->watch = fd;
   b->listen_fd = b->stop_fd = -1;
-  if (snprintf(b->dir, sizeof b->dir, "%s/handler-bell-XXXXXX", bell_tmpdir()) >=
+  bell_sweep(bell_tmpdir());
+  if (snprintf(b->dir, sizeof b->dir, "%s/handler-bell-%ld-XXXXXX", bell_tmpdir(),
+               (long)getpid()) >=
           (int)sizeof b->dir ||
       snprintf(b->path, sizeof b->path, "%s/s", b->dir) >= (int)sizeof sa.sun_path) {
     snprintf(err, errlen, "TMPDIR is too long for a unix socket's path");

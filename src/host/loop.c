@@ -51,6 +51,10 @@ hd_loop *hd_loop_new(void) {
   }
   l->wake.data = l;
   uv_poll_start(&l->wake, UV_READABLE, loop_wake_cb);
+  /* libuv adds a descriptor to its epoll instance when the loop runs, and
+   * runs it only while something keeps it alive: one turn now, while the
+   * wake timer still does, puts it in for good. */
+  uv_run(&l->uv, UV_RUN_NOWAIT);
   uv_unref((uv_handle_t *)&l->wake);
   return l;
 fail:
@@ -113,10 +117,21 @@ int hd_loop_fd(hd_loop *l) {
   return uv_backend_fd(&l->uv);
 }
 
+/* Whether descriptors were started or changed since the loop last ran:
+ * libuv tells the epoll instance about them only when it runs, so until
+ * then the loop's descriptor cannot become readable for them. The queue is
+ * a private field of uv_loop_t (UV_LOOP_PRIVATE_FIELDS), a list head of two
+ * pointers that points to itself when empty, in every libuv 1.x. */
+static int loop_watchers_pending(uv_loop_t *uv) {
+  void **q = (void **)&uv->watcher_queue;
+  return q[0] != (void *)q;
+}
+
 int hd_loop_timeout(hd_loop *l) {
   /* uv_backend_timeout says 0 for a loop with nothing to do, which would
    * have a host spin. */
   if (!uv_loop_alive(&l->uv)) return -1;
+  if (loop_watchers_pending(&l->uv)) return 0;
   return uv_backend_timeout(&l->uv);
 }
 
