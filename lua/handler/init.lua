@@ -9,9 +9,11 @@ end
 
 local core = require("handler.core")
 local errors = require("handler.errors")
+local metrics = require("handler.metrics")
 
-local type, error, pairs, ipairs, setmetatable, getmetatable, tostring, format, floor =
-  type, error, pairs, ipairs, setmetatable, getmetatable, tostring, string.format, math.floor
+local type, error, pairs, ipairs, setmetatable, getmetatable, tostring, format, floor, sort =
+  type, error, pairs, ipairs, setmetatable, getmetatable, tostring, string.format, math.floor,
+  table.sort
 local huge = math.huge
 local from_core, reject = errors.from_core, errors.reject
 local core_run, core_submit, core_await = core.run, core.submit, core.await
@@ -52,6 +54,12 @@ end
 
 -- Pools by name. A named pool stays here until pool:close().
 M.pools = {}
+
+-- Every pool, named or not, and its number in the order they were made,
+-- for handler.metrics: an unnamed pool is labelled by it. Weak, so that a
+-- pool is collected as if it were not here.
+local all_pools = setmetatable({}, { __mode = "k" })
+local pools_made = 0
 
 ---------------------------------------------------------------------------
 -- Option checking: misuse raises at the caller's level, naming the culprit.
@@ -208,6 +216,8 @@ function M.pool(config)
     _dynamic = config.delegate_fun ~= nil or (parent ~= nil and parent._dynamic),
   }, Pool)
   if name ~= nil then M.pools[name] = self end
+  pools_made = pools_made + 1
+  all_pools[self] = pools_made
   return self
 end
 
@@ -389,6 +399,29 @@ local CONFIG = {
 function M.configure(opts)
   check_table("handler.configure", opts, CONFIG, 2)
   if opts.spin_us ~= nil then core.set_spin(opts.spin_us) end
+end
+
+---------------------------------------------------------------------------
+-- Metrics.
+
+local function made_before(a, b)
+  return all_pools[a] < all_pools[b]
+end
+
+--- handler.metrics() -> the counters, gauges and histograms of job times of
+-- every pool not closed, as Prometheus text (docs/API.md, "Metrics").
+function M.metrics()
+  local list = {}
+  for p in pairs(all_pools) do
+    if not p._closed then list[#list + 1] = p end
+  end
+  sort(list, made_before)
+  for i, p in ipairs(list) do
+    local queue, run = core.times(p._ud)
+    list[i] = { label = p.name or ("#" .. all_pools[p]), stats = core.stats(p._ud),
+      queue = queue, run = run }
+  end
+  return metrics.render(list, core.time_bounds)
 end
 
 ---------------------------------------------------------------------------
