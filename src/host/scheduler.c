@@ -984,7 +984,8 @@ static void job_start(hd_job *j) {
   hd_sched *s = j->sched;
   hd_pool *root = hd_chains_root(j->chains);
   sched_proc *p = proc_idle_of(s, root);
-  j->started = uv_hrtime();
+  /* Started from its submit, it waited for nothing: one clock read less. */
+  j->started = j->state == JOB_NEW ? j->submitted : uv_hrtime();
   j->state = JOB_RUNNING;
   hd_queue_insert_head(&s->running, &j->rnode);
   hd_chains_count_start(j->chains);
