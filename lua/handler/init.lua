@@ -9,7 +9,6 @@ end
 
 local core = require("handler.core")
 local errors = require("handler.errors")
-local metrics = require("handler.metrics")
 
 local type, error, pairs, ipairs, setmetatable, getmetatable, tostring, format, floor, sort =
   type, error, pairs, ipairs, setmetatable, getmetatable, tostring, string.format, math.floor,
@@ -408,6 +407,11 @@ local function made_before(a, b)
   return all_pools[a] < all_pools[b]
 end
 
+-- handler.metrics, loaded by the first call: the encoder reads all of
+-- package.loaded for every job it sends, so a module there costs every job
+-- a little, and a host that never asks for metrics should not pay for it.
+local metrics
+
 --- handler.metrics() -> the counters, gauges and histograms of job times of
 -- every pool not closed, as Prometheus text (docs/API.md, "Metrics").
 function M.metrics()
@@ -421,6 +425,7 @@ function M.metrics()
     list[i] = { label = p.name or ("#" .. all_pools[p]), stats = core.stats(p._ud),
       queue = queue, run = run }
   end
+  metrics = metrics or require("handler.metrics")
   return metrics.render(list, core.time_bounds)
 end
 
