@@ -293,8 +293,9 @@ describe("handler.metrics", function()
     assert.is_truthy(next(unnamed_labels(m)))
     for _, s in ipairs(m.samples) do
       if s.name ~= "handler_job_queue_seconds_sum" and s.name ~= "handler_job_run_seconds_sum" then
-        -- Counts, gauges and limits are whole numbers, written without an exponent.
-        assert.is_truthy(s.raw:match("^%d+$"), s.name .. " " .. s.raw)
+        -- Counts, gauges and limits are whole numbers, written without an
+        -- exponent (a limit may be infinite).
+        assert.is_truthy(s.raw:match("^%d+$") or s.raw == "+Inf", s.name .. " " .. s.raw)
       end
     end
   end)
@@ -447,6 +448,14 @@ describe("handler.metrics", function()
     assert.is_truthy(text:find('{pool="we\\"ird\\\\pool\\nname"} ', 1, true), text)
     local m = check(parse(text), { name })
     assert.are.equal(1, value(m, "handler_jobs_total", { pool = name, outcome = "succeeded" }))
+  end)
+
+  it("writes an infinite limit as +Inf", function()
+    pool({ name = "metrics_inf", max_memory_bytes = huge })
+    local m = check(scrape(), { "metrics_inf" })
+    local v, raw = value(m, "handler_max_memory_bytes", { pool = "metrics_inf" })
+    assert.are.equal(huge, v)
+    assert.are.equal("+Inf", raw)
   end)
 
   it("starts from zero in a forked child", function()
