@@ -10,8 +10,9 @@ end
 local core = require("handler.core")
 local errors = require("handler.errors")
 
-local type, error, pairs, ipairs, setmetatable, getmetatable, tostring, format, floor =
-  type, error, pairs, ipairs, setmetatable, getmetatable, tostring, string.format, math.floor
+local type, error, pairs, ipairs, setmetatable, getmetatable, tostring, format, floor, sort =
+  type, error, pairs, ipairs, setmetatable, getmetatable, tostring, string.format, math.floor,
+  table.sort
 local huge = math.huge
 local from_core, reject = errors.from_core, errors.reject
 local core_run, core_submit, core_await = core.run, core.submit, core.await
@@ -66,6 +67,12 @@ end
 
 -- Pools by name. A named pool stays here until pool:close().
 M.pools = {}
+
+-- Every pool, named or not, and its number in the order they were made,
+-- for handler.metrics: an unnamed pool is labelled by it. Weak, so that a
+-- pool is collected as if it were not here.
+local all_pools = setmetatable({}, { __mode = "k" })
+local pools_made = 0
 
 ---------------------------------------------------------------------------
 -- Option checking: misuse raises at the caller's level, naming the culprit.
@@ -240,6 +247,8 @@ function M.pool(config)
     _shared = budget ~= nil or config.delegate_fun ~= nil or (parent ~= nil and parent._shared),
   }, Pool)
   if name ~= nil then M.pools[name] = self end
+  pools_made = pools_made + 1
+  all_pools[self] = pools_made
   return self
 end
 
@@ -571,6 +580,35 @@ local CONFIG = {
 function M.configure(opts)
   check_table("handler.configure", opts, CONFIG, 2)
   if opts.spin_us ~= nil then core.set_spin(opts.spin_us) end
+end
+
+---------------------------------------------------------------------------
+-- Metrics.
+
+local function made_before(a, b)
+  return all_pools[a] < all_pools[b]
+end
+
+-- handler.metrics, loaded by the first call: the encoder reads all of
+-- package.loaded for every job it sends, so a module there costs every job
+-- a little, and a host that never asks for metrics should not pay for it.
+local metrics
+
+--- handler.metrics() -> the counters, gauges and histograms of job times of
+-- every pool not closed, as Prometheus text (docs/API.md, "Metrics").
+function M.metrics()
+  local list = {}
+  for p in pairs(all_pools) do
+    if not p._closed then list[#list + 1] = p end
+  end
+  sort(list, made_before)
+  for i, p in ipairs(list) do
+    local queue, run = core.times(p._ud)
+    list[i] = { label = p.name or ("#" .. all_pools[p]), stats = core.stats(p._ud),
+      queue = queue, run = run }
+  end
+  metrics = metrics or require("handler.metrics")
+  return metrics.render(list, core.time_bounds)
 end
 
 ---------------------------------------------------------------------------

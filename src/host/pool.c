@@ -5,6 +5,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* One histogram of job times, by bucket (not cumulative: a job counts in
+ * one bucket); hd_pool_times_of cumulates them. */
+typedef struct pool_hist {
+  double n[HD_TIME_BUCKETS];
+  double sum;
+} pool_hist;
+
+static const double pool_bounds[] = {HD_TIME_BOUNDS};
+
+_Static_assert(sizeof pool_bounds / sizeof pool_bounds[0] == HD_TIME_BUCKETS - 1,
+               "HD_TIME_BUCKETS is the number of HD_TIME_BOUNDS plus one, for +Inf");
+
 struct hd_pool {
   int refs;             /* the Lua object, child pools, chains, the layer above */
   char *name;
@@ -21,6 +33,7 @@ struct hd_pool {
   double spawned;
   double started, succeeded, rejected;
   double by_outcome[HD_OUT_COUNT];
+  pool_hist queue_time, run_time;
   void *data;
   void (*drop)(void *);
 };
@@ -74,6 +87,8 @@ void hd_pool_reset(hd_pool *p) {
   p->running = p->committed = p->queued = p->procs = p->spawned = 0;
   p->started = p->succeeded = p->rejected = 0;
   memset(p->by_outcome, 0, sizeof p->by_outcome);
+  memset(&p->queue_time, 0, sizeof p->queue_time);
+  memset(&p->run_time, 0, sizeof p->run_time);
 }
 
 void hd_pool_set_closed(hd_pool *p) {
@@ -114,6 +129,39 @@ void hd_pool_stats_of(const hd_pool *p, hd_pool_stats *out) {
   out->succeeded = p->succeeded;
   out->rejected = p->rejected;
   memcpy(out->by_outcome, p->by_outcome, sizeof out->by_outcome);
+}
+
+const double *hd_pool_time_bounds(void) {
+  return pool_bounds;
+}
+
+static void pool_hist_snapshot(const pool_hist *h, hd_pool_hist *out) {
+  double acc = 0;
+  int i;
+  for (i = 0; i < HD_TIME_BUCKETS; i++) {
+    acc += h->n[i];
+    out->le[i] = acc;
+  }
+  out->count = acc;
+  out->sum = h->sum;
+}
+
+void hd_pool_times_of(const hd_pool *p, hd_pool_hist *queue, hd_pool_hist *run) {
+  pool_hist_snapshot(&p->queue_time, queue);
+  pool_hist_snapshot(&p->run_time, run);
+}
+
+/* The bucket of a time: the first whose bound it does not pass (a bound is
+ * inclusive, as Prometheus's `le`). */
+static int pool_bucket(double s) {
+  int i = 0;
+  while (i < HD_TIME_BUCKETS - 1 && s > pool_bounds[i]) i++;
+  return i;
+}
+
+static void pool_hist_add(pool_hist *h, int bucket, double s) {
+  h->n[bucket]++;
+  h->sum += s;
 }
 
 /* ---- Chains ---------------------------------------------------------------- */
@@ -270,5 +318,19 @@ void hd_chains_count_outcome(hd_chains *c, hd_pool *origin, hd_outcome out) {
     hd_pool *p = c->pools[c->reserved][k];
     p->by_outcome[out]++;
     if (out == HD_OUT_OK) p->succeeded++;
+  }
+}
+
+void hd_chains_count_times(hd_chains *c, hd_pool *origin, double queue_s, double run_s) {
+  int k, qb = pool_bucket(queue_s), rb = run_s >= 0 ? pool_bucket(run_s) : -1;
+  if (c->reserved < 0) {
+    pool_hist_add(&origin->queue_time, qb, queue_s);
+    if (rb >= 0) pool_hist_add(&origin->run_time, rb, run_s);
+    return;
+  }
+  for (k = 0; k < c->len[c->reserved]; k++) {
+    hd_pool *p = c->pools[c->reserved][k];
+    pool_hist_add(&p->queue_time, qb, queue_s);
+    if (rb >= 0) pool_hist_add(&p->run_time, rb, run_s);
   }
 }

@@ -13,6 +13,13 @@ typedef struct hd_pool hd_pool;
 #define HD_MAX_CHAIN 16  /* pools in one delegation chain */
 #define HD_MAX_CHAINS 32 /* candidate chains of one job */
 
+/* The upper bounds, in seconds, of the buckets of a pool's histograms of
+ * job times (queue and run), increasing; one more bucket, +Inf, takes the
+ * rest. The one list of them: the binding hands it to the Lua side. */
+#define HD_TIME_BOUNDS \
+  0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60
+#define HD_TIME_BUCKETS 17 /* the bounds above, and +Inf */
+
 /* A pool's configuration. Root pools (no parent) own worker processes;
  * `sandbox` (HD_SPAWN_* flags) and `idle_ms` are theirs. */
 typedef struct hd_pool_config {
@@ -61,6 +68,22 @@ typedef struct hd_pool_stats {
 
 void hd_pool_stats_of(const hd_pool *p, hd_pool_stats *out);
 
+/* A snapshot of one histogram of job times: le[i] counts the jobs whose
+ * time was at most bound i (cumulative; the last, +Inf, is `count`), `sum`
+ * is their total in seconds. */
+typedef struct hd_pool_hist {
+  double le[HD_TIME_BUCKETS];
+  double sum, count;
+} hd_pool_hist;
+
+/* The bucket bounds of HD_TIME_BOUNDS, HD_TIME_BUCKETS - 1 of them. */
+const double *hd_pool_time_bounds(void);
+
+/* The pool's histograms of the time its jobs waited for capacity (every
+ * job that ended, rejected ones included) and of the time they ran (every
+ * job that started and ended). */
+void hd_pool_times_of(const hd_pool *p, hd_pool_hist *queue, hd_pool_hist *run);
+
 /* The candidate chains of one job: lists of pools from the job's pool to a
  * root, each pool referenced; one of them reserves the job's capacity. */
 typedef struct hd_chains hd_chains;
@@ -105,5 +128,11 @@ int hd_chains_has(const hd_chains *c, const hd_pool *p);
  * for a job that never reserved, in `origin` alone. */
 void hd_chains_count_start(hd_chains *c);
 void hd_chains_count_outcome(hd_chains *c, hd_pool *origin, hd_outcome out);
+
+/* Counts an ended job's times, in seconds, in the same pools as its
+ * outcome: the time it waited for capacity, and the time it ran (negative
+ * for a job that never started: it counts in the queue histogram only).
+ * Called before hd_chains_release. */
+void hd_chains_count_times(hd_chains *c, hd_pool *origin, double queue_s, double run_s);
 
 #endif

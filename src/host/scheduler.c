@@ -67,6 +67,7 @@ struct hd_job {
   sched_proc *proc;
   uv_timer_t timer;     /* max_ms while running, pool_timeout while queued */
   uint64_t deadline;    /* uv_hrtime() when the timer is due */
+  uint64_t submitted, started, ended; /* uv_hrtime() at each; started 0 until it starts */
   int timer_open;
   int notify;           /* hd_job_notify: the context's on_end is called at its end */
   hd_queue pnode;       /* its pool's wait queue, while queued */
@@ -938,6 +939,18 @@ int hd_job_in_pool(const hd_job *j, const hd_pool *p) {
   return hd_chains_has(j->chains, p);
 }
 
+void hd_job_times(const hd_job *j, uint64_t *queued_ns, uint64_t *run_ns) {
+  uint64_t end = j->state == JOB_DONE ? j->ended : uv_hrtime();
+  *queued_ns = *run_ns = 0;
+  if (j->state == JOB_NEW) return;
+  if (j->started == 0) {
+    *queued_ns = end - j->submitted;
+    return;
+  }
+  *queued_ns = j->started - j->submitted;
+  *run_ns = end - j->started;
+}
+
 static void job_timer_close_cb(uv_handle_t *h) {
   hd_job *j = h->data;
   j->timer_open = 0;
@@ -984,6 +997,15 @@ static int job_enqueue(hd_job *j) {
   return 0;
 }
 
+/* Counts an ended job's times in the pools its outcome counts in; a job
+ * that never started has no run time. */
+static void job_count_times(hd_job *j) {
+  uint64_t queued, run;
+  hd_job_times(j, &queued, &run);
+  hd_chains_count_times(j->chains, j->origin, (double)queued / 1e9,
+                        j->started != 0 ? (double)run / 1e9 : -1);
+}
+
 static void job_finish(hd_job *j, hd_outcome out) {
   hd_sched *s = j->sched;
   int was_running = j->state == JOB_RUNNING;
@@ -999,9 +1021,11 @@ static void job_finish(hd_job *j, hd_outcome out) {
     j->proc = NULL;
     proc_kill(p);
   }
+  j->ended = uv_hrtime();
   j->state = JOB_DONE;
   j->outcome = out;
   hd_chains_count_outcome(j->chains, j->origin, out);
+  job_count_times(j);
   hd_chains_release(j->chains, j->lim.max_heap);
   if (j->timer_open && !uv_is_closing((uv_handle_t *)&j->timer)) {
     uv_timer_stop(&j->timer);
@@ -1033,6 +1057,8 @@ static void job_start(hd_job *j) {
   hd_pool *root = hd_chains_root(j->chains);
   sched_proc *p = proc_idle_of(s, root);
   if (j->state == JOB_NEW) s->active++;
+  /* Started from its submit, it waited for nothing: one clock read less. */
+  j->started = j->state == JOB_NEW ? j->submitted : uv_hrtime();
   j->state = JOB_RUNNING;
   hd_queue_insert_head(&s->running, &j->rnode);
   hd_chains_count_start(j->chains);
@@ -1109,6 +1135,7 @@ static void job_submit(hd_job *j) {
   sched_pool *sp = hd_pool_data(j->origin);
   uint64_t heap = j->lim.max_heap;
   hd_outcome out;
+  j->submitted = uv_hrtime();
   j->refs++; /* the scheduler's, until the job is done */
   /* A job that is willing to wait queues behind those already waiting in
    * its pool, first come first served; one that is not takes capacity if

@@ -160,6 +160,12 @@ int hd_job_in_pool(const hd_job *j, const hd_pool *p);
 /* Marks the job for the context's on_end callback (hd_sched_on_end). */
 void hd_job_notify(hd_job *j);
 
+/* How long the job waited for capacity (from its submit to its start, or
+ * to its end when it never started) and how long it ran (from its start,
+ * when it was given to a worker, to its end), in ns; a job not done yet
+ * counts up to now. Both 0 before it is submitted. */
+void hd_job_times(const hd_job *j, uint64_t *queued_ns, uint64_t *run_ns);
+
 /* A user kill: the job ends now, as KILLED; its process is killed. */
 void hd_job_kill(hd_job *j);
 

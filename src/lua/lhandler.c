@@ -607,6 +607,40 @@ static int l_stats(lua_State *L) {
   return 1;
 }
 
+/* Pushes a histogram: { le_1, ..., le_n, +Inf, sum = s, count = n }, the
+ * cumulative counts of hd_pool_hist in the order of time_bounds. */
+static void l_push_hist(lua_State *L, const hd_pool_hist *h) {
+  int i;
+  lua_createtable(L, HD_TIME_BUCKETS, 2);
+  for (i = 0; i < HD_TIME_BUCKETS; i++) {
+    lua_pushnumber(L, h->le[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  l_setnum(L, "sum", h->sum);
+  l_setnum(L, "count", h->count);
+}
+
+/* times(pool) -> queue, run: the pool's histograms of job times. */
+static int l_times(lua_State *L) {
+  hd_pool_hist queue, run;
+  l_core(L);
+  hd_pool_times_of(l_checkpool(L, 1), &queue, &run);
+  l_push_hist(L, &queue);
+  l_push_hist(L, &run);
+  return 2;
+}
+
+/* The bucket bounds of the histograms (HD_TIME_BOUNDS), a list of seconds. */
+static void l_push_time_bounds(lua_State *L) {
+  const double *b = hd_pool_time_bounds();
+  int i;
+  lua_createtable(L, HD_TIME_BUCKETS - 1, 0);
+  for (i = 0; i < HD_TIME_BUCKETS - 1; i++) {
+    lua_pushnumber(L, b[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+}
+
 /* The loop, for hosts that drive it: a pollable fd, the next timeout, and a
  * non-blocking step. */
 static int l_fd(lua_State *L) {
@@ -776,6 +810,7 @@ static const luaL_Reg l_funcs[] = {
     {"await", l_await},       {"done", l_done},         {"result", l_result},
     {"job_id", l_job_id},     {"kill", l_kill},         {"kill_job", l_kill_job},
     {"flush", l_flush},       {"close", l_close},       {"stats", l_stats},
+    {"times", l_times},
     {"fd", l_fd},             {"timeout", l_timeout},   {"step", l_step},
     {"procs", l_procs},       {"set_max_result", l_set_max_result},
     {"set_spin", l_set_spin}, {"watch", l_watch},     {"finished", l_finished},
@@ -869,6 +904,8 @@ L_EXPORT int luaopen_handler_core(lua_State *L) {
   lua_setfield(L, -2, "decode");
   lua_pushstring(L, hd_sched_worker_path(s));
   lua_setfield(L, -2, "worker_path");
+  l_push_time_bounds(L);
+  lua_setfield(L, -2, "time_bounds");
 #if defined(__SANITIZE_ADDRESS__)
   /* Built with AddressSanitizer: workers have no RLIMIT_DATA backstop. */
   lua_pushboolean(L, 1);
