@@ -19,7 +19,8 @@
 /* Appends to `out` the n values on the stack from index `first`. Raises a Lua
  * error (a string naming the value that cannot travel and where it sits) on
  * a value that cannot travel, or when memory runs out; `out` stays owned by
- * the caller either way. The stack is left balanced. */
+ * the caller either way. The stack is left balanced. The NULL light
+ * userdata travels as itself; other light and full userdata only by name. */
 void hd_encode(lua_State *L, int first, int n, hd_buf *out, int flags);
 
 /* Decodes a whole message of `len` bytes, pushes its values and returns how

@@ -494,8 +494,14 @@ static void enc_value(enc_state *e, int idx) {
                   lua_iscfunction(L, idx)
                       ? " (C function not found in package.loaded)"
                       : " (only data and names from package.loaded travel back)");
-    case LUA_TUSERDATA:
     case LUA_TLIGHTUSERDATA:
+      /* NULL (cjson.null, ngx.null) is the same value in every process. */
+      if (lua_touserdata(L, idx) == NULL) {
+        enc_put_tag(e, CX_T_NULL);
+        return;
+      }
+      /* fall through */
+    case LUA_TUSERDATA:
       if (enc_named(e, idx, 1)) return;
       enc_fail(e, idx, "");
     default:

@@ -19,7 +19,8 @@ enum {
   CX_T_NIL = 0, CX_T_FALSE = 1, CX_T_TRUE = 2, CX_T_NUM = 3, CX_T_STR = 4, /* scalars */
   CX_T_TABLE = 5, CX_T_TABLE_MT = 6, CX_T_END = 7, CX_T_REF = 8,          /* tables */
   CX_T_FUNC = 9, CX_T_UPJOIN = 10,                  /* functions (trusted messages only) */
-  CX_T_NAMED_MOD = 11, CX_T_NAMED_FIELD = 12        /* values sent by name */
+  CX_T_NAMED_MOD = 11, CX_T_NAMED_FIELD = 12,       /* values sent by name */
+  CX_T_NULL = 13 /* the NULL light userdata (cjson.null, ngx.null): no payload */
 };
 
 /* The longest varint (unsigned LEB128): ten bytes, the tenth holding bit 63
