@@ -9,6 +9,9 @@
 
 /* Encoder flags. */
 #define HD_ENC_FUNCTIONS 1 /* Lua functions travel as bytecode (parent → worker) */
+#define HD_ENC_HOST 2      /* the host encoding a job: a value sent by name must come from a
+                            * module a worker can load (a standard one, or one on the host's
+                            * package.path or package.cpath; see hd_encode) */
 
 /* Decoder flags. */
 #define HD_DEC_TRUSTED 1 /* bytecode may be loaded and names may be require()d */
@@ -20,7 +23,9 @@
  * error (a string naming the value that cannot travel and where it sits) on
  * a value that cannot travel, or when memory runs out; `out` stays owned by
  * the caller either way. The stack is left balanced. The NULL light
- * userdata travels as itself; other light and full userdata only by name. */
+ * userdata travels as itself; other light and full userdata only by name.
+ * With HD_ENC_HOST, "handler: cannot send a <type>: <where> is <why>" for a
+ * value of a module that exists only in this process. */
 void hd_encode(lua_State *L, int first, int n, hd_buf *out, int flags);
 
 /* Decodes a whole message of `len` bytes, pushes its values and returns how

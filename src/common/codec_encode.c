@@ -7,10 +7,10 @@
 
 #include "codec_int.h"
 
-/* The Lua stack slots the encoder makes sure of: when it starts (its four
+/* The Lua stack slots the encoder makes sure of: when it starts (its six
  * slots of its own, and room), per table or function it enters, and to
  * build an error message. */
-#define ENC_SLOTS 12
+#define ENC_SLOTS 14
 #define ENC_ENTER_SLOTS 8
 #define ENC_FAIL_SLOTS 12
 
@@ -61,6 +61,9 @@ typedef struct enc_state {
   int nc;     /* stack slot: the name cache; nil until first needed */
   int names;  /* stack slot: the cache's value → name table */
   int names_state; /* 0: not fetched, 1: fetched, 2: rebuilt in this call */
+  int stdmods;  /* stack slot: the standard modules (HD_ENC_HOST); nil until needed */
+  int verdicts; /* stack slot: other module name → whether a worker can load it
+                 * (HD_ENC_HOST); nil until first needed */
   lua_Number nrefs;
   int depth;
   int nsteps;
@@ -221,6 +224,21 @@ _Noreturn static void enc_fail(enc_state *e, int idx, const char *why) {
   cx_throw(L);
 }
 
+/* Raises "handler: cannot send a <type>: <path> is <what>" for the value
+ * at idx, `what` being the string on the top of the stack. */
+_Noreturn static void enc_fail_is(enc_state *e, int idx) {
+  lua_State *L = e->L;
+  int what;
+  (void)lua_checkstack(L, ENC_FAIL_SLOTS);
+  what = lua_gettop(L);
+  lua_pushfstring(L, "handler: cannot send a %s: ", luaL_typename(L, idx));
+  enc_concat_path(e);
+  lua_pushliteral(L, " is ");
+  lua_pushvalue(L, what);
+  lua_concat(L, 3);
+  cx_throw(L);
+}
+
 static void enc_enter(enc_state *e, int idx) {
   lua_State *L = e->L;
   if (++e->depth > HD_MAX_DEPTH) {
@@ -261,6 +279,65 @@ static int enc_ref(enc_state *e, int idx) {
   return 0;
 }
 
+/* Pushes how a module's name shows in a message: as it is when it is made
+ * of printable characters that need no quoting, otherwise quoted and
+ * escaped. Sets *plain to which. */
+static void enc_push_modname(lua_State *L, int mod, int *plain) {
+  size_t len, i;
+  const char *s = lua_tolstring(L, mod, &len);
+  *plain = len > 0 && len <= 2 * CX_SHOWN;
+  for (i = 0; i < len && *plain; i++)
+    if (s[i] <= ' ' || s[i] > '~' || s[i] == '\'' || s[i] == '"' || s[i] == '\\') *plain = 0;
+  if (*plain)
+    lua_pushvalue(L, mod);
+  else
+    cx_push_quoted(L, s, len);
+}
+
+/* With HD_ENC_HOST, raises unless a worker can load module `mod` (the
+ * string there), which the value at idx is (field 0) or is field `field`
+ * (the string there) of. */
+static void enc_check_loadable(enc_state *e, int idx, int mod, int field) {
+  lua_State *L = e->L;
+  int plain;
+  /* Most names are of the standard libraries, which need no paths. */
+  if (lua_isnil(L, e->stdmods)) {
+    cx_names_std_modules(L);
+    lua_replace(L, e->stdmods);
+  }
+  lua_pushvalue(L, mod);
+  lua_rawget(L, e->stdmods);
+  plain = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  if (plain) return;
+  if (lua_isnil(L, e->verdicts)) {
+    cx_names_verdicts(L);
+    lua_replace(L, e->verdicts);
+  }
+  if (cx_names_found(L, e->verdicts, mod)) return;
+  (void)lua_checkstack(L, ENC_FAIL_SLOTS);
+  if (field != 0) {
+    enc_push_modname(L, mod, &plain);
+    enc_push_key(L, field);
+    lua_pushliteral(L, ", of ");
+    lua_concat(L, 3);
+  } else {
+    lua_pushliteral(L, "");
+  }
+  lua_pushliteral(L, "module ");
+  enc_push_modname(L, mod, &plain);
+  if (plain) {
+    lua_pushliteral(L, "'");
+    lua_insert(L, -2);
+    lua_pushliteral(L, "'");
+    lua_concat(L, 3);
+  }
+  lua_pushliteral(L, ", which exists only in this process "
+                     "(it is not on package.path or package.cpath)");
+  lua_concat(L, 4);
+  enc_fail_is(e, idx);
+}
+
 /* Fetches the name cache into the encoder's slots. L: ... nc → ... */
 static void enc_names_set(enc_state *e) {
   lua_State *L = e->L;
@@ -299,6 +376,10 @@ static int enc_named(enc_state *e, int idx, int rebuild) {
   lua_rawgeti(L, e->nc, CX_NC_OWNER);
   lua_pushvalue(L, idx);
   lua_rawget(L, -2);
+  if (e->flags & HD_ENC_HOST) {
+    int top = lua_gettop(L), field = lua_type(L, top) == LUA_TSTRING;
+    enc_check_loadable(e, idx, field ? top : top - 2, field ? top - 2 : 0);
+  }
   if (lua_type(L, -1) == LUA_TSTRING) {
     /* A field: NAMED_FIELD, module name, field name. */
     mod = lua_tolstring(L, -1, &mlen);
@@ -500,7 +581,8 @@ static void enc_value(enc_state *e, int idx) {
         enc_put_tag(e, CX_T_NULL);
         return;
       }
-      /* fall through */
+      if (enc_named(e, idx, 1)) return;
+      enc_fail(e, idx, "");
     case LUA_TUSERDATA:
       if (enc_named(e, idx, 1)) return;
       enc_fail(e, idx, "");
@@ -521,12 +603,10 @@ void hd_encode(lua_State *L, int first, int n, hd_buf *out, int flags) {
   }
   if (!lua_checkstack(L, ENC_SLOTS)) cx_oom(L);
   base = lua_gettop(L);
-  /* Slots for the ref map, the upvalue map and the name cache, each made
-   * only when a message needs it, so that scalars cost nothing extra. */
-  lua_pushnil(L);
-  lua_pushnil(L);
-  lua_pushnil(L);
-  lua_pushnil(L);
+  /* Slots for the ref map, the upvalue map, the name cache and its names,
+   * the standard modules and the verdicts on others, each filled only when
+   * a message needs it, so that scalars cost nothing extra. */
+  lua_settop(L, base + 6);
   e.L = L;
   e.out = out;
   e.flags = flags;
@@ -535,6 +615,8 @@ void hd_encode(lua_State *L, int first, int n, hd_buf *out, int flags) {
   e.nc = base + 3;
   e.names = base + 4;
   e.names_state = 0;
+  e.stdmods = base + 5;
+  e.verdicts = base + 6;
   e.nrefs = 0;
   e.depth = 0;
   e.nsteps = 0;

@@ -160,6 +160,25 @@ int cx_names_push(lua_State *L);
 /* Builds the name cache afresh and pushes it. L: ... → ... nc */
 void cx_names_build(lua_State *L);
 
+/* Which modules a worker can load (codec_names.c), for HD_ENC_HOST, as
+ * its require would find them: the standard libraries, and the modules
+ * package.path or package.cpath (the host's, which the workers get) finds
+ * on this host. */
+
+/* Pushes the set of module names a fresh state has loaded or preloaded
+ * (name → true): the standard libraries. L: ... → ... set */
+void cx_names_std_modules(lua_State *L);
+
+/* Pushes the table of verdicts on other modules, emptied first when the
+ * paths have changed since it was filled. L: ... → ... verdicts */
+void cx_names_verdicts(lua_State *L);
+
+/* Whether package.path or package.cpath finds the module named by the
+ * string at `mod` on this host, as a worker's require would (a file the
+ * templates name, or the C root of a submodule). Looks the verdict up in,
+ * or adds it to, the table at `verdicts`. */
+int cx_names_found(lua_State *L, int verdicts, int mod);
+
 /* ------------------------------------------------------------------------ */
 /* Metatables in hostile messages (codec_validate.c).                        */
 /* ------------------------------------------------------------------------ */

@@ -230,7 +230,7 @@ static void l_build_frame(lua_State *L, hd_sched *s, hd_job *j, uint64_t heap, d
       lua_pop(L, 2);
     }
   }
-  hd_encode(L, 3, 1, b, HD_ENC_FUNCTIONS);
+  hd_encode(L, 3, 1, b, HD_ENC_FUNCTIONS | HD_ENC_HOST);
   if (hd_wire_job_end(b) != 0)
     luaL_error(L, "handler: the function and its upvalues encode to more than %d bytes",
                (int)HD_MAX_JOB_FRAME);
