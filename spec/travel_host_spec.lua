@@ -2,13 +2,15 @@
 -- docs/API.md ("What travels") gives it: values of modules that exist only
 -- in the host raise in the caller (nginx's ngx and ndk, simulated here by
 -- modules put in package.loaded and by preload functions), modules on
--- package.path and package.cpath travel by name, and the NULL light
--- userdata (cjson.null, ngx.null) travels as itself both ways.
+-- package.path and package.cpath travel by name, values a host layer
+-- refused (handler._refuse, for ngx.ctx) raise, and the NULL light userdata
+-- (cjson.null, ngx.null) travels as itself both ways.
 local handler = require("handler")
 local H = require("spec.support.helpers")
 
 local run, core = handler.run, handler._core
-local pcall, tostring, rawequal = pcall, tostring, rawequal
+local pcall, type, tostring, rawequal, setmetatable, next =
+  pcall, type, tostring, rawequal, setmetatable, next
 local format = string.format
 
 -- Where a function is defined, as the encoder's messages show it.
@@ -271,5 +273,87 @@ describe("modules a worker can load", function()
     local ok, v = run(function() return cjson.encode({ 1, 2 }) end)
     assert.is_true(ok, tostring(v))
     assert.equals("[1,2]", v)
+  end)
+end)
+
+describe("values a host layer refused (handler._refuse)", function()
+  H.leak_checked()
+  local WHAT = "ngx.ctx, the request's own table (a job would get a copy)"
+
+  it("raise in the caller, naming the upvalue and what the value is", function()
+    local ctx = { user = "x" }
+    handler._refuse(ctx, WHAT)
+    local fn = function() return ctx.user end
+    refused_in_caller("handler: cannot send a table: upvalue 'ctx' of function at " .. where(fn)
+      .. " is " .. WHAT, fn)
+  end)
+
+  it("raise wherever the job reaches them: a field, a key, a nested function's upvalue", function()
+    local ctx = {}
+    handler._refuse(ctx, WHAT)
+    local state = { req = { ctx = ctx } }
+    local fn = function() return state end
+    refused_in_caller("handler: cannot send a table: upvalue 'state' of function at " .. where(fn)
+      .. " -> .req.ctx is " .. WHAT, fn)
+    local keyed = { [ctx] = true }
+    fn = function() return keyed end
+    refused_in_caller("handler: cannot send a table: upvalue 'keyed' of function at " .. where(fn)
+      .. " -> [table key](key) is " .. WHAT, fn)
+    local inner = function() return ctx end
+    fn = function() return inner() end
+    refused_in_caller("handler: cannot send a table: upvalue 'inner' of function at " .. where(fn)
+      .. " -> upvalue 'ctx' of function at " .. where(inner) .. " is " .. WHAT, fn)
+  end)
+
+  it("may be functions and userdata, named or not", function()
+    local lua_fn = function() return 1 end
+    local proxy = newproxy()
+    handler._refuse(lua_fn, "a callback of this request")
+    handler._refuse(proxy, "a handle of this request")
+    handler._refuse(string.rep, "string.rep, refused for the test")
+    finally(function() handler._refuse(string.rep, nil) end)
+    local fn = function() return lua_fn() end
+    refused_in_caller("handler: cannot send a function: upvalue 'lua_fn' of function at "
+      .. where(fn) .. " is a callback of this request", fn)
+    fn = function() return proxy end
+    refused_in_caller("handler: cannot send a userdata: upvalue 'proxy' of function at "
+      .. where(fn) .. " is a handle of this request", fn)
+    local rep = string.rep
+    fn = function() return rep("x", 2) end
+    refused_in_caller("handler: cannot send a function: upvalue 'rep' of function at "
+      .. where(fn) .. " is string.rep, refused for the test", fn)
+  end)
+
+  it("travel again once the mark is lifted; an equal copy always does", function()
+    local ctx = { n = 1 }
+    handler._refuse(ctx, WHAT)
+    local copy = { n = 1 }
+    local ok, v = run(function() return copy.n end)
+    assert.is_true(ok, tostring(v))
+    assert.equals(1, v)
+    local fn = function() return ctx.n end
+    raised(run, fn)
+    handler._refuse(ctx, nil)
+    ok, v = run(fn)
+    assert.is_true(ok, tostring(v))
+    assert.equals(1, v)
+  end)
+
+  it("are not kept alive by the mark", function()
+    local weak = setmetatable({}, { __mode = "k" })
+    do
+      local t = {}
+      handler._refuse(t, WHAT)
+      weak[t] = true
+    end
+    collectgarbage()
+    collectgarbage()
+    assert.is_nil(next(weak))
+  end)
+
+  it("must be tables, functions or userdata, and the reason a string", function()
+    assert.matches("table, function or userdata expected", raised(handler._refuse, 1, WHAT))
+    assert.matches("table, function or userdata expected", raised(handler._refuse, "s", WHAT))
+    assert.matches("string expected", raised(handler._refuse, {}, 5))
   end)
 end)

@@ -6,11 +6,12 @@
 #include <string.h>
 
 #include "codec_int.h"
+#include "weak.h"
 
-/* The Lua stack slots the encoder makes sure of: when it starts (its six
+/* The Lua stack slots the encoder makes sure of: when it starts (its seven
  * slots of its own, and room), per table or function it enters, and to
  * build an error message. */
-#define ENC_SLOTS 14
+#define ENC_SLOTS 15
 #define ENC_ENTER_SLOTS 8
 #define ENC_FAIL_SLOTS 12
 
@@ -64,6 +65,8 @@ typedef struct enc_state {
   int stdmods;  /* stack slot: the standard modules (HD_ENC_HOST); nil until needed */
   int verdicts; /* stack slot: other module name → whether a worker can load it
                  * (HD_ENC_HOST); nil until first needed */
+  int refused;  /* stack slot: value → why it must not travel (hd_refuse) */
+  int refused_state; /* 0: not fetched, 1: no table, 2: fetched */
   lua_Number nrefs;
   int depth;
   int nsteps;
@@ -278,6 +281,52 @@ static int enc_ref(enc_state *e, int idx) {
   lua_pop(L, 1);
   return 0;
 }
+
+/* The marks hd_refuse makes, in the registry under this address. Until
+ * the first mark in this process the encoder does not look for them. */
+static const char enc_refuse_key = 0;
+static int enc_refusing;
+
+void hd_refuse(lua_State *L, int value, int what) {
+  if (value < 0 && value > LUA_REGISTRYINDEX) value = lua_gettop(L) + value + 1;
+  if (what < 0 && what > LUA_REGISTRYINDEX) what = lua_gettop(L) + what + 1;
+  if (!lua_checkstack(L, 4)) cx_oom(L);
+  lua_pushlightuserdata(L, (void *)&enc_refuse_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  if (!lua_istable(L, -1)) {
+    lua_pop(L, 1);
+    if (lua_isnil(L, what)) return;
+    hd_weak_registry(L, (void *)&enc_refuse_key, "k");
+    lua_pushlightuserdata(L, (void *)&enc_refuse_key);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+  }
+  lua_pushvalue(L, value);
+  lua_pushvalue(L, what);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
+  enc_refusing = 1;
+}
+
+/* Raises when the table, function or userdata at idx has been refused.
+ * The table of marks is fetched once per message, at the first value that
+ * needs it. */
+static void enc_check_refused(enc_state *e, int idx) {
+  lua_State *L = e->L;
+  if (e->refused_state == 0) {
+    lua_pushlightuserdata(L, (void *)&enc_refuse_key);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    lua_replace(L, e->refused);
+    e->refused_state = lua_istable(L, e->refused) ? 2 : 1;
+  }
+  if (e->refused_state != 2) return;
+  lua_pushvalue(L, idx);
+  lua_rawget(L, e->refused);
+  if (lua_type(L, -1) == LUA_TSTRING) enc_fail_is(e, idx);
+  lua_pop(L, 1);
+}
+
+/* Whether the refused values must be looked for. */
+#define ENC_REFUSING(e) (enc_refusing && ((e)->flags & HD_ENC_HOST))
 
 /* Pushes how a module's name shows in a message: as it is when it is made
  * of printable characters that need no quoting, otherwise quoted and
@@ -560,11 +609,14 @@ static void enc_value(enc_state *e, int idx) {
       return;
     }
     case LUA_TTABLE:
-      if (enc_ref(e, idx) || enc_named(e, idx, 0)) return;
+      if (enc_ref(e, idx)) return;
+      if (ENC_REFUSING(e)) enc_check_refused(e, idx);
+      if (enc_named(e, idx, 0)) return;
       enc_table(e, idx);
       return;
     case LUA_TFUNCTION:
       if (enc_ref(e, idx)) return;
+      if (ENC_REFUSING(e)) enc_check_refused(e, idx);
       if (!lua_iscfunction(L, idx) && (e->flags & HD_ENC_FUNCTIONS)) {
         if (enc_named(e, idx, 0)) return;
         enc_function(e, idx);
@@ -584,6 +636,7 @@ static void enc_value(enc_state *e, int idx) {
       if (enc_named(e, idx, 1)) return;
       enc_fail(e, idx, "");
     case LUA_TUSERDATA:
+      if (ENC_REFUSING(e)) enc_check_refused(e, idx);
       if (enc_named(e, idx, 1)) return;
       enc_fail(e, idx, "");
     default:
@@ -604,9 +657,10 @@ void hd_encode(lua_State *L, int first, int n, hd_buf *out, int flags) {
   if (!lua_checkstack(L, ENC_SLOTS)) cx_oom(L);
   base = lua_gettop(L);
   /* Slots for the ref map, the upvalue map, the name cache and its names,
-   * the standard modules and the verdicts on others, each filled only when
-   * a message needs it, so that scalars cost nothing extra. */
-  lua_settop(L, base + 6);
+   * the standard modules, the verdicts on others and the refused values,
+   * each filled only when a message needs it, so that scalars cost nothing
+   * extra. */
+  lua_settop(L, base + 7);
   e.L = L;
   e.out = out;
   e.flags = flags;
@@ -617,6 +671,8 @@ void hd_encode(lua_State *L, int first, int n, hd_buf *out, int flags) {
   e.names_state = 0;
   e.stdmods = base + 5;
   e.verdicts = base + 6;
+  e.refused = base + 7;
+  e.refused_state = 0;
   e.nrefs = 0;
   e.depth = 0;
   e.nsteps = 0;

@@ -649,7 +649,7 @@ static const luaL_Reg l_funcs[] = {
     {"fd", l_fd},             {"timeout", l_timeout},   {"step", l_step},
     {"procs", l_procs},       {"set_max_result", l_set_max_result},
     {"set_spin", l_set_spin},
-    {"validate", hd_l_validate},
+    {"validate", hd_l_validate}, {"refuse", hd_l_refuse},
     {NULL, NULL}};
 
 /* Where the worker executable is: $HANDLER_WORKER, else beside this module. */
