@@ -267,8 +267,8 @@ static int fz_check_job(hd_job *j) {
         }
         /* A name this host has not loaded is a value this host cannot
          * take, not a worker breaking the protocol: a real worker sends
-         * cjson.null to a host that never required cjson. The worker may
-         * stay. Anything else refused means it goes. */
+         * require("cjson") to a host that never required cjson. The
+         * worker may stay. Anything else refused means it goes. */
         if (e == NULL || strstr(e, " in package.loaded named ") == NULL) good = 0;
       }
       lua_settop(fz_L, 0);

@@ -24,7 +24,7 @@ local function num(x)
 end
 
 local T_NIL, T_FALSE, T_TRUE, T_NUM, T_STR, T_TABLE, T_TABLE_MT, T_END, T_REF, T_FUNC,
-  T_UPJOIN, T_MOD, T_FIELD = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12
+  T_UPJOIN, T_MOD, T_FIELD, T_NULL = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13
 
 local str = W.str
 
@@ -42,6 +42,8 @@ do
     t = t.next
   end
 end
+-- The NULL light userdata (cjson.null), as the decoder makes it.
+local NULL = core.decode(uv(1) .. char(T_NULL))
 local wide = {}
 for i = 1, 300 do wide[i] = i * 1.5 end
 for i = 1, 100 do wide["k" .. i] = i % 3 == 0 end
@@ -78,6 +80,8 @@ local valid = {
   { "userdata_field", io.stdout },
   { "globals", _G },
   { "in_table", { f = string.format, m = math, t = table.concat } },
+  { "null", NULL },
+  { "null_in_table", { NULL, [NULL] = NULL } },
 }
 
 local seeds = { decode = {}, frame = {} }
@@ -127,7 +131,7 @@ local hostile = {
   { "missing_value", uv(1) .. char(T_TABLE, 0, 1) .. str("k") .. char(T_END) },
   { "metatable_not_table", uv(1) .. char(T_TABLE_MT, 0, 0, T_END) .. str("mt") },
   { "metatable_named", uv(1) .. char(T_TABLE_MT, 0, 0, T_END, T_MOD) .. uv(6) .. "string" },
-  { "unknown_tag_13", uv(1) .. char(13) },
+  { "unknown_tag_14", uv(1) .. char(14) },
   { "unknown_tag_255", uv(1) .. char(255) },
   { "end_tag", uv(1) .. char(T_END) },
   { "upjoin_tag", uv(1) .. char(T_UPJOIN, 0, 1) },
@@ -185,6 +189,7 @@ local streams = {
   { "hello_after_reply", ok_hi .. frame(HELLO, 0, u32(4242)) },
   { "ok_then_junk", ok_hi .. "junk" },
   { "ok_then_second_job", ok_hi .. reply(2, 0, encode("second")) },
+  { "ok_null", reply(1, 0, encode(NULL, { NULL })) },
 }
 -- Option bytes: a few mixes of chunking, ordering and exits for each.
 local options = {

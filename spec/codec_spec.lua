@@ -37,7 +37,7 @@ local function random_message(n, seeds)
     for i = 1, random(0, 40) do parts[i] = char(random(0, 255)) end
     if #parts > 0 then parts[1] = char(random(0, 4)) end
     for i = 2, #parts do
-      if random() < 0.6 then parts[i] = char(random(0, 12)) end
+      if random() < 0.6 then parts[i] = char(random(0, 13)) end
     end
     return table.concat(parts)
   end
@@ -48,7 +48,7 @@ local function random_message(n, seeds)
     local r = random()
     if r < 0.4 then b[pos] = random(0, 255)
     elseif r < 0.7 then table.remove(b, pos)
-    else table.insert(b, pos, random(0, 12)) end
+    else table.insert(b, pos, random(0, 13)) end
   end
   return char(unpack(b))
 end
@@ -554,6 +554,47 @@ describe("codec values that cannot travel", function()
   it("leaves the stack balanced after an error", function()
     for _ = 1, 100 do pcall(encode, { 1, 2, { newproxy() } }) end
     assert.equals(3, rt({ 1, 2, 3 })[3])
+  end)
+end)
+
+describe("codec NULL light userdata", function()
+  -- The NULL light userdata (cjson.null, ngx.null) is the same value in
+  -- every process: it travels as itself, both ways, named or not.
+  local NULL = decode("\1\13")
+
+  it("decodes its tag as the NULL light userdata", function()
+    assert.equals("userdata", type(NULL))
+    assert.equals("userdata: NULL", tostring(NULL))
+    local ok, cjson = pcall(require, "cjson")
+    if ok then assert.is_true(rawequal(cjson.null, NULL)) end
+  end)
+
+  it("writes it as its tag alone, whatever name it has", function()
+    assert.equals("\1\13", encode(NULL))
+    package.loaded.hd_codec_test_null = { null = NULL }
+    finally(function() package.loaded.hd_codec_test_null = nil end)
+    assert.equals("\1\13", encode(NULL))
+    assert.equals("\1\5\1\128\128\0\3" .. num_bytes(1) .. "\13\7", encode({ NULL }))
+  end)
+
+  it("carries it as a value and as a key, trusted and hostile", function()
+    for _, decoded in ipairs({ { rt(NULL, { NULL, [NULL] = "k" }) },
+                               { rt_hostile(NULL, { NULL, [NULL] = "k" }) } }) do
+      assert.is_true(rawequal(NULL, decoded[1]))
+      assert.is_true(rawequal(NULL, decoded[2][1]))
+      assert.equals("k", decoded[2][NULL])
+    end
+  end)
+
+  it("is data to the validator", function()
+    assert.is_true(validate("\1\13"))
+    assert.is_true(validate("\1\5\0\1\13\13\7"))
+  end)
+
+  it("still refuses another light userdata that has no name", function()
+    local light = debug.upvalueid(function() return NULL end, 1)
+    assert.equals("userdata", type(light))
+    raises("handler: cannot send a userdata: value #1 -> .x", encode, { x = light })
   end)
 end)
 

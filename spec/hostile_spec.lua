@@ -314,8 +314,8 @@ describe("hostile bytes from a worker", function()
         msg = function() return uv(1) .. char(T_TABLE, 0, 1, T_NUM) .. num(0 / 0) .. char(2, 7) end },
       { "a nil key", reason = "bad message: nil table key",
         msg = function() return uv(1) .. char(T_TABLE, 0, 1, 0, 2, 7) end },
-      { "an unknown tag", reason = "bad message: unknown tag 13",
-        msg = function() return uv(1) .. char(13) end },
+      { "an unknown tag", reason = "bad message: unknown tag 14",
+        msg = function() return uv(1) .. char(14) end },
       { "tag 255", reason = "bad message: unknown tag 255",
         msg = function() return uv(1) .. char(255) end },
       { "a reference to nothing", reason = "bad message: reference to a value not yet sent",
@@ -380,7 +380,7 @@ describe("hostile bytes from a worker", function()
       -- The frame is well formed, its message is not: the worker lied, so it
       -- must not be trusted with the next job (its closure and upvalues).
       hostile({ after = "sleep", reason = "bad message",
-        bytes = function(id) return reply(id, OK, uv(1) .. char(13)) end })
+        bytes = function(id) return reply(id, OK, uv(1) .. char(14)) end })
     end)
 
     it("does not let a result's metatable call the host's functions", function()

@@ -621,4 +621,12 @@ M.step = core.step
 M.errors = errors
 M._core = core
 
+-- Internal, for a host layer (the nginx one), not API: _refuse(value, what)
+-- makes a table, function or userdata refuse to travel in a job, so that a
+-- job capturing it raises in the caller "handler: cannot send a <type>:
+-- <where it sits> is <what>" (what: a string such as "ngx.ctx, the
+-- request's own table"; nil lifts the mark). The mark does not keep the
+-- value alive.
+M._refuse = core.refuse
+
 return M

@@ -9,7 +9,7 @@ local M = {}
 M.JOB, M.REPLY, M.REPLY_LAST, M.HELLO = 1, 2, 3, 4
 M.OK, M.ERROR, M.OOM, M.BADRESULT = 0, 1, 2, 3
 M.T_NIL, M.T_FALSE, M.T_TRUE, M.T_NUM, M.T_STR, M.T_TABLE, M.T_TABLE_MT, M.T_END, M.T_REF,
-  M.T_FUNC, M.T_UPJOIN, M.T_MOD, M.T_FIELD = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12
+  M.T_FUNC, M.T_UPJOIN, M.T_MOD, M.T_FIELD, M.T_NULL = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13
 
 function M.u32(n)
   return char(n % 256, floor(n / 256) % 256, floor(n / 65536) % 256, floor(n / 16777216) % 256)

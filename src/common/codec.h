@@ -9,6 +9,10 @@
 
 /* Encoder flags. */
 #define HD_ENC_FUNCTIONS 1 /* Lua functions travel as bytecode (parent → worker) */
+#define HD_ENC_HOST 2      /* the host encoding a job: a value sent by name must come from a
+                            * module a worker can load (a standard one, or one on the host's
+                            * package.path or package.cpath), and a value hd_refuse marked
+                            * raises (see hd_encode) */
 
 /* Decoder flags. */
 #define HD_DEC_TRUSTED 1 /* bytecode may be loaded and names may be require()d */
@@ -19,8 +23,20 @@
 /* Appends to `out` the n values on the stack from index `first`. Raises a Lua
  * error (a string naming the value that cannot travel and where it sits) on
  * a value that cannot travel, or when memory runs out; `out` stays owned by
- * the caller either way. The stack is left balanced. */
+ * the caller either way. The stack is left balanced. The NULL light
+ * userdata travels as itself; other light and full userdata only by name.
+ * With HD_ENC_HOST, "handler: cannot send a <type>: <where> is <why>" for a
+ * value of a module that exists only in this process, and for a value
+ * hd_refuse marked. */
 void hd_encode(lua_State *L, int first, int n, hd_buf *out, int flags);
+
+/* Marks the table, function or userdata at `value` as one that must not
+ * travel in a job (HD_ENC_HOST): encoding it raises "... <where> is
+ * <what>", `what` being the string at index `what` (nil: the mark is
+ * lifted). The marks are kept in a weak-keyed table in the registry: they
+ * do not keep a value alive. Until the first mark, the encoder does not
+ * look for them. */
+void hd_refuse(lua_State *L, int value, int what);
 
 /* Decodes a whole message of `len` bytes, pushes its values and returns how
  * many. Raises a Lua error (a string) on malformed input. Without

@@ -80,6 +80,9 @@ static void dec_scalar(cx_walk *w, int tag, const unsigned char *s, size_t len) 
     case CX_T_TRUE:
       lua_pushboolean(L, tag == CX_T_TRUE);
       return;
+    case CX_T_NULL:
+      lua_pushlightuserdata(L, NULL);
+      return;
     case CX_T_NUM: {
       uint64_t bits = hd_get_u64((const char *)s);
       lua_Number n;

@@ -6,11 +6,12 @@
 #include <string.h>
 
 #include "codec_int.h"
+#include "weak.h"
 
-/* The Lua stack slots the encoder makes sure of: when it starts (its four
+/* The Lua stack slots the encoder makes sure of: when it starts (its seven
  * slots of its own, and room), per table or function it enters, and to
  * build an error message. */
-#define ENC_SLOTS 12
+#define ENC_SLOTS 15
 #define ENC_ENTER_SLOTS 8
 #define ENC_FAIL_SLOTS 12
 
@@ -61,6 +62,11 @@ typedef struct enc_state {
   int nc;     /* stack slot: the name cache; nil until first needed */
   int names;  /* stack slot: the cache's value → name table */
   int names_state; /* 0: not fetched, 1: fetched, 2: rebuilt in this call */
+  int stdmods;  /* stack slot: the standard modules (HD_ENC_HOST); nil until needed */
+  int verdicts; /* stack slot: other module name → whether a worker can load it
+                 * (HD_ENC_HOST); nil until first needed */
+  int refused;  /* stack slot: value → why it must not travel (hd_refuse) */
+  int refused_state; /* 0: not fetched, 1: no table, 2: fetched */
   lua_Number nrefs;
   int depth;
   int nsteps;
@@ -221,6 +227,21 @@ _Noreturn static void enc_fail(enc_state *e, int idx, const char *why) {
   cx_throw(L);
 }
 
+/* Raises "handler: cannot send a <type>: <path> is <what>" for the value
+ * at idx, `what` being the string on the top of the stack. */
+_Noreturn static void enc_fail_is(enc_state *e, int idx) {
+  lua_State *L = e->L;
+  int what;
+  (void)lua_checkstack(L, ENC_FAIL_SLOTS);
+  what = lua_gettop(L);
+  lua_pushfstring(L, "handler: cannot send a %s: ", luaL_typename(L, idx));
+  enc_concat_path(e);
+  lua_pushliteral(L, " is ");
+  lua_pushvalue(L, what);
+  lua_concat(L, 3);
+  cx_throw(L);
+}
+
 static void enc_enter(enc_state *e, int idx) {
   lua_State *L = e->L;
   if (++e->depth > HD_MAX_DEPTH) {
@@ -261,6 +282,111 @@ static int enc_ref(enc_state *e, int idx) {
   return 0;
 }
 
+/* The marks hd_refuse makes, in the registry under this address. Until
+ * the first mark in this process the encoder does not look for them. */
+static const char enc_refuse_key = 0;
+static int enc_refusing;
+
+void hd_refuse(lua_State *L, int value, int what) {
+  if (value < 0 && value > LUA_REGISTRYINDEX) value = lua_gettop(L) + value + 1;
+  if (what < 0 && what > LUA_REGISTRYINDEX) what = lua_gettop(L) + what + 1;
+  if (!lua_checkstack(L, 4)) cx_oom(L);
+  lua_pushlightuserdata(L, (void *)&enc_refuse_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  if (!lua_istable(L, -1)) {
+    lua_pop(L, 1);
+    if (lua_isnil(L, what)) return;
+    hd_weak_registry(L, (void *)&enc_refuse_key, "k");
+    lua_pushlightuserdata(L, (void *)&enc_refuse_key);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+  }
+  lua_pushvalue(L, value);
+  lua_pushvalue(L, what);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
+  enc_refusing = 1;
+}
+
+/* Raises when the table, function or userdata at idx has been refused.
+ * The table of marks is fetched once per message, at the first value that
+ * needs it. */
+static void enc_check_refused(enc_state *e, int idx) {
+  lua_State *L = e->L;
+  if (e->refused_state == 0) {
+    lua_pushlightuserdata(L, (void *)&enc_refuse_key);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    lua_replace(L, e->refused);
+    e->refused_state = lua_istable(L, e->refused) ? 2 : 1;
+  }
+  if (e->refused_state != 2) return;
+  lua_pushvalue(L, idx);
+  lua_rawget(L, e->refused);
+  if (lua_type(L, -1) == LUA_TSTRING) enc_fail_is(e, idx);
+  lua_pop(L, 1);
+}
+
+/* Whether the refused values must be looked for. */
+#define ENC_REFUSING(e) (enc_refusing && ((e)->flags & HD_ENC_HOST))
+
+/* Pushes how a module's name shows in a message: as it is when it is made
+ * of printable characters that need no quoting, otherwise quoted and
+ * escaped. Sets *plain to which. */
+static void enc_push_modname(lua_State *L, int mod, int *plain) {
+  size_t len, i;
+  const char *s = lua_tolstring(L, mod, &len);
+  *plain = len > 0 && len <= 2 * CX_SHOWN;
+  for (i = 0; i < len && *plain; i++)
+    if (s[i] <= ' ' || s[i] > '~' || s[i] == '\'' || s[i] == '"' || s[i] == '\\') *plain = 0;
+  if (*plain)
+    lua_pushvalue(L, mod);
+  else
+    cx_push_quoted(L, s, len);
+}
+
+/* With HD_ENC_HOST, raises unless a worker can load module `mod` (the
+ * string there), which the value at idx is (field 0) or is field `field`
+ * (the string there) of. */
+static void enc_check_loadable(enc_state *e, int idx, int mod, int field) {
+  lua_State *L = e->L;
+  int plain;
+  /* Most names are of the standard libraries, which need no paths. */
+  if (lua_isnil(L, e->stdmods)) {
+    cx_names_std_modules(L);
+    lua_replace(L, e->stdmods);
+  }
+  lua_pushvalue(L, mod);
+  lua_rawget(L, e->stdmods);
+  plain = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  if (plain) return;
+  if (lua_isnil(L, e->verdicts)) {
+    cx_names_verdicts(L);
+    lua_replace(L, e->verdicts);
+  }
+  if (cx_names_found(L, e->verdicts, mod)) return;
+  (void)lua_checkstack(L, ENC_FAIL_SLOTS);
+  if (field != 0) {
+    enc_push_modname(L, mod, &plain);
+    enc_push_key(L, field);
+    lua_pushliteral(L, ", of ");
+    lua_concat(L, 3);
+  } else {
+    lua_pushliteral(L, "");
+  }
+  lua_pushliteral(L, "module ");
+  enc_push_modname(L, mod, &plain);
+  if (plain) {
+    lua_pushliteral(L, "'");
+    lua_insert(L, -2);
+    lua_pushliteral(L, "'");
+    lua_concat(L, 3);
+  }
+  lua_pushliteral(L, ", which exists only in this process "
+                     "(it is not on package.path or package.cpath)");
+  lua_concat(L, 4);
+  enc_fail_is(e, idx);
+}
+
 /* Fetches the name cache into the encoder's slots. L: ... nc → ... */
 static void enc_names_set(enc_state *e) {
   lua_State *L = e->L;
@@ -299,6 +425,10 @@ static int enc_named(enc_state *e, int idx, int rebuild) {
   lua_rawgeti(L, e->nc, CX_NC_OWNER);
   lua_pushvalue(L, idx);
   lua_rawget(L, -2);
+  if (e->flags & HD_ENC_HOST) {
+    int top = lua_gettop(L), field = lua_type(L, top) == LUA_TSTRING;
+    enc_check_loadable(e, idx, field ? top : top - 2, field ? top - 2 : 0);
+  }
   if (lua_type(L, -1) == LUA_TSTRING) {
     /* A field: NAMED_FIELD, module name, field name. */
     mod = lua_tolstring(L, -1, &mlen);
@@ -479,11 +609,14 @@ static void enc_value(enc_state *e, int idx) {
       return;
     }
     case LUA_TTABLE:
-      if (enc_ref(e, idx) || enc_named(e, idx, 0)) return;
+      if (enc_ref(e, idx)) return;
+      if (ENC_REFUSING(e)) enc_check_refused(e, idx);
+      if (enc_named(e, idx, 0)) return;
       enc_table(e, idx);
       return;
     case LUA_TFUNCTION:
       if (enc_ref(e, idx)) return;
+      if (ENC_REFUSING(e)) enc_check_refused(e, idx);
       if (!lua_iscfunction(L, idx) && (e->flags & HD_ENC_FUNCTIONS)) {
         if (enc_named(e, idx, 0)) return;
         enc_function(e, idx);
@@ -494,8 +627,16 @@ static void enc_value(enc_state *e, int idx) {
                   lua_iscfunction(L, idx)
                       ? " (C function not found in package.loaded)"
                       : " (only data and names from package.loaded travel back)");
-    case LUA_TUSERDATA:
     case LUA_TLIGHTUSERDATA:
+      /* NULL (cjson.null, ngx.null) is the same value in every process. */
+      if (lua_touserdata(L, idx) == NULL) {
+        enc_put_tag(e, CX_T_NULL);
+        return;
+      }
+      if (enc_named(e, idx, 1)) return;
+      enc_fail(e, idx, "");
+    case LUA_TUSERDATA:
+      if (ENC_REFUSING(e)) enc_check_refused(e, idx);
       if (enc_named(e, idx, 1)) return;
       enc_fail(e, idx, "");
     default:
@@ -515,12 +656,11 @@ void hd_encode(lua_State *L, int first, int n, hd_buf *out, int flags) {
   }
   if (!lua_checkstack(L, ENC_SLOTS)) cx_oom(L);
   base = lua_gettop(L);
-  /* Slots for the ref map, the upvalue map and the name cache, each made
-   * only when a message needs it, so that scalars cost nothing extra. */
-  lua_pushnil(L);
-  lua_pushnil(L);
-  lua_pushnil(L);
-  lua_pushnil(L);
+  /* Slots for the ref map, the upvalue map, the name cache and its names,
+   * the standard modules, the verdicts on others and the refused values,
+   * each filled only when a message needs it, so that scalars cost nothing
+   * extra. */
+  lua_settop(L, base + 7);
   e.L = L;
   e.out = out;
   e.flags = flags;
@@ -529,6 +669,10 @@ void hd_encode(lua_State *L, int first, int n, hd_buf *out, int flags) {
   e.nc = base + 3;
   e.names = base + 4;
   e.names_state = 0;
+  e.stdmods = base + 5;
+  e.verdicts = base + 6;
+  e.refused = base + 7;
+  e.refused_state = 0;
   e.nrefs = 0;
   e.depth = 0;
   e.nsteps = 0;

@@ -19,7 +19,8 @@ enum {
   CX_T_NIL = 0, CX_T_FALSE = 1, CX_T_TRUE = 2, CX_T_NUM = 3, CX_T_STR = 4, /* scalars */
   CX_T_TABLE = 5, CX_T_TABLE_MT = 6, CX_T_END = 7, CX_T_REF = 8,          /* tables */
   CX_T_FUNC = 9, CX_T_UPJOIN = 10,                  /* functions (trusted messages only) */
-  CX_T_NAMED_MOD = 11, CX_T_NAMED_FIELD = 12        /* values sent by name */
+  CX_T_NAMED_MOD = 11, CX_T_NAMED_FIELD = 12,       /* values sent by name */
+  CX_T_NULL = 13 /* the NULL light userdata (cjson.null, ngx.null): no payload */
 };
 
 /* The longest varint (unsigned LEB128): ten bytes, the tenth holding bit 63
@@ -158,6 +159,25 @@ int cx_names_push(lua_State *L);
 
 /* Builds the name cache afresh and pushes it. L: ... → ... nc */
 void cx_names_build(lua_State *L);
+
+/* Which modules a worker can load (codec_names.c), for HD_ENC_HOST, as
+ * its require would find them: the standard libraries, and the modules
+ * package.path or package.cpath (the host's, which the workers get) finds
+ * on this host. */
+
+/* Pushes the set of module names a fresh state has loaded or preloaded
+ * (name → true): the standard libraries. L: ... → ... set */
+void cx_names_std_modules(lua_State *L);
+
+/* Pushes the table of verdicts on other modules, emptied first when the
+ * paths have changed since it was filled. L: ... → ... verdicts */
+void cx_names_verdicts(lua_State *L);
+
+/* Whether package.path or package.cpath finds the module named by the
+ * string at `mod` on this host, as a worker's require would (a file the
+ * templates name, or the C root of a submodule). Looks the verdict up in,
+ * or adds it to, the table at `verdicts`. */
+int cx_names_found(lua_State *L, int verdicts, int mod);
 
 /* ------------------------------------------------------------------------ */
 /* Metatables in hostile messages (codec_validate.c).                        */

@@ -1,16 +1,21 @@
 /* codec_names.c: the name cache (which values travel by name, under which name) and how a name shows in a message. */
 #include <lauxlib.h>
+#include <limits.h>
 #include <lua.h>
 #include <lualib.h>
 #include <stdint.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "codec_int.h"
 
-/* The name cache lives in the registry under this address, the set of
- * standard names under the other. */
+/* The name cache lives in the registry under this address; under the
+ * others, the set of standard names, the set of standard modules, and the
+ * verdicts on which modules a worker can load. */
 static const char nc_names_key = 0;
 static const char nc_std_key = 0;
+static const char nc_stdmod_key = 0;
+static const char nc_verdicts_key = 0;
 
 /* The Lua stack slots the cache's functions make sure of: indexing a module
  * table, looking a standard name up, building or fetching the cache. */
@@ -104,46 +109,94 @@ static void nc_push_weak(lua_State *L, int narr, int nhash, const char *mode) {
   lua_setmetatable(L, -2);
 }
 
-/* Pushes the set of names ("mod.field", and "mod") that a fresh state with
- * the standard libraries has, built once from a throwaway state. When a
- * value has two names (a host that aliased table.unpack = unpack), the one
- * a worker's fresh state also has is the one that can travel.
- * L: ... → ... set */
-static void nc_std_push(lua_State *L) {
-  lua_State *F;
-  lua_pushlightuserdata(L, (void *)&nc_std_key);
-  lua_rawget(L, LUA_REGISTRYINDEX);
-  if (lua_istable(L, -1)) return;
-  lua_pop(L, 1);
+/* Fills, from F, a fresh state with the standard libraries, the sets
+ * stored in L's registry: the names ("mod.field", and "mod") it has, and
+ * the modules its package.loaded and package.preload hold. Runs in
+ * protected mode (lua_cpcall), so that running out of memory in L leaves F
+ * to its caller to close. */
+static int nc_std_fill(lua_State *L) {
+  lua_State *F = lua_touserdata(L, 1);
+  int names, mods, k;
+  lua_settop(L, 0);
   lua_newtable(L);
-  F = luaL_newstate();
-  if (F != NULL) {
-    luaL_openlibs(F);
-    lua_getfield(F, LUA_REGISTRYINDEX, "_LOADED");
-    lua_pushnil(F);
-    while (lua_next(F, -2) != 0) {
-      if (lua_type(F, -2) == LUA_TSTRING && lua_istable(F, -1)) {
-        const char *mod = lua_tostring(F, -2);
+  lua_newtable(L);
+  names = 1;
+  mods = 2;
+  lua_getfield(F, LUA_REGISTRYINDEX, "_LOADED");
+  lua_pushnil(F);
+  while (lua_next(F, -2) != 0) {
+    if (lua_type(F, -2) == LUA_TSTRING) {
+      const char *mod = lua_tostring(F, -2);
+      lua_pushstring(L, mod);
+      lua_pushboolean(L, 1);
+      lua_rawset(L, mods);
+      if (lua_istable(F, -1)) {
         lua_pushstring(L, mod);
         lua_pushboolean(L, 1);
-        lua_rawset(L, -3);
+        lua_rawset(L, names);
         lua_pushnil(F);
         while (lua_next(F, -2) != 0) {
           if (lua_type(F, -2) == LUA_TSTRING) {
             lua_pushfstring(L, "%s.%s", mod, lua_tostring(F, -2));
             lua_pushboolean(L, 1);
-            lua_rawset(L, -3);
+            lua_rawset(L, names);
           }
           lua_pop(F, 1);
         }
       }
-      lua_pop(F, 1);
     }
-    lua_close(F);
+    lua_pop(F, 1);
   }
-  lua_pushlightuserdata(L, (void *)&nc_std_key);
-  lua_pushvalue(L, -2);
-  lua_rawset(L, LUA_REGISTRYINDEX);
+  lua_getfield(F, -1, "package");
+  if (lua_istable(F, -1)) {
+    lua_getfield(F, -1, "preload");
+    if (lua_istable(F, -1)) {
+      lua_pushnil(F);
+      while (lua_next(F, -2) != 0) {
+        if (lua_type(F, -2) == LUA_TSTRING) {
+          lua_pushstring(L, lua_tostring(F, -2));
+          lua_pushboolean(L, 1);
+          lua_rawset(L, mods);
+        }
+        lua_pop(F, 1);
+      }
+    }
+    lua_pop(F, 1);
+  }
+  lua_pop(F, 2);
+  for (k = 0; k < 2; k++) {
+    lua_pushlightuserdata(L, (void *)(k == 0 ? &nc_std_key : &nc_stdmod_key));
+    lua_pushvalue(L, k == 0 ? names : mods);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+  }
+  return 0;
+}
+
+/* Pushes one of the sets nc_std_fill makes (key: &nc_std_key or
+ * &nc_stdmod_key), built once from a throwaway state. L: ... → ... set */
+static void nc_std_get(lua_State *L, const char *key) {
+  lua_State *F;
+  int rc;
+  lua_pushlightuserdata(L, (void *)key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  if (lua_istable(L, -1)) return;
+  lua_pop(L, 1);
+  F = luaL_newstate();
+  if (F == NULL) cx_oom(L);
+  luaL_openlibs(F);
+  rc = lua_cpcall(L, nc_std_fill, F);
+  lua_close(F);
+  if (rc != 0) cx_throw(L);
+  lua_pushlightuserdata(L, (void *)key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+}
+
+/* Pushes the set of names ("mod.field", and "mod") that a fresh state with
+ * the standard libraries has. When a value has two names (a host that
+ * aliased table.unpack = unpack), the one a worker's fresh state also has
+ * is the one that can travel. L: ... → ... set */
+static void nc_std_push(lua_State *L) {
+  nc_std_get(L, &nc_std_key);
 }
 
 /* Whether mod.field (strings at the two indices) is a standard name. */
@@ -359,3 +412,174 @@ int cx_names_push(lua_State *L) {
   return 1;
 }
 
+
+/* ------------------------------------------------------------------------ */
+/* Which modules a worker can load                                          */
+/* ------------------------------------------------------------------------ */
+
+/* A worker requires a module sent by name as any state would: from its
+ * package.loaded and package.preload (the standard libraries: a fresh
+ * state's, cx_names_std_modules), then through package.path and
+ * package.cpath, which are the host's (the scheduler passes them on), and
+ * last the C root of a submodule (a.b.c from the library a). A module the host got otherwise (a
+ * table its C code put in package.loaded, a preload function of its own,
+ * a loader it added) exists in the host only: a job that names it would
+ * fail in its worker, so the encoder refuses it in the caller instead.
+ *
+ * The verdicts are kept in a table in the registry: the paths as they were
+ * when it was made, and module name → boolean. The paths are the strings
+ * package holds, compared by identity (Lua strings are interned): when they
+ * change, the table is replaced. A verdict is not revised when a module's
+ * file appears or goes while the paths stay the same. */
+
+#ifndef PATH_MAX
+#define PATH_MAX 4096
+#endif
+
+/* Whether a template of `paths` (";"-separated, each "?" standing for the
+ * name with its dots made slashes) names a file this process can read:
+ * package.searchpath, without a Lua string. A candidate longer than
+ * PATH_MAX could not be opened by the worker either. */
+static int nc_search(const char *name, size_t len, const char *paths, size_t plen) {
+  char buf[PATH_MAX];
+  const char *p = paths, *end = paths + plen;
+  if (memchr(name, '\0', len) != NULL) return 0;
+  while (p < end) {
+    const char *t = p, *te = memchr(p, ';', (size_t)(end - p));
+    size_t o = 0, i;
+    int fits = 1;
+    if (te == NULL) te = end;
+    p = te < end ? te + 1 : end;
+    for (; t < te && fits; t++) {
+      if (*t != '?') {
+        if (o + 1 >= sizeof buf) fits = 0;
+        else buf[o++] = *t;
+        continue;
+      }
+      if (len >= sizeof buf - o) {
+        fits = 0;
+        break;
+      }
+      for (i = 0; i < len; i++) buf[o++] = name[i] == '.' ? '/' : name[i];
+    }
+    if (!fits || o == 0) continue;
+    buf[o] = '\0';
+    if (access(buf, R_OK) == 0) return 1;
+  }
+  return 0;
+}
+
+/* The verdict table's fields: the paths it holds verdicts for, the
+ * package table they are read from, and the keys that reach them (kept,
+ * so that reading the paths for every message looks up and interns no
+ * string). The package table is the one package.loaded held when the
+ * first verdicts were made: the one require's own searchers read, whatever
+ * replaces it in package.loaded later. */
+enum { NC_V_PATH = 1, NC_V_CPATH, NC_V_PACKAGE, NC_V_KEYS };
+
+/* Pushes package.path and package.cpath (nil where not a string) of the
+ * package table at pkg (nil: none), taking the keys' strings from the
+ * table at keys (from NC_V_KEYS on) or, when keys is 0, making them.
+ * L: ... → ... path cpath */
+static void nc_push_paths(lua_State *L, int pkg, int keys) {
+  int k;
+  for (k = 0; k < 2; k++) {
+    if (!lua_istable(L, pkg)) {
+      lua_pushnil(L);
+      continue;
+    }
+    if (keys != 0)
+      lua_rawgeti(L, keys, NC_V_KEYS + k);
+    else
+      lua_pushstring(L, k == 0 ? "path" : "cpath");
+    lua_rawget(L, pkg);
+    if (lua_type(L, -1) != LUA_TSTRING) {
+      lua_pop(L, 1);
+      lua_pushnil(L);
+    }
+  }
+}
+
+void cx_names_verdicts(lua_State *L) {
+  int v, k;
+  if (!lua_checkstack(L, NC_SLOTS)) cx_oom(L);
+  lua_pushlightuserdata(L, (void *)&nc_verdicts_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  v = lua_gettop(L);
+  if (lua_istable(L, v)) {
+    int same;
+    lua_rawgeti(L, v, NC_V_PACKAGE);
+    nc_push_paths(L, v + 1, v);
+    lua_rawgeti(L, v, NC_V_PATH);
+    lua_rawgeti(L, v, NC_V_CPATH);
+    same = lua_rawequal(L, v + 2, v + 4) && lua_rawequal(L, v + 3, v + 5);
+    lua_settop(L, same ? v : v + 1);
+    if (same) return;
+  } else {
+    lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+    if (lua_istable(L, -1)) {
+      lua_pushliteral(L, "package");
+      lua_rawget(L, -2);
+    } else {
+      lua_pushnil(L);
+    }
+    lua_remove(L, -2);
+  }
+  /* L: ... old package: new verdicts, on the same package table. */
+  lua_createtable(L, NC_V_KEYS + 1, 8);
+  lua_pushvalue(L, v + 1);
+  lua_rawseti(L, -2, NC_V_PACKAGE);
+  nc_push_paths(L, v + 1, 0);
+  lua_rawseti(L, -3, NC_V_CPATH);
+  lua_rawseti(L, -2, NC_V_PATH);
+  for (k = 0; k < 2; k++) {
+    lua_pushstring(L, k == 0 ? "path" : "cpath");
+    lua_rawseti(L, -2, NC_V_KEYS + k);
+  }
+  lua_pushlightuserdata(L, (void *)&nc_verdicts_key);
+  lua_pushvalue(L, -2);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+  lua_replace(L, v);
+  lua_settop(L, v);
+}
+
+void cx_names_std_modules(lua_State *L) {
+  if (!lua_checkstack(L, NC_STD_SLOTS)) cx_oom(L);
+  nc_std_get(L, &nc_stdmod_key);
+}
+
+/* Whether package.path or package.cpath (in the table at `verdicts`) finds
+ * module `mod` (a string). */
+static int nc_found(lua_State *L, int verdicts, int mod) {
+  size_t len, plen, cplen;
+  const char *name = lua_tolstring(L, mod, &len), *path, *cpath, *dot;
+  int ok;
+  lua_rawgeti(L, verdicts, NC_V_PATH);
+  lua_rawgeti(L, verdicts, NC_V_CPATH);
+  path = lua_tolstring(L, -2, &plen);
+  cpath = lua_tolstring(L, -1, &cplen);
+  dot = memchr(name, '.', len);
+  ok = (path != NULL && nc_search(name, len, path, plen)) ||
+       (cpath != NULL && nc_search(name, len, cpath, cplen)) ||
+       (cpath != NULL && dot != NULL && nc_search(name, (size_t)(dot - name), cpath, cplen));
+  lua_pop(L, 2);
+  return ok;
+}
+
+int cx_names_found(lua_State *L, int verdicts, int mod) {
+  int ok;
+  if (!lua_checkstack(L, NC_SLOTS)) cx_oom(L);
+  lua_pushvalue(L, mod);
+  lua_rawget(L, verdicts);
+  if (lua_type(L, -1) == LUA_TBOOLEAN) {
+    ok = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return ok;
+  }
+  lua_pop(L, 1);
+  ok = nc_found(L, verdicts, mod);
+  lua_pushvalue(L, mod);
+  lua_pushboolean(L, ok);
+  lua_rawset(L, verdicts);
+  return ok;
+}

@@ -49,7 +49,7 @@ typedef struct cx_ops {
   /* Nonzero when the Lua stack cannot grow by `slots`: before the values
    * (their count + CX_SPARE_SLOTS) and on opening a table or function. */
   int (*room)(cx_walk *w, int slots);
-  /* nil, false, true, a number (its CX_NUM_BYTES bytes) or a string. */
+  /* nil, false, true, NULL, a number (its CX_NUM_BYTES bytes) or a string. */
   void (*scalar)(cx_walk *w, int tag, const unsigned char *s, size_t len);
   /* A table opens: its size hints, and the bytes left after narr. */
   void (*table)(cx_walk *w, int at, uint64_t narr, uint64_t nhash, size_t narr_left);
@@ -212,6 +212,7 @@ read: /* One value, at p. */
       break;
     case CX_T_FALSE:
     case CX_T_TRUE:
+    case CX_T_NULL:
       kind = CX_K_OTHER;
       WALK_HOOK(scalar, (w, tag, p, 0));
       break;

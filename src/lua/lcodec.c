@@ -57,3 +57,13 @@ int hd_l_validate(lua_State *L) {
   lua_pushstring(L, err);
   return 2;
 }
+
+int hd_l_refuse(lua_State *L) {
+  int t = lua_type(L, 1);
+  luaL_argcheck(L, t == LUA_TTABLE || t == LUA_TFUNCTION || t == LUA_TUSERDATA, 1,
+                "table, function or userdata expected");
+  if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TSTRING);
+  lua_settop(L, 2);
+  hd_refuse(L, 1, 2);
+  return 0;
+}

@@ -1,5 +1,5 @@
-/* lcodec.h: the codec as Lua functions, core.encode, core.decode and
- * core.validate. */
+/* lcodec.h: the codec as Lua functions, core.encode, core.decode,
+ * core.validate and core.refuse. */
 #ifndef HD_LCODEC_H
 #define HD_LCODEC_H
 
@@ -16,5 +16,10 @@ int hd_l_decode(lua_State *L);
 /* validate(s) → true | false, msg: whether s would decode as a worker's
  * reply (hd_validate), with the decoder's message when it would not. */
 int hd_l_validate(lua_State *L);
+
+/* refuse(value, what|nil): a table, function or userdata that must not
+ * travel in a job: sending it raises "handler: cannot send a <type>:
+ * <where> is <what>" in the caller (hd_refuse); nil lifts the mark. */
+int hd_l_refuse(lua_State *L);
 
 #endif

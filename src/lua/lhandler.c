@@ -258,7 +258,7 @@ static void l_build_frame(lua_State *L, hd_sched *s, hd_job *j, uint64_t heap, d
       lua_pop(L, 2);
     }
   }
-  hd_encode(L, 3, 1, b, HD_ENC_FUNCTIONS);
+  hd_encode(L, 3, 1, b, HD_ENC_FUNCTIONS | HD_ENC_HOST);
   if (hd_wire_job_end(b) != 0)
     luaL_error(L, "handler: the function and its upvalues encode to more than %d bytes",
                (int)HD_MAX_JOB_FRAME);
@@ -815,7 +815,7 @@ static const luaL_Reg l_funcs[] = {
     {"procs", l_procs},       {"set_max_result", l_set_max_result},
     {"set_spin", l_set_spin}, {"watch", l_watch},     {"finished", l_finished},
     {"wait_any", l_wait_any}, {"bell", l_bell},       {"active", l_active},
-    {"validate", hd_l_validate},
+    {"validate", hd_l_validate}, {"refuse", hd_l_refuse},
     {NULL, NULL}};
 
 /* Where the worker executable is: $HANDLER_WORKER, else beside this module. */
