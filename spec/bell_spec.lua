@@ -38,6 +38,9 @@ local function read_byte(fd)
 end
 
 describe("the bell", function()
+  -- The specs after this one count the process's sockets.
+  teardown(function() core.bell_close() end)
+
   it("is a socket in a private directory under TMPDIR", function()
     local path = core.bell()
     assert.are.equal(path, core.bell())

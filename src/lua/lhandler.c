@@ -762,6 +762,17 @@ static int l_bell(lua_State *L) {
   return 1;
 }
 
+/* bell_close(): ends the bell (its thread, socket and directory); the next
+ * bell() makes a new one. For tests, which must leave the process as they
+ * found it. */
+static int l_bell_close(lua_State *L) {
+  l_ctx *x = lua_touserdata(L, lua_upvalueindex(1));
+  l_core(L);
+  if (x->bell != NULL) hd_bell_free(x->bell);
+  x->bell = NULL;
+  return 0;
+}
+
 typedef struct {
   lua_State *L;
   int n;
@@ -815,6 +826,7 @@ static const luaL_Reg l_funcs[] = {
     {"procs", l_procs},       {"set_max_result", l_set_max_result},
     {"set_spin", l_set_spin}, {"watch", l_watch},     {"finished", l_finished},
     {"wait_any", l_wait_any}, {"bell", l_bell},       {"active", l_active},
+    {"bell_close", l_bell_close},
     {"validate", hd_l_validate}, {"refuse", hd_l_refuse},
     {NULL, NULL}};
 
