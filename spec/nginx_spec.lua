@@ -1,10 +1,10 @@
 -- spec/nginx_spec.lua: handler inside a real nginx with the Lua module
 -- (spec/support/nginx.lua starts it, spec/support/http.lua talks to it):
 -- the module loaded by the master in init_by_lua, jobs run from a request
--- handler (handler.run blocks the nginx worker while it waits, which is
--- allowed here), the errors a job can end with, the uid jobs run as, and
--- that a reload or a graceful quit leaves none of handler's processes
--- behind. Skipped, saying why, when nginx or its Lua module is missing.
+-- handler, the errors a job can end with, the uid jobs run as, and that a
+-- reload or a graceful quit leaves none of handler's processes behind.
+-- (Waiting without blocking, shared budgets and phases: nginx_wait_spec.)
+-- Skipped, saying why, when nginx or its Lua module is missing.
 local nginx = require("spec.support.nginx")
 local http = require("spec.support.http")
 local H = require("spec.support.helpers")
@@ -84,40 +84,6 @@ local function start(n, extra)
   return nginx.start(opts)
 end
 
---- GETs path, asserting a 200; returns the body.
-local function get_ok(srv, path)
-  local status, body = srv:get(path, 10000)
-  assert(status == 200, format("GET %s: %s %s\n-- error log:\n%s", path, tostring(status),
-    tostring(body), srv:error_log()))
-  return body
-end
-
---- The handler processes among ids (from nginx.identify).
-local function handler_procs(ids)
-  local out = {}
-  for _, id in ipairs(ids) do
-    if id.cmd:sub(1, 8) == "handler:" then out[#out + 1] = id end
-  end
-  return out
-end
-
---- Waits until every worker of srv has a handler supervisor below it.
-local function wait_supervisors(srv)
-  local bare
-  local ok = nginx.wait_for(function()
-    bare = nil
-    for _, w in ipairs(srv:workers()) do
-      local has = false
-      for _, id in ipairs(nginx.identify(nginx.descendants_of(w))) do
-        if id.cmd == "handler: supervisor" then has = true end
-      end
-      if not has then bare = w end
-    end
-    return bare == nil
-  end, 10)
-  assert(ok, format("worker %s has no handler supervisor after 10 s\n%s", tostring(bare), srv:error_log()))
-end
-
 --- Asserts stop() had nothing to kill by force.
 local function assert_stopped_clean(srv)
   local forced = srv:stop()
@@ -141,8 +107,8 @@ describe("handler inside nginx", function()
       if nginx.as_root() then
         for _, pid in ipairs(workers) do assert.are.equal(65534, nginx.uid_of(pid)) end
       end
-      assert.are.equal("true 42", get_ok(srv, "/run"))
-      assert.are.equal("true 42", get_ok(srv, "/run"))
+      assert.are.equal("true 42", srv:get_ok("/run"))
+      assert.are.equal("true 42", srv:get_ok("/run"))
       -- Nothing went wrong on the way, and no Lua global was written.
       local log = srv:error_log()
       assert.is_nil(log:match("%[error%][^\n]*") or log:match("%[alert%][^\n]*")
@@ -159,20 +125,20 @@ describe("handler inside nginx", function()
     local srv = start(1)
     finally(function() srv:stop() end)
     local started = H.now()
-    assert.are.equal("Timeout|nil|Took more than 100ms to complete", get_ok(srv, "/cause?kind=timeout"))
+    assert.are.equal("Timeout|nil|Took more than 100ms to complete", srv:get_ok("/cause?kind=timeout"))
     H.assert_ended_by(H.now() - started, 100)
     assert.are.equal("OOM|nil|Process tried to use more than 65536 bytes of memory",
-      get_ok(srv, "/cause?kind=oom"))
-    assert.are.equal("ProcessExit|SIGSEGV|Process exited with SIGSEGV", get_ok(srv, "/cause?kind=segv"))
+      srv:get_ok("/cause?kind=oom"))
+    assert.are.equal("ProcessExit|SIGSEGV|Process exited with SIGSEGV", srv:get_ok("/cause?kind=segv"))
     -- The worker is still serving jobs after all that.
-    assert.are.equal("true 42", get_ok(srv, "/run"))
+    assert.are.equal("true 42", srv:get_ok("/run"))
     assert_stopped_clean(srv)
   end)
 
   it("runs jobs as the nginx worker's user", function()
     local srv = start(1)
     finally(function() srv:stop() end)
-    local ok, uid, pid = get_ok(srv, "/uid"):match("^(%S+) (%S+) (%d+)$")
+    local ok, uid, pid = srv:get_ok("/uid"):match("^(%S+) (%S+) (%d+)$")
     assert.are.equal("true", ok)
     local worker_uid = nginx.uid_of(tonumber(pid))
     assert.are.equal(tostring(worker_uid), uid)
@@ -187,14 +153,14 @@ describe("handler inside nginx", function()
   it("leaves none of the old workers' processes behind after a reload", function()
     local srv = start(2, { init_worker = INIT_WORKER })
     finally(function() srv:stop() end)
-    wait_supervisors(srv)
-    assert.are.equal("true 42", get_ok(srv, "/run"))
+    srv:wait_supervisors()
+    assert.are.equal("true 42", srv:get_ok("/run"))
     local old = {}
     for _, w in ipairs(srv:workers()) do
       old[#old + 1] = nginx.identify({ w })[1]
       for _, id in ipairs(nginx.identify(nginx.descendants_of(w))) do old[#old + 1] = id end
     end
-    assert(#handler_procs(old) >= 2, "no handler processes under the workers: " .. nginx.describe(old))
+    assert(#nginx.handler_procs(old) >= 2, "no handler processes under the workers: " .. nginx.describe(old))
     srv:reload()
     local left
     assert(nginx.wait_for(function()
@@ -202,18 +168,18 @@ describe("handler inside nginx", function()
       return #left == 0
     end, 10), "still running 10 s after the reload: " .. nginx.describe(left or {}))
     -- The new workers run jobs.
-    wait_supervisors(srv)
-    assert.are.equal("true 42", get_ok(srv, "/run"))
+    srv:wait_supervisors()
+    assert.are.equal("true 42", srv:get_ok("/run"))
     assert_stopped_clean(srv)
   end)
 
   it("leaves nothing behind after a graceful quit", function()
     local srv = start(2, { init_worker = INIT_WORKER })
     finally(function() srv:stop() end)
-    wait_supervisors(srv)
-    assert.are.equal("true 42", get_ok(srv, "/run"))
+    srv:wait_supervisors()
+    assert.are.equal("true 42", srv:get_ok("/run"))
     local before = nginx.identify(srv:descendants())
-    local handlers = handler_procs(before)
+    local handlers = nginx.handler_procs(before)
     assert(#handlers >= 2, "no handler processes under nginx: " .. nginx.describe(before))
     local master = srv.pid
     srv:quit()

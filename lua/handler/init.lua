@@ -355,8 +355,18 @@ end
 -- Inside nginx: submit, then yield until the job is done.
 -- A job into `pool` (a pool table), through its shared budgets when it
 -- has some; `yielding`: in a phase that may wait out pool_timeout.
+local function ngx_ctx() return ngx_api.ctx end
+local CTX_REFUSED = "ngx.ctx, the request's context, which exists only in this nginx worker "
+  .. "(give the job the values it needs instead)"
+
 local function submit(pool, chains, param, fn, max_ms, heap, task, wait, result, output, env,
                       yielding)
+  if in_ngx then
+    -- A job that captured the request's context would get a copy nobody
+    -- sees again: it raises instead, naming the upvalue.
+    local has, ctx = pcall(ngx_ctx)
+    if has and type(ctx) == "table" then core.refuse(ctx, CTX_REFUSED) end
+  end
   if not (in_ngx and pool._shared) then
     return core_submit(pool._ud, chains, fn, max_ms, heap, task, wait, result, output, env)
   end

@@ -24,6 +24,7 @@
 --   init         Lua code for init_by_lua (run by the master, before the fork)
 --   init_worker  Lua code for init_worker_by_lua (run by each worker)
 --   shared_dicts { name = "1m", ... }: lua_shared_dict directives
+--   listen       parameters added to the listen directive ("reuseport")
 -- The Lua code goes through files (init_by_lua_file), so it needs no quoting.
 -- The server listens on 127.0.0.1 at a free port, in a private prefix
 -- directory under /tmp that holds the configuration, the pid file, the
@@ -407,7 +408,8 @@ local function config(srv, opts)
   end
   lines[#lines + 1] = opts.http or ""
   lines[#lines + 1] = "  server {"
-  lines[#lines + 1] = format("    listen 127.0.0.1:%d;", srv.port)
+  lines[#lines + 1] = format("    listen 127.0.0.1:%d%s;", srv.port,
+    opts.listen and " " .. opts.listen or "")
   lines[#lines + 1] = format("    location = %s { content_by_lua_block { ngx.print(ngx.worker.pid()) } }", PING)
   lines[#lines + 1] = opts.server or ""
   lines[#lines + 1] = "  }"
@@ -496,6 +498,38 @@ end
 --- One GET of path on this server: status, body, headers; or nil, why.
 function Server:get(path, timeout_ms)
   return http.get(self.port, path, timeout_ms)
+end
+
+--- GETs path, asserting a 200 (with the error log in the message);
+-- returns the body.
+function Server:get_ok(path, timeout_ms)
+  local status, body = http.get(self.port, path, timeout_ms or 10000)
+  if status ~= 200 then
+    error(format("GET %s: %s %s\n-- error log:\n%s", path, tostring(status), tostring(body),
+      tail(self:error_log())), 2)
+  end
+  return body
+end
+
+--- Waits until every worker has a handler supervisor below it; fails the
+-- test after 10 s.
+function Server:wait_supervisors()
+  local bare
+  local ok = wait_for(function()
+    bare = nil
+    for _, w in ipairs(self:workers()) do
+      local has = false
+      for _, id in ipairs(M.identify(M.descendants_of(w))) do
+        if id.cmd == "handler: supervisor" then has = true end
+      end
+      if not has then bare = w end
+    end
+    return bare == nil
+  end, 10)
+  if not ok then
+    error(format("worker %s has no handler supervisor after 10 s\n%s", tostring(bare),
+      tail(self:error_log())), 2)
+  end
 end
 
 --- The pid of the worker that served a request for the harness's location,
@@ -647,6 +681,15 @@ function M.start(opts)
   end
   srv:stop()
   error("nginx harness: no free port after 5 tries", 2)
+end
+
+--- The handler processes among ids (from identify).
+function M.handler_procs(ids)
+  local out = {}
+  for _, id in ipairs(ids) do
+    if id.cmd:sub(1, 8) == "handler:" then out[#out + 1] = id end
+  end
+  return out
 end
 
 return M

@@ -784,8 +784,10 @@ static void sched_on_lost(void *ud, const char *why) {
   }
 }
 
-/* A new worker process for `root`, or NULL with why in err. */
-static sched_proc *proc_spawn(hd_sched *s, hd_pool *root, char *err, size_t errlen) {
+/* A new worker process for `root`, or NULL with why in err; *lost is set
+ * when the order could not reach the supervisor. */
+static sched_proc *proc_spawn_once(hd_sched *s, hd_pool *root, char *err, size_t errlen,
+                                   int *lost) {
   sched_proc *p;
   int peer[HD_SPAWN_FDS], r = hd_sup_ensure(s->sup, s->lua_path, s->lua_cpath);
   if (r < 0) {
@@ -819,8 +821,19 @@ static sched_proc *proc_spawn(hd_sched *s, hd_pool *root, char *err, size_t errl
     /* The supervisor went away: this process is as good as dead. */
     snprintf(err, errlen, "%s", hd_sup_error(s->sup));
     proc_on_exited(p, -1);
+    *lost = 1;
     return NULL;
   }
+  return p;
+}
+
+/* A supervisor that died while nothing ran the loop (a host idle between
+ * requests) is noticed by the first order it cannot take: a new supervisor
+ * is started then, once, and the job that needed a worker never sees it. */
+static sched_proc *proc_spawn(hd_sched *s, hd_pool *root, char *err, size_t errlen) {
+  int lost = 0;
+  sched_proc *p = proc_spawn_once(s, root, err, errlen, &lost);
+  if (p == NULL && lost) p = proc_spawn_once(s, root, err, errlen, &lost);
   return p;
 }
 
