@@ -582,6 +582,74 @@ end
 
 local load = machine_note()
 local cpu0 = cpu_times()
+-- Row 11: inside nginx (spec/support/nginx.lua starts it: one worker, the
+-- module loaded in init_by_lua). 11a times each trivial handler.run from a
+-- content handler, inside the request: the wait yields the light thread and
+-- a cosocket woken by the core's bell resumes it. Against row 2 (the same
+-- call in this plain LuaJIT process), same run. 11b and 11c: whole HTTP
+-- requests, one at a time, with and without such a job.
+local function row_nginx()
+  local loaded, nginx = pcall(require, "spec.support.nginx")
+  if not loaded or not nginx.available() then
+    progress("row 11: skipped (%s)", loaded and select(2, nginx.available()) or tostring(nginx))
+    return
+  end
+  local http = require("spec.support.http")
+  local n = count(10000)
+  progress("row 11: inside nginx (%d jobs from one content handler, then HTTP requests)", n)
+  local srv = nginx.start({ workers = 1, init = [[require("handler")]], server = [[
+    location = /bench {
+      content_by_lua_block {
+        local ffi = require("ffi")
+        pcall(ffi.cdef, "typedef struct { long s, ns; } hd_bts; int clock_gettime(int, hd_bts *);")
+        local ts = ffi.new("hd_bts")
+        local function now()
+          ffi.C.clock_gettime(1, ts)
+          return tonumber(ts.s) * 1e9 + tonumber(ts.ns)
+        end
+        local handler = require("handler")
+        local n = tonumber(ngx.var.arg_n)
+        local function f() return 1 + 1 end
+        for _ = 1, math.min(n, 2000) do handler.run(f) end
+        local out = {}
+        for i = 1, n do
+          local t0 = now()
+          local ok, v = handler.run(f)
+          out[i] = now() - t0
+          if v ~= 2 then error("unexpected outcome " .. tostring(v)) end
+        end
+        ngx.print(table.concat(out, " "))
+      }
+    }
+    location = /job { content_by_lua_block { local ok, v = require("handler").run(function() return 1 + 1 end) ngx.print(v) } }
+    location = /nojob { content_by_lua_block { ngx.print(2) } }
+  ]] })
+  local ok, err = pcall(function()
+    local list = {}
+    for x in srv:get_ok("/bench?n=" .. n, 600000):gmatch("%d+") do list[#list + 1] = tonumber(x) end
+    local st = summary(list)
+    local plain
+    for _, r in ipairs(rows) do
+      if r.id == "2" then plain = r.median end
+    end
+    time_row("11a", "`handler.run` trivial from an nginx content handler (the wait yields), sequential", st,
+      { ratio = true, note = plain and format("row 2 (plain LuaJIT, this run) %.1f µs: +%.1f µs; target ≤ +100 µs",
+        plain / 1e3, (st.median - plain) / 1e3) or "row 2 not measured" })
+    local reqs = count(3000)
+    for _, c in ipairs({ { "11b", "/job", "HTTP GET running that job, one request at a time (luv client)" },
+                         { "11c", "/nojob", "HTTP GET of the same handler without the job" } }) do
+      local r = http.load({ port = srv.port, requests = { { path = c[2], count = reqs } },
+        concurrency = 1, timeout_ms = 600000 })
+      if #r.failed > 0 then error(c[2] .. ": " .. http.describe_failures(r.failed)) end
+      local ns = {}
+      for i, us in ipairs(r.latencies) do ns[i] = us * 1e3 end
+      time_row(c[1], c[3], summary(ns), { ratio = true })
+    end
+  end)
+  srv:stop()
+  if not ok then error(err, 0) end
+end
+
 -- Row 10: sandboxed workers, each in namespaces and a file system of its
 -- own. The strict profile reuses its workers; the "syscalls" one (the FFI
 -- at hand) takes a fresh process per job, so its cost per job includes a
@@ -659,6 +727,7 @@ if wanted(6) or wanted(7) then row_timeout() end
 if wanted(8) then row_memory(mem) end
 if wanted(9) then row_transfer(st3) end
 if wanted(10) then row_sandboxed() end
+if wanted(11) then row_nginx() end
 
 pool2:close()
 child:close()
