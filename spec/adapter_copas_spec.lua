@@ -115,4 +115,11 @@ describe("handler.copas", function()
     assert.are.same({ "waiting", "other", 5 }, order)
     assert.is_true(L.idle())
   end)
+
+  it("runs examples/copas.lua", function()
+    local out = H.run_host(assert(H.read_file("examples/copas.lua")))
+    H.assert_has_all(out, { "done   a quick sum: 500000500000",
+      "failed a raised error: ProcessExit", "failed an endless loop, max_ms = 350: Timeout",
+      "all done after" })
+  end)
 end)

@@ -100,4 +100,11 @@ describe("handler.cqueues", function()
     assert.are.same({ n = 2, true, "in" }, got.inner)
     assert.are.same({ n = 2, true, "out" }, got.outer)
   end)
+
+  it("runs examples/cqueues.lua", function()
+    local out = H.run_host(assert(H.read_file("examples/cqueues.lua")))
+    H.assert_has_all(out, { "done   a quick sum: 500000500000", "tick",
+      "failed a raised error: ProcessExit", "failed an endless loop, max_ms = 350: Timeout",
+      "cq:loop() returned: nothing left to do" })
+  end)
 end)

@@ -82,4 +82,11 @@ describe("handler.luv", function()
     H.assert_has_all(out, { "raised after the wait", "stack traceback", "other coroutine got\ttrue\t7" })
     assert.is_nil(out:find("not reached", 1, true), out)
   end)
+
+  it("runs examples/luv.lua", function()
+    local out = H.run_host(assert(H.read_file("examples/luv.lua")))
+    H.assert_has_all(out, { "done   a quick sum: 500000500000", "tick",
+      "failed a raised error: ProcessExit", "failed an endless loop, max_ms = 350: Timeout",
+      "uv.run() returned: nothing left to do" })
+  end)
 end)
