@@ -82,6 +82,29 @@ describe("the bell", function()
     pool:close()
   end)
 
+  it("cannot be reached by another user", function()
+    local id = io.popen("id -u")
+    local root = id:read("*l") == "0"
+    id:close()
+    if not root then
+      pending("needs root: the attacker runs as nobody")
+      return
+    end
+    local path = core.bell()
+    local out = H.run_host_as_nobody(([[
+      local ffi = require("ffi")
+      ffi.cdef("int socket(int, int, int); int connect(int, const void *, unsigned);"
+        .. "typedef struct { unsigned short family; char path[108]; } sun_t; char *strerror(int);")
+      local fd = ffi.C.socket(1, 1, 0)
+      local sa = ffi.new("sun_t")
+      sa.family = 1
+      ffi.copy(sa.path, %q)
+      local r = ffi.C.connect(fd, sa, ffi.sizeof(sa))
+      io.write(r == 0 and "connected" or ffi.string(ffi.C.strerror(ffi.errno())))
+    ]]):format(path))
+    assert.are.equal("Permission denied", out)
+  end)
+
   it("rings for a deadline", function()
     local fd = connect(core.bell())
     local pool = handler.pool{ max_workers = 1 }
