@@ -683,6 +683,26 @@ function M.start(opts)
   error("nginx harness: no free port after 5 tries", 2)
 end
 
+--- For a spec that starts nginx some other way (a script of the project's):
+-- spawn(argv, env, out_path) -> pid (posix_spawn, as for the harness's
+-- nginx), env() the environment nginx gets, free_port(), and
+-- reap(pid, seconds) -> "exit N" | "signal N" | nil when it did not end in time.
+M.spawn = spawn
+M.env = nginx_env
+M.free_port = free_port
+function M.reap(pid, seconds)
+  local st, how = ffi.new("int[1]"), nil
+  wait_for(function()
+    local r = C.hd_ngx_waitpid(pid, st, WNOHANG)
+    if r == 0 then return false end
+    if r < 0 then how = "gone"
+    elseif st[0] % 128 == 0 then how = "exit " .. math.floor(st[0] / 256) % 256
+    else how = "signal " .. st[0] % 128 end
+    return true
+  end, seconds or 10)
+  return how
+end
+
 --- The handler processes among ids (from identify).
 function M.handler_procs(ids)
   local out = {}
