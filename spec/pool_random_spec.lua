@@ -374,7 +374,8 @@ describe("handler pools, randomized", function()
       end
       if rec.killed_with then
         local want = rec.killed_with == "default"
-          and { type = "ProcessExit", message = "User killed the process", reason = "user_killed" }
+          and { type = "ProcessExit", message = "User killed the process", reason = "user_killed",
+            cause = "killed" }
           or rec.killed_with
         assert(ok == false and type(res) == "table", what)
         for k, v in pairs(want) do assert(res[k] == v, what .. ": field " .. k) end

@@ -143,7 +143,7 @@ local function assert_stats(p, want)
 end
 
 local DEFAULT_KILL = { type = "ProcessExit", message = "User killed the process",
-  reason = "user_killed" }
+  reason = "user_killed", cause = "killed" }
 
 -- Plain fields of an error value, for comparing with a literal table.
 local function fields(err)

@@ -23,16 +23,21 @@ local function num(n)
 end
 M.num = num
 
-local function exit(reason, fields)
+-- cause: "error" (the job raised), "exit" (it called os.exit), "signal"
+-- (it died by a signal), "killed" (a user killed it, or the host did for a
+-- limit), "lost" (its worker or supervisor vanished).
+local function exit(cause, reason, fields)
   local e = fields or {}
   e.type = "ProcessExit"
+  e.cause = cause
   e.reason = reason
   e.message = "Process exited with " .. tostring(reason)
   return new(e)
 end
 
 function M.user_killed()
-  return new({ type = "ProcessExit", message = "User killed the process", reason = "user_killed" })
+  return new({ type = "ProcessExit", message = "User killed the process", reason = "user_killed",
+    cause = "killed" })
 end
 
 local rejects = {
@@ -49,43 +54,44 @@ end
 -- kind and a, b come from handler.core; max_ms and heap are the job's limits.
 function M.from_core(max_ms, heap, kind, a, b)
   if kind == "error" then
-    return exit(a, { traceback = b })
+    return exit("error", a, { traceback = b })
   elseif kind == "timeout" then
     return new({ type = "Timeout", message = "Took more than " .. num(max_ms) .. "ms to complete" })
   elseif kind == "oom" then
     return new({ type = "OOM",
       message = "Process tried to use more than " .. num(heap) .. " bytes of memory" })
   elseif kind == "exit" then
-    return exit(a and ("exit " .. num(a)) or "exit (status unknown)")
+    if a == nil then return exit("lost", "exit (status unknown)") end
+    return exit("exit", "exit " .. num(a))
   elseif kind == "signal" then
     if a == "SIGSYS" then
       -- The sandbox's seccomp filter kills a process on a forbidden call.
       return new({ type = "SandboxViolation", reason = a,
         message = "Process made a forbidden system call" })
     end
-    return exit(a)
+    return exit("signal", a)
   elseif kind == "killed" then
     if type(a) == "table" then return a end
     return M.user_killed()
   elseif kind == "badresult" then
-    return exit("result cannot travel: " .. tostring(a))
+    return exit("error", "result cannot travel: " .. tostring(a))
   elseif kind == "output" then
     -- The host meters the worker's stdout and stderr: past max_output_bytes
     -- the worker is killed, whatever the job was doing.
-    return exit("output limit", { detail = a })
+    return exit("killed", "output limit", { detail = a })
   elseif kind == "badreply" then
-    return exit("bad reply from worker: " .. tostring(a))
+    return exit("lost", "bad reply from worker: " .. tostring(a))
   elseif kind == "failed" then
-    return exit(tostring(a))
+    return exit("lost", tostring(a))
   elseif kind == "forked" then
     -- A job started before a fork, awaited in the child: its worker and
     -- its reply belong to the parent.
-    return new({ type = "ProcessExit", reason = "forked",
+    return new({ type = "ProcessExit", reason = "forked", cause = "lost",
       message = "The job was started in another process, before a fork" })
   elseif rejects[kind] then
     return M.reject(kind)
   end
-  return exit("unknown outcome " .. tostring(kind))
+  return exit("lost", "unknown outcome " .. tostring(kind))
 end
 
 return M

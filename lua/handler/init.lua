@@ -117,6 +117,9 @@ local RUN_OPTS = {
   env = { env_ok, "a table of variable names and name = value strings" },
   sandbox = { function(v) return SANDBOX[v] ~= nil end,
     "true, false, \"strict\" or \"syscalls\"" },
+  args = { function(v)
+    return type(v) == "table" and (v.n == nil or (whole(v.n) and v.n <= 4000))
+  end, "a table of arguments (args.n, when given, a whole number up to 4000)" },
 }
 
 -- Pool jobs take their pool's profile: no per-job sandbox option there.
@@ -126,6 +129,7 @@ local POOL_OPTS = {
   max_result_bytes = RUN_OPTS.max_result_bytes,
   max_output_bytes = RUN_OPTS.max_output_bytes,
   env = RUN_OPTS.env,
+  args = RUN_OPTS.args,
   task_name = { function(v) return type(v) == "string" end, "a string" },
   delegate_param = { function() return true end, "any value" },
   pool_timeout = { nonneg, "a non-negative number of milliseconds" },
@@ -308,7 +312,7 @@ end
 
 -- Like core_submit, for a pool whose chains may hold shared budgets: tries
 -- the candidate chains in order, reserving the shared budgets of each.
-local function submit_shared(self, param, fn, max_ms, heap, task, wait, result, output, env)
+local function submit_shared(self, param, fn, max_ms, heap, task, wait, result, output, env, args)
   -- Chains as lists of core pools (the array part) and of pool tables
   -- (at negative indices, the same order).
   local cands = chains_of(self, param, {}, {}, 1, true)
@@ -320,7 +324,8 @@ local function submit_shared(self, param, fn, max_ms, heap, task, wait, result, 
     never = never and no
     if ok then
       local job
-      job, w = core_submit(self._ud, { chain }, fn, max_ms, heap, task, wait, result, output, env)
+      job, w = core_submit(self._ud, { chain }, fn, max_ms, heap, task, wait, result, output, env,
+        args)
       if job ~= nil then
         local function release() release_chain(chain, n, heap) end
         if nginx_waitlist().add(release, job) then release() end
@@ -360,7 +365,7 @@ local CTX_REFUSED = "ngx.ctx, the request's context, which exists only in this n
   .. "(give the job the values it needs instead)"
 
 local function submit(pool, chains, param, fn, max_ms, heap, task, wait, result, output, env,
-                      yielding)
+                      args, yielding)
   if in_ngx then
     -- A job that captured the request's context would get a copy nobody
     -- sees again: it raises instead, naming the upvalue.
@@ -368,14 +373,14 @@ local function submit(pool, chains, param, fn, max_ms, heap, task, wait, result,
     if has and type(ctx) == "table" then core.refuse(ctx, CTX_REFUSED) end
   end
   if not (in_ngx and pool._shared) then
-    return core_submit(pool._ud, chains, fn, max_ms, heap, task, wait, result, output, env)
+    return core_submit(pool._ud, chains, fn, max_ms, heap, task, wait, result, output, env, args)
   end
   if ngx_api.get_phase() == "init" then
     error("handler: a pool with a shared budget starts no job in the init phase: the budget "
       .. "is counted per nginx worker, and none exists yet", 0)
   end
   local job, why, never = submit_shared(pool, param, fn, max_ms, heap, task, wait, result,
-    output, env)
+    output, env, args)
   if job == nil and why ~= nil and not never and wait > 0 and yielding then
     -- Other nginx workers give capacity back without telling this one: it
     -- looks again, more and more seldom, until pool_timeout passes.
@@ -384,7 +389,7 @@ local function submit(pool, chains, param, fn, max_ms, heap, task, wait, result,
       ngx_api.sleep(pause)
       pause = pause < 0.016 and pause * 2 or 0.02
       job, why, never = submit_shared(pool, param, fn, max_ms, heap, task, wait, result,
-        output, env)
+        output, env, args)
       ngx_api.update_time()
     until job ~= nil or never or ngx_api.now() >= deadline
     if job == nil and not never then why = "PoolTimeout" end
@@ -393,11 +398,11 @@ local function submit(pool, chains, param, fn, max_ms, heap, task, wait, result,
 end
 
 local function run_yielding(pool, chains, param, fn, max_ms, heap, task, wait, result, output,
-                            env)
+                            env, args)
   local w = nginx()
   w.check()
   local job, why = submit(pool, chains, param, fn, max_ms, heap, task, wait, result, output, env,
-    true)
+    args, true)
   if job == nil then return false, reject(why) end
   w.wait({ job }, 1)
   return finish(max_ms, heap, core.result(job))
@@ -406,12 +411,13 @@ end
 function Pool:run(fn, opts)
   check_fn("run", fn)
   local max_ms, heap, result, task, wait, chains, output, env = pool_args(self, "pool:run", opts)
+  local args = opts and opts.args
   if in_ngx then
     return run_yielding(self, chains, opts and opts.delegate_param, fn, max_ms, heap, task,
-      wait, result, output, env)
+      wait, result, output, env, args)
   end
   return finish(max_ms, heap,
-    core_run(self._ud, chains, fn, max_ms, heap, task, wait, result, output, env))
+    core_run(self._ud, chains, fn, max_ms, heap, task, wait, result, output, env, args))
 end
 
 local Job = {}
@@ -421,7 +427,7 @@ function Pool:async(fn, opts)
   check_fn("async", fn)
   local max_ms, heap, result, task, wait, chains, output, env = pool_args(self, "pool:async", opts)
   local job, why = submit(self, chains, opts and opts.delegate_param, fn, max_ms, heap, task,
-    wait, result, output, env, false)
+    wait, result, output, env, opts and opts.args, false)
   if job == nil then return nil, reject(why) end
   -- In nginx the dispatcher steps the loop, so the job ends (and frees its
   -- worker) even when nobody waits; timers cannot be made in init_by_lua.
@@ -560,9 +566,10 @@ end
 function M.run(fn, opts)
   check_fn("run", fn)
   local max_ms, heap, result, output = DEFAULT_MAX_MS, DEFAULT_HEAP, DEFAULT_RESULT, DEFAULT_OUTPUT
-  local env, pool
+  local env, pool, args
   if opts ~= nil then
     check_table("handler.run", opts, RUN_OPTS, 2)
+    args = opts.args
     max_ms = opts.max_ms or max_ms
     heap = opts.max_heap_bytes or heap
     result = opts.max_result_bytes or result
@@ -572,10 +579,10 @@ function M.run(fn, opts)
   end
   pool = pool or default_pool or M.default_pool()
   if in_ngx then
-    return run_yielding(pool, nil, nil, fn, max_ms, heap, nil, 0, result, output, env)
+    return run_yielding(pool, nil, nil, fn, max_ms, heap, nil, 0, result, output, env, args)
   end
   return finish(max_ms, heap,
-    core_run(pool._ud, nil, fn, max_ms, heap, nil, 0, result, output, env))
+    core_run(pool._ud, nil, fn, max_ms, heap, nil, 0, result, output, env, args))
 end
 
 ---------------------------------------------------------------------------

@@ -14,6 +14,9 @@
                             * package.path or package.cpath), and a value hd_refuse marked
                             * raises (see hd_encode) */
 
+#define HD_ENC_ARGS 4      /* the values after the first are a job's arguments: a culprit
+                            * among them is named "argument #n", not "value #n+1" */
+
 /* Decoder flags. */
 #define HD_DEC_TRUSTED 1 /* bytecode may be loaded and names may be require()d */
 

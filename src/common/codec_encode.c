@@ -183,7 +183,10 @@ static void enc_concat_path(enc_state *e) {
     switch (s->kind) {
       case ENC_STEP_TOP:
         if (i + 1 < e->nsteps && e->steps[i + 1].kind == ENC_STEP_UPVAL) continue;
-        lua_pushfstring(L, "value #%d", s->n);
+        if ((e->flags & HD_ENC_ARGS) && s->n > 1)
+          lua_pushfstring(L, "argument #%d", s->n - 1);
+        else
+          lua_pushfstring(L, "value #%d", s->n);
         after_big = 1;
         break;
       case ENC_STEP_UPVAL:

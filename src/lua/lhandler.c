@@ -38,6 +38,9 @@ typedef struct { hd_job *j; } l_job;
 
 #define L_EXPORT __attribute__((visibility("default")))
 
+/* Arguments of one job, at most: a job's values are decoded on one stack. */
+#define HD_MAX_ARGS 4000
+
 L_EXPORT int luaopen_handler_core(lua_State *L);
 
 /* Keys of private values: addresses, which no Lua string can equal. */
@@ -238,8 +241,11 @@ static const char *const l_reject_names[] = {"NoWorkersAvailable", "Insufficient
 /* Builds the job frame: the limits, the paths when the workers' image has
  * older ones, the environment, then the closure. Encoding raises on a value
  * that cannot travel. env is a flat list: name, value, name, value... */
+/* The job frame: limits, paths, env, then the function at index 3 and, when
+ * `args` (a stack index, or 0) is given, its arguments args[1 .. args.n or
+ * #args], which the worker passes to it. */
 static void l_build_frame(lua_State *L, hd_sched *s, hd_job *j, uint64_t heap, double max_output,
-                          int env) {
+                          int env, int args) {
   hd_buf *b = hd_sched_scratch(s);
   if (hd_wire_job_begin(b, hd_job_id(j), heap, hd_u64_of(max_output),
                         hd_sched_job_path(s), hd_sched_job_cpath(s)) != 0)
@@ -258,7 +264,20 @@ static void l_build_frame(lua_State *L, hd_sched *s, hd_job *j, uint64_t heap, d
       lua_pop(L, 2);
     }
   }
-  hd_encode(L, 3, 1, b, HD_ENC_FUNCTIONS | HD_ENC_HOST);
+  if (args) {
+    int i, n, top = lua_gettop(L);
+    lua_getfield(L, args, "n");
+    n = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1) : (int)lua_objlen(L, args);
+    lua_pop(L, 1);
+    if (n < 0 || n > HD_MAX_ARGS) luaL_error(L, "handler: args: at most %d arguments", HD_MAX_ARGS);
+    luaL_checkstack(L, n + 2, "handler: args");
+    lua_pushvalue(L, 3);
+    for (i = 1; i <= n; i++) lua_rawgeti(L, args, i);
+    hd_encode(L, top + 1, n + 1, b, HD_ENC_FUNCTIONS | HD_ENC_HOST | HD_ENC_ARGS);
+    lua_settop(L, top);
+  } else {
+    hd_encode(L, 3, 1, b, HD_ENC_FUNCTIONS | HD_ENC_HOST);
+  }
   if (hd_wire_job_end(b) != 0)
     luaL_error(L, "handler: the function and its upvalues encode to more than %d bytes",
                (int)HD_MAX_JOB_FRAME);
@@ -266,7 +285,7 @@ static void l_build_frame(lua_State *L, hd_sched *s, hd_job *j, uint64_t heap, d
 }
 
 /* submit(pool, chains|nil, fn, max_ms, max_heap, task_name|nil, pool_timeout,
- *        max_result, max_output, env|nil) -> job | nil, reject_type */
+ *        max_result, max_output, env|nil, args|nil) -> job | nil, reject_type */
 static int l_submit(lua_State *L) {
   hd_sched *s = l_core(L);
   hd_pool *pool = l_checkpool(L, 1);
@@ -274,6 +293,7 @@ static int l_submit(lua_State *L) {
   const char *task = luaL_optstring(L, 6, NULL);
   double max_output = luaL_optnumber(L, 9, 16.0 * 1024 * 1024);
   int env = lua_istable(L, 10) ? 10 : 0;
+  int args = lua_istable(L, 11) ? 11 : 0;
   hd_job *j;
   l_job *u;
   lim.max_ms = luaL_checknumber(L, 4);
@@ -301,7 +321,7 @@ static int l_submit(lua_State *L) {
   l_fill_chains(L, hd_job_chains(j), pool, 2);
   l_set_paths(L, s);
   /* On an error from here on, the job userdata frees the job. */
-  l_build_frame(L, s, j, lim.max_heap, max_output, env);
+  l_build_frame(L, s, j, lim.max_heap, max_output, env, args);
   hd_job_submit(j);
   if (hd_job_done(j) && HD_OUT_IS_REJECT(hd_job_outcome(j))) {
     lua_pushnil(L);

@@ -592,8 +592,8 @@ static int wk_call(lua_State *L) {
   lua_settop(L, 0);
   n = hd_decode(L, p, len, HD_DEC_TRUSTED);
   if (n < 1) return luaL_error(L, "handler: the job carried no function");
-  lua_settop(L, 1);
-  lua_call(L, 0, LUA_MULTRET);
+  /* The function, then its arguments (the args option). */
+  lua_call(L, n - 1, LUA_MULTRET);
   return lua_gettop(L);
 }
 
