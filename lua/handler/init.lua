@@ -524,6 +524,27 @@ function Pool:flush(err)
   return core.flush(self._ud, err)
 end
 
+-- pool:map's options: a job's, and the map's own.
+local map_mod = require("handler.map")
+local MAP_OPTS = {}
+for k, v in pairs(POOL_OPTS) do MAP_OPTS[k] = v end
+for k, v in pairs(map_mod.OPTIONS) do MAP_OPTS[k] = v end
+MAP_OPTS.args = nil
+
+local function map_iterator(what, pool, fn, inputs, opts)
+  if type(fn) ~= "function" then
+    error(format("bad argument #1 to '%s' (function expected, got %s)", what, typename(fn)), 3)
+  end
+  if opts ~= nil then check_table(what, opts, MAP_OPTS, 3) end
+  if pool._closed then error(what .. ": the pool is closed", 3) end
+  return map_mod.iterator(what, pool, fn, inputs, opts, M.wait_any)
+end
+
+--- for i, ok, ... in pool:map(fn, inputs [, opts]) do ... end
+function Pool:map(fn, inputs, opts)
+  return map_iterator("map", self, fn, inputs, opts)
+end
+
 function Pool:stats()
   return core.stats(self._ud)
 end
@@ -583,6 +604,12 @@ function M.run(fn, opts)
   end
   return finish(max_ms, heap,
     core_run(pool._ud, nil, fn, max_ms, heap, nil, 0, result, output, env, args))
+end
+
+--- for i, ok, ... in handler.map(fn, inputs [, opts]) do ... end: in the
+-- default pool.
+function M.map(fn, inputs, opts)
+  return map_iterator("map", default_pool or M.default_pool(), fn, inputs, opts)
 end
 
 ---------------------------------------------------------------------------
