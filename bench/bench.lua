@@ -320,6 +320,54 @@ local function row_sequential(mem)
     { ratio = true, note = "default pool" })
 end
 
+-- Row 3c: row 3a with the host and every worker pinned to one CPU (the
+-- first the host may use, as row 1a pins): each wake-up is a switch on that
+-- CPU, so it compares with the one-CPU pipe round trip. Workers are forked
+-- by the supervisor, not the host, so each is pinned by its pid; every mask
+-- is restored afterwards.
+pcall(ffi.cdef, [[
+int sched_getaffinity(int pid, size_t size, uint8_t *mask);
+int sched_setaffinity(int pid, size_t size, const uint8_t *mask);
+]])
+local MASK = 128
+local function affinity_get(pid)
+  local m = ffi.new("uint8_t[?]", MASK)
+  if ffi.C.sched_getaffinity(pid, MASK, m) ~= 0 then return nil end
+  return m
+end
+local function affinity_set(pid, m)
+  return ffi.C.sched_setaffinity(pid, MASK, m) == 0
+end
+
+local function row_pool_one_cpu(n, w)
+  local mine = affinity_get(0)
+  if not mine then return end
+  local cpu
+  for c = 0, MASK * 8 - 1 do
+    if bit.band(mine[bit.rshift(c, 3)], bit.lshift(1, bit.band(c, 7))) ~= 0 then cpu = c; break end
+  end
+  local one = ffi.new("uint8_t[?]", MASK)
+  one[bit.rshift(cpu, 3)] = bit.lshift(1, bit.band(cpu, 7))
+  -- The pool's workers exist once it ran a job.
+  for _ = 1, 10 do check(pool2:run(trivial)) end
+  local saved = { [0] = mine }
+  assert(affinity_set(0, one), "sched_setaffinity")
+  for _, pid in ipairs(handler._core.procs()) do
+    saved[pid] = affinity_get(pid)
+    if saved[pid] then affinity_set(pid, one) end
+  end
+  local ok, st = pcall(timeit, n, w, function()
+    local ok, v = pool2:run(trivial)
+    if v ~= 2 then check(ok, v, 2, "pool:run") end
+  end)
+  for pid, m in pairs(saved) do affinity_set(pid, m) end
+  if not ok then error(st, 0) end
+  local note = pipe_ns["same-cpu"] and format("%.2f× pipe same-cpu (row 1a)",
+    st.median / pipe_ns["same-cpu"]) or "pipe not measured"
+  time_row("3c", "`pool:run` of the same, host and workers on one CPU", st,
+    { ratio = true, note = "target ≤ 2.0× pipe same-cpu; here " .. note })
+end
+
 local function row_pool()
   local n, w = count(20000), count(2000)
   progress("row 3: pool:run sequential, direct and through child → root")
@@ -340,6 +388,7 @@ local function row_pool()
   end)
   time_row("3b", "`pool:run` through delegation child → root (2 workers)", st,
     { ratio = true })
+  row_pool_one_cpu(n, w)
   return st
 end
 
