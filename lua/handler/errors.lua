@@ -51,12 +51,16 @@ function M.reject(kind)
 end
 
 -- Turns what the core reports about a failed job into an error value.
--- kind and a, b come from handler.core; max_ms and heap are the job's limits.
-function M.from_core(max_ms, heap, kind, a, b)
+-- kind and a, b come from handler.core; max_ms, heap and cpu_ms are the
+-- job's limits.
+function M.from_core(max_ms, heap, kind, a, b, cpu_ms)
   if kind == "error" then
     return exit("error", a, { traceback = b })
   elseif kind == "timeout" then
     return new({ type = "Timeout", message = "Took more than " .. num(max_ms) .. "ms to complete" })
+  elseif kind == "cputime" then
+    return new({ type = "CPUTimeout",
+      message = "Used more than " .. num(cpu_ms or 0) .. "ms of CPU time" })
   elseif kind == "oom" then
     return new({ type = "OOM",
       message = "Process tried to use more than " .. num(heap) .. " bytes of memory" })

@@ -111,6 +111,7 @@ end
 
 local RUN_OPTS = {
   max_ms = { nonneg, "a non-negative number of milliseconds" },
+  max_cpu_ms = { positive, "a positive number of milliseconds" },
   max_heap_bytes = { positive, "a positive number of bytes" },
   max_result_bytes = { positive, "a positive number of bytes" },
   max_output_bytes = { nonneg, "a non-negative number of bytes" },
@@ -125,6 +126,7 @@ local RUN_OPTS = {
 -- Pool jobs take their pool's profile: no per-job sandbox option there.
 local POOL_OPTS = {
   max_ms = RUN_OPTS.max_ms,
+  max_cpu_ms = RUN_OPTS.max_cpu_ms,
   max_heap_bytes = RUN_OPTS.max_heap_bytes,
   max_result_bytes = RUN_OPTS.max_result_bytes,
   max_output_bytes = RUN_OPTS.max_output_bytes,
@@ -174,9 +176,10 @@ end
 ---------------------------------------------------------------------------
 -- Outcomes: true, results... or false, err.
 
-local function finish(max_ms, heap, ok, ...)
+local function finish(max_ms, heap, cpu, ok, ...)
   if ok then return true, ... end
-  return false, from_core(max_ms, heap, ...)
+  local kind, a, b = ...
+  return false, from_core(max_ms, heap, kind, a, b, cpu)
 end
 
 ---------------------------------------------------------------------------
@@ -312,7 +315,8 @@ end
 
 -- Like core_submit, for a pool whose chains may hold shared budgets: tries
 -- the candidate chains in order, reserving the shared budgets of each.
-local function submit_shared(self, param, fn, max_ms, heap, task, wait, result, output, env, args)
+local function submit_shared(self, param, fn, max_ms, heap, task, wait, result, output, env, args,
+                             cpu)
   -- Chains as lists of core pools (the array part) and of pool tables
   -- (at negative indices, the same order).
   local cands = chains_of(self, param, {}, {}, 1, true)
@@ -325,7 +329,7 @@ local function submit_shared(self, param, fn, max_ms, heap, task, wait, result, 
     if ok then
       local job
       job, w = core_submit(self._ud, { chain }, fn, max_ms, heap, task, wait, result, output, env,
-        args)
+        args, cpu)
       if job ~= nil then
         local function release() release_chain(chain, n, heap) end
         if nginx_waitlist().add(release, job) then release() end
@@ -365,7 +369,7 @@ local CTX_REFUSED = "ngx.ctx, the request's context, which exists only in this n
   .. "(give the job the values it needs instead)"
 
 local function submit(pool, chains, param, fn, max_ms, heap, task, wait, result, output, env,
-                      args, yielding)
+                      args, cpu, yielding)
   if in_ngx then
     -- A job that captured the request's context would get a copy nobody
     -- sees again: it raises instead, naming the upvalue.
@@ -373,14 +377,15 @@ local function submit(pool, chains, param, fn, max_ms, heap, task, wait, result,
     if has and type(ctx) == "table" then core.refuse(ctx, CTX_REFUSED) end
   end
   if not (in_ngx and pool._shared) then
-    return core_submit(pool._ud, chains, fn, max_ms, heap, task, wait, result, output, env, args)
+    return core_submit(pool._ud, chains, fn, max_ms, heap, task, wait, result, output, env, args,
+      cpu)
   end
   if ngx_api.get_phase() == "init" then
     error("handler: a pool with a shared budget starts no job in the init phase: the budget "
       .. "is counted per nginx worker, and none exists yet", 0)
   end
   local job, why, never = submit_shared(pool, param, fn, max_ms, heap, task, wait, result,
-    output, env, args)
+    output, env, args, cpu)
   if job == nil and why ~= nil and not never and wait > 0 and yielding then
     -- Other nginx workers give capacity back without telling this one: it
     -- looks again, more and more seldom, until pool_timeout passes.
@@ -389,7 +394,7 @@ local function submit(pool, chains, param, fn, max_ms, heap, task, wait, result,
       ngx_api.sleep(pause)
       pause = pause < 0.016 and pause * 2 or 0.02
       job, why, never = submit_shared(pool, param, fn, max_ms, heap, task, wait, result,
-        output, env, args)
+        output, env, args, cpu)
       ngx_api.update_time()
     until job ~= nil or never or ngx_api.now() >= deadline
     if job == nil and not never then why = "PoolTimeout" end
@@ -398,26 +403,26 @@ local function submit(pool, chains, param, fn, max_ms, heap, task, wait, result,
 end
 
 local function run_yielding(pool, chains, param, fn, max_ms, heap, task, wait, result, output,
-                            env, args)
+                            env, args, cpu)
   local w = nginx()
   w.check()
   local job, why = submit(pool, chains, param, fn, max_ms, heap, task, wait, result, output, env,
-    args, true)
+    args, cpu, true)
   if job == nil then return false, reject(why) end
   w.wait({ job }, 1)
-  return finish(max_ms, heap, core.result(job))
+  return finish(max_ms, heap, cpu, core.result(job))
 end
 
 function Pool:run(fn, opts)
   check_fn("run", fn)
   local max_ms, heap, result, task, wait, chains, output, env = pool_args(self, "pool:run", opts)
-  local args = opts and opts.args
+  local args, cpu = opts and opts.args, opts and opts.max_cpu_ms
   if in_ngx then
     return run_yielding(self, chains, opts and opts.delegate_param, fn, max_ms, heap, task,
-      wait, result, output, env, args)
+      wait, result, output, env, args, cpu)
   end
-  return finish(max_ms, heap,
-    core_run(self._ud, chains, fn, max_ms, heap, task, wait, result, output, env, args))
+  return finish(max_ms, heap, cpu,
+    core_run(self._ud, chains, fn, max_ms, heap, task, wait, result, output, env, args, cpu))
 end
 
 local Job = {}
@@ -426,13 +431,14 @@ Job.__index = Job
 function Pool:async(fn, opts)
   check_fn("async", fn)
   local max_ms, heap, result, task, wait, chains, output, env = pool_args(self, "pool:async", opts)
+  local cpu = opts and opts.max_cpu_ms
   local job, why = submit(self, chains, opts and opts.delegate_param, fn, max_ms, heap, task,
-    wait, result, output, env, opts and opts.args, false)
+    wait, result, output, env, opts and opts.args, cpu, false)
   if job == nil then return nil, reject(why) end
   -- In nginx the dispatcher steps the loop, so the job ends (and frees its
   -- worker) even when nobody waits; timers cannot be made in init_by_lua.
   if in_ngx and ngx_api.get_phase() ~= "init" then pcall(nginx().ensure) end
-  return setmetatable({ _ud = job, _max_ms = max_ms, _heap = heap, pool = self,
+  return setmetatable({ _ud = job, _max_ms = max_ms, _heap = heap, _cpu = cpu, pool = self,
     task_name = task }, Job)
 end
 
@@ -447,9 +453,9 @@ local function await(job)
     local w = nginx()
     w.check()
     w.wait({ job._ud }, 1)
-    return finish(job._max_ms, job._heap, core.result(job._ud))
+    return finish(job._max_ms, job._heap, job._cpu, core.result(job._ud))
   end
-  return finish(job._max_ms, job._heap, core_await(job._ud))
+  return finish(job._max_ms, job._heap, job._cpu, core_await(job._ud))
 end
 
 function Job:await()
@@ -587,10 +593,10 @@ end
 function M.run(fn, opts)
   check_fn("run", fn)
   local max_ms, heap, result, output = DEFAULT_MAX_MS, DEFAULT_HEAP, DEFAULT_RESULT, DEFAULT_OUTPUT
-  local env, pool, args
+  local env, pool, args, cpu
   if opts ~= nil then
     check_table("handler.run", opts, RUN_OPTS, 2)
-    args = opts.args
+    args, cpu = opts.args, opts.max_cpu_ms
     max_ms = opts.max_ms or max_ms
     heap = opts.max_heap_bytes or heap
     result = opts.max_result_bytes or result
@@ -600,10 +606,10 @@ function M.run(fn, opts)
   end
   pool = pool or default_pool or M.default_pool()
   if in_ngx then
-    return run_yielding(pool, nil, nil, fn, max_ms, heap, nil, 0, result, output, env, args)
+    return run_yielding(pool, nil, nil, fn, max_ms, heap, nil, 0, result, output, env, args, cpu)
   end
-  return finish(max_ms, heap,
-    core_run(pool._ud, nil, fn, max_ms, heap, nil, 0, result, output, env, args))
+  return finish(max_ms, heap, cpu,
+    core_run(pool._ud, nil, fn, max_ms, heap, nil, 0, result, output, env, args, cpu))
 end
 
 --- for i, ok, ... in handler.map(fn, inputs [, opts]) do ... end: in the

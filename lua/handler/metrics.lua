@@ -32,6 +32,7 @@ end
 local OUTCOMES = {
   { "succeeded", "succeeded" },
   { "timeout", "failed_timeout" },
+  { "cpu_timeout", "failed_cpu_timeout" },
   { "oom", "failed_oom" },
   { "error", "failed_error" },
   { "exit", "failed_exit" },

@@ -14,6 +14,7 @@ typedef enum hd_outcome {
   HD_OUT_BADREPLY,  /* the worker broke the protocol; the detail says how */
   HD_OUT_FAILED,    /* the worker could not be started or was lost; the detail says why */
   HD_OUT_OUTPUT,    /* the job wrote more than max_output; the detail says how much */
+  HD_OUT_CPUTIME,   /* the job used more than max_cpu_ms of CPU time */
   HD_OUT_NOWORKERS, /* rejected: no slot */
   HD_OUT_NOMEMORY,  /* rejected: no memory budget */
   HD_OUT_POOLTIMEOUT,

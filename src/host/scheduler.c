@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "conn.h"
@@ -69,6 +70,9 @@ struct hd_job {
   uint64_t deadline;    /* uv_hrtime() when the timer is due */
   uint64_t submitted, started, ended; /* uv_hrtime() at each; started 0 until it starts */
   int timer_open;
+  uv_timer_t cpu_timer;  /* max_cpu_ms while running: looks at the worker's CPU clock */
+  int cpu_timer_open;
+  uint64_t cpu_base;     /* the worker's CPU time (ns) when the job started */
   int notify;           /* hd_job_notify: the context's on_end is called at its end */
   hd_queue pnode;       /* its pool's wait queue, while queued */
   hd_queue rnode;       /* the running jobs, while running */
@@ -964,6 +968,65 @@ void hd_job_times(const hd_job *j, uint64_t *queued_ns, uint64_t *run_ns) {
   *run_ns = end - j->started;
 }
 
+static void job_cpu_close_cb(uv_handle_t *h) {
+  hd_job *j = h->data;
+  j->cpu_timer_open = 0;
+  hd_job_unref(j);
+}
+
+/* The CPU time (ns) the process has used, or -1 when it cannot be read
+ * (its pid is not known yet, or it is gone). */
+static int64_t proc_cpu_ns(const sched_proc *p) {
+  clockid_t clk;
+  struct timespec ts;
+  pid_t pid = p->pid > 0 ? p->pid : hd_conn_pid(p->conn);
+  if (pid <= 0 || p->exited || clock_getcpuclockid(pid, &clk) != 0 ||
+      clock_gettime(clk, &ts) != 0)
+    return -1;
+  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void job_cpu_cb(uv_timer_t *t);
+static void job_timer_start(hd_job *j, double ms);
+
+static void job_cpu_start(hd_job *j, double ms) {
+  if (ms < 1) ms = 1;
+  if (ms > SCHED_MAX_TIMER_MS) ms = SCHED_MAX_TIMER_MS;
+  if (!j->cpu_timer_open) {
+    uv_timer_init(hd_loop_uv(j->sched->loop), &j->cpu_timer);
+    j->cpu_timer.data = j;
+    j->cpu_timer_open = 1;
+    j->refs++;
+  }
+  uv_timer_start(&j->cpu_timer, job_cpu_cb, (uint64_t)ms, 0);
+}
+
+/* CPU time runs no faster than the wall clock (one thread): the job's
+ * limit cannot pass before max_cpu_ms of wall time, and then it is
+ * looked at again when what is left of it could have passed. */
+static void job_cpu_cb(uv_timer_t *t) {
+  hd_job *j = t->data;
+  int64_t now;
+  double used_ms;
+  if (j->state != JOB_RUNNING || j->proc == NULL || j->pending != HD_OUT_NONE) return;
+  now = proc_cpu_ns(j->proc);
+  if (now < 0) {
+    job_cpu_start(j, 1);
+    return;
+  }
+  used_ms = (double)((uint64_t)now - j->cpu_base) / 1e6;
+  if (used_ms < j->lim.max_cpu_ms) {
+    job_cpu_start(j, j->lim.max_cpu_ms - used_ms);
+    return;
+  }
+  /* A reply already written is the result, as at a deadline. */
+  hd_conn_drain(j->proc->conn);
+  if (j->state != JOB_RUNNING || j->proc == NULL) return;
+  j->pending = HD_OUT_CPUTIME;
+  job_timer_start(j, SCHED_KILL_GRACE_MS);
+  proc_kill(j->proc);
+}
+
 static void job_timer_close_cb(uv_handle_t *h) {
   hd_job *j = h->data;
   j->timer_open = 0;
@@ -1044,6 +1107,10 @@ static void job_finish(hd_job *j, hd_outcome out) {
     uv_timer_stop(&j->timer);
     uv_close((uv_handle_t *)&j->timer, job_timer_close_cb);
   }
+  if (j->cpu_timer_open && !uv_is_closing((uv_handle_t *)&j->cpu_timer)) {
+    uv_timer_stop(&j->cpu_timer);
+    uv_close((uv_handle_t *)&j->cpu_timer, job_cpu_close_cb);
+  }
   if (was_running) sched_pump(s);
   if (j->notify && s->on_end != NULL) s->on_end(s->on_end_ud, j);
   /* The scheduler's reference, taken at submit. */
@@ -1088,6 +1155,13 @@ static void job_start(hd_job *j) {
   if (j->lim.max_ms < SCHED_NO_LIMIT_MS) {
     uv_update_time(hd_loop_uv(s->loop));
     job_timer_start(j, j->lim.max_ms);
+  }
+  if (j->lim.max_cpu_ms < SCHED_NO_LIMIT_MS) {
+    int64_t base = proc_cpu_ns(p);
+    /* A new worker's start counts: its clock is read from zero. */
+    j->cpu_base = base > 0 ? (uint64_t)base : 0;
+    uv_update_time(hd_loop_uv(s->loop));
+    job_cpu_start(j, j->lim.max_cpu_ms);
   }
   proc_unidle(p);
   p->state = PROC_BUSY;

@@ -117,6 +117,7 @@ typedef struct hd_job_limits {
   double pool_timeout;  /* ms to wait for capacity; 0: none */
   double max_result;    /* bytes; 0: the context's default */
   double max_output;    /* bytes the job may write to stdout and stderr */
+  double max_cpu_ms;    /* CPU time; math.huge: none */
   uint64_t max_heap;
 } hd_job_limits;
 

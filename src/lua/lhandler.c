@@ -1,5 +1,6 @@
 /* lhandler.c: the Lua binding, module handler.core: pools, jobs, the loop. */
 #include <dlfcn.h>
+#include <math.h>
 #include <lauxlib.h>
 #include <lua.h>
 #include <sched.h>
@@ -285,7 +286,8 @@ static void l_build_frame(lua_State *L, hd_sched *s, hd_job *j, uint64_t heap, d
 }
 
 /* submit(pool, chains|nil, fn, max_ms, max_heap, task_name|nil, pool_timeout,
- *        max_result, max_output, env|nil, args|nil) -> job | nil, reject_type */
+ *        max_result, max_output, env|nil, args|nil, max_cpu_ms|nil)
+ *   -> job | nil, reject_type */
 static int l_submit(lua_State *L) {
   hd_sched *s = l_core(L);
   hd_pool *pool = l_checkpool(L, 1);
@@ -301,6 +303,7 @@ static int l_submit(lua_State *L) {
   lim.pool_timeout = luaL_optnumber(L, 7, 0);
   lim.max_result = luaL_optnumber(L, 8, 0);
   lim.max_output = max_output;
+  lim.max_cpu_ms = luaL_optnumber(L, 12, HUGE_VAL);
   luaL_checkany(L, 3);
   if (hd_sched_in_loop(s)) return luaL_error(L, "handler: cannot start a job from inside the loop");
   u = lua_newuserdata(L, sizeof *u);
@@ -405,6 +408,10 @@ static int l_push_outcome(lua_State *L, hd_job *j, int ud) {
     case HD_OUT_TIMEOUT:
       lua_pushboolean(L, 0);
       lua_pushliteral(L, "timeout");
+      return 2;
+    case HD_OUT_CPUTIME:
+      lua_pushboolean(L, 0);
+      lua_pushliteral(L, "cputime");
       return 2;
     case HD_OUT_EXIT:
       lua_pushboolean(L, 0);
@@ -611,13 +618,14 @@ static int l_stats(lua_State *L) {
   l_setnum(L, "started", st.started);
   l_setnum(L, "succeeded", st.succeeded);
   l_setnum(L, "failed_timeout", o[HD_OUT_TIMEOUT]);
+  l_setnum(L, "failed_cpu_timeout", o[HD_OUT_CPUTIME]);
   l_setnum(L, "failed_oom", o[HD_OUT_OOM]);
   l_setnum(L, "failed_error", o[HD_OUT_ERROR]);
   l_setnum(L, "failed_exit", o[HD_OUT_EXIT]);
   l_setnum(L, "failed_other",
            o[HD_OUT_BADRESULT] + o[HD_OUT_BADREPLY] + o[HD_OUT_FAILED] + o[HD_OUT_OUTPUT]);
   l_setnum(L, "killed", o[HD_OUT_KILLED]);
-  l_setnum(L, "failed", o[HD_OUT_TIMEOUT] + o[HD_OUT_OOM] + o[HD_OUT_ERROR] + o[HD_OUT_EXIT] +
+  l_setnum(L, "failed", o[HD_OUT_TIMEOUT] + o[HD_OUT_CPUTIME] + o[HD_OUT_OOM] + o[HD_OUT_ERROR] + o[HD_OUT_EXIT] +
                             o[HD_OUT_BADRESULT] + o[HD_OUT_BADREPLY] + o[HD_OUT_FAILED] +
                             o[HD_OUT_OUTPUT] + o[HD_OUT_KILLED]);
   l_setnum(L, "rejected", st.rejected);
