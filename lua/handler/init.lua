@@ -109,9 +109,14 @@ local function env_ok(v)
   return true
 end
 
+-- The output option, as the core's modes.
+local OUTPUT_MODE = { inherit = 0, capture = 1, discard = 2 }
+
 local RUN_OPTS = {
   max_ms = { nonneg, "a non-negative number of milliseconds" },
   max_cpu_ms = { positive, "a positive number of milliseconds" },
+  output = { function(v) return OUTPUT_MODE[v] ~= nil end,
+    "\"inherit\", \"capture\" or \"discard\"" },
   max_heap_bytes = { positive, "a positive number of bytes" },
   max_result_bytes = { positive, "a positive number of bytes" },
   max_output_bytes = { nonneg, "a non-negative number of bytes" },
@@ -127,6 +132,7 @@ local RUN_OPTS = {
 local POOL_OPTS = {
   max_ms = RUN_OPTS.max_ms,
   max_cpu_ms = RUN_OPTS.max_cpu_ms,
+  output = RUN_OPTS.output,
   max_heap_bytes = RUN_OPTS.max_heap_bytes,
   max_result_bytes = RUN_OPTS.max_result_bytes,
   max_output_bytes = RUN_OPTS.max_output_bytes,
@@ -316,7 +322,7 @@ end
 -- Like core_submit, for a pool whose chains may hold shared budgets: tries
 -- the candidate chains in order, reserving the shared budgets of each.
 local function submit_shared(self, param, fn, max_ms, heap, task, wait, result, output, env, args,
-                             cpu)
+                             cpu, omode)
   -- Chains as lists of core pools (the array part) and of pool tables
   -- (at negative indices, the same order).
   local cands = chains_of(self, param, {}, {}, 1, true)
@@ -329,7 +335,7 @@ local function submit_shared(self, param, fn, max_ms, heap, task, wait, result, 
     if ok then
       local job
       job, w = core_submit(self._ud, { chain }, fn, max_ms, heap, task, wait, result, output, env,
-        args, cpu)
+        args, cpu, omode)
       if job ~= nil then
         local function release() release_chain(chain, n, heap) end
         if nginx_waitlist().add(release, job) then release() end
@@ -369,7 +375,7 @@ local CTX_REFUSED = "ngx.ctx, the request's context, which exists only in this n
   .. "(give the job the values it needs instead)"
 
 local function submit(pool, chains, param, fn, max_ms, heap, task, wait, result, output, env,
-                      args, cpu, yielding)
+                      args, cpu, omode, yielding)
   if in_ngx then
     -- A job that captured the request's context would get a copy nobody
     -- sees again: it raises instead, naming the upvalue.
@@ -378,14 +384,14 @@ local function submit(pool, chains, param, fn, max_ms, heap, task, wait, result,
   end
   if not (in_ngx and pool._shared) then
     return core_submit(pool._ud, chains, fn, max_ms, heap, task, wait, result, output, env, args,
-      cpu)
+      cpu, omode)
   end
   if ngx_api.get_phase() == "init" then
     error("handler: a pool with a shared budget starts no job in the init phase: the budget "
       .. "is counted per nginx worker, and none exists yet", 0)
   end
   local job, why, never = submit_shared(pool, param, fn, max_ms, heap, task, wait, result,
-    output, env, args, cpu)
+    output, env, args, cpu, omode)
   if job == nil and why ~= nil and not never and wait > 0 and yielding then
     -- Other nginx workers give capacity back without telling this one: it
     -- looks again, more and more seldom, until pool_timeout passes.
@@ -394,7 +400,7 @@ local function submit(pool, chains, param, fn, max_ms, heap, task, wait, result,
       ngx_api.sleep(pause)
       pause = pause < 0.016 and pause * 2 or 0.02
       job, why, never = submit_shared(pool, param, fn, max_ms, heap, task, wait, result,
-        output, env, args, cpu)
+        output, env, args, cpu, omode)
       ngx_api.update_time()
     until job ~= nil or never or ngx_api.now() >= deadline
     if job == nil and not never then why = "PoolTimeout" end
@@ -403,11 +409,11 @@ local function submit(pool, chains, param, fn, max_ms, heap, task, wait, result,
 end
 
 local function run_yielding(pool, chains, param, fn, max_ms, heap, task, wait, result, output,
-                            env, args, cpu)
+                            env, args, cpu, omode)
   local w = nginx()
   w.check()
   local job, why = submit(pool, chains, param, fn, max_ms, heap, task, wait, result, output, env,
-    args, cpu, true)
+    args, cpu, omode, true)
   if job == nil then return false, reject(why) end
   w.wait({ job }, 1)
   return finish(max_ms, heap, cpu, core.result(job))
@@ -417,12 +423,14 @@ function Pool:run(fn, opts)
   check_fn("run", fn)
   local max_ms, heap, result, task, wait, chains, output, env = pool_args(self, "pool:run", opts)
   local args, cpu = opts and opts.args, opts and opts.max_cpu_ms
+  local omode = opts and OUTPUT_MODE[opts.output]
   if in_ngx then
     return run_yielding(self, chains, opts and opts.delegate_param, fn, max_ms, heap, task,
-      wait, result, output, env, args, cpu)
+      wait, result, output, env, args, cpu, omode)
   end
   return finish(max_ms, heap, cpu,
-    core_run(self._ud, chains, fn, max_ms, heap, task, wait, result, output, env, args, cpu))
+    core_run(self._ud, chains, fn, max_ms, heap, task, wait, result, output, env, args, cpu,
+      omode))
 end
 
 local Job = {}
@@ -432,13 +440,15 @@ function Pool:async(fn, opts)
   check_fn("async", fn)
   local max_ms, heap, result, task, wait, chains, output, env = pool_args(self, "pool:async", opts)
   local cpu = opts and opts.max_cpu_ms
+  local omode = opts and OUTPUT_MODE[opts.output]
   local job, why = submit(self, chains, opts and opts.delegate_param, fn, max_ms, heap, task,
-    wait, result, output, env, opts and opts.args, cpu, false)
+    wait, result, output, env, opts and opts.args, cpu, omode, false)
   if job == nil then return nil, reject(why) end
   -- In nginx the dispatcher steps the loop, so the job ends (and frees its
   -- worker) even when nobody waits; timers cannot be made in init_by_lua.
   if in_ngx and ngx_api.get_phase() ~= "init" then pcall(nginx().ensure) end
   return setmetatable({ _ud = job, _max_ms = max_ms, _heap = heap, _cpu = cpu, pool = self,
+    _capture = omode == OUTPUT_MODE.capture,
     task_name = task }, Job)
 end
 
@@ -461,6 +471,14 @@ end
 function Job:await()
   check_job(self, 2)
   return await(self)
+end
+
+--- job:output() -> what a job with output = "capture" wrote to its stdout
+-- and stderr (so far, until it is done); nil for other jobs.
+function Job:output()
+  check_job(self, 2)
+  if not self._capture then return nil end
+  return (core.output(self._ud))
 end
 
 --- job:done() -> whether await would return at once.
@@ -593,10 +611,10 @@ end
 function M.run(fn, opts)
   check_fn("run", fn)
   local max_ms, heap, result, output = DEFAULT_MAX_MS, DEFAULT_HEAP, DEFAULT_RESULT, DEFAULT_OUTPUT
-  local env, pool, args, cpu
+  local env, pool, args, cpu, omode
   if opts ~= nil then
     check_table("handler.run", opts, RUN_OPTS, 2)
-    args, cpu = opts.args, opts.max_cpu_ms
+    args, cpu, omode = opts.args, opts.max_cpu_ms, OUTPUT_MODE[opts.output]
     max_ms = opts.max_ms or max_ms
     heap = opts.max_heap_bytes or heap
     result = opts.max_result_bytes or result
@@ -606,10 +624,11 @@ function M.run(fn, opts)
   end
   pool = pool or default_pool or M.default_pool()
   if in_ngx then
-    return run_yielding(pool, nil, nil, fn, max_ms, heap, nil, 0, result, output, env, args, cpu)
+    return run_yielding(pool, nil, nil, fn, max_ms, heap, nil, 0, result, output, env, args, cpu,
+      omode)
   end
   return finish(max_ms, heap, cpu,
-    core_run(pool._ud, nil, fn, max_ms, heap, nil, 0, result, output, env, args, cpu))
+    core_run(pool._ud, nil, fn, max_ms, heap, nil, 0, result, output, env, args, cpu, omode))
 end
 
 --- for i, ok, ... in handler.map(fn, inputs [, opts]) do ... end: in the

@@ -328,7 +328,7 @@ static void conn_out_read(conn_out *o, size_t max) {
   while (max > 0 && o->fd >= 0) {
     ssize_t r = read(o->fd, buf, max < sizeof buf ? max : sizeof buf);
     if (r > 0) {
-      size_t pass = c->cbs.output(c, c->ud, (size_t)r);
+      size_t pass = c->cbs.output(c, c->ud, o->which, buf, (size_t)r);
       max -= (size_t)r;
       conn_forward(hd_loop_out_fd(c->loop, o->which), buf, pass < (size_t)r ? pass : (size_t)r);
       continue;

@@ -33,12 +33,12 @@ typedef struct hd_conn_cbs {
   void (*eof)(hd_conn *c, void *ud);
   /* The connection is closed for good and may be freed (hd_conn_free). */
   void (*closed)(hd_conn *c, void *ud);
-  /* `len` bytes the worker (or a process it started) wrote to its stdout
-   * or stderr have come. Returns how many of them, from the first, go on
-   * to the host's own stdout or stderr; the rest are dropped. The callee
-   * may close the connection. Output written before a reply is reported
-   * before the reply. */
-  size_t (*output)(hd_conn *c, void *ud, size_t len);
+  /* `len` bytes at `p` the worker (or a process it started) wrote to its
+   * stdout (which = 0) or stderr (1) have come. Returns how many of them,
+   * from the first, go on to the host's own stdout or stderr; the rest are
+   * dropped. The callee may close the connection. Output written before a
+   * reply is reported before the reply. */
+  size_t (*output)(hd_conn *c, void *ud, int which, const char *p, size_t len);
 } hd_conn_cbs;
 
 /* A connection over a new socketpair and two pipes; peer gets the worker's

@@ -63,6 +63,7 @@ struct hd_job {
   char *task_name;
   hd_job_limits lim;
   double out_used;      /* bytes of output counted against lim.max_output */
+  hd_buf captured;      /* HD_OUTPUT_CAPTURE: the output within the limit */
   hd_buf frame;         /* the job frame; after the end, the reply's message */
   size_t msg_off, msg_len;
   sched_proc *proc;
@@ -696,25 +697,38 @@ static void proc_on_closed(hd_conn *c, void *ud) {
  * once past it; only the bytes within the limit go on. Output while no job
  * runs there (before the first, or from a child a job left) goes on and is
  * counted for nobody. */
-static size_t proc_on_output(hd_conn *c, void *ud, size_t len) {
+/* What of `pass` bytes of output goes on: all, none (kept or dropped). */
+static size_t job_output_pass(hd_job *j, const char *buf, size_t pass) {
+  if (j->lim.output == HD_OUTPUT_INHERIT) return pass;
+  /* Memory for it is bounded by max_output; when it runs out, the rest is
+   * dropped, not the job. */
+  if (j->lim.output == HD_OUTPUT_CAPTURE) (void)hd_buf_append(&j->captured, buf, pass);
+  return 0;
+}
+
+static size_t proc_on_output(hd_conn *c, void *ud, int which, const char *buf, size_t len) {
   sched_proc *p = ud;
   hd_job *j = p->job;
   double left;
+  size_t pass;
   (void)c;
+  (void)which;
   if (j == NULL) return len;
   left = j->lim.max_output - j->out_used;
   if ((double)len <= left) {
     j->out_used += (double)len;
-    return len;
+    return job_output_pass(j, buf, len);
   }
   j->out_used = j->lim.max_output;
+  /* What fits goes first: the job may be gone once it is finished. */
+  pass = job_output_pass(j, buf, left > 0 ? (size_t)left : 0);
   /* A job already decided (its process is being killed) keeps its end. */
   if (j->pending == HD_OUT_NONE) {
     snprintf(j->detail, sizeof j->detail, "wrote more than %.0f bytes to stdout and stderr",
              j->lim.max_output);
     job_finish(j, HD_OUT_OUTPUT);
   }
-  return left > 0 ? (size_t)left : 0;
+  return pass;
 }
 
 static const hd_conn_cbs proc_conn_cbs = {proc_on_reply, proc_on_fail, proc_on_eof,
@@ -879,6 +893,7 @@ static void job_free(hd_job *j) {
   hd_pool_unref(j->origin);
   free(j->task_name);
   hd_loop_give_buf(s->loop, &j->frame);
+  hd_buf_free(&j->captured);
   free(j);
   hd_sched_unref(s);
 }
@@ -1283,6 +1298,15 @@ static void job_on_reply(hd_job *j, hd_buf *buf, size_t off, size_t len) {
 void hd_job_kill(hd_job *j) {
   job_finish(j, HD_OUT_KILLED);
   sched_sync(j->sched);
+}
+
+void hd_job_output(const hd_job *j, const char **p, size_t *len) {
+  *p = j->captured.data ? j->captured.data : "";
+  *len = j->captured.len;
+}
+
+double hd_job_output_bytes(const hd_job *j) {
+  return j->out_used;
 }
 
 void hd_job_notify(hd_job *j) {

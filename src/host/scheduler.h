@@ -112,12 +112,19 @@ void hd_sched_close_pool(hd_sched *s, hd_pool *p);
 
 /* ---- Jobs -------------------------------------------------------------------- */
 
+/* Where a job's output goes (within max_output, however it goes): on to
+ * the host's stdout and stderr, kept for hd_job_output, or nowhere. */
+#define HD_OUTPUT_INHERIT 0
+#define HD_OUTPUT_CAPTURE 1
+#define HD_OUTPUT_DISCARD 2
+
 typedef struct hd_job_limits {
   double max_ms;        /* math.huge: none */
   double pool_timeout;  /* ms to wait for capacity; 0: none */
   double max_result;    /* bytes; 0: the context's default */
   double max_output;    /* bytes the job may write to stdout and stderr */
   double max_cpu_ms;    /* CPU time; math.huge: none */
+  int output;           /* HD_OUTPUT_*: where the job's stdout and stderr go */
   uint64_t max_heap;
 } hd_job_limits;
 
@@ -157,6 +164,12 @@ int hd_job_forsaken(const hd_job *j);
 
 /* Whether `p` is the job's own pool or one it was (or may be) delegated to. */
 int hd_job_in_pool(const hd_job *j, const hd_pool *p);
+
+/* What a job with HD_OUTPUT_CAPTURE wrote to its stdout and stderr so far,
+ * in the order it was read (len 0 for other jobs); and the bytes of output
+ * counted against max_output. */
+void hd_job_output(const hd_job *j, const char **p, size_t *len);
+double hd_job_output_bytes(const hd_job *j);
 
 /* Marks the job for the context's on_end callback (hd_sched_on_end). */
 void hd_job_notify(hd_job *j);

@@ -286,7 +286,7 @@ static void l_build_frame(lua_State *L, hd_sched *s, hd_job *j, uint64_t heap, d
 }
 
 /* submit(pool, chains|nil, fn, max_ms, max_heap, task_name|nil, pool_timeout,
- *        max_result, max_output, env|nil, args|nil, max_cpu_ms|nil)
+ *        max_result, max_output, env|nil, args|nil, max_cpu_ms|nil, output|nil)
  *   -> job | nil, reject_type */
 static int l_submit(lua_State *L) {
   hd_sched *s = l_core(L);
@@ -304,6 +304,9 @@ static int l_submit(lua_State *L) {
   lim.max_result = luaL_optnumber(L, 8, 0);
   lim.max_output = max_output;
   lim.max_cpu_ms = luaL_optnumber(L, 12, HUGE_VAL);
+  lim.output = (int)luaL_optinteger(L, 13, HD_OUTPUT_INHERIT);
+  if (lim.output < HD_OUTPUT_INHERIT || lim.output > HD_OUTPUT_DISCARD)
+    return luaL_argerror(L, 13, "bad output mode");
   luaL_checkany(L, 3);
   if (hd_sched_in_loop(s)) return luaL_error(L, "handler: cannot start a job from inside the loop");
   u = lua_newuserdata(L, sizeof *u);
@@ -506,6 +509,20 @@ static int l_result(lua_State *L) {
   if (!hd_job_forsaken(j) && !hd_job_done(j)) return luaL_error(L, "handler: job is not done");
   lua_settop(L, 1);
   return l_push_outcome(L, j, 1);
+}
+
+/* output(job) -> what a job with output = "capture" wrote so far, and the
+ * bytes of output it was counted for. */
+static int l_output(lua_State *L) {
+  const char *p;
+  size_t len;
+  hd_job *j;
+  l_core(L);
+  j = l_checkjob(L, 1);
+  hd_job_output(j, &p, &len);
+  lua_pushlstring(L, p, len);
+  lua_pushnumber(L, hd_job_output_bytes(j));
+  return 2;
 }
 
 static int l_job_id(lua_State *L) {
@@ -854,7 +871,7 @@ static const luaL_Reg l_funcs[] = {
     {"procs", l_procs},       {"set_max_result", l_set_max_result},
     {"set_spin", l_set_spin}, {"watch", l_watch},     {"finished", l_finished},
     {"wait_any", l_wait_any}, {"bell", l_bell},       {"active", l_active},
-    {"bell_close", l_bell_close},
+    {"bell_close", l_bell_close}, {"output", l_output},
     {"validate", hd_l_validate}, {"refuse", hd_l_refuse},
     {NULL, NULL}};
 
