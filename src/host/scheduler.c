@@ -963,6 +963,13 @@ void hd_job_message(const hd_job *j, const char **p, size_t *len) {
   *len = j->msg_len;
 }
 
+void hd_job_release_message(hd_job *j) {
+  if (j->state != JOB_DONE || j->frame.cap <= SCHED_KEEP_FRAME) return;
+  hd_loop_give_buf(j->sched->loop, &j->frame);
+  j->msg_off = 0;
+  j->msg_len = 0;
+}
+
 int hd_job_forsaken(const hd_job *j) {
   return j->sched->forsaken;
 }

@@ -157,6 +157,10 @@ hd_outcome hd_job_outcome(const hd_job *j);
 int hd_job_status(const hd_job *j);
 const char *hd_job_detail(const hd_job *j);
 void hd_job_message(const hd_job *j, const char **p, size_t *len);
+/* Lets a done job's big reply buffer go back to the loop's warm spare, for
+ * the next big transfer, once its message has been decoded and will not be
+ * read again: the message is empty after this. */
+void hd_job_release_message(hd_job *j);
 
 /* Whether the job is of a forsaken context: started before a fork, in
  * another process. */

@@ -491,7 +491,11 @@ static int l_run(lua_State *L) {
   }
   j = ((l_job *)lua_touserdata(L, -1))->j;
   l_wait(L, s, j);
-  return l_push_outcome(L, j, lua_gettop(L));
+  n = l_push_outcome(L, j, lua_gettop(L));
+  /* No one can ask for this job's result again: a big reply's buffer is
+   * the warm spare for the next big transfer, not garbage for the GC. */
+  if (!hd_job_forsaken(j)) hd_job_release_message(j);
+  return n;
 }
 
 static int l_done(lua_State *L) {
