@@ -94,7 +94,10 @@ describe("worker executable handshake", function()
     -- The right protocol (wire.h's HD_PROTO_VERSION), a bytecode header
     -- this VM does not write.
     { "refuses a worker executable built for another LuaJIT",
-      worker = function() return fake("otherjit", fake_hello("\27LJ\1\0", 2)) end,
+      worker = function()
+        local version = H.read_file("src/common/wire.h"):match("#define HD_PROTO_VERSION (%d+)")
+        return fake("otherjit", fake_hello("\27LJ\1\0", assert(tonumber(version))))
+      end,
       says = { "was built for another LuaJIT" } },
   }
   for _, case in ipairs(broken) do

@@ -154,6 +154,7 @@ local POOL_CONFIG = {
   sandbox = RUN_OPTS.sandbox,
   shared_dict = { function(v) return type(v) == "string" and v ~= "" end,
     "the name of a lua_shared_dict" },
+  init = { function(v) return type(v) == "function" end, "a function" },
 }
 
 local function check_table(what, t, spec, level)
@@ -220,6 +221,10 @@ function M.pool(config)
   if config.delegate_to ~= nil and config.delegate_fun ~= nil then
     error("handler.pool: give delegate_to or delegate_fun, not both", 2)
   end
+  if config.init ~= nil and (config.delegate_to ~= nil or config.delegate_fun ~= nil) then
+    error("handler.pool: init is set on root pools, which own the worker processes; "
+      .. "a delegating pool's jobs run in its root's", 2)
+  end
   if config.sandbox ~= nil and (config.delegate_to ~= nil or config.delegate_fun ~= nil) then
     error("handler.pool: sandbox is set on root pools, which own the worker processes; "
       .. "a delegating pool's jobs run in its root's", 2)
@@ -244,7 +249,7 @@ function M.pool(config)
   end
   local ud = core.pool_new(name, config.max_workers or 100,
     config.max_memory_bytes or 10 * 2^30, parent and parent._ud,
-    config.idle_ms or DEFAULT_IDLE_MS, SANDBOX[config.sandbox or false])
+    config.idle_ms or DEFAULT_IDLE_MS, SANDBOX[config.sandbox or false], config.init)
   local self = setmetatable({
     name = name,
     max_workers = config.max_workers or 100,

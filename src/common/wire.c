@@ -169,6 +169,13 @@ int hd_wire_env_next(hd_wire_job *j, const char **k, uint32_t *kn, const char **
   return 0;
 }
 
+int hd_wire_init_frame(hd_buf *b, uint64_t id, const char *msg, size_t len) {
+  char h[HD_FRAME_HEADER];
+  if (len > HD_MAX_JOB_FRAME) return -1;
+  wire_put_head(h, HD_FRAME_INIT, id, (uint32_t)len);
+  return hd_buf_append(b, h, sizeof h) || hd_buf_append(b, msg, len) ? -1 : 0;
+}
+
 int hd_wire_reply_begin(hd_buf *b, int status) {
   char h[HD_FRAME_HEADER + 1];
   b->len = 0;

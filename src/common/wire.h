@@ -13,7 +13,7 @@
 
 /* Bumped whenever either protocol changes; the supervisor's hello carries it
  * so a worker executable from another build is refused with a clear error. */
-#define HD_PROTO_VERSION 2
+#define HD_PROTO_VERSION 3
 
 /* The worker's protocol socket is always this descriptor, so a job's print
  * (fd 1) and its errors (fd 2) never touch the protocol. */
@@ -46,6 +46,9 @@
 #define HD_FRAME_REPLY 2 /* worker → parent: u8 status, codec message */
 #define HD_FRAME_REPLY_LAST 3 /* the same, and the worker exits after it */
 #define HD_FRAME_HELLO 4 /* worker → parent, first: u32 pid (job id 0) */
+#define HD_FRAME_INIT 5  /* parent → worker, before its first job (same id), when the
+                          * worker's root pool has an init: codec message, the init
+                          * closure, run once to make the worker's pristine image */
 
 /* Reply statuses. */
 #define HD_REPLY_OK 0        /* message: the results */
@@ -131,6 +134,10 @@ int hd_wire_job_parse(const char *frame, size_t len, hd_wire_job *j);
 /* The next environment variable of j; 0, or -1 when there is none left. */
 int hd_wire_env_next(hd_wire_job *j, const char **k, uint32_t *kn, const char **v,
                      uint32_t *vn);
+
+/* Appends an INIT frame for job `id` holding the codec message `msg`.
+ * Returns 0, or -1 when memory runs out or it is too big. */
+int hd_wire_init_frame(hd_buf *b, uint64_t id, const char *msg, size_t len);
 
 /* Starts a reply in b (emptied first): a blank header and the status byte;
  * the codec message follows. Returns 0, or -1 when memory runs out. */

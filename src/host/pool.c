@@ -24,6 +24,8 @@ struct hd_pool {
   double max_memory;
   double idle_ms;
   int sandbox;
+  char *init;           /* the init closure's codec message, or NULL */
+  size_t init_len;
   hd_pool *parent;      /* holds a reference */
   int closed;
   double running;       /* slots reserved */
@@ -50,6 +52,16 @@ hd_pool *hd_pool_new(const hd_pool_config *cfg) {
   p->max_memory = cfg->max_memory;
   p->idle_ms = cfg->idle_ms;
   p->sandbox = cfg->sandbox;
+  if (cfg->init != NULL && cfg->init_len > 0) {
+    p->init = malloc(cfg->init_len);
+    if (p->init == NULL) {
+      free(p->name);
+      free(p);
+      return NULL;
+    }
+    memcpy(p->init, cfg->init, cfg->init_len);
+    p->init_len = cfg->init_len;
+  }
   p->parent = cfg->parent;
   if (p->parent) hd_pool_ref(p->parent);
   return p;
@@ -63,6 +75,7 @@ void hd_pool_unref(hd_pool *p) {
   if (--p->refs > 0) return;
   if (p->drop) p->drop(p->data);
   if (p->parent) hd_pool_unref(p->parent);
+  free(p->init);
   free(p->name);
   free(p);
 }
@@ -77,6 +90,11 @@ hd_pool *hd_pool_parent(const hd_pool *p) {
 
 int hd_pool_sandbox(const hd_pool *p) {
   return p->sandbox;
+}
+
+void hd_pool_init(const hd_pool *p, const char **msg, size_t *len) {
+  *msg = p->init;
+  *len = p->init ? p->init_len : 0;
 }
 
 double hd_pool_idle_ms(const hd_pool *p) {

@@ -4,6 +4,7 @@
 #ifndef HD_POOL_H
 #define HD_POOL_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "outcome.h"
@@ -28,6 +29,8 @@ typedef struct hd_pool_config {
   double max_memory;
   double idle_ms;
   int sandbox;
+  const char *init; /* root pools: the init closure's codec message, or NULL */
+  size_t init_len;
   hd_pool *parent;  /* delegate_to, or NULL */
 } hd_pool_config;
 
@@ -38,6 +41,9 @@ void hd_pool_unref(hd_pool *p);
 const char *hd_pool_name(const hd_pool *p);
 hd_pool *hd_pool_parent(const hd_pool *p);
 int hd_pool_sandbox(const hd_pool *p);
+
+/* A root pool's init closure (its codec message): len 0 when it has none. */
+void hd_pool_init(const hd_pool *p, const char **msg, size_t *len);
 double hd_pool_idle_ms(const hd_pool *p);
 
 /* A closed pool accepts no job. */

@@ -91,6 +91,8 @@ struct sched_proc {
   int closed;           /* its connection is closed for good */
   int status;           /* its wait status */
   hd_job *job;
+  int inited;           /* its root pool's init was sent to it */
+  hd_buf boot;          /* the INIT frame and its first job's, while they are sent */
   uint64_t idle_since;  /* the loop's time when it became idle */
   hd_queue node;        /* all processes */
   hd_queue inode;       /* the idle ones, most recently used first */
@@ -535,6 +537,7 @@ static void proc_free_if_done(sched_proc *p) {
   hd_conn_free(p->conn);
   if (p->pidfd >= 0) close(p->pidfd);
   hd_pool_unref(p->root);
+  hd_buf_free(&p->boot);
   free(p);
   hd_sched_unref(s);
 }
@@ -1154,7 +1157,27 @@ static void sched_keep_spare(hd_sched *s, hd_pool *root) {
   if (p != NULL && !p->exited) proc_make_idle(p);
 }
 
+/* What the job's process is sent: the job frame, after its root pool's
+ * INIT frame when the process has not had it yet. The process keeps that
+ * first buffer until its next job. */
+static const hd_buf *proc_frame_of(sched_proc *p, hd_job *j) {
+  const char *init;
+  size_t len;
+  hd_buf_free(&p->boot);
+  if (p->inited) return &j->frame;
+  p->inited = 1;
+  hd_pool_init(p->root, &init, &len);
+  if (len == 0) return &j->frame;
+  if (hd_wire_init_frame(&p->boot, j->id, init, len) != 0 ||
+      hd_buf_append(&p->boot, j->frame.data, j->frame.len) != 0) {
+    hd_buf_free(&p->boot);
+    return NULL;
+  }
+  return &p->boot;
+}
+
 static void job_start(hd_job *j) {
+  const hd_buf *frame;
   hd_sched *s = j->sched;
   hd_pool *root = hd_chains_root(j->chains);
   sched_proc *p = proc_idle_of(s, root);
@@ -1189,8 +1212,14 @@ static void job_start(hd_job *j) {
   p->state = PROC_BUSY;
   p->job = j;
   j->proc = p;
-  hd_conn_send(p->conn, j->id, j->lim.max_result > 0 ? j->lim.max_result : s->max_result,
-               &j->frame);
+  frame = proc_frame_of(p, j);
+  if (frame == NULL) {
+    /* Without its init the worker cannot have the image its jobs expect. */
+    snprintf(j->detail, sizeof j->detail, "out of memory sending the pool's init");
+    job_finish(j, HD_OUT_FAILED);
+    return;
+  }
+  hd_conn_send(p->conn, j->id, j->lim.max_result > 0 ? j->lim.max_result : s->max_result, frame);
   sched_keep_spare(s, root);
 }
 

@@ -151,9 +151,19 @@ static int l_job_gc(lua_State *L) {
   return 0;
 }
 
-/* pool_new(name|nil, max_workers, max_memory, parent|nil, idle_ms, sandbox) -> pool */
+/* Runs in protected mode: encodes the function at 1 into the buffer at 2. */
+static int l_encode_init(lua_State *L) {
+  hd_buf *b = lua_touserdata(L, 2);
+  lua_settop(L, 1);
+  hd_encode(L, 1, 1, b, HD_ENC_FUNCTIONS | HD_ENC_HOST);
+  return 0;
+}
+
+/* pool_new(name|nil, max_workers, max_memory, parent|nil, idle_ms, sandbox,
+ *          init|nil) -> pool */
 static int l_pool_new(lua_State *L) {
   hd_pool_config cfg;
+  hd_buf init = HD_BUF_INIT;
   l_pool *u;
   l_core(L);
   cfg.name = luaL_optstring(L, 1, NULL);
@@ -162,6 +172,20 @@ static int l_pool_new(lua_State *L) {
   cfg.parent = lua_isnoneornil(L, 4) ? NULL : l_checkpool(L, 4);
   cfg.idle_ms = luaL_checknumber(L, 5);
   cfg.sandbox = (int)luaL_optinteger(L, 6, 0) & (HD_SPAWN_LUA | HD_SPAWN_SECCOMP);
+  cfg.init = NULL;
+  cfg.init_len = 0;
+  if (!lua_isnoneornil(L, 7)) {
+    /* Encoded once, sent to each worker before its first job. */
+    lua_pushcfunction(L, l_encode_init);
+    lua_pushvalue(L, 7);
+    lua_pushlightuserdata(L, &init);
+    if (lua_pcall(L, 2, 0, 0) != 0) {
+      hd_buf_free(&init);
+      return luaL_error(L, "handler.pool: init %s", lua_tostring(L, -1));
+    }
+    cfg.init = init.data;
+    cfg.init_len = init.len;
+  }
   u = lua_newuserdata(L, sizeof *u);
   u->p = NULL;
   luaL_getmetatable(L, L_POOL);
@@ -172,6 +196,7 @@ static int l_pool_new(lua_State *L) {
   lua_rawseti(L, -2, 1);
   lua_setfenv(L, -2);
   u->p = hd_pool_new(&cfg);
+  hd_buf_free(&init);
   if (u->p == NULL) return luaL_error(L, "handler: out of memory");
   /* A host that runs untrusted code closes its /proc/<pid>/mem (and
    * ptrace) to processes of its own user, its non-sandboxed workers

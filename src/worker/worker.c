@@ -44,6 +44,8 @@ typedef struct hd_wk {
   hd_buf out;   /* the reply being built */
   uint64_t job_id;
   size_t frame_len;     /* bytes of the job frame at the start of `in` */
+  int inited;           /* its pool's init ran (or it has none and a job came) */
+  char init_err[512];   /* why the init failed, or "" */
 } hd_wk;
 
 /* Bytes a read from the socket asks for at least. */
@@ -773,6 +775,42 @@ static void wk_job(hd_wk *w) {
   }
 }
 
+/* Runs the pool's init (the codec message of a closure) once, before the
+ * first job: what it leaves (globals, package.loaded, C modules it loaded)
+ * becomes this worker's pristine image, which every job then starts from.
+ * Nothing of it taints the worker: C libraries it loads are part of the
+ * image. When it fails, why is kept, and every job gets it as its error. */
+static void wk_init(hd_wk *w, const char *msg, size_t len) {
+  lua_State *L = w->L;
+  hd_buf tmp = HD_BUF_INIT;
+  hd_alloc_rebuild(&w->alloc);
+  lua_settop(L, 0);
+  lua_pushcfunction(L, wk_msgh);
+  lua_pushcfunction(L, wk_call);
+  lua_pushlightuserdata(L, (void *)msg);
+  lua_pushnumber(L, (lua_Number)len);
+  if (lua_pcall(L, 2, 0, 1) != 0) {
+    const char *e = lua_tostring(L, -1);
+    if (e != NULL)
+      snprintf(w->init_err, sizeof w->init_err, "init failed: %s", e);
+    else
+      snprintf(w->init_err, sizeof w->init_err, "init failed: (a %s raised)",
+               luaL_typename(L, -1));
+  }
+  lua_settop(L, 0);
+  w->alloc.taint = 0;
+  /* The codec's name cache follows package.loaded, which init may have
+   * added to. */
+  lua_getglobal(L, "print");
+  hd_encode(L, lua_gettop(L), 1, &tmp, 0);
+  hd_buf_free(&tmp);
+  lua_settop(L, 0);
+  lua_gc(L, LUA_GCCOLLECT, 0);
+  if (hd_alloc_snapshot(&w->alloc) != 0 && w->init_err[0] == '\0')
+    snprintf(w->init_err, sizeof w->init_err, "init failed: out of memory for the image");
+  fflush(NULL);
+}
+
 /* Applies the sandbox profile (HD_SPAWN_* flags): the stripped Lua
  * environment becomes this worker's image, then the process is sealed.
  * Runs once, before the first job. */
@@ -883,18 +921,35 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
       if (wk_fill(w) != 0) goto done;
     w->back_to_back = w->replied_at != 0 && wk_now_ns() - w->replied_at < WK_BACK_TO_BACK_NS;
     hd_wire_frame(w->in.data, &f);
-    if (f.type != HD_FRAME_JOB || f.len > HD_MAX_JOB_FRAME) return HD_EXIT_BAD_FRAME;
+    /* An INIT comes first or never. */
+    if ((f.type != HD_FRAME_JOB && (f.type != HD_FRAME_INIT || w->inited)) ||
+        f.len > HD_MAX_JOB_FRAME)
+      return HD_EXIT_BAD_FRAME;
     w->frame_len = HD_FRAME_HEADER + (size_t)f.len;
     if (w->in.len < w->frame_len && hd_buf_reserve(&w->in, w->frame_len - w->in.len) != 0)
       return HD_EXIT_NO_MEMORY;
     while (w->in.len < w->frame_len)
       if (wk_fill(w) != 0) goto done;
     w->job_id = f.id;
+    w->inited = 1;
+    if (f.type == HD_FRAME_INIT) {
+      wk_init(w, w->in.data + HD_FRAME_HEADER, f.len);
+      hd_buf_consume(&w->in, w->frame_len);
+      continue;
+    }
     /* Nothing more is read here: a job that takes the socket over cannot
      * read another job's frame from it, whatever the host sends. */
     if (once) shutdown(w->fd, SHUT_RD);
     wk_maps.tracking = 1;
-    wk_job(w);
+    if (w->init_err[0] != '\0') {
+      /* ERROR carries two values: the message, and an empty traceback. */
+      const char *m[2] = {w->init_err, ""};
+      size_t len[2] = {strlen(w->init_err), 0};
+      hd_wire_reply_strings(&w->out, HD_REPLY_ERROR, 2, m, len);
+      w->alloc.taint = 1;
+    } else {
+      wk_job(w);
+    }
     wk_close_files(w);
     wk_maps.tracking = 0;
     /* A job's output reaches the host before its result does; the worker
