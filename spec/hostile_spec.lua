@@ -225,6 +225,14 @@ describe("hostile bytes from a worker", function()
         bytes = function(id) return frame(7, id, char(OK) .. hi) end },
       { "a job frame sent back", after = "sleep", reason = "bad reply.*frame type 1",
         bytes = function(id) return frame(1, id, char(OK) .. hi) end },
+      { "a stats frame of the wrong size", after = "sleep", reason = "bad reply.*bad stats frame",
+        bytes = function(id) return frame(6, id, u64(1)) .. reply(id, OK, hi) end },
+      { "a stats frame for another job", after = "sleep", reason = "bad reply.*bad stats frame",
+        bytes = function(id) return frame(6, id + 1, u64(1) .. u64(2)) .. reply(id, OK, hi) end },
+      { "two stats frames", after = "sleep", reason = "bad reply.*bad stats frame",
+        bytes = function(id)
+          return frame(6, id, u64(1) .. u64(2)) .. frame(6, id, u64(1) .. u64(2)) .. reply(id, OK, hi)
+        end },
       { "an empty reply", after = "sleep", reason = "bad reply.*empty",
         bytes = function(id) return frame(REPLY, id, "") end },
       { "an unknown status", after = "sleep", reason = "bad reply.*status 9",

@@ -486,6 +486,14 @@ function Job:output()
   return (core.output(self._ud))
 end
 
+--- job:stats() -> { wall_ms, cpu_ms, queued_ms, heap_peak_bytes, output_bytes },
+-- once the job is done.
+function Job:stats()
+  check_job(self, 2)
+  if not core.done(self._ud) then error("job:stats: the job is not done", 2) end
+  return core.job_stats(self._ud)
+end
+
 --- job:done() -> whether await would return at once.
 function Job:done()
   return core.done(self._ud)

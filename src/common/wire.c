@@ -169,6 +169,17 @@ int hd_wire_env_next(hd_wire_job *j, const char **k, uint32_t *kn, const char **
   return 0;
 }
 
+void hd_wire_stats(char *out, uint64_t id, uint64_t cpu_ns, uint64_t heap_peak) {
+  wire_put_head(out, HD_FRAME_STATS, id, HD_STATS_BODY);
+  hd_put_u64(out + HD_FRAME_HEADER, cpu_ns);
+  hd_put_u64(out + HD_FRAME_HEADER + 8, heap_peak);
+}
+
+void hd_wire_stats_read(const char *body, uint64_t *cpu_ns, uint64_t *heap_peak) {
+  *cpu_ns = hd_get_u64(body);
+  *heap_peak = hd_get_u64(body + 8);
+}
+
 int hd_wire_init_frame(hd_buf *b, uint64_t id, const char *msg, size_t len) {
   char h[HD_FRAME_HEADER];
   if (len > HD_MAX_JOB_FRAME) return -1;

@@ -46,6 +46,12 @@
 #define HD_FRAME_REPLY 2 /* worker → parent: u8 status, codec message */
 #define HD_FRAME_REPLY_LAST 3 /* the same, and the worker exits after it */
 #define HD_FRAME_HELLO 4 /* worker → parent, first: u32 pid (job id 0) */
+#define HD_FRAME_STATS 6 /* worker → parent, just before a reply (same id): u64 CPU time
+                          * the job used (ns), u64 the peak of its heap above the
+                          * baseline (bytes); for job:stats(), believed as the
+                          * worker's word */
+#define HD_STATS_BODY 16
+#define HD_STATS_LEN (HD_FRAME_HEADER + HD_STATS_BODY)
 #define HD_FRAME_INIT 5  /* parent → worker, before its first job (same id), when the
                           * worker's root pool has an init: codec message, the init
                           * closure, run once to make the worker's pristine image */
@@ -138,6 +144,10 @@ int hd_wire_env_next(hd_wire_job *j, const char **k, uint32_t *kn, const char **
 /* Appends an INIT frame for job `id` holding the codec message `msg`.
  * Returns 0, or -1 when memory runs out or it is too big. */
 int hd_wire_init_frame(hd_buf *b, uint64_t id, const char *msg, size_t len);
+
+/* A STATS frame for job `id`: HD_STATS_LEN bytes at out. */
+void hd_wire_stats(char *out, uint64_t id, uint64_t cpu_ns, uint64_t heap_peak);
+void hd_wire_stats_read(const char *body, uint64_t *cpu_ns, uint64_t *heap_peak);
 
 /* Starts a reply in b (emptied first): a blank header and the status byte;
  * the codec message follows. Returns 0, or -1 when memory runs out. */

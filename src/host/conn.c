@@ -71,6 +71,8 @@ struct hd_conn {
   const hd_buf *frame;/* the job frame being sent, NULL when idle */
   size_t out_off;     /* bytes of it sent */
   hd_buf in;          /* bytes read so far */
+  int has_stats;      /* the job's STATS frame came */
+  uint64_t cpu_ns, heap_peak;
 };
 
 static void conn_poll_cb(uv_poll_t *h, int status, int events);
@@ -407,12 +409,20 @@ static void conn_write(hd_conn *c) {
 
 void hd_conn_send(hd_conn *c, uint64_t id, double max_result, const hd_buf *frame) {
   c->id = id;
+  c->has_stats = 0;
   c->max_result = max_result;
   c->frame = frame;
   c->out_off = 0;
   c->in.len = 0;
   conn_write(c);
   conn_update_poll(c);
+}
+
+int hd_conn_stats(const hd_conn *c, uint64_t *cpu_ns, uint64_t *heap_peak) {
+  if (!c->has_stats) return 0;
+  *cpu_ns = c->cpu_ns;
+  *heap_peak = c->heap_peak;
+  return 1;
 }
 
 int hd_conn_fit(hd_conn *c) {
@@ -531,6 +541,18 @@ static int conn_parse(hd_conn *c) {
     if (c->frame == NULL) {
       conn_fail(c, HD_CONN_BREACH, "unexpected frame from an idle worker");
       return -1;
+    }
+    if (f.type == HD_FRAME_STATS) {
+      /* One, of its size, for this job, before its reply. */
+      if (f.len != HD_STATS_BODY || f.id != c->id || c->has_stats) {
+        conn_fail(c, HD_CONN_BREACH, "bad stats frame");
+        return -1;
+      }
+      if (c->in.len < HD_STATS_LEN) return 0;
+      hd_wire_stats_read(c->in.data + HD_FRAME_HEADER, &c->cpu_ns, &c->heap_peak);
+      c->has_stats = 1;
+      hd_buf_consume(&c->in, HD_STATS_LEN);
+      continue;
     }
     if (f.type != HD_FRAME_REPLY && f.type != HD_FRAME_REPLY_LAST) {
       char why[64];

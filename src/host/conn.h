@@ -53,6 +53,11 @@ hd_conn *hd_conn_new(hd_loop *l, const hd_conn_cbs *cbs, void *ud, int peer[HD_S
  * bytes long. */
 void hd_conn_send(hd_conn *c, uint64_t id, double max_result, const hd_buf *frame);
 
+/* What the worker said of the job in flight, in its STATS frame: the CPU
+ * time it used and the peak of its heap. Returns 0 when it said nothing
+ * (yet). */
+int hd_conn_stats(const hd_conn *c, uint64_t *cpu_ns, uint64_t *heap_peak);
+
 /* Whether an idle connection is still fit for a job: a worker that exited
  * or wrote something since its last reply is not (then fail or eof is
  * reported). One non-blocking peek. */

@@ -64,6 +64,8 @@ struct hd_job {
   hd_job_limits lim;
   double out_used;      /* bytes of output counted against lim.max_output */
   hd_buf captured;      /* HD_OUTPUT_CAPTURE: the output within the limit */
+  int has_stats;        /* the worker's STATS frame came with the reply */
+  uint64_t cpu_ns, heap_peak;
   hd_buf frame;         /* the job frame; after the end, the reply's message */
   size_t msg_off, msg_len;
   sched_proc *proc;
@@ -648,9 +650,9 @@ static int sched_one_job(const hd_pool *root) {
 static void proc_on_reply(hd_conn *c, void *ud, hd_buf *buf, size_t off, size_t len, int last) {
   sched_proc *p = ud;
   hd_job *j = p->job;
-  (void)c;
   p->job = NULL;
   j->proc = NULL;
+  j->has_stats = hd_conn_stats(c, &j->cpu_ns, &j->heap_peak);
   /* A job of the "syscalls" profile has the FFI: it may have written this
    * reply itself, and whatever the frame says, its process is not given
    * another job. */
@@ -1339,6 +1341,13 @@ void hd_job_kill(hd_job *j) {
 void hd_job_output(const hd_job *j, const char **p, size_t *len) {
   *p = j->captured.data ? j->captured.data : "";
   *len = j->captured.len;
+}
+
+int hd_job_worker_stats(const hd_job *j, uint64_t *cpu_ns, uint64_t *heap_peak) {
+  if (!j->has_stats) return 0;
+  *cpu_ns = j->cpu_ns;
+  *heap_peak = j->heap_peak;
+  return 1;
 }
 
 double hd_job_output_bytes(const hd_job *j) {

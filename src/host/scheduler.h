@@ -175,6 +175,10 @@ int hd_job_in_pool(const hd_job *j, const hd_pool *p);
 void hd_job_output(const hd_job *j, const char **p, size_t *len);
 double hd_job_output_bytes(const hd_job *j);
 
+/* What the worker said of a job that replied: the CPU time it used and the
+ * peak of its heap. Returns 0 when the job has no reply. */
+int hd_job_worker_stats(const hd_job *j, uint64_t *cpu_ns, uint64_t *heap_peak);
+
 /* Marks the job for the context's on_end callback (hd_sched_on_end). */
 void hd_job_notify(hd_job *j);
 

@@ -554,6 +554,31 @@ static int l_output(lua_State *L) {
   return 2;
 }
 
+static void l_setnum(lua_State *L, const char *k, double v) {
+  lua_pushnumber(L, v);
+  lua_setfield(L, -2, k);
+}
+
+/* job_stats(job) -> { wall_ms, cpu_ms, queued_ms, heap_peak_bytes,
+ * output_bytes }: cpu_ms and heap_peak_bytes are the worker's word, and
+ * missing when the job ended without a reply. */
+static int l_job_stats(lua_State *L) {
+  uint64_t queued, run, cpu, peak;
+  hd_job *j;
+  l_core(L);
+  j = l_checkjob(L, 1);
+  hd_job_times(j, &queued, &run);
+  lua_createtable(L, 0, 5);
+  l_setnum(L, "wall_ms", (double)run / 1e6);
+  l_setnum(L, "queued_ms", (double)queued / 1e6);
+  l_setnum(L, "output_bytes", hd_job_output_bytes(j));
+  if (hd_job_worker_stats(j, &cpu, &peak)) {
+    l_setnum(L, "cpu_ms", (double)cpu / 1e6);
+    l_setnum(L, "heap_peak_bytes", (double)peak);
+  }
+  return 1;
+}
+
 static int l_job_id(lua_State *L) {
   lua_pushnumber(L, (lua_Number)hd_job_id(l_checkjob(L, 1)));
   return 1;
@@ -643,10 +668,6 @@ static int l_close(lua_State *L) {
   return 0;
 }
 
-static void l_setnum(lua_State *L, const char *k, double v) {
-  lua_pushnumber(L, v);
-  lua_setfield(L, -2, k);
-}
 
 static int l_stats(lua_State *L) {
   hd_pool_stats st;
@@ -901,6 +922,7 @@ static const luaL_Reg l_funcs[] = {
     {"set_spin", l_set_spin}, {"watch", l_watch},     {"finished", l_finished},
     {"wait_any", l_wait_any}, {"bell", l_bell},       {"active", l_active},
     {"bell_close", l_bell_close}, {"output", l_output},
+    {"job_stats", l_job_stats},
     {"validate", hd_l_validate}, {"refuse", hd_l_refuse},
     {NULL, NULL}};
 

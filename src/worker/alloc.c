@@ -36,6 +36,7 @@ int hd_alloc_snapshot(hd_alloc *a) {
 
 void hd_alloc_arm(hd_alloc *a, size_t limit) {
   a->base = a->used;
+  a->peak = a->used;
   a->limit = limit;
   a->tripped = 0;
 }
@@ -125,6 +126,7 @@ void *hd_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize) {
     if (p == NULL) goto fail;
     memcpy(p, ptr, osize);
     a->used = a->used - osize + nsize;
+    if (a->used > a->peak) a->peak = a->used;
     return p;
   }
   if (ptr == NULL) {
@@ -144,6 +146,7 @@ void *hd_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize) {
     p = nb + 1;
   }
   a->used = a->used - osize + nsize;
+  if (a->used > a->peak) a->peak = a->used;
   return p;
 fail:
   if (a->limit != 0) a->tripped = 1;

@@ -23,6 +23,7 @@ typedef struct hd_alloc {
   size_t snap_used;      /* `used` at snapshot time: the baseline */
   hd_blk head;           /* the job's blocks */
   size_t used;           /* bytes the state holds now */
+  size_t peak;           /* the most `used` was since the limit was armed */
   size_t base;           /* the baseline of the limit */
   size_t limit;          /* bytes allowed above the baseline; 0: no limit */
   int tripped;           /* refused once, refusing from then on */

@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -45,6 +46,7 @@ typedef struct hd_wk {
   uint64_t job_id;
   size_t frame_len;     /* bytes of the job frame at the start of `in` */
   int inited;           /* its pool's init ran (or it has none and a job came) */
+  uint64_t cpu_start;   /* the process's CPU time when the job started, ns */
   char init_err[512];   /* why the init failed, or "" */
 } hd_wk;
 
@@ -618,13 +620,55 @@ static void wk_reply_oom(hd_wk *w) {
   hd_wire_reply_strings(&w->out, HD_REPLY_OOM, 0, NULL, NULL);
 }
 
+static uint64_t wk_cpu_ns(void) {
+  struct timespec ts;
+  if (clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts) != 0) return 0;
+  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Writes a then b, whole, in as few system calls as the socket allows. */
+static int wk_write2(int fd, const char *a, size_t an, const char *b, size_t bn) {
+  while (an + bn > 0) {
+    struct iovec iov[2];
+    int k = 0;
+    ssize_t r;
+    if (an > 0) {
+      iov[k].iov_base = (void *)a;
+      iov[k++].iov_len = an;
+    }
+    if (bn > 0) {
+      iov[k].iov_base = (void *)b;
+      iov[k++].iov_len = bn;
+    }
+    r = writev(fd, iov, k);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return -1;
+    }
+    if ((size_t)r >= an) {
+      b += (size_t)r - an;
+      bn -= (size_t)r - an;
+      an = 0;
+    } else {
+      a += r;
+      an -= (size_t)r;
+    }
+  }
+  return 0;
+}
+
+/* The job's STATS frame, then its reply. */
 static int wk_reply_send(hd_wk *w, int last) {
+  char stats[HD_STATS_LEN];
+  uint64_t cpu = wk_cpu_ns();
   if (w->out.len > HD_FRAME_HEADER && w->out.len - HD_FRAME_HEADER > UINT32_MAX) {
     const char *m = "result is larger than 4 GiB";
     wk_reply_string(w, HD_REPLY_BADRESULT, m, strlen(m));
   }
   if (hd_wire_reply_end(&w->out, w->job_id, last) != 0) return -1;
-  return wk_write_full(w->fd, w->out.data, w->out.len);
+  hd_wire_stats(stats, w->job_id, cpu > w->cpu_start ? cpu - w->cpu_start : 0,
+                w->alloc.peak > w->alloc.base ? w->alloc.peak - w->alloc.base : 0);
+  return wk_write2(w->fd, stats, sizeof stats, w->out.data, w->out.len);
 }
 
 /* Encodes the stack [1, top] as the reply's message; on failure the reply
@@ -940,6 +984,8 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
     /* Nothing more is read here: a job that takes the socket over cannot
      * read another job's frame from it, whatever the host sends. */
     if (once) shutdown(w->fd, SHUT_RD);
+    w->cpu_start = wk_cpu_ns();
+    w->alloc.peak = w->alloc.base = w->alloc.used;
     wk_maps.tracking = 1;
     if (w->init_err[0] != '\0') {
       /* ERROR carries two values: the message, and an empty traceback. */
