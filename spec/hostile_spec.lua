@@ -221,8 +221,8 @@ describe("hostile bytes from a worker", function()
         bytes = function(id) return reply(id + 1000, OK, hi) end },
       { "a reply for job 0", after = "sleep", reason = "bad reply.*wrong job",
         bytes = function() return reply(0, OK, hi) end },
-      { "an unknown frame type", after = "sleep", reason = "bad reply.*frame type 7",
-        bytes = function(id) return frame(7, id, char(OK) .. hi) end },
+      { "an unknown frame type", after = "sleep", reason = "bad reply.*frame type 9",
+        bytes = function(id) return frame(9, id, char(OK) .. hi) end },
       { "a job frame sent back", after = "sleep", reason = "bad reply.*frame type 1",
         bytes = function(id) return frame(1, id, char(OK) .. hi) end },
       { "a stats frame of the wrong size", after = "sleep", reason = "bad reply.*bad stats frame",
@@ -233,6 +233,10 @@ describe("hostile bytes from a worker", function()
         bytes = function(id)
           return frame(6, id, u64(1) .. u64(2)) .. frame(6, id, u64(1) .. u64(2)) .. reply(id, OK, hi)
         end },
+      { "an event for another job", after = "sleep", reason = "bad reply.*event for the wrong job",
+        bytes = function(id) return frame(7, id + 1, uv(1) .. char(0)) .. reply(id, OK, hi) end },
+      { "an event that does not decode", after = "sleep", reason = "bad reply",
+        bytes = function(id) return frame(7, id, uv(1) .. char(200)) .. reply(id, OK, hi) end },
       { "an empty reply", after = "sleep", reason = "bad reply.*empty",
         bytes = function(id) return frame(REPLY, id, "") end },
       { "an unknown status", after = "sleep", reason = "bad reply.*status 9",

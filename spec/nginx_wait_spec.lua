@@ -299,6 +299,25 @@ describe("waiting inside nginx", function()
     assert_stopped_clean(srv)
   end)
 
+  it("delivers a job's events to the waiting request as they come", function()
+    local srv = start(1, { server = [[
+      location = /events {
+        content_by_lua_block {
+          local seen = {}
+          local ok, v = require("handler").pools.jobs:run(function()
+            local job = require("handler.job")
+            for i = 1, 3 do job.emit(i) end
+            return "done"
+          end, { on_event = function(e) seen[#seen + 1] = e end })
+          ngx.print(tostring(ok), " ", tostring(v), " ", table.concat(seen, ","))
+        }
+      }
+    ]] })
+    finally(function() srv:stop() end)
+    assert.are.equal("true done 1,2,3", srv:get_ok("/events"))
+    assert_stopped_clean(srv)
+  end)
+
   it("replaces a killed supervisor for the next request", function()
     local srv = start(1)
     finally(function() srv:stop() end)

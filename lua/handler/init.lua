@@ -117,6 +117,7 @@ local RUN_OPTS = {
   max_cpu_ms = { positive, "a positive number of milliseconds" },
   output = { function(v) return OUTPUT_MODE[v] ~= nil end,
     "\"inherit\", \"capture\" or \"discard\"" },
+  on_event = { function(v) return type(v) == "function" end, "a function" },
   max_heap_bytes = { positive, "a positive number of bytes" },
   max_result_bytes = { positive, "a positive number of bytes" },
   max_output_bytes = { nonneg, "a non-negative number of bytes" },
@@ -133,6 +134,7 @@ local POOL_OPTS = {
   max_ms = RUN_OPTS.max_ms,
   max_cpu_ms = RUN_OPTS.max_cpu_ms,
   output = RUN_OPTS.output,
+  on_event = RUN_OPTS.on_event,
   max_heap_bytes = RUN_OPTS.max_heap_bytes,
   max_result_bytes = RUN_OPTS.max_result_bytes,
   max_output_bytes = RUN_OPTS.max_output_bytes,
@@ -413,15 +415,47 @@ local function submit(pool, chains, param, fn, max_ms, heap, task, wait, result,
   return job, why
 end
 
+-- Waits until the job (a core job) is done, calling on_event (when given)
+-- for each of its events as they come: yielding inside nginx, blocking
+-- elsewhere. Without on_event, a blocking wait is the caller's (core.await).
+local function wait_done(ud, on_event)
+  if on_event == nil then
+    if in_ngx then nginx().wait({ ud }, 1) end
+    return
+  end
+  while true do
+    local ev = core.events(ud)
+    if ev ~= nil then
+      for i = 1, ev.n do on_event(ev[i]) end
+    elseif core.done(ud) then
+      return
+    elseif in_ngx then
+      nginx().wait({ ud }, 1, nil, true)
+    else
+      core.wait_any({ ud }, huge, true)
+    end
+  end
+end
+
 local function run_yielding(pool, chains, param, fn, max_ms, heap, task, wait, result, output,
-                            env, args, cpu, omode)
+                            env, args, cpu, omode, on_event)
   local w = nginx()
   w.check()
   local job, why = submit(pool, chains, param, fn, max_ms, heap, task, wait, result, output, env,
     args, cpu, omode, true)
   if job == nil then return false, reject(why) end
-  w.wait({ job }, 1)
+  wait_done(job, on_event)
   return finish(max_ms, heap, cpu, core.result(job))
+end
+
+-- run with on_event outside nginx: submit, then wait delivering events.
+local function run_events(pool_ud, chains, fn, max_ms, heap, task, wait, result, output, env,
+                          args, cpu, omode, on_event)
+  local job, why = core_submit(pool_ud, chains, fn, max_ms, heap, task, wait, result, output, env,
+    args, cpu, omode)
+  if job == nil then return false, reject(why) end
+  wait_done(job, on_event)
+  return finish(max_ms, heap, cpu, core_await(job))
 end
 
 function Pool:run(fn, opts)
@@ -429,9 +463,14 @@ function Pool:run(fn, opts)
   local max_ms, heap, result, task, wait, chains, output, env = pool_args(self, "pool:run", opts)
   local args, cpu = opts and opts.args, opts and opts.max_cpu_ms
   local omode = opts and OUTPUT_MODE[opts.output]
+  local on_event = opts and opts.on_event
   if in_ngx then
     return run_yielding(self, chains, opts and opts.delegate_param, fn, max_ms, heap, task,
-      wait, result, output, env, args, cpu, omode)
+      wait, result, output, env, args, cpu, omode, on_event)
+  end
+  if on_event ~= nil then
+    return run_events(self._ud, chains, fn, max_ms, heap, task, wait, result, output, env, args,
+      cpu, omode, on_event)
   end
   return finish(max_ms, heap, cpu,
     core_run(self._ud, chains, fn, max_ms, heap, task, wait, result, output, env, args, cpu,
@@ -453,7 +492,7 @@ function Pool:async(fn, opts)
   -- worker) even when nobody waits; timers cannot be made in init_by_lua.
   if in_ngx and ngx_api.get_phase() ~= "init" then pcall(nginx().ensure) end
   return setmetatable({ _ud = job, _max_ms = max_ms, _heap = heap, _cpu = cpu, pool = self,
-    _capture = omode == OUTPUT_MODE.capture,
+    _capture = omode == OUTPUT_MODE.capture, _on_event = opts and opts.on_event,
     task_name = task }, Job)
 end
 
@@ -465,11 +504,11 @@ end
 
 local function await(job)
   if in_ngx then
-    local w = nginx()
-    w.check()
-    w.wait({ job._ud }, 1)
+    nginx().check()
+    wait_done(job._ud, job._on_event)
     return finish(job._max_ms, job._heap, job._cpu, core.result(job._ud))
   end
+  if job._on_event ~= nil then wait_done(job._ud, job._on_event) end
   return finish(job._max_ms, job._heap, job._cpu, core_await(job._ud))
 end
 
@@ -624,10 +663,11 @@ end
 function M.run(fn, opts)
   check_fn("run", fn)
   local max_ms, heap, result, output = DEFAULT_MAX_MS, DEFAULT_HEAP, DEFAULT_RESULT, DEFAULT_OUTPUT
-  local env, pool, args, cpu, omode
+  local env, pool, args, cpu, omode, on_event
   if opts ~= nil then
     check_table("handler.run", opts, RUN_OPTS, 2)
     args, cpu, omode = opts.args, opts.max_cpu_ms, OUTPUT_MODE[opts.output]
+    on_event = opts.on_event
     max_ms = opts.max_ms or max_ms
     heap = opts.max_heap_bytes or heap
     result = opts.max_result_bytes or result
@@ -638,7 +678,11 @@ function M.run(fn, opts)
   pool = pool or default_pool or M.default_pool()
   if in_ngx then
     return run_yielding(pool, nil, nil, fn, max_ms, heap, nil, 0, result, output, env, args, cpu,
-      omode)
+      omode, on_event)
+  end
+  if on_event ~= nil then
+    return run_events(pool._ud, nil, fn, max_ms, heap, nil, 0, result, output, env, args, cpu,
+      omode, on_event)
   end
   return finish(max_ms, heap, cpu,
     core_run(pool._ud, nil, fn, max_ms, heap, nil, 0, result, output, env, args, cpu, omode))

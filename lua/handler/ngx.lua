@@ -84,46 +84,44 @@ function M.check()
   end
 end
 
---- wait(jobs, n, timeout_ms) -> index | nil: yields the light thread until
--- one of the n job userdatas in jobs is done; the lowest such index, or nil
--- when timeout_ms (nil: none) passes first.
-function M.wait(jobs, n, timeout_ms)
-  for i = 1, n do
-    if core.done(jobs[i]) then return i end
-  end
-  if timeout_ms == 0 then
-    waitlist.step()
+--- wait(jobs, n, timeout_ms, events) -> index | nil: yields the light
+-- thread until one of the n job userdatas in jobs is done (with `events`,
+-- or has events waiting); the lowest such index, or nil when timeout_ms
+-- (nil: none) passes first.
+function M.wait(jobs, n, timeout_ms, events)
+  local function ready()
     for i = 1, n do
-      if core.done(jobs[i]) then return i end
+      if core.done(jobs[i]) or (events and core.has_events(jobs[i])) then return i end
     end
     return nil
   end
+  local i = ready()
+  if i ~= nil then return i end
+  if timeout_ms == 0 then
+    waitlist.step()
+    return ready()
+  end
+  local deadline = timeout_ms and ngx.now() + timeout_ms / 1000
   local sema = semaphore.new()
   local function waiter() sema:post(1) end
-  for i = 1, n do
-    if waitlist.add(waiter, jobs[i]) then
-      waitlist.remove(waiter)
-      return i
-    end
-  end
-  M.ensure()
-  local left = timeout_ms and timeout_ms / 1000 or nil
   while true do
-    local step = left ~= nil and (left < MAX_WAIT_S and left or MAX_WAIT_S) or MAX_WAIT_S
-    local t0 = left and ngx.now()
-    local ok = sema:wait(step)
-    if ok then break end
-    if left ~= nil then
+    local registered = true
+    for k = 1, n do
+      if waitlist.add(waiter, jobs[k]) then registered = false end
+    end
+    if registered then
+      M.ensure()
+      local left = deadline and deadline - ngx.now() or MAX_WAIT_S
+      if left > 0 then sema:wait(left < MAX_WAIT_S and left or MAX_WAIT_S) end
+    end
+    waitlist.remove(waiter)
+    i = ready()
+    if i ~= nil then return i end
+    if deadline ~= nil then
       ngx.update_time()
-      left = left - (ngx.now() - t0)
-      if left <= 0 then break end
+      if ngx.now() >= deadline then return nil end
     end
   end
-  waitlist.remove(waiter)
-  for i = 1, n do
-    if core.done(jobs[i]) then return i end
-  end
-  return nil
 end
 
 return M

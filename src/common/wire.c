@@ -169,6 +169,10 @@ int hd_wire_env_next(hd_wire_job *j, const char **k, uint32_t *kn, const char **
   return 0;
 }
 
+void hd_wire_head(char *out, int type, uint64_t id, uint32_t len) {
+  wire_put_head(out, type, id, len);
+}
+
 void hd_wire_stats(char *out, uint64_t id, uint64_t cpu_ns, uint64_t heap_peak) {
   wire_put_head(out, HD_FRAME_STATS, id, HD_STATS_BODY);
   hd_put_u64(out + HD_FRAME_HEADER, cpu_ns);

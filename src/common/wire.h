@@ -52,6 +52,8 @@
                           * worker's word */
 #define HD_STATS_BODY 16
 #define HD_STATS_LEN (HD_FRAME_HEADER + HD_STATS_BODY)
+#define HD_FRAME_EVENT 7 /* worker → parent, while its job runs (same id): codec message,
+                          * the value of require("handler.job").emit(value) */
 #define HD_FRAME_INIT 5  /* parent → worker, before its first job (same id), when the
                           * worker's root pool has an init: codec message, the init
                           * closure, run once to make the worker's pristine image */
@@ -144,6 +146,9 @@ int hd_wire_env_next(hd_wire_job *j, const char **k, uint32_t *kn, const char **
 /* Appends an INIT frame for job `id` holding the codec message `msg`.
  * Returns 0, or -1 when memory runs out or it is too big. */
 int hd_wire_init_frame(hd_buf *b, uint64_t id, const char *msg, size_t len);
+
+/* Writes a frame header (HD_FRAME_HEADER bytes) at out. */
+void hd_wire_head(char *out, int type, uint64_t id, uint32_t len);
 
 /* A STATS frame for job `id`: HD_STATS_LEN bytes at out. */
 void hd_wire_stats(char *out, uint64_t id, uint64_t cpu_ns, uint64_t heap_peak);

@@ -554,6 +554,31 @@ static int conn_parse(hd_conn *c) {
       hd_buf_consume(&c->in, HD_STATS_LEN);
       continue;
     }
+    if (f.type == HD_FRAME_EVENT) {
+      char why[HD_VALIDATE_ERRLEN];
+      if (f.id != c->id) {
+        conn_fail(c, HD_CONN_BREACH, "event for the wrong job");
+        return -1;
+      }
+      if ((double)f.len > c->max_result) {
+        snprintf(why, sizeof why, "event larger than max_result_bytes (%.0f)", c->max_result);
+        conn_fail(c, HD_CONN_TOOBIG, why);
+        return -1;
+      }
+      if (c->in.len - HD_FRAME_HEADER < f.len) {
+        conn_grow(c, HD_FRAME_HEADER + (size_t)f.len);
+        return 0;
+      }
+      if (hd_validate_flags(c->in.data + HD_FRAME_HEADER, f.len, c->check_flags, why,
+                            sizeof why) != 0) {
+        conn_fail(c, HD_CONN_BREACH, why);
+        return -1;
+      }
+      c->cbs.event(c, c->ud, c->in.data + HD_FRAME_HEADER, f.len);
+      if (c->closing) return -1;
+      hd_buf_consume(&c->in, HD_FRAME_HEADER + (size_t)f.len);
+      continue;
+    }
     if (f.type != HD_FRAME_REPLY && f.type != HD_FRAME_REPLY_LAST) {
       char why[64];
       snprintf(why, sizeof why, "bad frame type %u", (unsigned)f.type);

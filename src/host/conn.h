@@ -39,6 +39,10 @@ typedef struct hd_conn_cbs {
    * dropped. The callee may close the connection. Output written before a
    * reply is reported before the reply. */
   size_t (*output)(hd_conn *c, void *ud, int which, const char *p, size_t len);
+  /* An event of the job in flight (its codec message, `len` bytes at p,
+   * validated), in the order the worker sent them, before its reply. The
+   * callee copies what it keeps, and may close the connection. */
+  void (*event)(hd_conn *c, void *ud, const char *p, size_t len);
 } hd_conn_cbs;
 
 /* A connection over a new socketpair and two pipes; peer gets the worker's

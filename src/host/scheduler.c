@@ -64,6 +64,8 @@ struct hd_job {
   hd_job_limits lim;
   double out_used;      /* bytes of output counted against lim.max_output */
   hd_buf captured;      /* HD_OUTPUT_CAPTURE: the output within the limit */
+  hd_buf events;        /* events not yet taken: u32 length and codec message each */
+  double event_bytes;   /* bytes of events so far, against max_result */
   int has_stats;        /* the worker's STATS frame came with the reply */
   uint64_t cpu_ns, heap_peak;
   hd_buf frame;         /* the job frame; after the end, the reply's message */
@@ -446,21 +448,21 @@ static void sched_wait_close_cb(uv_handle_t *h) {
   free(h);
 }
 
-static int sched_first_done(hd_job *const *jobs, int n) {
+static int sched_first_done(hd_job *const *jobs, int n, int events) {
   int i;
   for (i = 0; i < n; i++)
-    if (jobs[i]->state == JOB_DONE) return i;
+    if (jobs[i]->state == JOB_DONE || (events && jobs[i]->events.len > 0)) return i;
   return -1;
 }
 
-int hd_sched_wait_any(hd_sched *s, hd_job *const *jobs, int n, double timeout_ms) {
+int hd_sched_wait_any(hd_sched *s, hd_job *const *jobs, int n, double timeout_ms, int events) {
   uv_loop_t *uv = hd_loop_uv(s->loop);
   uv_timer_t *t = NULL;
   int i, expired = 0;
-  if ((i = sched_first_done(jobs, n)) >= 0) return i;
+  if ((i = sched_first_done(jobs, n, events)) >= 0) return i;
   if (timeout_ms <= 0) {
     hd_sched_step(s);
-    return sched_first_done(jobs, n);
+    return sched_first_done(jobs, n, events);
   }
   if (timeout_ms < SCHED_NO_LIMIT_MS) {
     t = malloc(sizeof *t);
@@ -472,7 +474,7 @@ int hd_sched_wait_any(hd_sched *s, hd_job *const *jobs, int n, double timeout_ms
                    0);
   }
   s->in_loop = 1;
-  while ((i = sched_first_done(jobs, n)) < 0 && !expired) uv_run(uv, UV_RUN_ONCE);
+  while ((i = sched_first_done(jobs, n, events)) < 0 && !expired) uv_run(uv, UV_RUN_ONCE);
   s->in_loop = 0;
   s->last_run = uv_hrtime();
   if (t != NULL) uv_close((uv_handle_t *)t, sched_wait_close_cb);
@@ -690,6 +692,29 @@ static void proc_on_eof(hd_conn *c, void *ud) {
   if (p->exited) proc_job_died(p);
 }
 
+/* An event of the job: kept for the caller, who is woken for it. All of a
+ * job's events together may be as big as its results. */
+static void proc_on_event(hd_conn *c, void *ud, const char *msg, size_t len) {
+  sched_proc *p = ud;
+  hd_job *j = p->job;
+  char n[4];
+  (void)c;
+  if (j == NULL || j->pending != HD_OUT_NONE) return;
+  j->event_bytes += (double)len;
+  if (j->event_bytes > (j->lim.max_result > 0 ? j->lim.max_result : j->sched->max_result)) {
+    snprintf(j->detail, sizeof j->detail, "events larger than max_result_bytes together");
+    job_finish(j, HD_OUT_BADRESULT);
+    return;
+  }
+  hd_put_u32(n, (uint32_t)len);
+  if (hd_buf_append(&j->events, n, sizeof n) != 0 || hd_buf_append(&j->events, msg, len) != 0) {
+    snprintf(j->detail, sizeof j->detail, "out of memory keeping an event");
+    job_finish(j, HD_OUT_FAILED);
+    return;
+  }
+  if (j->notify && j->sched->on_end != NULL) j->sched->on_end(j->sched->on_end_ud, j);
+}
+
 static void proc_on_closed(hd_conn *c, void *ud) {
   sched_proc *p = ud;
   (void)c;
@@ -737,7 +762,7 @@ static size_t proc_on_output(hd_conn *c, void *ud, int which, const char *buf, s
 }
 
 static const hd_conn_cbs proc_conn_cbs = {proc_on_reply, proc_on_fail, proc_on_eof,
-                                          proc_on_closed, proc_on_output};
+                                          proc_on_closed, proc_on_output, proc_on_event};
 
 static sched_proc *proc_find(hd_sched *s, uint32_t id) {
   hd_queue *q;
@@ -899,6 +924,7 @@ static void job_free(hd_job *j) {
   free(j->task_name);
   hd_loop_give_buf(s->loop, &j->frame);
   hd_buf_free(&j->captured);
+  hd_buf_free(&j->events);
   free(j);
   hd_sched_unref(s);
 }
@@ -1341,6 +1367,16 @@ void hd_job_kill(hd_job *j) {
 void hd_job_output(const hd_job *j, const char **p, size_t *len) {
   *p = j->captured.data ? j->captured.data : "";
   *len = j->captured.len;
+}
+
+void hd_job_take_events(hd_job *j, hd_buf *out) {
+  *out = j->events;
+  j->events.data = NULL;
+  j->events.len = j->events.cap = 0;
+}
+
+int hd_job_has_events(const hd_job *j) {
+  return j->events.len > 0;
 }
 
 int hd_job_worker_stats(const hd_job *j, uint64_t *cpu_ns, uint64_t *heap_peak) {

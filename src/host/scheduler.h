@@ -77,10 +77,11 @@ void hd_sched_step(hd_sched *s);
 /* Blocks until the job is done. */
 void hd_sched_wait(hd_sched *s, hd_job *j);
 
-/* Blocks until one of the n jobs is done, or timeout_ms passes (math.huge:
- * no limit; 0: one step, no wait). Returns the index of the first done job
- * in the array, -1 on timeout, -2 when memory runs out. */
-int hd_sched_wait_any(hd_sched *s, hd_job *const *jobs, int n, double timeout_ms);
+/* Blocks until one of the n jobs is done (or, with `events`, has events
+ * waiting), or timeout_ms passes (math.huge: no limit; 0: one step, no
+ * wait). Returns the index of the first such job in the array, -1 on
+ * timeout, -2 when memory runs out. */
+int hd_sched_wait_any(hd_sched *s, hd_job *const *jobs, int n, double timeout_ms, int events);
 
 /* How many jobs are queued or running. */
 int hd_sched_active(const hd_sched *s);
@@ -178,6 +179,13 @@ double hd_job_output_bytes(const hd_job *j);
 /* What the worker said of a job that replied: the CPU time it used and the
  * peak of its heap. Returns 0 when the job has no reply. */
 int hd_job_worker_stats(const hd_job *j, uint64_t *cpu_ns, uint64_t *heap_peak);
+
+/* The job's events not yet taken, moved into the empty buffer out: each a
+ * u32 length and a validated codec message of one value. The context's
+ * on_end callback is also called, for a job marked with hd_job_notify, as
+ * each event arrives. */
+void hd_job_take_events(hd_job *j, hd_buf *out);
+int hd_job_has_events(const hd_job *j);
 
 /* Marks the job for the context's on_end callback (hd_sched_on_end). */
 void hd_job_notify(hd_job *j);

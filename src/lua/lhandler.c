@@ -559,6 +559,59 @@ static void l_setnum(lua_State *L, const char *k, double v) {
   lua_setfield(L, -2, k);
 }
 
+/* Runs in protected mode: decodes the events at 1 (a buffer of u32 length
+ * and message each, 2 bytes long) into the table at 3, as hostile input. */
+static int l_decode_events(lua_State *L) {
+  const char *p = lua_touserdata(L, 1);
+  size_t len = (size_t)lua_tonumber(L, 2), at = 0;
+  int k = 0;
+  while (at + 4 <= len) {
+    size_t n = hd_get_u32(p + at);
+    int top = lua_gettop(L);
+    if (n > len - at - 4) break;
+    hd_decode(L, p + at + 4, n, 0);
+    /* One value each; anything else is nothing. */
+    if (lua_gettop(L) == top) lua_pushnil(L);
+    lua_settop(L, top + 1);
+    lua_rawseti(L, 3, ++k);
+    at += 4 + n;
+  }
+  lua_pushinteger(L, k);
+  lua_setfield(L, 3, "n");
+  return 0;
+}
+
+/* events(job) -> nil | { values..., n = count }: the job's events not yet
+ * taken, in the order they came. */
+static int l_events(lua_State *L) {
+  hd_buf b = HD_BUF_INIT;
+  hd_job *j;
+  int rc;
+  l_core(L);
+  j = l_checkjob(L, 1);
+  if (!hd_job_has_events(j)) return 0;
+  hd_job_take_events(j, &b);
+  lua_settop(L, 0);
+  lua_pushcfunction(L, l_decode_events);
+  lua_pushlightuserdata(L, b.data);
+  lua_pushnumber(L, (lua_Number)b.len);
+  lua_newtable(L);
+  lua_pushvalue(L, -1);
+  lua_insert(L, 1);
+  rc = lua_pcall(L, 3, 0, 0);
+  hd_buf_free(&b);
+  if (rc != 0) return lua_error(L);
+  return 1;
+}
+
+static int l_has_events(lua_State *L) {
+  hd_job *j;
+  l_core(L);
+  j = l_checkjob(L, 1);
+  lua_pushboolean(L, hd_job_has_events(j));
+  return 1;
+}
+
 /* job_stats(job) -> { wall_ms, cpu_ms, queued_ms, heap_peak_bytes,
  * output_bytes }: cpu_ms and heap_peak_bytes are the worker's word, and
  * missing when the job ended without a reply. */
@@ -809,11 +862,13 @@ static int l_finished(lua_State *L) {
   return 1;
 }
 
-/* wait_any({ job, ... }, timeout_ms) -> index | nil: blocks until a job of
- * the array is done (the lowest index of those done) or the time passes. */
+/* wait_any({ job, ... }, timeout_ms [, events]) -> index | nil: blocks until
+ * a job of the array is done (with `events`, or has events waiting) -- the
+ * lowest index of those -- or the time passes. */
 static int l_wait_any(lua_State *L) {
   hd_sched *s = l_core(L);
   double timeout = luaL_checknumber(L, 2);
+  int events = lua_toboolean(L, 3);
   int n, i, r;
   hd_job **jobs;
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -830,7 +885,7 @@ static int l_wait_any(lua_State *L) {
       return 1;
     }
   }
-  r = hd_sched_wait_any(s, jobs, n, timeout);
+  r = hd_sched_wait_any(s, jobs, n, timeout, events);
   if (r == -2) return luaL_error(L, "handler: out of memory");
   if (r < 0) return 0;
   lua_pushinteger(L, r + 1);
@@ -922,7 +977,8 @@ static const luaL_Reg l_funcs[] = {
     {"set_spin", l_set_spin}, {"watch", l_watch},     {"finished", l_finished},
     {"wait_any", l_wait_any}, {"bell", l_bell},       {"active", l_active},
     {"bell_close", l_bell_close}, {"output", l_output},
-    {"job_stats", l_job_stats},
+    {"job_stats", l_job_stats}, {"events", l_events},
+    {"has_events", l_has_events},
     {"validate", hd_l_validate}, {"refuse", hd_l_refuse},
     {NULL, NULL}};
 

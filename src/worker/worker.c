@@ -537,6 +537,9 @@ static void wk_set_as_limit(uint64_t heap) {
 #endif
 }
 
+static int wk_encode(lua_State *L);
+static int wk_job_module(lua_State *L);
+
 int hd_worker_prepare(const char *path, const char *cpath) {
   lua_State *L;
   int jit;
@@ -558,6 +561,11 @@ int hd_worker_prepare(const char *path, const char *cpath) {
   lua_setfield(L, -2, "cpath");
   lua_pop(L, 1);
   wk_wrap_all(L);
+  /* require("handler.job"), in every profile: the strict one keeps preload. */
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "preload");
+  lua_pushcfunction(L, wk_job_module);
+  lua_setfield(L, -2, "handler.job");
   lua_settop(L, 0);
   /* Encoding a named value builds the codec's name cache: built here, it is
    * part of the image, so no job pays for it or has it counted. */
@@ -573,6 +581,44 @@ int hd_worker_prepare(const char *path, const char *cpath) {
   wk.L = L;
   wk_measure_as_base();
   return 0;
+}
+
+/* require("handler.job").emit(value): sends value to the caller's on_event
+ * now, in an EVENT frame, under the rules of results. Raises when the
+ * value cannot travel. */
+static int wk_emit(lua_State *L) {
+  hd_wk *w = &wk;
+  hd_buf b = HD_BUF_INIT;
+  char h[HD_FRAME_HEADER] = {0};
+  int rc;
+  lua_settop(L, 1);
+  if (hd_buf_append(&b, h, sizeof h) != 0) return luaL_error(L, "handler: out of memory");
+  lua_pushcfunction(L, wk_encode);
+  lua_insert(L, 1);
+  lua_pushlightuserdata(L, &b);
+  rc = lua_pcall(L, 2, 0, 0);
+  if (rc != 0) {
+    hd_buf_free(&b);
+    return lua_error(L);
+  }
+  if (b.len - HD_FRAME_HEADER > UINT32_MAX) {
+    hd_buf_free(&b);
+    return luaL_error(L, "handler: the event is larger than 4 GiB");
+  }
+  hd_wire_head(b.data, HD_FRAME_EVENT, w->job_id, (uint32_t)(b.len - HD_FRAME_HEADER));
+  /* Output written before the event reaches the caller before it. */
+  fflush(NULL);
+  rc = wk_write_full(w->fd, b.data, b.len);
+  hd_buf_free(&b);
+  if (rc != 0) return luaL_error(L, "handler: cannot send the event");
+  return 0;
+}
+
+static int wk_job_module(lua_State *L) {
+  lua_createtable(L, 0, 1);
+  lua_pushcfunction(L, wk_emit);
+  lua_setfield(L, -2, "emit");
+  return 1;
 }
 
 /* Message handler: keeps the raised value as it is and records a traceback
