@@ -59,4 +59,8 @@ build = {
     HANDLER_SECCOMP_INCDIR = "$(SECCOMP_INCDIR)",
     HANDLER_SECCOMP_LIBDIR = "$(SECCOMP_LIBDIR)",
   },
+  -- The command line: `handler map ...`.
+  install = {
+    bin = { handler = "bin/handler" },
+  },
 }

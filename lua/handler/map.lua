@@ -37,7 +37,9 @@ end
 --- iterator(pool, fn, inputs, opts, wait_any) -> the generic-for iterator:
 -- each call returns i, true, results... | i, false, err; nil at the end.
 -- `opts` is checked already; `wait_any` is handler.wait_any.
-function M.iterator(what, pool, fn, inputs, opts, wait_any)
+-- `on_job(i, job)`, when given, is called with each item's last job once it
+-- has ended (the command line's joblog wants its stats).
+function M.iterator(what, pool, fn, inputs, opts, wait_any, on_job)
   local next_input
   if type(inputs) == "table" then
     local k = 0
@@ -103,6 +105,7 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any)
       start(i, r[2], r[3] + 1)
       return
     end
+    if on_job then on_job(i, r[1]) end
     finish(i, out)
   end
 

@@ -662,6 +662,11 @@ int main(int argc, char **argv) {
   prctl(PR_SET_CHILD_SUBREAPER, 1);
   sup_close_from(SUP_CTL_FD + 1, -1);
   sup_std_fds();
+  /* A terminal's Ctrl-C or Ctrl-\ goes to the whole foreground group, the
+   * host's and so ours: the host decides what it means, and this process
+   * ends when the host does. */
+  signal(SIGINT, SIG_IGN);
+  signal(SIGQUIT, SIG_IGN);
   sigemptyset(&chld);
   sigaddset(&chld, SIGCHLD);
   sigaddset(&chld, SIGTERM);

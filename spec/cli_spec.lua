@@ -1,0 +1,193 @@
+-- cli_spec.lua: the command line, `handler map SCRIPT.lua [INPUT...]`:
+-- JSON Lines in and out, failures per line, the exit statuses, --halt, an
+-- interrupted run completed with --resume, bad usage.
+local H = require("spec.support.helpers")
+
+local q = H.shell_quote
+local BIN = "bin/handler"
+
+-- Runs the command; returns its exit status, stdout, stderr.
+local function handler_cmd(args, dir)
+  local out, err = dir .. "/stdout", dir .. "/stderr"
+  local cmd = H.lua_env() .. " timeout -s KILL 60 luajit " .. BIN .. " " .. args .. " > " .. q(out)
+    .. " 2> " .. q(err) .. "; echo $? > " .. q(dir .. "/status")
+  os.execute(cmd)
+  return tonumber(H.read_file(dir .. "/status")), H.read_file(out) or "", H.read_file(err) or ""
+end
+
+local function lines_of(s)
+  local t = {}
+  for l in s:gmatch("[^\n]+") do t[#t + 1] = l end
+  return t
+end
+
+-- The JSON lines of s, decoded (key order is the encoder's business).
+local function json_lines(s)
+  local cjson = require("cjson")
+  local t = {}
+  for k, l in ipairs(lines_of(s)) do t[k] = cjson.decode(l) end
+  return t
+end
+
+local SCRIPT = [[
+return function(rec)
+  if rec.kind == "hang" then while true do end end
+  if rec.kind == "boom" then error("bad record " .. rec.id, 0) end
+  return { id = rec.id, double = rec.n * 2 }
+end
+]]
+
+describe("handler map", function()
+  local dir
+  before_each(function() dir = H.tmpdir() end)
+  after_each(function() H.rm_r(dir) end)
+
+  local function files(script, input)
+    H.write_file(dir .. "/s.lua", script)
+    H.write_file(dir .. "/in.jsonl", input)
+    return q(dir .. "/s.lua"), q(dir .. "/in.jsonl")
+  end
+
+  it("writes each result as a JSON line in input order, and exits 0", function()
+    local s, i = files(SCRIPT, '{"id":1,"n":1}\n{"id":2,"n":2}\n\n{"id":3,"n":3}\n')
+    local status, out, err = handler_cmd("map " .. s .. " " .. i .. " -j 2", dir)
+    assert.are.equal(0, status, err)
+    assert.are.same({ { double = 2, id = 1 }, { double = 4, id = 2 }, { double = 6, id = 3 } },
+      json_lines(out))
+    assert.matches("3 records, 0 failed", err)
+  end)
+
+  it("reports each failure as a JSON line naming its line, goes on, and exits 1", function()
+    local s, i = files(SCRIPT,
+      '{"id":1,"n":1}\n{"id":2,"kind":"boom"}\nnot json\n{"id":4,"kind":"hang"}\n{"id":5,"n":5}\n')
+    local status, out, err = handler_cmd("map " .. s .. " " .. i .. " --max-ms 300 --errors "
+      .. q(dir .. "/errors"), dir)
+    assert.are.equal(1, status, err)
+    assert.are.same({ { double = 2, id = 1 }, { double = 10, id = 5 } }, json_lines(out))
+    local cjson = require("cjson")
+    local errs = {}
+    for _, l in ipairs(lines_of(H.read_file(dir .. "/errors"))) do
+      local e = cjson.decode(l)
+      errs[e.line] = e
+    end
+    assert.are.equal("ProcessExit", errs[2].type)
+    assert.are.equal("bad record 2", errs[2].reason)
+    assert.are.equal("BadInput", errs[3].type)
+    assert.are.equal("Timeout", errs[4].type)
+    assert.are.equal("Took more than 300ms to complete", errs[4].message)
+  end)
+
+  it("writes results as they finish with --unordered", function()
+    local s, i = files([[
+      return function(r)
+        local c = os.clock()
+        while os.clock() - c < r.wait do end
+        return r.id
+      end
+    ]], '{"id":1,"wait":0.4}\n{"id":2,"wait":0}\n{"id":3,"wait":0}\n')
+    local status, out = handler_cmd("map " .. s .. " " .. i .. " --unordered -j 2", dir)
+    assert.are.equal(0, status)
+    local got = lines_of(out)
+    assert.are.equal(3, #got)
+    assert.are.equal("1", got[3])
+  end)
+
+  it("takes a script's init and plain text lines", function()
+    local s, i = files([[
+      return { init = function() PREFIX = ">" end, map = function(line) return PREFIX .. line end }
+    ]], "a\nb\n")
+    local status, out = handler_cmd("map " .. s .. " " .. i .. " --lines", dir)
+    assert.are.equal(0, status)
+    assert.are.same({ '">a"', '">b"' }, lines_of(out))
+  end)
+
+  it("runs records in the sandbox with --sandbox", function()
+    local s, i = files([[
+      return function(r) return { id = r.id, io = io.open ~= nil } end
+    ]], '{"id":1}\nnot json\n')
+    local status, out, err = handler_cmd("map " .. s .. " " .. i .. " --sandbox", dir)
+    assert.are.equal(1, status, err)
+    assert.are.same({ { id = 1, io = false } }, json_lines(out))
+    assert.matches('"type":"BadInput"', err)
+  end)
+
+  it("stops after --halt failures with exit status 3", function()
+    local input = {}
+    for k = 1, 50 do input[k] = '{"id":' .. k .. ',"kind":"boom"}' end
+    local s, i = files(SCRIPT, table.concat(input, "\n") .. "\n")
+    local status, out, err = handler_cmd("map " .. s .. " " .. i .. " --halt 2 -j 1", dir)
+    assert.are.equal(3, status, err)
+    assert.are.equal("", out)
+    local n = #lines_of(err:gsub("handler map:[^\n]*\n?", ""))
+    assert.is_true(n >= 2 and n < 50, n .. " failures written")
+  end)
+
+  it("ends what is in flight on SIGTERM, exits 3, and --resume completes the rest once", function()
+    local input = {}
+    for k = 1, 30 do input[k] = '{"id":' .. k .. ',"n":' .. k .. '}' end
+    local s, i = files([[
+      return function(r)
+        local c = os.clock()
+        while os.clock() - c < 0.05 do end
+        return r.id
+      end
+    ]], table.concat(input, "\n") .. "\n")
+    local log = q(dir .. "/joblog")
+    local run = H.lua_env() .. " luajit " .. BIN .. " map " .. s .. " " .. i .. " -j 2 --joblog "
+      .. log .. " > " .. q(dir .. "/out1") .. " 2> " .. q(dir .. "/err1")
+    os.execute("(" .. run .. "; echo $? > " .. q(dir .. "/status1") .. ") & echo $! > "
+      .. q(dir .. "/pid"))
+    -- Once some records are written, the command is interrupted.
+    assert.is_true(H.wait_until(function()
+      return #lines_of(H.read_file(dir .. "/out1") or "") > 0 or H.exists(dir .. "/status1")
+    end, 20))
+    os.execute("pkill -TERM -f " .. q("bin/handler map " .. dir .. "/s.lua"))
+    assert.is_true(H.wait_until(function() return H.exists(dir .. "/status1") end, 20))
+    assert.are.equal(3, tonumber(H.read_file(dir .. "/status1")))
+    local first = lines_of(H.read_file(dir .. "/out1"))
+    assert.is_true(#first > 0 and #first < 30, #first .. " written before the stop")
+    assert.are.equal(#first, #lines_of(H.read_file(dir .. "/joblog")))
+    local status, out = handler_cmd("map " .. s .. " " .. i .. " -j 2 --joblog " .. log
+      .. " --resume", dir)
+    assert.are.equal(0, status)
+    local all = {}
+    for _, l in ipairs(first) do all[#all + 1] = tonumber(l) end
+    for _, l in ipairs(lines_of(out)) do all[#all + 1] = tonumber(l) end
+    table.sort(all)
+    local want = {}
+    for k = 1, 30 do want[k] = k end
+    assert.are.same(want, all)
+    assert.are.equal(30, #lines_of(H.read_file(dir .. "/joblog")))
+  end)
+
+  it("shows a progress line with --progress", function()
+    local s, i = files(SCRIPT, '{"id":1,"n":1}\n')
+    local status, _, err = handler_cmd("map " .. s .. " " .. i .. " --progress", dir)
+    assert.are.equal(0, status)
+    assert.matches("1 done, 0 failed", err)
+  end)
+
+  it("exits 2 on bad usage or a script that does not load, saying why", function()
+    local s, i = files("return 42", "{}\n")
+    H.write_file(dir .. "/broken.lua", "return function(")
+    local cases = {
+      { "map", "no SCRIPT.lua given" },
+      { "frobnicate x.lua", "unknown command frobnicate" },
+      { "map " .. s .. " --jobs 0", "%-%-jobs: expected a whole number > 0" },
+      { "map " .. s .. " --max-heap lots", "%-%-max%-heap: not a number of bytes" },
+      { "map " .. s .. " --wat", "unknown option %-%-wat" },
+      { "map " .. s .. " --resume", "%-%-resume needs %-%-joblog" },
+      { "map " .. s .. " " .. i, ".*s%.lua must return a function record %-> result" },
+      { "map " .. q(dir .. "/broken.lua") .. " " .. i, "cannot load .*broken.lua" },
+      { "map " .. q(dir .. "/missing.lua") .. " " .. i, "cannot load .*missing.lua" },
+    }
+    for _, c in ipairs(cases) do
+      local status, _, err = handler_cmd(c[1], dir)
+      assert.are.equal(2, status, c[1] .. ": " .. err)
+      assert.matches("^handler map: " .. c[2], err)
+    end
+    local status, out = handler_cmd("--help", dir)
+    assert.are.equal(0, status)
+    assert.matches("usage: handler map SCRIPT.lua", out)
+  end)
+end)
