@@ -154,6 +154,16 @@ describe("the LuaRocks package", function()
       q(elsewhere), env, paths, q(script)))
     assert(ok, "luajit with the installed tree failed:\n" .. out)
     assert.are.equal("true\t42\n" .. lib_dir .. "/handler/core.so\n", out)
+    -- The command line is installed with it, and runs a record.
+    assert.is_true(sh_ok("test -x " .. q(tree .. "/bin/handler")))
+    H.write_file(elsewhere .. "/double.lua", "return function(r) return r.n * 2 end")
+    -- (lua-cjson, which the command needs, from the system's paths.)
+    local with_cjson = format("LUA_PATH=%s LUA_CPATH=%s",
+      q(lua_dir .. "/?.lua;" .. lua_dir .. "/?/init.lua;;"), q(lib_dir .. "/?.so;;"))
+    ok, out = run(tmp, "command", format("cd %s && echo '{\"n\":21}' | %s %s timeout -s KILL 60 %s map double.lua",
+      q(elsewhere), env, with_cjson, q(tree .. "/bin/handler")))
+    assert(ok, "the installed handler command failed:\n" .. out)
+    assert.matches("^42\n", out)
     -- The supervisor and its workers end with their host.
     local left
     local gone = H.wait_until(function()
