@@ -707,6 +707,49 @@ local function row_nginx()
   if not ok then error(err, 0) end
 end
 
+-- Row 12: the handler map command on generated customer records
+-- (examples/pipeline), clean and with 0.5 % poisoned records, against the
+-- same transform in one plain LuaJIT process (no isolation), same run.
+local function row_pipeline()
+  local n = quick and 4000 or 20000
+  progress("row 12: handler map, %d records", n)
+  local tmp = os.tmpname()
+  os.remove(tmp)
+  os.execute("mkdir -p " .. tmp)
+  -- Runs cmd; returns its wall time in s. `failures_ok`: exit status 1
+  -- (some records failed) is expected.
+  local function sh(cmd, failures_ok)
+    local t0 = now()
+    local r = os.execute(cmd)
+    local status = type(r) == "number" and (r > 255 and math.floor(r / 256) or r) or (r and 0 or 1)
+    if status ~= 0 and not (failures_ok and status == 1) then error("bench: failed: " .. cmd) end
+    return (now() - t0) / 1e9
+  end
+  sh(format("luajit examples/pipeline/gen.lua %d 0 > %s/clean.jsonl", n, tmp))
+  sh(format("luajit examples/pipeline/gen.lua %d 0.5 > %s/poison.jsonl", n, tmp))
+  local plain = sh(format("luajit examples/pipeline/plain.lua examples/pipeline/transform.lua "
+    .. "< %s/clean.jsonl > /dev/null 2>&1", tmp))
+  local clean = sh(format("luajit bin/handler map examples/pipeline/transform.lua %s/clean.jsonl "
+    .. "-j 2 --no-progress > /dev/null 2>&1", tmp))
+  local poisoned = sh(format("luajit bin/handler map examples/pipeline/transform.lua "
+    .. "%s/poison.jsonl -j 2 --max-ms 200 --max-heap 16M --no-progress > /dev/null 2> %s/err",
+    tmp, tmp), true)
+  local hangs = 0
+  for l in io.lines(tmp .. "/err") do
+    if l:find('"type":"Timeout"', 1, true) then hangs = hangs + 1 end
+  end
+  local bound = hangs * 0.2 / 2
+  add({ id = "12a", name = "plain LuaJIT, one process, the transform on clean records", kind = "rate",
+    n = n, median = n / plain, note = "no isolation; the reference" })
+  add({ id = "12b", name = "`handler map` -j 2, clean records (each a job of its own)", kind = "rate",
+    n = n, median = n / clean, note = format("%.0f%% of 12a; target ≥ 100%%", 100 * plain / clean) })
+  add({ id = "12c", name = "`handler map` -j 2, 0.5 % poisoned, --max-ms 200", kind = "rate",
+    n = n, median = n / poisoned, note = format("%d hangs: their bound alone is %.2f s; took %.2f s "
+      .. "(%.0f%% of the bound's rate; target ≥ 80%%)", hangs, bound, poisoned,
+      100 * bound / poisoned) })
+  os.execute("rm -rf " .. tmp)
+end
+
 -- Row 10: sandboxed workers, each in namespaces and a file system of its
 -- own. The strict profile reuses its workers; the "syscalls" one (the FFI
 -- at hand) takes a fresh process per job, so its cost per job includes a
@@ -785,6 +828,7 @@ if wanted(8) then row_memory(mem) end
 if wanted(9) then row_transfer(st3) end
 if wanted(10) then row_sandboxed() end
 if wanted(11) then row_nginx() end
+if wanted(12) then row_pipeline() end
 
 pool2:close()
 child:close()
