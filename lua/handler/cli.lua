@@ -337,8 +337,15 @@ function M.run(o, out, errs)
   end
 
   local opts = { max_ms = o.max_ms, max_cpu_ms = o.max_cpu_ms, max_heap_bytes = o.max_heap,
-    retries = o.retries, ordered = not o.unordered, output = "inherit" }
-  local iter = map_mod.iterator("handler map", pool, fn, inputs, opts, handler.wait_any, on_job)
+    retries = o.retries, ordered = not o.unordered, output = "inherit",
+    -- A wide window keeps the workers busy while a record at the head of
+    -- the order waits out its limit; only twice as many jobs as workers are
+    -- in the pool at once, the rest are records read ahead. Measured, -j 2,
+    -- 20,000 records: 256 took a poisoned run from 7.4 to 5.1 s against 8;
+    -- wider windows cost clean runs (0.4 s at 256, 0.8 s at 2,048).
+    window = math.min(1024, 128 * jobs) }
+  local iter, stop = map_mod.iterator("handler map", pool, fn, inputs, opts, handler.wait_any,
+    on_job, handler._core.wait_ended)
 
   local progress = o.progress
   if progress == nil then progress = C.hd_cli_isatty(2) == 1 end
@@ -417,6 +424,7 @@ function M.run(o, out, errs)
     if not stopping and ((o.halt and failed >= o.halt) or signalled()) then
       stopping = true
       halted = true
+      stop()
     end
   end
   flush()

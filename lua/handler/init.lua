@@ -613,7 +613,10 @@ local function map_iterator(what, pool, fn, inputs, opts)
   end
   if opts ~= nil then check_table(what, opts, MAP_OPTS, 3) end
   if pool._closed then error(what .. ": the pool is closed", 3) end
-  return map_mod.iterator(what, pool, fn, inputs, opts, M.wait_any)
+  -- Only the iterator: a generic for would take a second value for its state.
+  local iter = map_mod.iterator(what, pool, fn, inputs, opts, M.wait_any, nil,
+    not in_ngx and core.wait_ended or nil)
+  return iter
 end
 
 --- for i, ok, ... in pool:map(fn, inputs [, opts]) do ... end

@@ -22,6 +22,8 @@ M.OPTIONS = {
 local WINDOW_PER_WORKER = 4
 local WINDOW_MAX = 256
 
+local started = require("handler.core").started
+
 local function pack(...)
   return { n = select("#", ...), ... }
 end
@@ -39,7 +41,10 @@ end
 -- `opts` is checked already; `wait_any` is handler.wait_any.
 -- `on_job(i, job)`, when given, is called with each item's last job once it
 -- has ended (the command line's joblog wants its stats).
-function M.iterator(what, pool, fn, inputs, opts, wait_any, on_job)
+-- `wait_any` is handler.wait_any; `wait_ended`, when given (outside nginx),
+-- core.wait_ended: then each item's job is watched (handler.waitlist) and a
+-- wait costs nothing per item in flight, whatever the window.
+function M.iterator(what, pool, fn, inputs, opts, wait_any, on_job, wait_ended)
   local next_input
   if type(inputs) == "table" then
     local k = 0
@@ -68,6 +73,13 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, on_job)
   if job_opts.pool_timeout == nil then job_opts.pool_timeout = huge end
 
   local read, yielded, exhausted = 0, 0, false
+  -- Items read but not started, first in first out: no more jobs are in
+  -- the pool at once than it has workers, so the window costs only memory,
+  -- and a stop drops what has not started.
+  local fifo, fhead, ftail = {}, 1, 0
+  -- Twice the workers: a job is waiting in the pool when a worker frees.
+  local max_running = 2 * max(1, pool.max_workers or 1)
+  local stopped, dropped = false, {}
   local running, nrunning = {}, 0   -- item index -> { job, item, tries }
   local ready = {}                  -- item index -> packed outcome
   local order, head, tail = {}, 1, 0 -- unordered: indices in the order they ended
@@ -85,6 +97,18 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, on_job)
     if on_progress then on_progress(ndone, nfailed) end
   end
 
+  -- Items whose job ended (or may have: an event also wakes), to collect.
+  local ended, nended = {}, 0
+  local waitlist = wait_ended and require("handler.waitlist")
+
+  local function watch(i, job)
+    local function waiter()
+      nended = nended + 1
+      ended[nended] = i
+    end
+    if waitlist.add(waiter, job._ud) then waiter() end
+  end
+
   local function start(i, item, tries)
     job_opts.args = { n = 1, item }
     local job, err = pool:async(fn, job_opts)
@@ -94,6 +118,7 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, on_job)
     end
     running[i] = { job, item, tries }
     nrunning = nrunning + 1
+    if waitlist then watch(i, job) end
   end
 
   local function collect(i)
@@ -116,7 +141,35 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, on_job)
         exhausted = true
       else
         read = read + 1
-        start(read, item, 0)
+        ftail = ftail + 1
+        fifo[ftail] = { read, item }
+      end
+    end
+    while nrunning < max_running and fhead <= ftail do
+      local e = fifo[fhead]
+      fifo[fhead] = nil
+      fhead = fhead + 1
+      start(e[1], e[2], 0)
+    end
+  end
+
+  -- Starts nothing more: the items read and not started are dropped (never
+  -- yielded); those running end and are yielded.
+  local function stop()
+    stopped = true
+    exhausted = true
+    for k = fhead, ftail do
+      dropped[fifo[k][1]] = true
+      fifo[k] = nil
+    end
+    fhead, ftail = 1, 0
+    -- Jobs still waiting in the pool for a worker have not started either.
+    for i, r in pairs(running) do
+      if not started(r[1]._ud) then
+        running[i] = nil
+        nrunning = nrunning - 1
+        dropped[i] = true
+        pool:kill_by_ref(r[1])
       end
     end
   end
@@ -124,6 +177,22 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, on_job)
   -- Waits until at least one running item has ended, and collects every
   -- one that has.
   local function wait_some()
+    if waitlist then
+      while nended == 0 do
+        wait_ended()
+        waitlist.wake_ended()
+      end
+      local list, n = ended, nended
+      ended, nended = {}, 0
+      for k = 1, n do
+        local i = list[k]
+        local r = running[i]
+        if r ~= nil then
+          if r[1]:done() then collect(i) else watch(i, r[1]) end
+        end
+      end
+      return
+    end
     local jobs, index = {}, {}
     for i, r in pairs(running) do
       jobs[#jobs + 1] = r[1]
@@ -146,6 +215,10 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, on_job)
     while true do
       fill()
       if ordered then
+        while dropped[next_ordered] do
+          dropped[next_ordered] = nil
+          next_ordered = next_ordered + 1
+        end
         if ready[next_ordered] ~= nil then
           local i = next_ordered
           next_ordered = next_ordered + 1
@@ -158,16 +231,20 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, on_job)
         return yield_item(i)
       end
       if nrunning == 0 then
-        if exhausted and next(ready) == nil then return nil end
-        if nrunning == 0 and next(ready) ~= nil and ordered then
-          -- Cannot happen: the next item in order is ready or running.
+        if exhausted and fhead > ftail and next(ready) == nil then return nil end
+        if next(ready) ~= nil and ordered and not stopped then
+          -- Cannot happen: the next item in order is ready, running or read.
           error("handler: map lost track of item " .. next_ordered)
+        end
+        if stopped and next(ready) ~= nil then
+          -- Only dropped items lie between: yield the rest in order.
+          next_ordered = next_ordered + 1
         end
       else
         wait_some()
       end
     end
-  end
+  end, stop
 end
 
 return M

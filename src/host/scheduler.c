@@ -483,6 +483,29 @@ int hd_sched_wait_any(hd_sched *s, hd_job *const *jobs, int n, double timeout_ms
   return i;
 }
 
+int hd_sched_wait_until(hd_sched *s, int (*ready)(void *), void *ud, double timeout_ms) {
+  uv_loop_t *uv = hd_loop_uv(s->loop);
+  uv_timer_t *t = NULL;
+  int expired = 0, r;
+  if (ready(ud)) return 1;
+  if (timeout_ms < SCHED_NO_LIMIT_MS) {
+    t = malloc(sizeof *t);
+    if (t == NULL) return -2;
+    uv_timer_init(uv, t);
+    t->data = &expired;
+    uv_timer_start(t, sched_wait_timer_cb, (uint64_t)(timeout_ms > 0 ? timeout_ms : 0), 0);
+  }
+  s->in_loop = 1;
+  while (!(r = ready(ud)) && !expired) uv_run(uv, UV_RUN_ONCE);
+  s->in_loop = 0;
+  s->last_run = uv_hrtime();
+  if (t != NULL) uv_close((uv_handle_t *)t, sched_wait_close_cb);
+  hd_sup_reap(s->sup);
+  sched_sync(s);
+  return r;
+}
+
+
 void hd_sched_each_pid(hd_sched *s, void (*fn)(void *, pid_t), void *ud, pid_t *sup,
                        int *fds) {
   hd_queue *q;
@@ -971,6 +994,10 @@ int hd_job_set_frame(hd_job *j, hd_buf *b) {
    * the idle sweep can let it go. */
   if (b->cap > SCHED_KEEP_FRAME) hd_loop_give_buf(s->loop, b);
   return 0;
+}
+
+int hd_job_started(const hd_job *j) {
+  return j->state == JOB_RUNNING || (j->state == JOB_DONE && j->started != 0);
 }
 
 int hd_job_done(const hd_job *j) {

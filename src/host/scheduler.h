@@ -83,6 +83,11 @@ void hd_sched_wait(hd_sched *s, hd_job *j);
  * timeout, -2 when memory runs out. */
 int hd_sched_wait_any(hd_sched *s, hd_job *const *jobs, int n, double timeout_ms, int events);
 
+/* Blocks until ready(ud) holds (it is asked after each turn of the loop),
+ * or timeout_ms passes (math.huge: no limit). Returns 1 when it held, 0 on
+ * timeout, -2 when memory runs out. */
+int hd_sched_wait_until(hd_sched *s, int (*ready)(void *), void *ud, double timeout_ms);
+
 /* How many jobs are queued or running. */
 int hd_sched_active(const hd_sched *s);
 
@@ -150,6 +155,9 @@ int hd_job_set_frame(hd_job *j, hd_buf *b);
 void hd_job_submit(hd_job *j);
 
 int hd_job_done(const hd_job *j);
+
+/* Whether the job was given a worker (it may have ended since). */
+int hd_job_started(const hd_job *j);
 hd_outcome hd_job_outcome(const hd_job *j);
 
 /* Once done: the wait status of a process that died (-1 when unknown), the

@@ -604,6 +604,14 @@ static int l_events(lua_State *L) {
   return 1;
 }
 
+static int l_started(lua_State *L) {
+  hd_job *j;
+  l_core(L);
+  j = l_checkjob(L, 1);
+  lua_pushboolean(L, hd_job_started(j));
+  return 1;
+}
+
 static int l_has_events(lua_State *L) {
   hd_job *j;
   l_core(L);
@@ -898,6 +906,25 @@ static int l_active(lua_State *L) {
   return 1;
 }
 
+static int l_any_ended(void *ud) {
+  l_ctx *x = ud;
+  return x->n_ended > 0 || x->ended_oom;
+}
+
+/* wait_ended(timeout_ms) -> whether a watched job ended (core.finished then
+ * lists it): blocks until one does, or the time passes. */
+static int l_wait_ended(lua_State *L) {
+  l_ctx *x = lua_touserdata(L, lua_upvalueindex(1));
+  hd_sched *s = l_core(L);
+  double timeout = luaL_optnumber(L, 1, HUGE_VAL);
+  int r;
+  if (hd_sched_in_loop(s)) return luaL_error(L, "handler: cannot wait from inside the loop");
+  r = hd_sched_wait_until(s, l_any_ended, x, timeout);
+  if (r == -2) return luaL_error(L, "handler: out of memory");
+  lua_pushboolean(L, r == 1);
+  return 1;
+}
+
 /* bell() -> path: the unix socket a host connects to, to be woken when the
  * loop has work (bell.h). Made on first use. */
 static int l_bell(lua_State *L) {
@@ -978,7 +1005,8 @@ static const luaL_Reg l_funcs[] = {
     {"wait_any", l_wait_any}, {"bell", l_bell},       {"active", l_active},
     {"bell_close", l_bell_close}, {"output", l_output},
     {"job_stats", l_job_stats}, {"events", l_events},
-    {"has_events", l_has_events},
+    {"has_events", l_has_events}, {"wait_ended", l_wait_ended},
+    {"started", l_started},
     {"validate", hd_l_validate}, {"refuse", hd_l_refuse},
     {NULL, NULL}};
 
