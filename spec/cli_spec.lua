@@ -135,13 +135,17 @@ describe("handler map", function()
     local log = q(dir .. "/joblog")
     local run = H.lua_env() .. " luajit " .. BIN .. " map " .. s .. " " .. i .. " -j 2 --joblog "
       .. log .. " > " .. q(dir .. "/out1") .. " 2> " .. q(dir .. "/err1")
-    os.execute("(" .. run .. "; echo $? > " .. q(dir .. "/status1") .. ") & echo $! > "
-      .. q(dir .. "/pid"))
+    -- The command's own pid, to signal it (no pkill: under the sanitizer
+    -- build's LD_PRELOAD it can hang).
+    os.execute("(" .. run .. " & echo $! > " .. q(dir .. "/pid") .. "; wait $!; echo $? > "
+      .. q(dir .. "/status1") .. ") &")
+    assert.is_true(H.wait_until(function() return H.exists(dir .. "/pid") end, 20))
+    local pid = tonumber(H.read_file(dir .. "/pid"))
     -- Once some records are written, the command is interrupted.
     assert.is_true(H.wait_until(function()
       return #lines_of(H.read_file(dir .. "/out1") or "") > 0 or H.exists(dir .. "/status1")
     end, 20))
-    os.execute("pkill -TERM -f " .. q("bin/handler map " .. dir .. "/s.lua"))
+    H.signal(pid, 15)
     assert.is_true(H.wait_until(function() return H.exists(dir .. "/status1") end, 20))
     assert.are.equal(3, tonumber(H.read_file(dir .. "/status1")))
     local first = lines_of(H.read_file(dir .. "/out1"))

@@ -485,6 +485,11 @@ function M.assert_has_all(text, list)
 end
 
 --- Sends SIGKILL to pid.
+--- Sends signal `sig` to pid.
+function M.signal(pid, sig)
+  return C.hd_spec_kill(pid, sig) == 0
+end
+
 function M.kill9(pid)
   return C.hd_spec_kill(pid, 9) == 0
 end
