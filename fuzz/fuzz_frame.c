@@ -330,7 +330,8 @@ static size_t fz_chunk(unsigned *seed, int mode, size_t left) {
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   hd_sched *c;
-  hd_pool_config cfg = {NULL, 4, 1e12, 1000, 0, NULL};
+  hd_pool_config cfg = {.name = NULL, .max_workers = 4, .max_memory = 1e12, .idle_ms = 1000,
+                        .sandbox = 0, .init = NULL, .init_len = 0, .parent = NULL};
   pid_t sup;
   int fds;
   hd_pool *pool;
