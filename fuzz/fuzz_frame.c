@@ -51,6 +51,7 @@
  * decode.
  */
 #include <errno.h>
+#include <math.h>
 #include <fcntl.h>
 #include <lauxlib.h>
 #include <lua.h>
@@ -213,15 +214,12 @@ static void fz_turn(void) {
 /* Submits a job; `proc` gets the id of the process it starts on. */
 static hd_job *fz_submit(hd_pool *pool, double max_ms, double max_result, uint32_t *proc) {
   hd_job *j = hd_job_new(fz_core, pool);
-  hd_job_limits lim;
+  hd_job_limits lim = {.max_ms = max_ms, .pool_timeout = 0, .max_result = max_result,
+                       .max_output = 0, .max_cpu_ms = HUGE_VAL, .output = HD_OUTPUT_INHERIT,
+                       .max_heap = 1 << 20};
   hd_buf b = HD_BUF_INIT;
   if (j == NULL) fz_fail("out of memory%lu", 0);
   if (hd_chains_follow(hd_job_chains(j), pool) != 0) fz_fail("out of memory%lu", 0);
-  lim.max_ms = max_ms;
-  lim.max_heap = 1 << 20;
-  lim.max_result = max_result;
-  lim.max_output = 0;
-  lim.pool_timeout = 0;
   hd_job_set_limits(j, &lim);
   /* A job frame with an empty message: the worker side is this harness. */
   if (hd_wire_job_begin(&b, hd_job_id(j), 1 << 20, 0, NULL, NULL) != 0 ||
