@@ -601,16 +601,22 @@ function Pool:flush(err)
 end
 
 -- pool:map's options: a job's, and the map's own.
-local map_mod = require("handler.map")
-local MAP_OPTS = {}
-for k, v in pairs(POOL_OPTS) do MAP_OPTS[k] = v end
-for k, v in pairs(map_mod.OPTIONS) do MAP_OPTS[k] = v end
-MAP_OPTS.args = nil
+-- Loaded on first use: every job's encoding walks package.loaded, so a
+-- module loaded here costs every job (one entry more can double its hash).
+local map_mod, MAP_OPTS
+local function load_map()
+  map_mod = require("handler.map")
+  MAP_OPTS = {}
+  for k, v in pairs(POOL_OPTS) do MAP_OPTS[k] = v end
+  for k, v in pairs(map_mod.OPTIONS) do MAP_OPTS[k] = v end
+  MAP_OPTS.args = nil
+end
 
 local function map_iterator(what, pool, fn, inputs, opts)
   if type(fn) ~= "function" then
     error(format("bad argument #1 to '%s' (function expected, got %s)", what, typename(fn)), 3)
   end
+  if map_mod == nil then load_map() end
   if opts ~= nil then check_table(what, opts, MAP_OPTS, 3) end
   if pool._closed then error(what .. ": the pool is closed", 3) end
   -- Only the iterator: a generic for would take a second value for its state.

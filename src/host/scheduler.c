@@ -133,6 +133,7 @@ struct hd_sched {
   hd_queue waiting;     /* pools with waiting jobs */
   int active;           /* jobs queued or running */
   uint64_t last_run;    /* uv_hrtime() when the loop last ran */
+  int fd_watched;       /* hd_sched_fd was asked for: a host waits on it */
   uv_timer_t *idle_timer;
   void (*on_end)(void *ud, hd_job *j); /* for jobs marked with hd_job_notify */
   void *on_end_ud;
@@ -376,6 +377,9 @@ int hd_sched_in_loop(const hd_sched *s) {
 }
 
 int hd_sched_fd(hd_sched *s) {
+  /* Someone will wait on it: from now on it must wake them for timers. */
+  s->fd_watched = 1;
+  hd_loop_sync_wake(s->loop);
   return hd_loop_fd(s->loop);
 }
 
@@ -386,7 +390,9 @@ int hd_sched_timeout(hd_sched *s) {
 /* After anything that may start a timer or leave work pending: the loop's
  * descriptor wakes a host for it (hd_loop_sync_wake). */
 static void sched_sync(hd_sched *s) {
-  if (!s->in_loop && !s->forsaken) hd_loop_sync_wake(s->loop);
+  /* Only for a host that waits on the descriptor: a blocking wait runs the
+   * loop itself, and the wake timer would cost it system calls. */
+  if (s->fd_watched && !s->in_loop && !s->forsaken) hd_loop_sync_wake(s->loop);
 }
 
 void hd_sched_step(hd_sched *s) {

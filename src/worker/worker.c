@@ -46,7 +46,8 @@ typedef struct hd_wk {
   uint64_t job_id;
   size_t frame_len;     /* bytes of the job frame at the start of `in` */
   int inited;           /* its pool's init ran (or it has none and a job came) */
-  uint64_t cpu_start;   /* the process's CPU time when the job started, ns */
+  uint64_t cpu_base;    /* the process's CPU time after the last reply, ns */
+  uint64_t job_start;   /* CLOCK_MONOTONIC when the job's frame was read, ns */
   char init_err[512];   /* why the init failed, or "" */
 } hd_wk;
 
@@ -666,6 +667,8 @@ static void wk_reply_oom(hd_wk *w) {
   hd_wire_reply_strings(&w->out, HD_REPLY_OOM, 0, NULL, NULL);
 }
 
+static uint64_t wk_now_ns(void);
+
 static uint64_t wk_cpu_ns(void) {
   struct timespec ts;
   if (clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts) != 0) return 0;
@@ -703,16 +706,31 @@ static int wk_write2(int fd, const char *a, size_t an, const char *b, size_t bn)
   return 0;
 }
 
+/* Jobs shorter than this report their time in the worker as their CPU
+ * time: reading a CPU clock is a system call (0.4 us here), which a trivial
+ * job would pay on its round trip. */
+#define WK_CPU_CLOCK_NS 100000
+
+/* The CPU time the job used, in ns: from the CPU clock read after the last
+ * reply (off the round trip), so what the worker did between (restoring its
+ * state, polling for this job: at most WK_SPIN_NS) counts too. */
+static uint64_t wk_job_cpu(hd_wk *w) {
+  uint64_t wall = wk_now_ns() - w->job_start, cpu;
+  if (wall < WK_CPU_CLOCK_NS) return wall;
+  cpu = wk_cpu_ns();
+  return cpu > w->cpu_base ? cpu - w->cpu_base : 0;
+}
+
 /* The job's STATS frame, then its reply. */
 static int wk_reply_send(hd_wk *w, int last) {
   char stats[HD_STATS_LEN];
-  uint64_t cpu = wk_cpu_ns();
+  uint64_t cpu = wk_job_cpu(w);
   if (w->out.len > HD_FRAME_HEADER && w->out.len - HD_FRAME_HEADER > UINT32_MAX) {
     const char *m = "result is larger than 4 GiB";
     wk_reply_string(w, HD_REPLY_BADRESULT, m, strlen(m));
   }
   if (hd_wire_reply_end(&w->out, w->job_id, last) != 0) return -1;
-  hd_wire_stats(stats, w->job_id, cpu > w->cpu_start ? cpu - w->cpu_start : 0,
+  hd_wire_stats(stats, w->job_id, cpu,
                 w->alloc.peak > w->alloc.base ? w->alloc.peak - w->alloc.base : 0);
   return wk_write2(w->fd, stats, sizeof stats, w->out.data, w->out.len);
 }
@@ -1002,6 +1020,7 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
    * pid by the time any reply of it arrives. */
   hd_wire_hello(h, pid);
   if (wk_write_full(fd, h, sizeof h) != 0) return 0;
+  w->cpu_base = wk_cpu_ns();
   for (;;) {
     hd_frame f;
     int last;
@@ -1030,7 +1049,7 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
     /* Nothing more is read here: a job that takes the socket over cannot
      * read another job's frame from it, whatever the host sends. */
     if (once) shutdown(w->fd, SHUT_RD);
-    w->cpu_start = wk_cpu_ns();
+    w->job_start = wk_now_ns();
     w->alloc.peak = w->alloc.base = w->alloc.used;
     wk_maps.tracking = 1;
     if (w->init_err[0] != '\0') {
@@ -1054,6 +1073,7 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
     }
     if (wk_reply_send(w, last) != 0) break;
     w->replied_at = wk_now_ns();
+    w->cpu_base = wk_cpu_ns();
     if (last) {
       /* Not lua_close: a pipe the job left open would wait in pclose for
        * its command. Output is flushed already; the supervisor kills the
