@@ -23,46 +23,7 @@ end
 -- the loaded module. A local, so nginx has no global to warn about.
 local INIT = [[local handler = require("handler")]]
 
-local LOCATIONS = [[
-  location = /run {
-    content_by_lua_block {
-      local ok, v = require("handler").run(function() return 6 * 7 end)
-      ngx.print(tostring(ok), " ", tostring(v))
-    }
-  }
-  location = /cause {
-    content_by_lua_block {
-      local handler = require("handler")
-      local kind, ok, err = ngx.var.arg_kind
-      if kind == "timeout" then
-        ok, err = handler.run(function() while true do end end, { max_ms = 100 })
-      elseif kind == "oom" then
-        ok, err = handler.run(function()
-          local t = {}
-          for i = 1, 1e7 do t[i] = { i } end
-          return #t
-        end, { max_heap_bytes = 65536 })
-      elseif kind == "segv" then
-        ok, err = handler.run(function() require("ffi").cast("int *", 0)[0] = 1 end)
-      end
-      if ok then
-        ngx.print("ok ", tostring(err))
-      else
-        ngx.print(tostring(err.type), "|", tostring(err.reason), "|", tostring(err.message))
-      end
-    }
-  }
-  location = /uid {
-    content_by_lua_block {
-      local ok, uid = require("handler").run(function()
-        local f = io.open("/proc/self/status")
-        local s = f:read("*a")
-        f:close()
-        return s:match("Uid:%s*(%d+)")
-      end)
-      ngx.print(tostring(ok), " ", tostring(uid), " ", ngx.worker.pid())
-    }
-  }
+local LOCATIONS = nginx.JOB_LOCATIONS .. [[
   location = /plain { return 200 "plain"; }
 ]]
 
@@ -82,12 +43,6 @@ local function start(n, extra)
   local opts = { workers = n, init = INIT, server = LOCATIONS }
   for k, v in pairs(extra or {}) do opts[k] = v end
   return nginx.start(opts)
-end
-
---- Asserts stop() had nothing to kill by force.
-local function assert_stopped_clean(srv)
-  local forced = srv:stop()
-  assert(#forced == 0, "stop() had to kill " .. nginx.describe(forced))
 end
 
 describe("handler inside nginx", function()
@@ -113,7 +68,7 @@ describe("handler inside nginx", function()
       local log = srv:error_log()
       assert.is_nil(log:match("%[error%][^\n]*") or log:match("%[alert%][^\n]*")
         or log:match("%[crit%][^\n]*") or log:match("[^\n]*global Lua variable[^\n]*"))
-      assert_stopped_clean(srv)
+      srv:stop_clean()
       -- Stopped means gone: the port no longer answers.
       local status, why = http.get(srv.port, "/plain", 2000)
       assert.is_nil(status)
@@ -132,7 +87,7 @@ describe("handler inside nginx", function()
     assert.are.equal("ProcessExit|SIGSEGV|Process exited with SIGSEGV", srv:get_ok("/cause?kind=segv"))
     -- The worker is still serving jobs after all that.
     assert.are.equal("true 42", srv:get_ok("/run"))
-    assert_stopped_clean(srv)
+    srv:stop_clean()
   end)
 
   it("runs jobs as the nginx worker's user", function()
@@ -147,7 +102,7 @@ describe("handler inside nginx", function()
       assert.are.equal(65534, worker_uid)
       assert.are_not.equal("0", uid)
     end
-    assert_stopped_clean(srv)
+    srv:stop_clean()
   end)
 
   it("leaves none of the old workers' processes behind after a reload", function()
@@ -170,7 +125,7 @@ describe("handler inside nginx", function()
     -- The new workers run jobs.
     srv:wait_supervisors()
     assert.are.equal("true 42", srv:get_ok("/run"))
-    assert_stopped_clean(srv)
+    srv:stop_clean()
   end)
 
   it("leaves nothing behind after a graceful quit", function()
@@ -197,7 +152,7 @@ describe("handler inside nginx", function()
         id.pid, id.cmd, master))
     end
     assert.is_nil(H.proc_state(master))
-    assert_stopped_clean(srv)
+    srv:stop_clean()
   end)
 
   it("serves 50 requests at concurrency 10 to the load client", function()
@@ -218,6 +173,6 @@ describe("handler inside nginx", function()
       format("p50 %s µs, p99 %s µs, all %s µs", tostring(p50), tostring(p99), tostring(r.elapsed_us)))
     print(format("\n[nginx] 50 requests, 10 at a time: p50 %.0f µs, p99 %.0f µs, all in %.1f ms",
       p50, p99, r.elapsed_us / 1000))
-    assert_stopped_clean(srv)
+    srv:stop_clean()
   end)
 end)

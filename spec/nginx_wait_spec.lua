@@ -24,8 +24,9 @@ local handler = require("handler")
 handler.pool{ name = "jobs", max_workers = 16 }
 ]]
 
--- /slow: a job that sleeps `ms` (jobs outside the sandbox have the FFI).
-local LOCATIONS = [[
+-- The harness's job locations, and /slow: a job that sleeps `ms` (jobs
+-- outside the sandbox have the FFI).
+local LOCATIONS = nginx.JOB_LOCATIONS .. [[
   location = /fast { content_by_lua_block { ngx.print("fast") } }
   location = /slow {
     content_by_lua_block {
@@ -39,50 +40,6 @@ local LOCATIONS = [[
       ngx.print(tostring(ok), " ", tostring(v))
     }
   }
-  location = /run {
-    content_by_lua_block {
-      local ok, v = require("handler").run(function() return 6 * 7 end)
-      ngx.print(tostring(ok), " ", tostring(v))
-    }
-  }
-  location = /cause {
-    content_by_lua_block {
-      local handler = require("handler")
-      local kind, ok, err = ngx.var.arg_kind
-      if kind == "ok" then
-        local n = tonumber(ngx.var.arg_n)
-        ok, err = handler.run(function() return n * n end)
-      elseif kind == "timeout" then
-        ok, err = handler.run(function() while true do end end, { max_ms = 100 })
-      elseif kind == "oom" then
-        ok, err = handler.run(function()
-          local t = {}
-          for i = 1, 1e7 do t[i] = { i } end
-          return #t
-        end, { max_heap_bytes = 65536 })
-      elseif kind == "segv" then
-        ok, err = handler.run(function() require("ffi").cast("int *", 0)[0] = 1 end)
-      elseif kind == "error" then
-        ok, err = handler.run(function() error("boom", 0) end)
-      end
-      if ok then
-        ngx.print("ok ", tostring(err))
-      else
-        ngx.print(tostring(err.type), "|", tostring(err.reason))
-      end
-    }
-  }
-  location = /uid {
-    content_by_lua_block {
-      local ok, uid = require("handler").run(function()
-        local f = io.open("/proc/self/status")
-        local s = f:read("*a")
-        f:close()
-        return s:match("Uid:%s*(%d+)")
-      end)
-      ngx.print(tostring(ok), " ", tostring(uid), " ", ngx.worker.pid())
-    }
-  }
 ]]
 
 local function start(n, extra)
@@ -90,11 +47,6 @@ local function start(n, extra)
   for k, v in pairs(extra or {}) do opts[k] = v end
   if extra and extra.server then opts.server = LOCATIONS .. extra.server end
   return nginx.start(opts)
-end
-
-local function assert_stopped_clean(srv)
-  local forced = srv:stop()
-  assert(#forced == 0, "stop() had to kill " .. nginx.describe(forced))
 end
 
 local function load(srv, requests, concurrency)
@@ -139,7 +91,7 @@ describe("waiting inside nginx", function()
     assert(took < 2.5, format("eight 500 ms jobs took %.2f s", took))
     print(format("\n[nginx] fast requests: p99 %.2f ms idle, %.2f ms while eight 500 ms jobs ran",
       idle_p99 / 1000, busy_p99 / 1000))
-    assert_stopped_clean(srv)
+    srv:stop_clean()
   end)
 
   it("gives every job its own outcome under concurrent load, on two workers", function()
@@ -152,8 +104,10 @@ describe("waiting inside nginx", function()
     end
     local t0 = H.now()
     local r = load(srv, requests, 10)
-    local want = { timeout = "Timeout|nil", oom = "OOM|nil", segv = "ProcessExit|SIGSEGV",
-      error = "ProcessExit|boom" }
+    local want = { timeout = "Timeout|nil|Took more than 100ms to complete",
+      oom = "OOM|nil|Process tried to use more than 65536 bytes of memory",
+      segv = "ProcessExit|SIGSEGV|Process exited with SIGSEGV",
+      error = "ProcessExit|boom|Process exited with boom" }
     for _, o in ipairs(r.results) do
       local kind, n = o.path:match("kind=(%a+)"), o.path:match("n=(%d+)")
       if kind == "ok" then
@@ -165,7 +119,7 @@ describe("waiting inside nginx", function()
     -- Five 100 ms timeouts on each of two workers' loops, at once.
     assert(H.now() - t0 < 5, "took " .. (H.now() - t0))
     assert.are.equal("true 42", srv:get_ok("/run"))
-    assert_stopped_clean(srv)
+    srv:stop_clean()
   end)
 
   it("works under load with the module loaded before the fork, jobs as the worker's user", function()
@@ -188,7 +142,7 @@ describe("waiting inside nginx", function()
       end
     end
     assert.is_not_nil(next(seen))
-    assert_stopped_clean(srv)
+    srv:stop_clean()
   end)
 
   it("raises in phases that cannot yield, and runs pool:async jobs from any phase", function()
@@ -256,7 +210,7 @@ describe("waiting inside nginx", function()
     assert.matches("async in the log phase: a job", log)
     assert.are.equal("2 fast nil timeout", srv:get_ok("/any"))
     assert.are.equal("25", srv:get_ok("/threads"))
-    assert_stopped_clean(srv)
+    srv:stop_clean()
   end)
 
   it("refuses nginx's values in the caller, naming them, and passes ngx.null", function()
@@ -296,7 +250,7 @@ describe("waiting inside nginx", function()
     assert.are.equal("true true", srv:get_ok("/capture?what=null"))
     -- The worker goes on serving.
     assert.are.equal("true 42", srv:get_ok("/run"))
-    assert_stopped_clean(srv)
+    srv:stop_clean()
   end)
 
   it("delivers a job's events to the waiting request as they come", function()
@@ -315,7 +269,7 @@ describe("waiting inside nginx", function()
     ]] })
     finally(function() srv:stop() end)
     assert.are.equal("true done 1,2,3", srv:get_ok("/events"))
-    assert_stopped_clean(srv)
+    srv:stop_clean()
   end)
 
   it("replaces a killed supervisor for the next request", function()
@@ -336,7 +290,7 @@ describe("waiting inside nginx", function()
     assert.is_true(nginx.wait_for(function() return #nginx.living(below) == 0 end, 10))
     assert.are.equal("true 42", srv:get_ok("/run"))
     assert.are.equal("true 42", srv:get_ok("/run"))
-    assert_stopped_clean(srv)
+    srv:stop_clean()
   end)
 end)
 
@@ -429,7 +383,7 @@ handler.pool{ name = "shared", max_workers = 3, shared_dict = "handler_budgets" 
       if o.body:match("^NoWorkersAvailable") then rejected = rejected + 1 end
     end
     assert(rejected >= 3, "rejected " .. rejected .. " of 6")
-    assert_stopped_clean(srv)
+    srv:stop_clean()
   end)
 
   it("takes back the share of an nginx worker killed mid-job", function()
@@ -454,7 +408,7 @@ handler.pool{ name = "shared", max_workers = 3, shared_dict = "handler_budgets" 
     local r = load(srv, { { path = "/timed", count = 3 } }, 3)
     for _, o in ipairs(r.results) do assert.matches("^ok ", o.body) end
     assert.are.equal("0 0", srv:get_ok("/usage"))
-    assert_stopped_clean(srv)
+    srv:stop_clean()
   end)
 
   it("lets a reloaded worker finish its jobs and give its share back", function()
@@ -474,6 +428,6 @@ handler.pool{ name = "shared", max_workers = 3, shared_dict = "handler_budgets" 
       "left behind: " .. nginx.describe(nginx.living(below)))
     assert.are.equal("0 0", srv:get_ok("/usage"))
     assert.matches("^ok ", srv:get_ok("/timed"))
-    assert_stopped_clean(srv)
+    srv:stop_clean()
   end)
 end)

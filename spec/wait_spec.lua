@@ -4,14 +4,7 @@
 local handler = require("handler")
 local H = require("spec.support.helpers")
 
-local function sleeper(ms)
-  return function()
-    local t = os.clock()
-    -- os.clock is CPU time: a busy wait that is over after `ms`.
-    while (os.clock() - t) * 1000 < ms do end
-    return ms
-  end
-end
+local sleeper = H.busy_job
 
 describe("handler.wait_any", function()
   local pool

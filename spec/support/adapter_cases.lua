@@ -21,14 +21,7 @@ local describe, it, before_each, after_each =
 
 local format, pcall, error = string.format, pcall, error
 
--- A job body that keeps its worker busy for `ms` and returns it.
-local function busy(ms)
-  return function()
-    local t = os.clock()
-    while (os.clock() - t) * 1000 < ms do end
-    return ms
-  end
-end
+local busy = H.busy_job
 
 local function endless()
   while true do end

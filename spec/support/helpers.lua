@@ -485,6 +485,16 @@ function M.assert_has_all(text, list)
 end
 
 --- Sends SIGKILL to pid.
+--- A job body that keeps its worker busy for `ms` (os.clock is CPU time)
+-- and returns `ms`.
+function M.busy_job(ms)
+  return function()
+    local t = os.clock()
+    while (os.clock() - t) * 1000 < ms do end
+    return ms
+  end
+end
+
 --- Sends signal `sig` to pid.
 function M.signal(pid, sig)
   return C.hd_spec_kill(pid, sig) == 0

@@ -500,6 +500,12 @@ function Server:get(path, timeout_ms)
   return http.get(self.port, path, timeout_ms)
 end
 
+--- Stops the server, asserting it had nothing to kill by force.
+function Server:stop_clean()
+  local forced = self:stop()
+  if #forced > 0 then error("stop() had to kill " .. M.describe(forced), 2) end
+end
+
 --- GETs path, asserting a 200 (with the error log in the message);
 -- returns the body.
 function Server:get_ok(path, timeout_ms)
@@ -702,6 +708,57 @@ function M.reap(pid, seconds)
   end, seconds or 10)
   return how
 end
+
+--- Locations the nginx specs share: /run (a trivial job: "true 42"),
+-- /cause?kind=ok&n=N|timeout|oom|segv|error (a job that ends that way:
+-- "ok <result>" or "type|reason|message"), /uid ("true <job's uid> <nginx
+-- worker's pid>").
+M.JOB_LOCATIONS = [[
+  location = /run {
+    content_by_lua_block {
+      local ok, v = require("handler").run(function() return 6 * 7 end)
+      ngx.print(tostring(ok), " ", tostring(v))
+    }
+  }
+  location = /cause {
+    content_by_lua_block {
+      local handler = require("handler")
+      local kind, ok, err = ngx.var.arg_kind
+      if kind == "ok" then
+        local n = tonumber(ngx.var.arg_n)
+        ok, err = handler.run(function() return n * n end)
+      elseif kind == "timeout" then
+        ok, err = handler.run(function() while true do end end, { max_ms = 100 })
+      elseif kind == "oom" then
+        ok, err = handler.run(function()
+          local t = {}
+          for i = 1, 1e7 do t[i] = { i } end
+          return #t
+        end, { max_heap_bytes = 65536 })
+      elseif kind == "segv" then
+        ok, err = handler.run(function() require("ffi").cast("int *", 0)[0] = 1 end)
+      elseif kind == "error" then
+        ok, err = handler.run(function() error("boom", 0) end)
+      end
+      if ok then
+        ngx.print("ok ", tostring(err))
+      else
+        ngx.print(tostring(err.type), "|", tostring(err.reason), "|", tostring(err.message))
+      end
+    }
+  }
+  location = /uid {
+    content_by_lua_block {
+      local ok, uid = require("handler").run(function()
+        local f = io.open("/proc/self/status")
+        local s = f:read("*a")
+        f:close()
+        return s:match("Uid:%s*(%d+)")
+      end)
+      ngx.print(tostring(ok), " ", tostring(uid), " ", ngx.worker.pid())
+    }
+  }
+]]
 
 --- The handler processes among ids (from identify).
 function M.handler_procs(ids)

@@ -461,32 +461,31 @@ static int sched_first_done(hd_job *const *jobs, int n, int events) {
   return -1;
 }
 
+typedef struct {
+  hd_job *const *jobs;
+  int n, events, found;
+} sched_any;
+
+static int sched_any_ready(void *ud) {
+  sched_any *a = ud;
+  a->found = sched_first_done(a->jobs, a->n, a->events);
+  return a->found >= 0;
+}
+
 int hd_sched_wait_any(hd_sched *s, hd_job *const *jobs, int n, double timeout_ms, int events) {
-  uv_loop_t *uv = hd_loop_uv(s->loop);
-  uv_timer_t *t = NULL;
-  int i, expired = 0;
-  if ((i = sched_first_done(jobs, n, events)) >= 0) return i;
+  sched_any a;
+  int r;
+  a.jobs = jobs;
+  a.n = n;
+  a.events = events;
+  a.found = -1;
+  if (sched_any_ready(&a)) return a.found;
   if (timeout_ms <= 0) {
     hd_sched_step(s);
     return sched_first_done(jobs, n, events);
   }
-  if (timeout_ms < SCHED_NO_LIMIT_MS) {
-    t = malloc(sizeof *t);
-    if (t == NULL) return -2;
-    uv_timer_init(uv, t);
-    t->data = &expired;
-    uv_timer_start(t, sched_wait_timer_cb,
-                   (uint64_t)(timeout_ms > SCHED_MAX_TIMER_MS ? SCHED_MAX_TIMER_MS : timeout_ms),
-                   0);
-  }
-  s->in_loop = 1;
-  while ((i = sched_first_done(jobs, n, events)) < 0 && !expired) uv_run(uv, UV_RUN_ONCE);
-  s->in_loop = 0;
-  s->last_run = uv_hrtime();
-  if (t != NULL) uv_close((uv_handle_t *)t, sched_wait_close_cb);
-  hd_sup_reap(s->sup);
-  sched_sync(s);
-  return i;
+  r = hd_sched_wait_until(s, sched_any_ready, &a, timeout_ms);
+  return r < 0 ? r : a.found;
 }
 
 int hd_sched_wait_until(hd_sched *s, int (*ready)(void *), void *ud, double timeout_ms) {
@@ -499,7 +498,11 @@ int hd_sched_wait_until(hd_sched *s, int (*ready)(void *), void *ud, double time
     if (t == NULL) return -2;
     uv_timer_init(uv, t);
     t->data = &expired;
-    uv_timer_start(t, sched_wait_timer_cb, (uint64_t)(timeout_ms > 0 ? timeout_ms : 0), 0);
+    uv_timer_start(t, sched_wait_timer_cb,
+                   (uint64_t)(timeout_ms > SCHED_MAX_TIMER_MS ? SCHED_MAX_TIMER_MS
+                              : timeout_ms > 0                ? timeout_ms
+                                                              : 0),
+                   0);
   }
   s->in_loop = 1;
   while (!(r = ready(ud)) && !expired) uv_run(uv, UV_RUN_ONCE);

@@ -604,20 +604,21 @@ static int l_events(lua_State *L) {
   return 1;
 }
 
-static int l_started(lua_State *L) {
+/* A yes-or-no question about the job at 1. */
+static int l_job_is(lua_State *L, int (*is)(const hd_job *)) {
   hd_job *j;
   l_core(L);
   j = l_checkjob(L, 1);
-  lua_pushboolean(L, hd_job_started(j));
+  lua_pushboolean(L, is(j));
   return 1;
 }
 
+static int l_started(lua_State *L) {
+  return l_job_is(L, hd_job_started);
+}
+
 static int l_has_events(lua_State *L) {
-  hd_job *j;
-  l_core(L);
-  j = l_checkjob(L, 1);
-  lua_pushboolean(L, hd_job_has_events(j));
-  return 1;
+  return l_job_is(L, hd_job_has_events);
 }
 
 /* job_stats(job) -> { wall_ms, cpu_ms, queued_ms, heap_peak_bytes,
