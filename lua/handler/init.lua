@@ -480,8 +480,7 @@ end
 local Job = {}
 Job.__index = Job
 
-function Pool:async(fn, opts)
-  check_fn("async", fn)
+local function async(self, fn, opts)
   local max_ms, heap, result, task, wait, chains, output, env = pool_args(self, "pool:async", opts)
   local cpu = opts and opts.max_cpu_ms
   local omode = opts and OUTPUT_MODE[opts.output]
@@ -494,6 +493,19 @@ function Pool:async(fn, opts)
   return setmetatable({ _ud = job, _max_ms = max_ms, _heap = heap, _cpu = cpu, pool = self,
     _capture = omode == OUTPUT_MODE.capture, _on_event = opts and opts.on_event,
     task_name = task }, Job)
+end
+
+function Pool:async(fn, opts)
+  check_fn("async", fn)
+  return async(self, fn, opts)
+end
+
+-- Internal, for handler serve, not API: a job whose function and arguments
+-- come encoded already (core.encode_job's bytes, from a handler.remote
+-- producer). They go to the worker as they are: this host never loads the
+-- bytecode they hold. opts as pool:async's, without args.
+function Pool:_async_encoded(msg, opts)
+  return async(self, msg, opts)
 end
 
 local function check_job(job, level)

@@ -16,7 +16,8 @@ static int hd_lcodec_buf_gc(lua_State *L) {
   return 0;
 }
 
-int hd_l_encode(lua_State *L) {
+/* Encodes the n values from index 1 with `flags`, pushing the message. */
+static int hd_lcodec_encode(lua_State *L, int flags) {
   int n = lua_gettop(L);
   hd_buf *b;
   /* hd_encode raises on a value that cannot travel: the buffer lives in a
@@ -30,10 +31,19 @@ int hd_l_encode(lua_State *L) {
     lua_setfield(L, -2, "__gc");
   }
   lua_setmetatable(L, -2);
-  hd_encode(L, 1, n, b, HD_ENC_FUNCTIONS);
+  hd_encode(L, 1, n, b, flags);
   lua_pushlstring(L, b->data != NULL ? b->data : "", b->len);
   hd_buf_free(b);
   return 1;
+}
+
+int hd_l_encode(lua_State *L) {
+  return hd_lcodec_encode(L, HD_ENC_FUNCTIONS);
+}
+
+int hd_l_encode_job(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  return hd_lcodec_encode(L, HD_ENC_FUNCTIONS | HD_ENC_HOST | HD_ENC_ARGS);
 }
 
 int hd_l_decode(lua_State *L) {

@@ -9,6 +9,12 @@
  * travel as bytecode (HD_ENC_FUNCTIONS). */
 int hd_l_encode(lua_State *L);
 
+/* encode_job(fn, ...) → string: fn and its arguments, encoded as a job's
+ * frame carries them (HD_ENC_HOST, HD_ENC_ARGS), for a job that another
+ * host will run (handler.remote): that host passes the bytes to its worker
+ * as they are (core.submit with a string for the function). */
+int hd_l_encode_job(lua_State *L);
+
 /* decode(s [, trusted]) → the values of message s. Without `trusted` the
  * bytes are treated as hostile: no bytecode, no require. */
 int hd_l_decode(lua_State *L);

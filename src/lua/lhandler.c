@@ -290,7 +290,16 @@ static void l_build_frame(lua_State *L, hd_sched *s, hd_job *j, uint64_t heap, d
       lua_pop(L, 2);
     }
   }
-  if (args) {
+  if (lua_type(L, 3) == LUA_TSTRING) {
+    /* A job encoded elsewhere (core.encode_job, by a handler.remote
+     * producer): its bytes go to the worker as they are. The host never
+     * decodes them (they hold bytecode); the worker decodes them as it
+     * decodes every job, and a malformed message fails that job alone. */
+    size_t len;
+    const char *msg = lua_tolstring(L, 3, &len);
+    if (args) luaL_error(L, "handler: an encoded job carries its own arguments");
+    if (hd_buf_append(b, msg, len) != 0) luaL_error(L, "handler: out of memory");
+  } else if (args) {
     int i, n, top = lua_gettop(L);
     lua_getfield(L, args, "n");
     n = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1) : (int)lua_objlen(L, args);
@@ -1095,6 +1104,13 @@ L_EXPORT int luaopen_handler_core(lua_State *L) {
   lua_setfield(L, -2, "encode");
   lua_pushcfunction(L, hd_l_decode);
   lua_setfield(L, -2, "decode");
+  lua_pushcfunction(L, hd_l_encode_job);
+  lua_setfield(L, -2, "encode_job");
+  /* The protocol version the worker's hello carries: a handler.remote
+   * entry carries it too, so that a consumer of another build refuses the
+   * entry as the handshake refuses a worker. */
+  lua_pushinteger(L, HD_PROTO_VERSION);
+  lua_setfield(L, -2, "protocol");
   lua_pushstring(L, hd_sched_worker_path(s));
   lua_setfield(L, -2, "worker_path");
   l_push_time_bounds(L);
