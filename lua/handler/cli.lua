@@ -13,6 +13,8 @@ local M = {}
 
 local USAGE = [[
 usage: handler map SCRIPT.lua [INPUT...] [options]      (no INPUT: standard input)
+       handler serve [SCRIPT.lua] --redis HOST:PORT --stream NAME [options]
+                                          (handler serve --help says more)
 
 SCRIPT.lua returns a function record -> result, or { map = function, init = function }.
 Each line of INPUT is a JSON value (a record); each runs as a job of its own.
@@ -65,6 +67,9 @@ local function usage(fmt, ...)
   error(setmetatable({ message = format(fmt, ...) }, Usage), 0)
 end
 
+-- What handler serve (handler/serve.lua) shares with handler map.
+M.Usage, M.usage, M.now = Usage, usage, now
+
 local function bytes_of(s, flag)
   local n, unit = tostring(s):match("^(%d+%.?%d*)([kKmMgG]?)$")
   n = tonumber(n)
@@ -91,6 +96,8 @@ local function ms_of(s, flag)
   return n
 end
 
+M.bytes_of, M.count_of, M.ms_of = bytes_of, count_of, ms_of
+
 --- parse(argv) -> options; raises a Usage error.
 function M.parse(argv)
   local o = { inputs = {}, retries = 0 }
@@ -98,7 +105,8 @@ function M.parse(argv)
     o.help = true
     return o
   end
-  if argv[1] ~= "map" then usage("unknown command %s (try: handler map SCRIPT.lua [INPUT...])",
+  if argv[1] ~= "map" then usage("unknown command %s (try: handler map SCRIPT.lua [INPUT...], "
+    .. "handler serve [SCRIPT.lua] --redis HOST:PORT --stream NAME)",
     tostring(argv[1] or "(none)")) end
   local i = 2
   local function value(flag)
@@ -141,7 +149,7 @@ function M.parse(argv)
 end
 
 -- The user's script: its map and init functions.
-local function load_script(path)
+function M.load_script(path)
   local chunk, err = loadfile(path)
   if chunk == nil then usage("cannot load %s: %s", path, err) end
   local ok, v = pcall(chunk)
@@ -205,6 +213,27 @@ local function cpus()
   local n = tonumber(C.hd_cli_sysconf(SC_NPROCESSORS_ONLN))
   return n and n > 0 and n or 1
 end
+M.cpus = cpus
+
+--- isatty(fd) -> whether fd is a terminal.
+function M.isatty(fd)
+  return C.hd_cli_isatty(fd) == 1
+end
+
+--- block_signals(list) -> pending(sig): blocks the signals of `list` (numbers)
+-- in this process, so that they wait until asked for: pending(sig) says
+-- whether sig has come (it stays pending).
+function M.block_signals(list)
+  local set = ffi.new("hd_cli_sigset")
+  C.hd_cli_sigemptyset(set)
+  for _, sig in ipairs(list) do C.hd_cli_sigaddset(set, sig) end
+  C.hd_cli_sigprocmask(SIG_BLOCK, set, nil)
+  local pending = ffi.new("hd_cli_sigset")
+  return function(sig)
+    C.hd_cli_sigpending(pending)
+    return C.hd_cli_sigismember(pending, sig) == 1
+  end, set
+end
 
 -- What a failure looks like on the errors stream.
 local function failure_line(cjson, line, err)
@@ -221,6 +250,7 @@ end
 --- main(argv [, stdout, stderr]) -> exit status
 function M.main(argv, out, errs)
   out, errs = out or io.stdout, errs or io.stderr
+  if argv[1] == "serve" then return require("handler.serve").main(argv, out, errs) end
   local ok, o = pcall(M.parse, argv)
   if not ok then
     if getmetatable(o) == Usage then
@@ -249,7 +279,7 @@ end
 function M.run(o, out, errs)
   local has_cjson, cjson = pcall(require, "cjson")
   if not has_cjson then usage("needs lua-cjson (Debian: lua-cjson)") end
-  local user_map, user_init = load_script(o.script)
+  local user_map, user_init = M.load_script(o.script)
   local jobs = o.jobs or cpus()
   local skip = o.resume and read_joblog(o.joblog) or {}
   local err_out = errs
@@ -301,15 +331,9 @@ function M.run(o, out, errs)
 
   -- Signals: a first SIGINT or SIGTERM starts nothing more; what is in
   -- flight ends and is written.
-  local set = ffi.new("hd_cli_sigset")
-  C.hd_cli_sigemptyset(set)
-  C.hd_cli_sigaddset(set, SIGINT)
-  C.hd_cli_sigaddset(set, SIGTERM)
-  C.hd_cli_sigprocmask(SIG_BLOCK, set, nil)
-  local pending = ffi.new("hd_cli_sigset")
+  local pending = M.block_signals({ SIGINT, SIGTERM })
   local function signalled()
-    C.hd_cli_sigpending(pending)
-    return C.hd_cli_sigismember(pending, SIGINT) == 1 or C.hd_cli_sigismember(pending, SIGTERM) == 1
+    return pending(SIGINT) or pending(SIGTERM)
   end
 
   local next_record = records(o.inputs, skip)

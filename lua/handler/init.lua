@@ -716,6 +716,16 @@ function M.map(fn, inputs, opts)
 end
 
 ---------------------------------------------------------------------------
+-- Past one machine: jobs through a Redis stream (handler/remote.lua),
+-- loaded on first use.
+
+--- handler.remote{ redis = "host:port", stream = "jobs" } -> a producer:
+-- remote:async(fn, opts), remote:map(fn, inputs, opts), job:await().
+function M.remote(config)
+  return require("handler.remote").new(config)
+end
+
+---------------------------------------------------------------------------
 -- Process-wide settings.
 
 local CONFIG = {
