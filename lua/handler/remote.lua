@@ -48,10 +48,13 @@ end
 function M.parse_address(s)
   if type(s) ~= "string" then return nil end
   s = s:gsub("^redis://", ""):gsub("/$", "")
-  local host, port = s:match("^%[?([^%]]*)%]?:(%d+)$")
+  -- An IPv6 address in brackets: "[::1]:6379".
+  local host, port = s:match("^%[([^%]]+)%]:(%d+)$")
+  if host == nil then host, port = s:match("^([^:]*):(%d+)$") end
   if host == nil then host, port = s, "6379" end
   port = tonumber(port)
-  if host == "" or host:find("[%s/]") or port == nil or port < 1 or port > 65535 then
+  if host == "" or host:find("[%s/]") or (host:find(":") and not s:find("^%[")) or port == nil
+     or port < 1 or port > 65535 then
     return nil
   end
   return host, port
