@@ -149,15 +149,16 @@ function Server:stop()
   H.rm_r(self.dir)
 end
 
---- start{ persist = bool } -> a server that answers PING.
+--- start{ persist = bool, port = n } -> a server that answers PING (on a
+-- free port unless told).
 function M.start(opts)
   opts = opts or {}
   local ok, why = M.available()
   if not ok then error("redis harness: " .. why, 2) end
   local srv = setmetatable({ persist = opts.persist, dir = H.tmpdir() }, Server)
   live_servers[srv] = true
-  for _ = 1, 5 do
-    srv.port = nginx.free_port()
+  for _ = 1, opts.port and 1 or 5 do
+    srv.port = opts.port or nginx.free_port()
     srv.addr = "127.0.0.1:" .. srv.port
     if launch(srv) then return srv end
     nginx.reap(srv.pid, 2)
