@@ -59,7 +59,9 @@ build = {
     HANDLER_SECCOMP_INCDIR = "$(SECCOMP_INCDIR)",
     HANDLER_SECCOMP_LIBDIR = "$(SECCOMP_LIBDIR)",
   },
-  -- The command line: `handler map ...`.
+  -- The command line: `handler map ...`, and `handler serve ...`, which with
+  -- handler.remote needs lua-redis (Debian: lua-redis; the rock redis-lua):
+  -- not a dependency, as the rest of handler runs without it.
   install = {
     bin = { handler = "bin/handler" },
   },

@@ -750,6 +750,79 @@ local function row_pipeline()
   os.execute("rm -rf " .. tmp)
 end
 
+-- Row 13: past one machine. The same trivial jobs (`function(i) return i *
+-- 2 end`, each its own entry) through a local pool:map (2 workers), then
+-- through Redis Streams: a redis-server started here (spec/support/redis.lua,
+-- no persistence) and `handler serve` consumers on this machine, one with
+-- -j 2, then two with -j 1 each (the same 2 workers). Timed from the first
+-- XADD (all pipelined) to the last outcome in the results stream.
+local function row_remote()
+  local n = quick and 4000 or 20000
+  progress("row 13: %d entries: pool:map, one and two handler serve consumers", n)
+  local redis = require("spec.support.redis")
+  local remote = require("handler.remote")
+  local core = handler._core
+  local job = function(i) return i * 2 end
+  local t0 = now()
+  local got = 0
+  for _, ok, v in pool2:map(job, (function() local k = 0 return function()
+    k = k + 1
+    if k <= n then return k end
+  end end)()) do
+    if ok and v then got = got + 1 end
+  end
+  local local_s = (now() - t0) / 1e9
+  if got ~= n then error("bench: row 13a: " .. got .. " of " .. n) end
+  local srv = redis.start()
+  local ok, err = pcall(function()
+    local function through(stream, consumers)
+      local cs = {}
+      for i = 1, #consumers do
+        cs[i] = redis.consumer(srv, { "--stream", stream, "-j", tostring(consumers[i]),
+          "--no-progress", "--consumer", stream .. i })
+      end
+      for _, c in ipairs(cs) do
+        local deadline = now() + 10e9
+        while not c:output():find(" reads ", 1, true) do
+          if now() > deadline then error("bench: a consumer does not start: " .. c:output()) end
+          os.execute("sleep 0.01")
+        end
+      end
+      local conn = remote.connect("127.0.0.1", srv.port)
+      local cmds = {}
+      for i = 1, n do
+        cmds[i] = { "XADD", stream, "*", "format", remote.FORMAT, "proto", remote.PROTOCOL,
+          "build", remote.BUILD, "fn", core.encode_job(job, i) }
+      end
+      local start = now()
+      for i = 1, n, 1000 do
+        assert(conn:pipeline({ unpack(cmds, i, math.min(n, i + 999)) }))
+      end
+      while tonumber(conn:call("XLEN", stream .. ":results")) < n do
+        os.execute("sleep 0.005")
+      end
+      local took = (now() - start) / 1e9
+      conn:close()
+      for _, c in ipairs(cs) do
+        if c:stop() ~= "exit 0" then error("bench: a consumer did not stop cleanly") end
+      end
+      return took
+    end
+    local one = through("one", { 2 })
+    local two = through("two", { 1, 1 })
+    add({ id = "13a", name = "local `pool:map`, 2 workers, trivial jobs", kind = "rate", n = n,
+      median = n / local_s, note = "the reference" })
+    add({ id = "13b", name = "`handler serve` -j 2, one consumer, entries from Redis Streams",
+      kind = "rate", n = n, median = n / one,
+      note = format("%.0f%% of 13a; each entry: XADD, XREADGROUP, a job, the outcome script", 100 * local_s / one) })
+    add({ id = "13c", name = "two `handler serve` consumers, -j 1 each, the same stream",
+      kind = "rate", n = n, median = n / two, note = format("%.0f%% of 13a, %.0f%% of 13b",
+        100 * local_s / two, 100 * one / two) })
+  end)
+  redis.stop_all()
+  if not ok then error(err, 0) end
+end
+
 -- Row 10: sandboxed workers, each in namespaces and a file system of its
 -- own. The strict profile reuses its workers; the "syscalls" one (the FFI
 -- at hand) takes a fresh process per job, so its cost per job includes a
@@ -829,6 +902,7 @@ if wanted(9) then row_transfer(st3) end
 if wanted(10) then row_sandboxed() end
 if wanted(11) then row_nginx() end
 if wanted(12) then row_pipeline() end
+if wanted(13) then row_remote() end
 
 pool2:close()
 child:close()

@@ -218,6 +218,7 @@ function M.run(o, out, errs)
   local t0 = now()
   local held, nheld = {}, 0          -- entry id -> entry, until its outcome is written
   local outbox = {}                  -- entries whose outcome waits to be written
+  local script_sha                   -- OUTCOME_SCRIPT's, once loaded
   local ended = {}                   -- entries whose job ended, to collect
   local stopping, quit = false, false
   local rd_outstanding, rd_count, rd_sent_at, rd_id = false, 0, 0, nil
@@ -291,7 +292,7 @@ function M.run(o, out, errs)
 
   local function outcome_cmd(e)
     local target = e.kind == "d" and dead_stream or results
-    local cmd = { "EVAL", OUTCOME_SCRIPT, 2, stream, target, group, e.id, maxlen,
+    local cmd = { "EVALSHA", script_sha, 2, stream, target, group, e.id, maxlen,
       "id", e.id, "ok", e.ok and "1" or "0", "value", e.value,
       "attempts", e.prev + e.tries, "consumer", consumer }
     if e.kind == "d" then
@@ -315,6 +316,18 @@ function M.run(o, out, errs)
   -- Writes the outcomes waiting; those not written (Redis unreachable) stay.
   local function flush()
     if outbox[1] == nil or now() < wr_retry_at then return end
+    if script_sha == nil then
+      -- Loaded once per connection's server: a restarted Redis has lost it
+      -- (NOSCRIPT below), and it is loaded again.
+      local sha, e = wr:call("SCRIPT", "LOAD", OUTCOME_SCRIPT)
+      if sha == nil then
+        note_down(e)
+        wr_retry_at = now() + wr_pause
+        wr_pause = min(wr_pause * 2, 2)
+        return
+      end
+      script_sha = sha
+    end
     local cmds = {}
     for i = 1, #outbox do cmds[i] = outcome_cmd(outbox[i]) end
     local replies, e = wr:pipeline(cmds)
@@ -330,11 +343,15 @@ function M.run(o, out, errs)
     for i = 1, #outbox do
       local x, r = outbox[i], replies[i]
       if type(r) == "table" and r.err then
-        -- An error reply (the stream is of another type, out of memory):
-        -- kept and tried again.
         keep[#keep + 1] = x
-        note_down(r.err)
-        wr_retry_at = now() + 1
+        if r.err:find("NOSCRIPT", 1, true) then
+          script_sha = nil
+        else
+          -- Another error reply (the stream is of another type, out of
+          -- memory): kept and tried again.
+          note_down(r.err)
+          wr_retry_at = now() + 1
+        end
       else
         if r == 0 then c.duplicates = c.duplicates + 1
         elseif x.refused then -- counted when refused
