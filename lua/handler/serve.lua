@@ -573,13 +573,11 @@ function M.run(o, out, errs)
     if claim_cursor ~= "0-0" then next_claim = now() end
   end
 
-  -- Resets the idle time of the entries held, so that no other consumer
-  -- claims them while their jobs run.
+  -- Resets the idle time of the entries held (running, or with an outcome
+  -- not yet written), so that no other consumer claims them meanwhile.
   local function heartbeat()
     local ids = {}
-    for id, e in pairs(held) do
-      if e.job ~= nil then ids[#ids + 1] = id end
-    end
+    for id in pairs(held) do ids[#ids + 1] = id end
     if ids[1] == nil then return end
     local cmd = { "XCLAIM", stream, group, consumer, 0 }
     for i = 1, #ids do cmd[#cmd + 1] = ids[i] end
