@@ -240,11 +240,12 @@ function M.run(o, out, errs)
       c.handed_back, c.duplicates, c.reconnects, done_count() / max(t, 1e-6), t)
   end
 
+  local stale = false   -- counters changed since the progress line was written
   local function show(final)
     if not progress then return end
     local t = now()
-    if not final and t - last_shown < 0.2 then return end
-    last_shown = t
+    if not final and (not stale or t - last_shown < 0.2) then return end
+    last_shown, stale = t, false
     errs:write("\r", stats_line(), final and "\n" or "  ")
     errs:flush()
   end
@@ -362,6 +363,7 @@ function M.run(o, out, errs)
       end
     end
     outbox = keep
+    stale = true
     show(false)
   end
 
@@ -597,7 +599,8 @@ function M.run(o, out, errs)
       if n == nil or n < 128 then return end
       local sig = sigbuf[0]
       if sig == SIGUSR1 then
-        errs:write(format("handler serve: %s: %s\n", consumer, stats_line()))
+        errs:write(format("%shandler serve: %s: %s\n", progress and "\n" or "", consumer,
+          stats_line()))
         errs:flush()
       elseif stopping then
         quit = true
@@ -686,6 +689,8 @@ function M.run(o, out, errs)
     end
     if outbox[1] ~= nil then deadline = min(deadline, wr_retry_at) end
     if o.stats_key then deadline = min(deadline, next_stats) end
+    -- The progress line catches up with the last outcomes when all is quiet.
+    if stale and progress then deadline = min(deadline, last_shown + 0.2) end
     if ended[1] ~= nil then deadline = 0 end
     local wait = nil   -- nothing timed: until something is ready
     if deadline < huge then wait = max(0, deadline - now()) end
