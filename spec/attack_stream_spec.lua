@@ -140,10 +140,10 @@ describe("handler serve, given hostile entries", function()
   end)
 
   it("runs what it is sent in the strict sandbox", function()
-    local ok, err = producer:async(function() return io.open("/etc/hostname") end):await()
+    local ok, err = redis.await(producer:async(function() return io.open("/etc/hostname") end))
     assert.is_false(ok)
     assert.are.equal("ProcessExit", err.type)
-    ok, err = producer:async(function() return require("ffi") end):await()
+    ok, err = redis.await(producer:async(function() return require("ffi") end))
     assert.is_false(ok)
   end)
 
@@ -178,7 +178,7 @@ describe("handler serve, given hostile entries", function()
     end
     assert.is_true(H.wait_until(all_done, 60), consumer:output())
     for _, id in ipairs(ids) do assert.are.equal(1, count[id], id) end
-    assert.are.same({ true, 6 }, { producer:async(function() return 2 * 3 end):await() })
+    assert.are.same({ true, 6 }, { redis.await(producer:async(function() return 2 * 3 end)) })
     assert.is_nil(consumer:exited())
   end)
 end)

@@ -38,10 +38,10 @@ describe("handler.remote", function()
       return helper(a) + b, config.again.n, config.name, nil, { nested = { true } }
     end, { args = { 2, 5 } }))
     assert.is_string(job.id)
-    local r = H.pack(job:await())
+    local r = H.pack(redis.await(job))
     assert.are.same({ n = 6, true, 11, 2, "x\0y", nil, { nested = { true } } }, r)
     -- Awaited again: the same outcome.
-    assert.are.same(r, H.pack(job:await()))
+    assert.are.same(r, H.pack(redis.await(job)))
     -- The caller's tables are untouched: the job had copies.
     assert.are.equal(1, shared.n)
   end)
@@ -49,8 +49,9 @@ describe("handler.remote", function()
   it("carries a closure's own functions and the modules it names", function()
     local fmt = string.format
     local function square(x) return x * x end
-    local ok, v = remote:async(function() return fmt("%d-%s", square(7), ("ab"):upper()) end)
-      :await()
+    local ok, v = redis.await(remote:async(function()
+      return fmt("%d-%s", square(7), ("ab"):upper())
+    end))
     assert.is_true(ok)
     assert.are.equal("49-AB", v)
   end)
@@ -68,7 +69,7 @@ describe("handler.remote", function()
     }
     for _, case in ipairs(cases) do
       local lok, lerr = pool:async(case[1], case[2]):await()
-      local rok, rerr = remote:async(case[1], case[2]):await()
+      local rok, rerr = redis.await(remote:async(case[1], case[2]))
       assert.is_false(lok)
       assert.is_false(rok)
       for _, k in ipairs({ "type", "reason", "cause" }) do
@@ -84,7 +85,7 @@ describe("handler.remote", function()
     local other = handler.remote{ redis = srv.addr, stream = "jobs" }
     finally(function() other:close() end)
     other._build = "1b4c4a02"
-    local ok, err = other:async(function() return 1 end):await()
+    local ok, err = redis.await(other:async(function() return 1 end))
     assert.is_false(ok)
     assert.are.equal("BadEntry", err.type)
     assert.matches("entry was encoded by another LuaJIT (its bytecode differs)", err.message,
@@ -105,7 +106,7 @@ describe("handler.remote", function()
     assert.matches("entry speaks protocol 999, this consumer speaks " .. handler._core.protocol,
       e2.message, 1, true)
     -- The consumer goes on.
-    assert.are.same({ true, 2 }, { remote:async(function() return 2 end):await() })
+    assert.are.same({ true, 2 }, { redis.await(remote:async(function() return 2 end)) })
   end)
 
   it("maps a function over inputs, in order or as they finish", function()

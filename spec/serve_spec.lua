@@ -172,11 +172,52 @@ describe("handler serve", function()
     assert.is_not_nil(stats.b)
     assert.matches("^%d+ done %(%d+ ok, %d+ failed, %d+ dead, 0 refused%)", stats.c)
     assert.matches("connected again", c:output(), 1, true)
+    -- The killed consumer's entries were claimed (XAUTOCLAIM) by the others.
+    local claimed = tonumber(stats.b:match("(%d+) claimed")) + tonumber(stats.c:match("(%d+) claimed"))
+    assert.is_true(claimed >= 1, stats.b .. "\n" .. stats.c)
 
     local c_ids = c:ids()
     assert.are.equal("exit 0", c:stop())
     assert.is_true(nginx.wait_for(function() return #redis.living(c_ids) == 0 end, 10),
       redis.describe(redis.living(c_ids)))
+  end)
+
+  it("writes one outcome when a paused consumer's entry was taken over and run again", function()
+    local srv = redis.start()
+    local args = { "--stream", "slow", "-j", "1", "--visibility-ms", "500", "--no-progress" }
+    local x = redis.consumer(srv, { "--consumer", "x", unpack(args) })
+    local producer = handler.remote{ redis = srv.addr, stream = "slow" }
+    finally(function()
+      x:signal(18) -- SIGCONT, if the test stopped before it did
+      producer:close()
+    end)
+    local job = assert(producer:async(function()
+      local t = os.clock() + 0.8
+      while os.clock() < t do end
+      return "ran"
+    end))
+    -- x holds it; x stops answering (SIGSTOP), its worker runs on.
+    assert.is_true(nginx.wait_for(function()
+      local p = srv:try("XPENDING", "slow", "handler", "-", "+", 10)
+      return type(p) == "table" and p[1] ~= nil and p[1][2] == "x"
+    end, 10))
+    x:signal(19)
+    -- y takes it over once it has been idle for the visibility timeout,
+    -- runs it again, and writes its outcome.
+    local y = redis.consumer(srv, { "--consumer", "y", unpack(args) })
+    assert.are.same({ true, "ran" }, { redis.await(job) })
+    assert.are.equal("y", redis.fields(srv:call("XRANGE", "slow:results", "-", "+")[1][2]).consumer)
+    -- x comes back with its own result: the script writes nothing.
+    x:signal(18)
+    assert.is_true(nginx.wait_for(function()
+      x:signal(SIGUSR1)
+      H.sleep_ms(100)
+      return x:output():find("1 duplicates", 1, true) ~= nil
+    end, 15), x:output())
+    assert.are.equal(1, tonumber(srv:call("XLEN", "slow:results")))
+    assert.are.equal(0, srv:pending("slow"))
+    assert.are.equal("exit 0", x:stop())
+    assert.are.equal("exit 0", y:stop())
   end)
 
   it("serves a script: each entry's input is the argument of its map", function()
@@ -194,9 +235,9 @@ describe("handler serve", function()
     local r = handler.remote{ redis = srv.addr, stream = "recs" }
     finally(function() r:close() end)
     local job = assert(r:submit({ name = "x", list = { 1, 2, 3 } }))
-    assert.are.same({ true, "rec:x", 3 }, { job:await() })
+    assert.are.same({ true, "rec:x", 3 }, { redis.await(job) })
     -- A closure sent to a script's consumer is refused.
-    local ok, err = r:async(function() return 1 end):await()
+    local ok, err = redis.await(r:async(function() return 1 end))
     assert.is_false(ok)
     assert.matches("entry has no input field (this consumer serves a script)", err.message, 1, true)
     assert.are.equal("exit 0", c:stop())
@@ -225,7 +266,7 @@ describe("handler serve", function()
     local srv = redis.start{ port = port }
     local r = handler.remote{ redis = srv.addr, stream = "later" }
     finally(function() r:close() end)
-    assert.are.same({ true, 7 }, { assert(r:async(function() return 7 end)):await() })
+    assert.are.same({ true, 7 }, { redis.await(r:async(function() return 7 end)) })
     assert.are.equal("exit 0", c:stop())
   end)
 

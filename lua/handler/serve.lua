@@ -643,7 +643,8 @@ function M.run(o, out, errs)
   errs:flush()
 
   local socket_select = require("socket").select
-  local unblocked = false
+  local unblocked = false          -- stopping: the outstanding read was told to return
+  local claim_unblocked = false    -- claiming: the same
 
   while true do
     signals()
@@ -657,9 +658,23 @@ function M.run(o, out, errs)
         heartbeat()
         next_beat = t + visibility / 3000
       end
-      if t >= next_claim then
+      if t >= next_claim and window - nheld > 0 then
+        if rd_outstanding then
+          -- The outstanding read holds the window's room: it is told to
+          -- return (with what it may have been given), then claiming goes
+          -- first. Once per claim interval when idle.
+          if not claim_unblocked then
+            claim_unblocked = rd_id ~= nil and wr:call("CLIENT", "UNBLOCK", rd_id) ~= nil
+            -- Not told (Redis away): tried at the next interval.
+            if not claim_unblocked then next_claim = t + max(visibility / 2000, 0.05) end
+          end
+        else
+          next_claim = t + max(visibility / 2000, 0.05)
+          claim_unblocked = false
+          claim()
+        end
+      elseif t >= next_claim then
         next_claim = t + max(visibility / 2000, 0.05)
-        claim()
       end
       send_read()
     elseif rd_outstanding and not unblocked and rd_id ~= nil then
@@ -683,7 +698,8 @@ function M.run(o, out, errs)
     -- Wait for something to do.
     local deadline = huge
     if not stopping then
-      deadline = min(deadline, next_claim)
+      -- (Waiting for the read that was told to return: its reply wakes us.)
+      if not claim_unblocked then deadline = min(deadline, next_claim) end
       if nheld > 0 then deadline = min(deadline, next_beat) end
       if not rd_outstanding and room() > 0 then deadline = min(deadline, rd_retry_at) end
     end

@@ -250,6 +250,16 @@ local sentinel = newproxy(true)
 getmetatable(sentinel).__gc = function() pcall(M.stop_all) end
 M._sentinel = sentinel
 
+--- await(job [, seconds]) -> what job:await() returns, once the remote job
+-- is done; fails the test after `seconds` (30) instead of waiting forever.
+function M.await(job, seconds)
+  if job == nil then error("no job", 2) end
+  if not H.wait_until(function() return job:done() end, seconds or 30) then
+    error("no outcome for entry " .. tostring(job.id) .. " after " .. (seconds or 30) .. " s", 2)
+  end
+  return job:await()
+end
+
 --- Fields of a stream entry's field list, as a table.
 function M.fields(list)
   local t = {}
