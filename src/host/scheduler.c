@@ -43,6 +43,8 @@
 #define SCHED_SPIN_DEFAULT_NS 50000
 /* A loop that has not run for this long runs once before a job starts. */
 #define SCHED_STALE_NS 20000000
+/* ... and once after a job that had to queue. */
+#define SCHED_BUSY_NS 20000
 
 typedef enum { JOB_NEW, JOB_QUEUED, JOB_RUNNING, JOB_DONE } job_state;
 typedef enum { PROC_IDLE, PROC_BUSY, PROC_DYING } proc_state;
@@ -1404,6 +1406,12 @@ void hd_job_submit(hd_job *j) {
    * replaced, not handed the job. */
   if (uv_hrtime() - s->last_run > SCHED_STALE_NS) hd_sched_step(s);
   job_submit(j);
+  /* A host submitting many jobs in a row (async after async) does not run
+   * the loop meanwhile: workers that finished would sit idle until it
+   * waits. While jobs queue, a look at the loop now and then (one system
+   * call, when it has not run for SCHED_BUSY_NS) hands them the next. */
+  if (j->state == JOB_QUEUED && !s->in_loop && uv_hrtime() - s->last_run > SCHED_BUSY_NS)
+    hd_sched_step(s);
   sched_sync(s);
 }
 
