@@ -497,6 +497,50 @@ local function row_timeout()
     { ratio = true, note = "target ≤ 1 ms" })
 end
 
+-- Row 6c: max_heap_bytes = 16 MiB on a loop that allocates small tables
+-- without end: the call returns OOM after about the time the allocation
+-- itself takes. The reference: plain LuaJIT allocating the same tables,
+-- in this process, stopped once its heap has grown by as much.
+local function row_oom()
+  local n = count(40)
+  local cap = 16 * 2^20
+  progress("row 6c: max_heap_bytes = 16 MiB on a loop of small tables, %d times", n)
+  local p1 = handler.pool({ max_workers = 1 })
+  local function grow()
+    local t = {}
+    for i = 1, 1e9 do t[i] = { i } end
+  end
+  check(p1:run(trivial))
+  local ret, wrong = {}, 0
+  for i = 1, n + 2 do
+    local t0 = now()
+    local ok, err = p1:run(grow, { max_heap_bytes = cap, max_ms = 10000 })
+    local t1 = now()
+    if ok or type(err) ~= "table" or err.type ~= "OOM" then wrong = wrong + 1 end
+    if i > 2 then ret[#ret + 1] = t1 - t0 end
+  end
+  p1:close()
+  local plain = {}
+  for _ = 1, 5 do
+    collectgarbage()
+    local base = collectgarbage("count")
+    local t0 = now()
+    local t = {}
+    for i = 1, 1e9 do
+      t[i] = { i }
+      if i % 4096 == 0 and (collectgarbage("count") - base) * 1024 > cap then break end
+    end
+    plain[#plain + 1] = now() - t0
+    t = nil
+  end
+  local ref = summary(plain)
+  local st = summary(ret)
+  time_row("6c", "`max_heap_bytes = 16 MiB` on a loop of small tables: OOM returned after", st,
+    { ratio = st.median / ref.median, note = format("× plain LuaJIT growing its heap as much "
+      .. "(%.1f ms, this process)%s", ref.median / 1e6,
+      wrong > 0 and format("; %d outcomes were not OOM", wrong) or "") })
+end
+
 local function row_memory(mem)
   progress("row 8: memory")
   -- Let every worker finish building its next state.
@@ -897,6 +941,7 @@ end
 if wanted(4) then row_throughput() end
 if cold then for _, r in ipairs(cold) do add(r) end end
 if wanted(6) or wanted(7) then row_timeout() end
+if wanted(6) then row_oom() end
 if wanted(8) then row_memory(mem) end
 if wanted(9) then row_transfer(st3) end
 if wanted(10) then row_sandboxed() end

@@ -35,6 +35,8 @@
  *                     end closed, with bit 3 of byte 0) but not read before
  *                     it is submitted, so the parent finds them when it
  *                     picks an idle worker
+ *           bit 6     job 1 carries three items (pool:map's batches): it
+ *                     is answered by up to three replies
  * Each worker first says hello (its pid), as the worker executable does
  * before it reads a job, so no job's code can withhold it. Job ids are 1
  * and 2 and the first worker's id is 1 on every input, so the seeds can
@@ -212,7 +214,8 @@ static void fz_turn(void) {
 }
 
 /* Submits a job; `proc` gets the id of the process it starts on. */
-static hd_job *fz_submit(hd_pool *pool, double max_ms, double max_result, uint32_t *proc) {
+static hd_job *fz_submit(hd_pool *pool, double max_ms, double max_result, int items,
+                         uint32_t *proc) {
   hd_job *j = hd_job_new(fz_core, pool);
   hd_job_limits lim = {.max_ms = max_ms, .pool_timeout = 0, .max_result = max_result,
                        .max_output = 0, .max_cpu_ms = HUGE_VAL, .output = HD_OUTPUT_INHERIT,
@@ -222,8 +225,18 @@ static hd_job *fz_submit(hd_pool *pool, double max_ms, double max_result, uint32
   if (hd_chains_follow(hd_job_chains(j), pool) != 0) fz_fail("out of memory%lu", 0);
   hd_job_set_limits(j, &lim);
   /* A job frame with an empty message: the worker side is this harness. */
-  if (hd_wire_job_begin(&b, hd_job_id(j), 1 << 20, 0, NULL, NULL) != 0 ||
-      hd_wire_job_end(&b) != 0 || hd_job_set_frame(j, &b) != 0)
+  if (hd_wire_job_begin(&b, hd_job_id(j), 1 << 20, 0, NULL, NULL) != 0)
+    fz_fail("out of memory%lu", 0);
+  if (items > 0) {
+    int k;
+    if (hd_wire_job_items(&b) != 0) fz_fail("out of memory%lu", 0);
+    for (k = 0; k < items; k++) {
+      long at = hd_wire_job_item_begin(&b);
+      if (at < 0 || hd_wire_job_item_end(&b, at) != 0) fz_fail("out of memory%lu", 0);
+    }
+    hd_job_set_items(j, (uint32_t)items);
+  }
+  if (hd_wire_job_end(&b) != 0 || hd_job_set_frame(j, &b) != 0)
     fz_fail("out of memory%lu", 0);
   hd_buf_free(&b);
   hd_job_submit(j);
@@ -241,35 +254,35 @@ static int fz_decode(lua_State *L) {
 
 /* The checks on a job that ended. Returns 0 when the job's reply was
  * refused, 1 otherwise. */
+static int fz_decodes(hd_job *j, const char *msg, size_t len);
+
 static int fz_check_job(hd_job *j) {
   int good = 1;
   const char *msg;
   size_t len;
+  uint32_t i, done;
   if (!hd_job_done(j)) fz_fail("job %lu did not end though its worker is gone", hd_job_id(j));
+  /* The replies of the items before the one the job ended with were
+   * checked when they came: each is a status and a message that decodes. */
+  done = hd_job_items_done(j);
+  if (done > 2) fz_fail("job %lu: more items replied than it has", hd_job_id(j));
+  for (i = 0; i < done; i++) {
+    int status;
+    uint64_t cpu, peak, wall;
+    if (hd_job_item(j, i, &status, &msg, &len, &cpu, &peak, &wall) != 0)
+      fz_fail("job %lu: an item's reply is missing", hd_job_id(j));
+    if (status != HD_REPLY_OK && status != HD_REPLY_ERROR && status != HD_REPLY_OOM &&
+        status != HD_REPLY_BADRESULT)
+      fz_fail("job %lu: an item's reply has an unknown status", hd_job_id(j));
+    if (status != HD_REPLY_OOM) good &= fz_decodes(j, msg, len);
+  }
   switch (hd_job_outcome(j)) {
     case HD_OUT_OK:
     case HD_OUT_ERROR:
     case HD_OUT_BADRESULT:
       if (hd_job_outcome(j) == HD_OUT_BADRESULT && hd_job_detail(j)[0]) break;
       hd_job_message(j, &msg, &len);
-      lua_settop(fz_L, 0);
-      lua_pushcfunction(fz_L, fz_decode);
-      lua_pushlightuserdata(fz_L, (void *)msg);
-      lua_pushnumber(fz_L, (lua_Number)len);
-      if (lua_pcall(fz_L, 2, LUA_MULTRET, 0) != 0) {
-        const char *e = lua_tostring(fz_L, -1);
-        if (e == NULL || (strncmp(e, "handler: bad message: ", 22) != 0 &&
-                          strncmp(e, "handler: out of memory", 22) != 0)) {
-          fprintf(stderr, "fuzz_frame: %s\n", e ? e : "(non-string error)");
-          fz_fail("decoding job %lu's reply raised an unexpected error", hd_job_id(j));
-        }
-        /* A name this host has not loaded is a value this host cannot
-         * take, not a worker breaking the protocol: a real worker sends
-         * require("cjson") to a host that never required cjson. The
-         * worker may stay. Anything else refused means it goes. */
-        if (e == NULL || strstr(e, " in package.loaded named ") == NULL) good = 0;
-      }
-      lua_settop(fz_L, 0);
+      good &= fz_decodes(j, msg, len);
       break;
     case HD_OUT_BADREPLY:
     case HD_OUT_FAILED:
@@ -285,6 +298,31 @@ static int fz_check_job(hd_job *j) {
     default:
       fz_fail("job ended with outcome %lu", hd_job_outcome(j));
   }
+  return good;
+}
+
+/* Decodes a reply's message as the host does. Returns 0 when it is refused
+ * (the worker must go), 1 otherwise. */
+static int fz_decodes(hd_job *j, const char *msg, size_t len) {
+  int good = 1;
+  lua_settop(fz_L, 0);
+  lua_pushcfunction(fz_L, fz_decode);
+  lua_pushlightuserdata(fz_L, (void *)msg);
+  lua_pushnumber(fz_L, (lua_Number)len);
+  if (lua_pcall(fz_L, 2, LUA_MULTRET, 0) != 0) {
+    const char *e = lua_tostring(fz_L, -1);
+    if (e == NULL || (strncmp(e, "handler: bad message: ", 22) != 0 &&
+                      strncmp(e, "handler: out of memory", 22) != 0)) {
+      fprintf(stderr, "fuzz_frame: %s\n", e ? e : "(non-string error)");
+      fz_fail("decoding job %lu's reply raised an unexpected error", hd_job_id(j));
+    }
+    /* A name this host has not loaded is a value this host cannot take,
+     * not a worker breaking the protocol: a real worker sends
+     * require("cjson") to a host that never required cjson. The worker
+     * may stay. Anything else refused means it goes. */
+    if (e == NULL || strstr(e, " in package.loaded named ") == NULL) good = 0;
+  }
+  lua_settop(fz_L, 0);
   return good;
 }
 
@@ -357,7 +395,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
   pool = hd_pool_new(&cfg);
   if (pool == NULL) fz_fail("out of memory%lu", 0);
-  j1 = fz_submit(pool, (o & 0x80) ? 0 : 1e16, (o & 0x20) ? 64 : 0, &p1);
+  j1 = fz_submit(pool, (o & 0x80) ? 0 : 1e16, (o & 0x20) ? 64 : 0, (o2 & 0x40) ? 3 : 0, &p1);
   if (fz_sup.n != 1) fz_fail("job 1 did not get a worker (%lu)", fz_sup.n);
 
   /* In late mode the loop reads only the first frame. */
@@ -385,7 +423,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
       break;
     }
     if ((o & 0x40) && !late && j2 == NULL && hd_job_done(j1)) {
-      j2 = fz_submit(pool, 1e16, 0, &p2);
+      j2 = fz_submit(pool, 1e16, 0, 0, &p2);
       fz_turn();
     }
   }
@@ -397,7 +435,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
       pos += (size_t)r;
     }
     if (o & 8) fz_close_worker(w);
-    j2 = fz_submit(pool, 1e16, 0, &p2);
+    j2 = fz_submit(pool, 1e16, 0, 0, &p2);
     fz_turn();
   }
   if (!(o & 0x10)) {

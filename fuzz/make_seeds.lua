@@ -215,6 +215,16 @@ add("frame", "late_junk", char(0x40, 0, 32) .. ok_hi .. "junk")
 add("frame", "late_frame", char(0x40, 0, 32) .. ok_hi .. reply(2, 0, encode("early")))
 add("frame", "late_eof", char(0x48, 0, 32) .. ok_hi)
 add("frame", "late_eof_junk", char(0x48, 0, 32) .. ok_hi .. "junk")
+-- Job 1 of three items (byte 2, bit 6): a reply per item.
+add("frame", "items_three", char(0, 0, 0x40) .. ok_hi .. reply(1, 1, encode("boom", "tb"))
+  .. reply(1, 0, encode("third")))
+add("frame", "items_stats", char(1, 5, 0x40) .. frame(6, 1, u64(7) .. u64(8)) .. ok_hi
+  .. frame(6, 1, u64(9) .. u64(10)) .. ok_hi .. ok_hi)
+add("frame", "items_last_early", char(0, 0, 0x40) .. ok_hi .. reply(1, 0, encode("x"), LAST))
+add("frame", "items_one_more", char(0, 0, 0x40) .. ok_hi .. ok_hi .. ok_hi .. ok_hi)
+add("frame", "items_then_die", char(1, 3, 0x40 + 16) .. ok_hi .. ok_hi)
+add("frame", "items_deadline", char(0x80, 0, 0x40) .. ok_hi)
+add("frame", "items_wrong_id", char(0, 0, 0x40) .. ok_hi .. reply(2, 0, encode("x")))
 for i, case in ipairs(streams) do
   local o = options[(i - 1) % #options + 1]
   add("frame", case[1], char(o[1], o[2], o[3]) .. case[2])

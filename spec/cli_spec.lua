@@ -77,6 +77,37 @@ describe("handler map", function()
     assert.are.equal("Took more than 300ms to complete", errs[4].message)
   end)
 
+  it("gives the same lines batched as one record per job, joblog and errors included", function()
+    local input = {}
+    for k = 1, 400 do
+      input[k] = k % 97 == 0 and '{"id":' .. k .. ',"kind":"boom"}'
+        or k == 200 and '{"id":200,"kind":"hang"}' or '{"id":' .. k .. ',"n":' .. k .. '}'
+    end
+    local s, i = files(SCRIPT, table.concat(input, "\n") .. "\n")
+    local runs = {}
+    for _, batch in ipairs({ "--batch 1", "--batch 64" }) do
+      local status, out, err = handler_cmd("map " .. s .. " " .. i .. " -j 2 --max-ms 300 "
+        .. batch .. " --errors " .. q(dir .. "/errors") .. " --joblog " .. q(dir .. "/joblog"),
+        dir)
+      assert.are.equal(1, status, err)
+      local failed = {}
+      for _, l in ipairs(lines_of(H.read_file(dir .. "/errors"))) do
+        local e = require("cjson").decode(l)
+        failed[#failed + 1] = e.line .. " " .. e.type
+      end
+      table.sort(failed)
+      local logged = lines_of(H.read_file(dir .. "/joblog"))
+      runs[#runs + 1] = { out = out, failed = table.concat(failed, ","), logged = #logged }
+    end
+    assert.are.same(json_lines(runs[1].out), json_lines(runs[2].out))
+    assert.are.equal(400 - 5, #lines_of(runs[2].out))
+    assert.are.equal("194 ProcessExit,200 Timeout,291 ProcessExit,388 ProcessExit,97 ProcessExit",
+      runs[2].failed)
+    assert.are.equal(runs[1].failed, runs[2].failed)
+    assert.are.equal(400, runs[1].logged)
+    assert.are.equal(400, runs[2].logged)
+  end)
+
   it("writes results as they finish with --unordered", function()
     local s, i = files([[
       return function(r)
@@ -181,6 +212,8 @@ describe("handler map", function()
       { "map " .. s .. " --max-heap lots", "%-%-max%-heap: not a number of bytes" },
       { "map " .. s .. " --wat", "unknown option %-%-wat" },
       { "map " .. s .. " --resume", "%-%-resume needs %-%-joblog" },
+      { "map " .. s .. " --batch 0", "%-%-batch: expected a whole number > 0" },
+      { "map " .. s .. " --batch 5000", "%-%-batch: at most 1024 records, got 5000" },
       { "map " .. s .. " " .. i, ".*s%.lua must return a function record %-> result" },
       { "map " .. q(dir .. "/broken.lua") .. " " .. i, "cannot load .*broken.lua" },
       { "map " .. q(dir .. "/missing.lua") .. " " .. i, "cannot load .*missing.lua" },

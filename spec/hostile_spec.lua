@@ -262,6 +262,42 @@ describe("hostile bytes from a worker", function()
       end)
     end
 
+    -- A job of items (pool:map's batches) is answered by one reply per
+    -- item; the worker runs the job's function for the first item, which
+    -- writes the replies of its choice.
+    local function hostile_items(bytes)
+      local path = pidfile()
+      local id = next_id()
+      local job = assert(fx.pool:_async_items(attack(bytes(id), path, "sleep"),
+        { { n = 1, 1 }, { n = 1, 2 } }, { max_ms = 5000 }))
+      job:await()
+      local pid = attacker(path)
+      local res = { { job:_item(1) }, { job:_item(2) } }
+      assert_gone(pid)
+      assert_resolved_once(fx.pool)
+      assert_responsive(fx.pool)
+      H.assert_clean(fx.snap, { fx.pool })
+      return res
+    end
+
+    it("keeps the replies of a job's items, and refuses one reply more", function()
+      local res = hostile_items(function(id)
+        return reply(id, OK, hi) .. reply(id, OK, encode("two")) .. reply(id, OK, hi)
+      end)
+      assert.are.same({ true, "hi" }, res[1])
+      assert.is_false(res[2][1])
+      assert.matches("bytes after the reply", tostring(res[2][2].reason))
+    end)
+
+    it("refuses an item's reply for another job", function()
+      local res = hostile_items(function(id)
+        return reply(id, OK, hi) .. reply(id + 1, OK, hi)
+      end)
+      assert.are.same({ true, "hi" }, res[1])
+      assert.is_false(res[2][1])
+      assert.matches("wrong job", tostring(res[2][2].reason))
+    end)
+
     it("keeps the first of two replies sent apart, and ends the worker at the second", function()
       local res = hostile({ after = "sleep", ok = true,
         bytes = function(id) return reply(id, OK, hi) end,

@@ -148,6 +148,13 @@ describe("pool:map", function()
       { function() return pool:map(print, {}, { ordered = 1 }) end, "map: bad option 'ordered'" },
       { function() return pool:map(print, {}, { args = {} }) end, "map: unknown option 'args'" },
       { function() return handler.map(print, {}, { max_ms = -1 }) end, "map: bad option 'max_ms'" },
+      { function() return pool:map(print, {}, { batch = 0 }) end, "map: bad option 'batch'" },
+      { function() return pool:map(print, {}, { batch = 1.5 }) end, "map: bad option 'batch'" },
+      { function() return pool:map(print, {}, { batch = 1025 }) end, "map: bad option 'batch'" },
+      { function() return pool:map(print, {}, { batch = 4, output = "capture" }) end,
+        "bad argument #3 to 'map' %(batch > 1 takes neither output = \"capture\"" },
+      { function() return pool:map(print, {}, { batch = 4, on_event = print }) end,
+        "bad argument #3 to 'map' %(batch > 1 takes neither" },
     }
     for _, c in ipairs(cases) do
       local ok, err = pcall(c[1])
@@ -163,5 +170,124 @@ describe("pool:map", function()
       sum = sum + v
     end
     assert.are.equal(9, sum)
+  end)
+end)
+
+describe("pool:map with batch", function()
+  local pool
+  H.leak_checked()
+  before_each(function() pool = handler.pool{ max_workers = 2 } end)
+  after_each(function() pool:close() end)
+
+  it("sends several items to a worker at once, each from a fresh state", function()
+    local inputs = {}
+    for k = 1, 300 do inputs[k] = k end
+    local n = 0
+    for i, ok, v, seen in pool:map(function(x)
+      local before = LEFT_BY_ANOTHER_ITEM
+      LEFT_BY_ANOTHER_ITEM = x
+      return x * 2, before
+    end, inputs, { batch = 64 }) do
+      n = n + 1
+      assert.are.equal(n, i)
+      assert.is_true(ok)
+      assert.are.equal(2 * i, v)
+      assert.is_nil(seen)
+    end
+    assert.are.equal(300, n)
+    local st = pool:stats()
+    -- Fewer jobs than items: items went several to a job, on the same two
+    -- workers.
+    assert.is_true(st.started < 300, st.started .. " jobs for 300 items")
+    assert.are.equal(2, st.processes_started)
+  end)
+
+  it("costs a hang, a crash, an exit, an OOM and a raise only their own item", function()
+    local poison = { [5] = "hang", [9] = "crash", [13] = "exit", [17] = "alloc", [21] = "raise" }
+    local inputs = {}
+    for k = 1, 40 do inputs[k] = poison[k] or k end
+    local t0 = H.now()
+    local outcomes = {}
+    for i, ok, v in pool:map(function(x)
+      if x == "hang" then while true do end end
+      if x == "crash" then require("ffi").cast("int *", 0)[0] = 1 end
+      if x == "exit" then os.exit(7) end
+      if x == "alloc" then
+        local t = {}
+        while true do t[#t + 1] = { x } end
+      end
+      if x == "raise" then error("bad item", 0) end
+      return x
+    end, inputs, { batch = 16, max_ms = 500, max_heap_bytes = 8 * 2^20 }) do
+      outcomes[i] = ok and v or v
+    end
+    local elapsed = H.now() - t0
+    for k = 1, 40 do
+      if not poison[k] then assert.are.equal(k, outcomes[k]) end
+    end
+    assert.are.equal("Timeout", outcomes[5].type)
+    assert.are.equal("ProcessExit", outcomes[9].type)
+    assert.are.equal("signal", outcomes[9].cause)
+    assert.are.equal("ProcessExit", outcomes[13].type)
+    assert.are.equal("exit", outcomes[13].cause)
+    assert.are.equal("OOM", outcomes[17].type)
+    assert.are.equal("ProcessExit", outcomes[21].type)
+    assert.are.equal("error", outcomes[21].cause)
+    -- One hang's limit, not one per item behind it: generous for a busy
+    -- machine, far below 36 items waiting out 500 ms each.
+    assert.is_true(elapsed < 5, "took " .. elapsed .. " s")
+  end)
+
+  it("gives each item of a batch its own max_ms and max_cpu_ms", function()
+    local spin = function(ms)
+      local c = os.clock()
+      while (os.clock() - c) * 1000 < ms do end
+      return ms
+    end
+    -- Ten items of 60 ms in one job: 600 ms together, each within its own
+    -- 300 ms.
+    local inputs = {}
+    for k = 1, 10 do inputs[k] = 60 end
+    inputs[11] = 2000
+    local p1 = handler.pool{ max_workers = 1 }
+    local got = {}
+    for i, ok, v in p1:map(spin, inputs, { batch = 16, max_ms = 5000, max_cpu_ms = 300 }) do
+      got[i] = ok and v or v.type
+    end
+    p1:close()
+    for k = 1, 10 do assert.are.equal(60, got[k]) end
+    assert.are.equal("CPUTimeout", got[11])
+    local got2 = {}
+    local p2 = handler.pool{ max_workers = 1 }
+    for i, ok, v in p2:map(spin, inputs, { batch = 16, max_ms = 300 }) do
+      got2[i] = ok and v or v.type
+    end
+    p2:close()
+    for k = 1, 10 do assert.are.equal(60, got2[k]) end
+    assert.are.equal("Timeout", got2[11])
+  end)
+
+  it("runs the items after a dead one again, and retries only the dead one", function()
+    local dir = H.tmpdir()
+    local inputs = {}
+    for k = 1, 12 do inputs[k] = k end
+    local p1 = handler.pool{ max_workers = 1 }
+    local ok_items = 0
+    for i, ok, v in p1:map(function(x)
+      local f = assert(io.open(dir .. "/runs", "a"))
+      f:write(x, "\n")
+      f:close()
+      if x == 4 then while true do end end
+      return x
+    end, inputs, { batch = 16, max_ms = 200, retries = 1 }) do
+      if ok then ok_items = ok_items + 1 end
+      if i == 4 then assert.are.equal("Timeout", v.type) end
+    end
+    p1:close()
+    assert.are.equal(11, ok_items)
+    local runs = {}
+    for l in io.lines(dir .. "/runs") do runs[tonumber(l)] = (runs[tonumber(l)] or 0) + 1 end
+    for k = 1, 12 do assert.are.equal(k == 4 and 2 or 1, runs[k], "item " .. k) end
+    H.rm_r(dir)
   end)
 end)

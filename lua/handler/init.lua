@@ -329,7 +329,7 @@ end
 -- Like core_submit, for a pool whose chains may hold shared budgets: tries
 -- the candidate chains in order, reserving the shared budgets of each.
 local function submit_shared(self, param, fn, max_ms, heap, task, wait, result, output, env, args,
-                             cpu, omode)
+                             cpu, omode, items)
   -- Chains as lists of core pools (the array part) and of pool tables
   -- (at negative indices, the same order).
   local cands = chains_of(self, param, {}, {}, 1, true)
@@ -342,7 +342,7 @@ local function submit_shared(self, param, fn, max_ms, heap, task, wait, result, 
     if ok then
       local job
       job, w = core_submit(self._ud, { chain }, fn, max_ms, heap, task, wait, result, output, env,
-        args, cpu, omode)
+        args, cpu, omode, items)
       if job ~= nil then
         local function release() release_chain(chain, n, heap) end
         if nginx_waitlist().add(release, job) then release() end
@@ -382,7 +382,7 @@ local CTX_REFUSED = "ngx.ctx, the request's context, which exists only in this n
   .. "(give the job the values it needs instead)"
 
 local function submit(pool, chains, param, fn, max_ms, heap, task, wait, result, output, env,
-                      args, cpu, omode, yielding)
+                      args, cpu, omode, yielding, items)
   if in_ngx then
     -- A job that captured the request's context would get a copy nobody
     -- sees again: it raises instead, naming the upvalue.
@@ -391,14 +391,14 @@ local function submit(pool, chains, param, fn, max_ms, heap, task, wait, result,
   end
   if not (in_ngx and pool._shared) then
     return core_submit(pool._ud, chains, fn, max_ms, heap, task, wait, result, output, env, args,
-      cpu, omode)
+      cpu, omode, items)
   end
   if ngx_api.get_phase() == "init" then
     error("handler: a pool with a shared budget starts no job in the init phase: the budget "
       .. "is counted per nginx worker, and none exists yet", 0)
   end
   local job, why, never = submit_shared(pool, param, fn, max_ms, heap, task, wait, result,
-    output, env, args, cpu, omode)
+    output, env, args, cpu, omode, items)
   if job == nil and why ~= nil and not never and wait > 0 and yielding then
     -- Other nginx workers give capacity back without telling this one: it
     -- looks again, more and more seldom, until pool_timeout passes.
@@ -407,7 +407,7 @@ local function submit(pool, chains, param, fn, max_ms, heap, task, wait, result,
       ngx_api.sleep(pause)
       pause = pause < 0.016 and pause * 2 or 0.02
       job, why, never = submit_shared(pool, param, fn, max_ms, heap, task, wait, result,
-        output, env, args, cpu, omode)
+        output, env, args, cpu, omode, items)
       ngx_api.update_time()
     until job ~= nil or never or ngx_api.now() >= deadline
     if job == nil and not never then why = "PoolTimeout" end
@@ -506,6 +506,34 @@ end
 -- bytecode they hold. opts as pool:async's, without args.
 function Pool:_async_encoded(msg, opts)
   return async(self, msg, opts)
+end
+
+-- pool:map's batches: one job whose function runs once per argument list
+-- of `items`, each from the pristine image with the job's limits of its
+-- own; job:_item(i) is item i's outcome, or nil for an item that did not
+-- run (the job ended before it).
+function Pool:_async_items(fn, items, opts)
+  local max_ms, heap, result, task, wait, chains, output, env = pool_args(self, "pool:map", opts)
+  local cpu = opts and opts.max_cpu_ms
+  local job, why = submit(self, chains, opts and opts.delegate_param, fn, max_ms, heap, task,
+    wait, result, output, env, nil, cpu, opts and OUTPUT_MODE[opts.output], false, items)
+  if job == nil then return nil, reject(why) end
+  if in_ngx and ngx_api.get_phase() ~= "init" then pcall(nginx().ensure) end
+  return setmetatable({ _ud = job, _max_ms = max_ms, _heap = heap, _cpu = cpu, pool = self,
+    task_name = task }, Job)
+end
+
+local function item_outcome(job, ok, ...)
+  if ok == false and ... == "notrun" then return nil end
+  return finish(job._max_ms, job._heap, job._cpu, ok, ...)
+end
+
+function Job:_item(i)
+  return item_outcome(self, core.item_result(self._ud, i))
+end
+
+function Job:_item_stats(i)
+  return core.item_stats(self._ud, i)
 end
 
 local function check_job(job, level)

@@ -17,10 +17,15 @@ M.OPTIONS = {
     return type(v) == "number" and v >= 0 and v == math.floor(v) and v < huge
   end, "a non-negative whole number" },
   on_progress = { function(v) return type(v) == "function" end, "a function" },
+  batch = { function(v)
+    return type(v) == "number" and v >= 1 and v <= 1024 and v == math.floor(v)
+  end, "a whole number of items from 1 to 1024" },
 }
 
 local WINDOW_PER_WORKER = 4
 local WINDOW_MAX = 256
+-- About how long the items of one job take together, with batch > 1.
+local BATCH_MS = 2
 
 local started = require("handler.core").started
 
@@ -39,12 +44,13 @@ end
 --- iterator(pool, fn, inputs, opts, wait_any) -> the generic-for iterator:
 -- each call returns i, true, results... | i, false, err; nil at the end.
 -- `opts` is checked already; `wait_any` is handler.wait_any.
--- `on_job(i, job)`, when given, is called with each item's last job once it
--- has ended (the command line's joblog wants its stats).
+-- With `want_stats` (the command line's joblog), each item's job:stats()
+-- is kept, and the third function returned says those of the item yielded
+-- last.
 -- `wait_any` is handler.wait_any; `wait_ended`, when given (outside nginx),
 -- core.wait_ended: then each item's job is watched (handler.waitlist) and a
 -- wait costs nothing per item in flight, whatever the window.
-function M.iterator(what, pool, fn, inputs, opts, wait_any, on_job, wait_ended)
+function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_ended)
   local next_input
   if type(inputs) == "table" then
     local k = 0
@@ -64,6 +70,12 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, on_job, wait_ended)
     or min(WINDOW_MAX, max(1, WINDOW_PER_WORKER * (pool.max_workers or 1)))
   local retries = opts.retries or 0
   local on_progress = opts.on_progress
+  local batch = opts.batch or 1
+  if batch > 1 and (opts.output == "capture" or opts.on_event ~= nil) then
+    error(format("bad argument #3 to '%s' (batch > 1 takes neither output = \"capture\" "
+      .. "nor on_event: they belong to one job)", what), 3)
+  end
+  if opts.window == nil then window = min(WINDOW_MAX * batch, window * batch) end
   -- Each item is a job with the job options given; it waits for capacity
   -- in the pool (first come first served) unless pool_timeout says not to.
   local job_opts = {}
@@ -73,6 +85,14 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, on_job, wait_ended)
   if job_opts.pool_timeout == nil then job_opts.pool_timeout = huge end
 
   local read, yielded, exhausted = 0, 0, false
+  -- What is kept per item (read, waiting to start, ended, dropped) lies
+  -- within `window` consecutive indices: it is kept in rings of that size,
+  -- slot at(i). A table whose integer keys only grow while the old ones are
+  -- cleared rehashes over and over once the range is in the hundreds.
+  local cap = window
+  local function at(i) return (i - 1) % cap + 1 end
+  local nready = 0
+  local last_stats
   -- Items read but not started, first in first out: no more jobs are in
   -- the pool at once than it has workers, so the window costs only memory,
   -- and a stop drops what has not started.
@@ -86,11 +106,17 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, on_job, wait_ended)
   local next_ordered = 1
   local ndone, nfailed = 0, 0
 
+  -- In order, an ended item waits in ready at its index's slot; as they
+  -- finish, in the order ring (index and outcome), by position: an item
+  -- far behind the others would share its index's slot with a later one.
   local function finish(i, out)
-    ready[i] = out
-    if not ordered then
+    nready = nready + 1
+    if ordered then
+      ready[at(i)] = out
+    else
       tail = tail + 1
-      order[tail] = i
+      order[at(tail)] = i
+      ready[at(tail)] = out
     end
     ndone = ndone + 1
     if not out[1] then nfailed = nfailed + 1 end
@@ -109,29 +135,85 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, on_job, wait_ended)
     if waitlist.add(waiter, job._ud) then waiter() end
   end
 
-  local function start(i, item, tries)
-    job_opts.args = { n = 1, item }
-    local job, err = pool:async(fn, job_opts)
+  -- A job of one item (its args), or, with batch > 1, of up to `batch`
+  -- items, each run from the pristine image with its own limits.
+  -- running[key] = { job, entries }, each entry { i, item, tries }.
+  local nkeys = 0
+
+  local function start(entries)
+    local job, err
+    if batch == 1 then
+      job_opts.args = { n = 1, entries[1][2] }
+      job, err = pool:async(fn, job_opts)
+    else
+      local items = {}
+      for k = 1, #entries do items[k] = { n = 1, entries[k][2] } end
+      job, err = pool:_async_items(fn, items, job_opts)
+    end
     if job == nil then
-      finish(i, { n = 2, false, err })
+      for k = 1, #entries do finish(entries[k][1], { n = 2, false, err }) end
       return
     end
-    running[i] = { job, item, tries }
+    nkeys = nkeys + 1
+    running[nkeys] = { job, entries }
     nrunning = nrunning + 1
-    if waitlist then watch(i, job) end
+    if waitlist then watch(nkeys, job) end
   end
 
-  local function collect(i)
-    local r = running[i]
-    running[i] = nil
-    nrunning = nrunning - 1
-    local out = pack(r[1]:await())
-    if not out[1] and r[3] < retries and retryable(out[2]) then
-      start(i, r[2], r[3] + 1)
+  -- Puts an entry back at the front of the items waiting to start.
+  local function again(e)
+    fhead = fhead - 1
+    fifo[at(fhead)] = e
+  end
+
+  local function settle(e, job, out, st)
+    if not out[1] and e[3] < retries and retryable(out[2]) then
+      again({ e[1], e[2], e[3] + 1 })
       return
     end
-    if on_job then on_job(i, r[1]) end
-    finish(i, out)
+    if want_stats then out.stats = st or job:stats() end
+    finish(e[1], out)
+  end
+
+  -- With batch > 1, how many items a job gets: as many as take about
+  -- BATCH_MS together (from the average item of the jobs so far), so that
+  -- results, a stop and the items behind a slow one wait no longer than
+  -- that; at most `batch`.
+  local per_job, avg_ms = 1, nil
+
+  local function learn(job, n, clean)
+    if not clean then return end
+    local ms = job:stats().wall_ms / n
+    avg_ms = avg_ms and avg_ms + (ms - avg_ms) / 4 or ms
+    per_job = max(1, min(batch, math.floor(BATCH_MS / max(avg_ms, 1e-3))))
+  end
+
+  local function collect(key)
+    local r = running[key]
+    running[key] = nil
+    nrunning = nrunning - 1
+    local job, entries = r[1], r[2]
+    if batch == 1 then
+      settle(entries[1], job, pack(job:await()), nil)
+      return
+    end
+    job:await()
+    local clean = true
+    -- Put back in reverse, so the items that did not run keep their order.
+    for k = #entries, 1, -1 do
+      local e = entries[k]
+      local out = pack(job:_item(k))
+      if out[1] == nil then
+        clean = false
+        if stopped then dropped[at(e[1])] = true else again(e) end
+      else
+        -- Items that ran into a limit say nothing of the usual item.
+        if not out[1] and (retryable(out[2]) or type(out[2]) == "table" and out[2].type == "OOM")
+        then clean = false end
+        settle(e, job, out, want_stats and job:_item_stats(k))
+      end
+    end
+    learn(job, #entries, clean)
   end
 
   local function fill()
@@ -142,14 +224,18 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, on_job, wait_ended)
       else
         read = read + 1
         ftail = ftail + 1
-        fifo[ftail] = { read, item }
+        fifo[at(ftail)] = { read, item, 0 }
       end
     end
     while nrunning < max_running and fhead <= ftail do
-      local e = fifo[fhead]
-      fifo[fhead] = nil
-      fhead = fhead + 1
-      start(e[1], e[2], 0)
+      local entries = {}
+      for k = 1, min(per_job, ftail - fhead + 1) do
+        local e = fifo[at(fhead)]
+        fifo[at(fhead)] = nil
+        fhead = fhead + 1
+        entries[k] = e
+      end
+      start(entries)
     end
   end
 
@@ -159,16 +245,16 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, on_job, wait_ended)
     stopped = true
     exhausted = true
     for k = fhead, ftail do
-      dropped[fifo[k][1]] = true
-      fifo[k] = nil
+      dropped[at(fifo[at(k)][1])] = true
+      fifo[at(k)] = nil
     end
     fhead, ftail = 1, 0
     -- Jobs still waiting in the pool for a worker have not started either.
-    for i, r in pairs(running) do
+    for key, r in pairs(running) do
       if not started(r[1]._ud) then
-        running[i] = nil
+        running[key] = nil
         nrunning = nrunning - 1
-        dropped[i] = true
+        for k = 1, #r[2] do dropped[at(r[2][k][1])] = true end
         pool:kill_by_ref(r[1])
       end
     end
@@ -204,9 +290,12 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, on_job, wait_ended)
     end
   end
 
-  local function yield_item(i)
-    local out = ready[i]
-    ready[i] = nil
+  -- Yields item i, whose outcome is in slot k.
+  local function yield_item(i, k)
+    local out = ready[at(k)]
+    ready[at(k)] = nil
+    nready = nready - 1
+    last_stats = out.stats
     yielded = yielded + 1
     return i, unpack(out, 1, out.n)
   end
@@ -215,28 +304,29 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, on_job, wait_ended)
     while true do
       fill()
       if ordered then
-        while dropped[next_ordered] do
-          dropped[next_ordered] = nil
+        while dropped[at(next_ordered)] do
+          dropped[at(next_ordered)] = nil
           next_ordered = next_ordered + 1
         end
-        if ready[next_ordered] ~= nil then
+        if ready[at(next_ordered)] ~= nil then
           local i = next_ordered
           next_ordered = next_ordered + 1
-          return yield_item(i)
+          return yield_item(i, i)
         end
       elseif head <= tail then
-        local i = order[head]
-        order[head] = nil
+        local k = head
+        local i = order[at(k)]
+        order[at(k)] = nil
         head = head + 1
-        return yield_item(i)
+        return yield_item(i, k)
       end
       if nrunning == 0 then
-        if exhausted and fhead > ftail and next(ready) == nil then return nil end
-        if next(ready) ~= nil and ordered and not stopped then
+        if exhausted and fhead > ftail and nready == 0 then return nil end
+        if nready > 0 and ordered and not stopped then
           -- Cannot happen: the next item in order is ready, running or read.
           error("handler: map lost track of item " .. next_ordered)
         end
-        if stopped and next(ready) ~= nil then
+        if stopped and nready > 0 then
           -- Only dropped items lie between: yield the rest in order.
           next_ordered = next_ordered + 1
         end
@@ -244,7 +334,7 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, on_job, wait_ended)
         wait_some()
       end
     end
-  end, stop
+  end, stop, function() return last_stats end
 end
 
 return M

@@ -16,6 +16,8 @@
 
 #define HD_ENC_ARGS 4      /* the values after the first are a job's arguments: a culprit
                             * among them is named "argument #n", not "value #n+1" */
+#define HD_ENC_ITEM 8      /* the values are an item's arguments (HD_JOB_ITEMS): a culprit
+                            * among them is named "argument #n" */
 
 /* Decoder flags. */
 #define HD_DEC_TRUSTED 1 /* bytecode may be loaded and names may be require()d */

@@ -185,6 +185,8 @@ static void enc_concat_path(enc_state *e) {
         if (i + 1 < e->nsteps && e->steps[i + 1].kind == ENC_STEP_UPVAL) continue;
         if ((e->flags & HD_ENC_ARGS) && s->n > 1)
           lua_pushfstring(L, "argument #%d", s->n - 1);
+        else if (e->flags & HD_ENC_ITEM)
+          lua_pushfstring(L, "argument #%d", s->n);
         else
           lua_pushfstring(L, "value #%d", s->n);
         after_big = 1;

@@ -77,6 +77,37 @@ int hd_wire_job_env(hd_buf *b, const char *k, size_t kn, const char *v, size_t v
   return 0;
 }
 
+/* Where the item count sits: right after the environment, which (when
+ * there is one) is the last thing before it. Recorded in the frame's
+ * header's length field until hd_wire_job_end fills that in. */
+int hd_wire_job_items(hd_buf *b) {
+  char zero[4] = {0, 0, 0, 0};
+  if (b->data[HD_FRAME_HEADER + WIRE_JOB_FLAGS] & HD_JOB_ITEMS) return -1;
+  if (b->len - HD_FRAME_HEADER > UINT32_MAX) return -1;
+  hd_put_u32(b->data, (uint32_t)(b->len - HD_FRAME_HEADER));
+  if (hd_buf_append(b, zero, sizeof zero) != 0) return -1;
+  b->data[HD_FRAME_HEADER + WIRE_JOB_FLAGS] |= HD_JOB_ITEMS;
+  return 0;
+}
+
+long hd_wire_job_item_begin(hd_buf *b) {
+  char zero[4] = {0, 0, 0, 0};
+  size_t at = b->len;
+  if (!(b->data[HD_FRAME_HEADER + WIRE_JOB_FLAGS] & HD_JOB_ITEMS)) return -1;
+  if (hd_buf_append(b, zero, sizeof zero) != 0) return -1;
+  return (long)at;
+}
+
+int hd_wire_job_item_end(hd_buf *b, long at) {
+  size_t count = HD_FRAME_HEADER + hd_get_u32(b->data);
+  size_t len = b->len - (size_t)at - 4;
+  uint32_t n = hd_get_u32(b->data + count);
+  if (len > UINT32_MAX || n >= HD_MAX_ITEMS) return -1;
+  hd_put_u32(b->data + at, (uint32_t)len);
+  hd_put_u32(b->data + count, n + 1);
+  return 0;
+}
+
 int hd_wire_job_end(hd_buf *b) {
   size_t body = b->len - HD_FRAME_HEADER;
   if (body > HD_MAX_JOB_FRAME) return -1;
@@ -147,6 +178,18 @@ int hd_wire_job_parse(const char *frame, size_t len, hd_wire_job *j) {
     }
     j->env_len = (size_t)(r.p - j->env);
   }
+  if (flags & HD_JOB_ITEMS) {
+    uint32_t i;
+    j->nitems = wire_take_u32(&r);
+    j->items = r.p;
+    /* An empty list is no list: a frame has at least one item to run. */
+    if (j->nitems == 0 || j->nitems > HD_MAX_ITEMS) return -1;
+    for (i = 0; i < j->nitems && !r.bad; i++) {
+      uint32_t n;
+      wire_take_str(&r, &n);
+    }
+    j->items_len = (size_t)(r.p - j->items);
+  }
   if (r.bad) return -1;
   j->msg = r.p;
   j->msg_len = r.left;
@@ -166,6 +209,20 @@ int hd_wire_env_next(hd_wire_job *j, const char **k, uint32_t *kn, const char **
   j->nenv--;
   j->env = r.p;
   j->env_len = r.left;
+  return 0;
+}
+
+int hd_wire_item_next(hd_wire_job *j, const char **msg, uint32_t *len) {
+  wire_rd r;
+  if (j->nitems == 0) return -1;
+  r.p = j->items;
+  r.left = j->items_len;
+  r.bad = 0;
+  *msg = wire_take_str(&r, len);
+  if (r.bad) return -1;
+  j->nitems--;
+  j->items = r.p;
+  j->items_len = r.left;
   return 0;
 }
 

@@ -13,7 +13,7 @@
 
 /* Bumped whenever either protocol changes; the supervisor's hello carries it
  * so a worker executable from another build is refused with a clear error. */
-#define HD_PROTO_VERSION 3
+#define HD_PROTO_VERSION 4
 
 /* The worker's protocol socket is always this descriptor, so a job's print
  * (fd 1) and its errors (fd 2) never touch the protocol. */
@@ -43,6 +43,14 @@
  * variables follows, each a name and a value (u32 length and bytes each). */
 #define HD_JOB_PATHS 1
 #define HD_JOB_ENV 2
+/* With HD_JOB_ITEMS, after the environment: a u32 count of items, each a
+ * u32 length and the codec message of its arguments. The worker calls the
+ * function once per item, each time from its pristine image, and replies
+ * once per item (STATS and REPLY, the job's id), in order; a REPLY_LAST
+ * ends the frame early (the items after it are not run). */
+#define HD_JOB_ITEMS 4
+/* The most items one job frame carries. */
+#define HD_MAX_ITEMS 1024
 #define HD_FRAME_REPLY 2 /* worker → parent: u8 status, codec message */
 #define HD_FRAME_REPLY_LAST 3 /* the same, and the worker exits after it */
 #define HD_FRAME_HELLO 4 /* worker → parent, first: u32 pid (job id 0) */
@@ -118,6 +126,9 @@ typedef struct hd_wire_job {
   uint32_t nenv;            /* environment variables, read with hd_wire_env_next */
   const char *env;
   size_t env_len;
+  uint32_t nitems;          /* items (HD_JOB_ITEMS), read with hd_wire_item_next */
+  const char *items;
+  size_t items_len;
   const char *msg;          /* the codec message: the closure */
   size_t msg_len;
 } hd_wire_job;
@@ -131,6 +142,15 @@ int hd_wire_job_begin(hd_buf *b, uint64_t id, uint64_t max_heap, uint64_t max_ou
 /* Adds one environment variable (after the paths, before the message). */
 int hd_wire_job_env(hd_buf *b, const char *k, size_t kn, const char *v, size_t vn);
 
+/* Starts the item list (after the environment, before the message): a u32
+ * count that hd_wire_job_item_end raises. Returns 0, or -1. */
+int hd_wire_job_items(hd_buf *b);
+
+/* An item's codec message is appended between these two: begin writes its
+ * length's place and returns where it is (or -1); end fills it in. */
+long hd_wire_job_item_begin(hd_buf *b);
+int hd_wire_job_item_end(hd_buf *b, long at);
+
 /* Ends the frame once the codec message is appended. Returns -1 when the
  * body is larger than HD_MAX_JOB_FRAME. */
 int hd_wire_job_end(hd_buf *b);
@@ -142,6 +162,9 @@ int hd_wire_job_parse(const char *frame, size_t len, hd_wire_job *j);
 /* The next environment variable of j; 0, or -1 when there is none left. */
 int hd_wire_env_next(hd_wire_job *j, const char **k, uint32_t *kn, const char **v,
                      uint32_t *vn);
+
+/* The next item's message; 0, or -1 when there is none left. */
+int hd_wire_item_next(hd_wire_job *j, const char **msg, uint32_t *len);
 
 /* Appends an INIT frame for job `id` holding the codec message `msg`.
  * Returns 0, or -1 when memory runs out or it is too big. */

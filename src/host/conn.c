@@ -73,6 +73,9 @@ struct hd_conn {
   hd_buf in;          /* bytes read so far */
   int has_stats;      /* the job's STATS frame came */
   uint64_t cpu_ns, heap_peak;
+  uint32_t replies;   /* replies still due for the job (one per item) */
+  hd_buf item;        /* a copy of the item's reply being handed up */
+  int delivering;     /* handing up a reply that more follow */
 };
 
 static void conn_poll_cb(uv_poll_t *h, int status, int events);
@@ -272,6 +275,7 @@ void hd_conn_forsake(hd_conn *c) {
 
 void hd_conn_free(hd_conn *c) {
   hd_buf_free(&c->in);
+  hd_buf_free(&c->item);
   free(c);
 }
 
@@ -412,10 +416,15 @@ void hd_conn_send(hd_conn *c, uint64_t id, double max_result, const hd_buf *fram
   c->has_stats = 0;
   c->max_result = max_result;
   c->frame = frame;
+  c->replies = 1;
   c->out_off = 0;
   c->in.len = 0;
   conn_write(c);
   conn_update_poll(c);
+}
+
+void hd_conn_expect(hd_conn *c, uint32_t replies) {
+  c->replies = replies > 0 ? replies : 1;
 }
 
 int hd_conn_stats(const hd_conn *c, uint64_t *cpu_ns, uint64_t *heap_peak) {
@@ -466,16 +475,52 @@ static void conn_grow(hd_conn *c, size_t whole) {
  * run. Elsewhere, and when a pipe's read stopped short, they are drained
  * here. The read buffer is handed to the callback, which may keep it or
  * send the next job. */
+static int conn_parse(hd_conn *c);
+static void conn_deliver(hd_conn *c, int exact);
+
+/* Hands up a reply that more replies of the same job follow (an item's):
+ * a copy of its frame, taken out of `in`, where the next ones may already
+ * be. Then looks at what is left, handing up each further reply in turn. */
+static void conn_deliver_item(hd_conn *c) {
+  do {
+    hd_frame f = c->pending;
+    size_t whole = HD_FRAME_HEADER + (size_t)f.len;
+    hd_buf *one = &c->item;
+    c->has_pending = 0;
+    one->len = 0;
+    if (hd_buf_append(one, c->in.data, whole) != 0) {
+      conn_fail(c, HD_CONN_BREACH, "out of memory reading a reply");
+      return;
+    }
+    hd_buf_consume(&c->in, whole);
+    c->replies--;
+    c->delivering = 1;
+    c->cbs.reply(c, c->ud, one, HD_FRAME_HEADER, f.len, 0);
+    c->has_stats = 0;
+    /* Kept for the next item, unless it grew big. */
+    if (one->cap > CONN_KEEP) hd_buf_free(one);
+    if (!c->closing) conn_parse(c);
+    c->delivering = 0;
+  } while (!c->closing && c->has_pending && c->replies > 1 &&
+           c->pending.type == HD_FRAME_REPLY);
+  if (!c->closing && c->has_pending) conn_deliver(c, 1);
+}
+
 static void conn_deliver(hd_conn *c, int exact) {
   hd_frame f = c->pending;
   hd_buf in;
   int k;
-  c->has_pending = 0;
   uv_check_stop(&c->check);
   for (k = 0; k < CONN_OUTS; k++) exact |= c->out[k].more;
   if (exact) conn_out_drain(c);
   if (c->closing) return;
+  if (c->replies > 1 && f.type == HD_FRAME_REPLY) {
+    conn_deliver_item(c);
+    return;
+  }
+  c->has_pending = 0;
   c->frame = NULL;
+  c->replies = 0;
   in = c->in;
   c->in.data = NULL;
   c->in.len = c->in.cap = 0;
@@ -503,7 +548,8 @@ static void conn_reply(hd_conn *c, const hd_frame *f) {
   const char *body = c->in.data + HD_FRAME_HEADER;
   /* Before it is believed: nothing may follow it, and it must be a valid
    * reply; else the worker is broken and goes before another job. */
-  if (c->in.len > HD_FRAME_HEADER + (size_t)f->len) {
+  int more = c->replies > 1 && f->type == HD_FRAME_REPLY;
+  if (!more && c->in.len > HD_FRAME_HEADER + (size_t)f->len) {
     conn_fail(c, HD_CONN_BREACH, "bytes after the reply");
     return;
   }
@@ -514,7 +560,7 @@ static void conn_reply(hd_conn *c, const hd_frame *f) {
   c->pending = *f;
   c->has_pending = 1;
   if (c->in_poll) uv_check_start(&c->check, conn_check_cb);
-  else conn_deliver(c, 1);
+  else if (!c->delivering) conn_deliver(c, 1);
 }
 
 /* Parses complete frames out of c->in. Returns -1 when reading must stop. */

@@ -57,6 +57,11 @@ hd_conn *hd_conn_new(hd_loop *l, const hd_conn_cbs *cbs, void *ud, int peer[HD_S
  * bytes long. */
 void hd_conn_send(hd_conn *c, uint64_t id, double max_result, const hd_buf *frame);
 
+/* The job just sent is answered by `replies` replies (one per item, each
+ * with its STATS frame), each reported with `last` 0 but the final one;
+ * bytes after a reply that more follow are the next one's. */
+void hd_conn_expect(hd_conn *c, uint32_t replies);
+
 /* What the worker said of the job in flight, in its STATS frame: the CPU
  * time it used and the peak of its heap. Returns 0 when it said nothing
  * (yet). */

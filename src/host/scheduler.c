@@ -43,11 +43,15 @@
 #define SCHED_SPIN_DEFAULT_NS 50000
 /* A loop that has not run for this long runs once before a job starts. */
 #define SCHED_STALE_NS 20000000
+/* ... and once after a job that had to queue. */
+#define SCHED_BUSY_NS 20000
 
 typedef enum { JOB_NEW, JOB_QUEUED, JOB_RUNNING, JOB_DONE } job_state;
 typedef enum { PROC_IDLE, PROC_BUSY, PROC_DYING } proc_state;
 
 typedef struct sched_proc sched_proc;
+
+#define JOB_ITEM_HEAD 29
 
 struct hd_job {
   hd_sched *sched;
@@ -79,6 +83,14 @@ struct hd_job {
   int cpu_timer_open;
   uint64_t cpu_base;     /* the worker's CPU time (ns) when the job started */
   int notify;           /* hd_job_notify: the context's on_end is called at its end */
+  uint32_t nitems;      /* items in its frame (0: a plain job) */
+  uint32_t item;        /* the item running: how many have replied before it */
+  uint64_t item_started;/* uv_hrtime() when the host heard the previous item end */
+  uint32_t item_seek;   /* hd_job_item's last item, and where it is in `items` */
+  size_t item_seek_at;
+  hd_buf items;         /* each item's reply but the one the job ends with: JOB_ITEM_HEAD
+                         * bytes (u32 message length, u8 status, u64 CPU ns, u64 heap
+                         * peak, u64 wall ns), then its message */
   hd_queue pnode;       /* its pool's wait queue, while queued */
   hd_queue rnode;       /* the running jobs, while running */
 };
@@ -681,9 +693,18 @@ static int sched_one_job(const hd_pool *root) {
   return hd_pool_sandbox(root) == HD_SPAWN_SECCOMP;
 }
 
+static void job_item_replied(hd_job *j, sched_proc *p, const char *body, size_t len);
+
 static void proc_on_reply(hd_conn *c, void *ud, hd_buf *buf, size_t off, size_t len, int last) {
   sched_proc *p = ud;
   hd_job *j = p->job;
+  if (j->nitems > 0 && j->item + 1 < j->nitems && !last && j->pending == HD_OUT_NONE &&
+      !sched_one_job(p->root)) {
+    /* An item's reply, and more items follow: the job goes on, on the same
+     * worker. */
+    job_item_replied(j, p, buf->data + off, len);
+    return;
+  }
   p->job = NULL;
   j->proc = NULL;
   j->has_stats = hd_conn_stats(c, &j->cpu_ns, &j->heap_peak);
@@ -957,12 +978,55 @@ static void job_free(hd_job *j) {
   hd_loop_give_buf(s->loop, &j->frame);
   hd_buf_free(&j->captured);
   hd_buf_free(&j->events);
+  hd_buf_free(&j->items);
   free(j);
   hd_sched_unref(s);
 }
 
 void hd_job_unref(hd_job *j) {
   if (--j->refs == 0) job_free(j);
+}
+
+void hd_job_set_items(hd_job *j, uint32_t n) {
+  j->nitems = n;
+}
+
+uint32_t hd_job_items_done(const hd_job *j) {
+  return j->nitems > 0 ? j->item : 0;
+}
+
+int hd_job_item(hd_job *j, uint32_t i, int *status, const char **msg, size_t *len,
+                uint64_t *cpu_ns, uint64_t *heap_peak, uint64_t *wall_ns) {
+  size_t at = 0;
+  uint32_t k = 0;
+  if (i >= hd_job_items_done(j)) return -1;
+  /* Items are read in order: the search starts where the last one ended. */
+  if (i >= j->item_seek) {
+    k = j->item_seek;
+    at = j->item_seek_at;
+  }
+  for (;; k++) {
+    const char *h = j->items.data + at;
+    size_t n = hd_get_u32(h);
+    if (k == i) {
+      *status = (unsigned char)h[4];
+      *cpu_ns = hd_get_u64(h + 5);
+      *heap_peak = hd_get_u64(h + 13);
+      *wall_ns = hd_get_u64(h + 21);
+      *msg = h + JOB_ITEM_HEAD;
+      *len = n;
+      j->item_seek = k;
+      j->item_seek_at = at;
+      return 0;
+    }
+    at += JOB_ITEM_HEAD + n;
+  }
+}
+
+uint64_t hd_job_item_wall(const hd_job *j) {
+  uint64_t begun = j->item_started != 0 ? j->item_started : j->started;
+  uint64_t end = j->state == JOB_DONE ? j->ended : uv_hrtime();
+  return j->started != 0 && end > begun ? end - begun : 0;
 }
 
 void hd_job_set_limits(hd_job *j, const hd_job_limits *lim) {
@@ -1095,6 +1159,7 @@ static void job_cpu_start(hd_job *j, double ms) {
  * looked at again when what is left of it could have passed. */
 static void job_cpu_cb(uv_timer_t *t) {
   hd_job *j = t->data;
+  uint32_t item;
   int64_t now;
   double used_ms;
   if (j->state != JOB_RUNNING || j->proc == NULL || j->pending != HD_OUT_NONE) return;
@@ -1109,8 +1174,9 @@ static void job_cpu_cb(uv_timer_t *t) {
     return;
   }
   /* A reply already written is the result, as at a deadline. */
+  item = j->item;
   hd_conn_drain(j->proc->conn);
-  if (j->state != JOB_RUNNING || j->proc == NULL) return;
+  if (j->state != JOB_RUNNING || j->proc == NULL || j->item != item) return;
   j->pending = HD_OUT_CPUTIME;
   job_timer_start(j, SCHED_KILL_GRACE_MS);
   proc_kill(j->proc);
@@ -1284,12 +1350,14 @@ static void job_start(hd_job *j) {
     return;
   }
   hd_conn_send(p->conn, j->id, j->lim.max_result > 0 ? j->lim.max_result : s->max_result, frame);
+  if (j->nitems > 1) hd_conn_expect(p->conn, j->nitems);
   sched_keep_spare(s, root);
 }
 
 static void job_timer_cb(uv_timer_t *t) {
   hd_job *j = t->data;
   uint64_t now = uv_hrtime();
+  uint32_t item;
   if (now < j->deadline) {
     /* Early: wait for the rest, rounded up to the next millisecond. */
     uint64_t left = j->deadline - now;
@@ -1311,8 +1379,17 @@ static void job_timer_cb(uv_timer_t *t) {
   /* The rule when the host ran its loop late: a reply the worker had
    * already written when the deadline is handled is the result; otherwise
    * the job is a Timeout. Never both, never neither. */
+  item = j->item;
   hd_conn_drain(j->proc->conn);
   if (j->state != JOB_RUNNING) return;
+  if (j->item != item) {
+    /* A drained item's reply started the next item's time: wait for it. */
+    uint64_t deadline = j->deadline;
+    now = uv_hrtime();
+    job_timer_start(j, deadline > now ? (double)((deadline - now + 999999) / 1000000) : 0);
+    j->deadline = deadline;
+    return;
+  }
   /* Time is up. The job ends when the process is confirmed gone, so a caller
    * that sees Timeout knows the worker no longer runs. */
   j->pending = HD_OUT_TIMEOUT;
@@ -1329,6 +1406,12 @@ void hd_job_submit(hd_job *j) {
    * replaced, not handed the job. */
   if (uv_hrtime() - s->last_run > SCHED_STALE_NS) hd_sched_step(s);
   job_submit(j);
+  /* A host submitting many jobs in a row (async after async) does not run
+   * the loop meanwhile: workers that finished would sit idle until it
+   * waits. While jobs queue, a look at the loop now and then (one system
+   * call, when it has not run for SCHED_BUSY_NS) hands them the next. */
+  if (j->state == JOB_QUEUED && !s->in_loop && uv_hrtime() - s->last_run > SCHED_BUSY_NS)
+    hd_sched_step(s);
   sched_sync(s);
 }
 
@@ -1360,6 +1443,42 @@ static void job_submit(hd_job *j) {
     return;
   }
   job_finish(j, out);
+}
+
+/* An item of the job has replied (body: status byte, message) and the next
+ * one runs: the reply is kept, and the next item gets limits of its own,
+ * counted from now. */
+static void job_item_replied(hd_job *j, sched_proc *p, const char *body, size_t len) {
+  char h[JOB_ITEM_HEAD];
+  uint64_t cpu = 0, heap = 0, now = uv_hrtime();
+  uint64_t begun = j->item_started != 0 ? j->item_started : j->started;
+  hd_conn_stats(p->conn, &cpu, &heap);
+  hd_put_u32(h, (uint32_t)(len - 1));
+  h[4] = body[0];
+  hd_put_u64(h + 5, cpu);
+  hd_put_u64(h + 13, heap);
+  hd_put_u64(h + 21, now - begun);
+  if (hd_buf_append(&j->items, h, sizeof h) != 0 ||
+      hd_buf_append(&j->items, body + 1, len - 1) != 0) {
+    snprintf(j->detail, sizeof j->detail, "out of memory storing an item's reply");
+    job_finish(j, HD_OUT_BADREPLY);
+    return;
+  }
+  j->item++;
+  j->item_started = now;
+  j->out_used = 0;
+  /* The timer stays as it is: due no later than the new deadline, it finds
+   * the deadline moved and waits for the rest (one store per item, not a
+   * timer restart). */
+  if (j->lim.max_ms < SCHED_NO_LIMIT_MS)
+    j->deadline = now + (uint64_t)((j->lim.max_ms < SCHED_MAX_TIMER_MS ? j->lim.max_ms
+                                                                        : SCHED_MAX_TIMER_MS) * 1e6);
+  if (j->lim.max_cpu_ms < SCHED_NO_LIMIT_MS) {
+    int64_t base = proc_cpu_ns(p);
+    if (base > 0) j->cpu_base = (uint64_t)base;
+    uv_update_time(hd_loop_uv(j->sched->loop));
+    job_cpu_start(j, j->lim.max_cpu_ms);
+  }
 }
 
 static void job_on_reply(hd_job *j, hd_buf *buf, size_t off, size_t len) {

@@ -139,6 +139,26 @@ hd_job *hd_job_new(hd_sched *s, hd_pool *origin);
 void hd_job_unref(hd_job *j);
 
 void hd_job_set_limits(hd_job *j, const hd_job_limits *lim);
+
+/* The job's frame carries n items (wire.h's HD_JOB_ITEMS): the worker runs
+ * its function once per item, each with the job's limits counted afresh
+ * from the previous item's reply. The reply the job ends with is its last
+ * item's, or the job ends (Timeout, a death...) while item
+ * hd_job_items_done(j) runs; the items after it did not run. */
+void hd_job_set_items(hd_job *j, uint32_t n);
+
+/* How many items replied before the one the job ended with. */
+uint32_t hd_job_items_done(const hd_job *j);
+
+/* Item i's reply (i < hd_job_items_done): its status (HD_REPLY_*), codec
+ * message, the CPU time and heap peak the worker said, its wall time as the
+ * host saw it. Returns 0, or -1 when there is no such item. */
+int hd_job_item(hd_job *j, uint32_t i, int *status, const char **msg, size_t *len,
+                uint64_t *cpu_ns, uint64_t *heap_peak, uint64_t *wall_ns);
+
+/* The wall time (ns) of the item the job ended with, as the host saw it:
+ * from the previous item's reply (or the job's start) to the job's end. */
+uint64_t hd_job_item_wall(const hd_job *j);
 int hd_job_set_task(hd_job *j, const char *task_name);
 const char *hd_job_task(const hd_job *j);
 uint64_t hd_job_id(const hd_job *j);

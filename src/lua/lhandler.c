@@ -270,8 +270,41 @@ static const char *const l_reject_names[] = {"NoWorkersAvailable", "Insufficient
 /* The job frame: limits, paths, env, then the function at index 3 and, when
  * `args` (a stack index, or 0) is given, its arguments args[1 .. args.n or
  * #args], which the worker passes to it. */
+/* Pushes the values of the argument list at index t (t[1 .. t.n or #t]);
+ * returns how many. */
+static int l_push_args(lua_State *L, int t) {
+  int i, n;
+  lua_getfield(L, t, "n");
+  n = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1) : (int)lua_objlen(L, t);
+  lua_pop(L, 1);
+  if (n < 0 || n > HD_MAX_ARGS) luaL_error(L, "handler: args: at most %d arguments", HD_MAX_ARGS);
+  luaL_checkstack(L, n + 2, "handler: args");
+  for (i = 1; i <= n; i++) lua_rawgeti(L, t, i);
+  return n;
+}
+
+/* The items at index t (an array of argument lists), into the frame. */
+static void l_build_items(lua_State *L, hd_buf *b, hd_job *j, int t) {
+  int k, n = (int)lua_objlen(L, t), top = lua_gettop(L);
+  if (n < 1 || n > HD_MAX_ITEMS)
+    luaL_error(L, "handler: items: between 1 and %d item argument lists", HD_MAX_ITEMS);
+  if (hd_wire_job_items(b) != 0) luaL_error(L, "handler: out of memory");
+  for (k = 1; k <= n; k++) {
+    long at = hd_wire_job_item_begin(b);
+    int m;
+    if (at < 0) luaL_error(L, "handler: out of memory");
+    lua_rawgeti(L, t, k);
+    if (!lua_istable(L, -1)) luaL_error(L, "handler: items: item %d is not an argument list", k);
+    m = l_push_args(L, top + 1);
+    hd_encode(L, top + 2, m, b, HD_ENC_FUNCTIONS | HD_ENC_HOST | HD_ENC_ITEM);
+    if (hd_wire_job_item_end(b, at) != 0) luaL_error(L, "handler: out of memory");
+    lua_settop(L, top);
+  }
+  hd_job_set_items(j, (uint32_t)n);
+}
+
 static void l_build_frame(lua_State *L, hd_sched *s, hd_job *j, uint64_t heap, double max_output,
-                          int env, int args) {
+                          int env, int args, int items) {
   hd_buf *b = hd_sched_scratch(s);
   if (hd_wire_job_begin(b, hd_job_id(j), heap, hd_u64_of(max_output),
                         hd_sched_job_path(s), hd_sched_job_cpath(s)) != 0)
@@ -290,6 +323,7 @@ static void l_build_frame(lua_State *L, hd_sched *s, hd_job *j, uint64_t heap, d
       lua_pop(L, 2);
     }
   }
+  if (items) l_build_items(L, b, j, items);
   if (lua_type(L, 3) == LUA_TSTRING) {
     /* A job encoded elsewhere (core.encode_job, by a handler.remote
      * producer): its bytes go to the worker as they are. The host never
@@ -297,17 +331,12 @@ static void l_build_frame(lua_State *L, hd_sched *s, hd_job *j, uint64_t heap, d
      * decodes every job, and a malformed message fails that job alone. */
     size_t len;
     const char *msg = lua_tolstring(L, 3, &len);
-    if (args) luaL_error(L, "handler: an encoded job carries its own arguments");
+    if (args || items) luaL_error(L, "handler: an encoded job carries its own arguments");
     if (hd_buf_append(b, msg, len) != 0) luaL_error(L, "handler: out of memory");
   } else if (args) {
-    int i, n, top = lua_gettop(L);
-    lua_getfield(L, args, "n");
-    n = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1) : (int)lua_objlen(L, args);
-    lua_pop(L, 1);
-    if (n < 0 || n > HD_MAX_ARGS) luaL_error(L, "handler: args: at most %d arguments", HD_MAX_ARGS);
-    luaL_checkstack(L, n + 2, "handler: args");
+    int n, top = lua_gettop(L);
     lua_pushvalue(L, 3);
-    for (i = 1; i <= n; i++) lua_rawgeti(L, args, i);
+    n = l_push_args(L, args);
     hd_encode(L, top + 1, n + 1, b, HD_ENC_FUNCTIONS | HD_ENC_HOST | HD_ENC_ARGS);
     lua_settop(L, top);
   } else {
@@ -320,8 +349,10 @@ static void l_build_frame(lua_State *L, hd_sched *s, hd_job *j, uint64_t heap, d
 }
 
 /* submit(pool, chains|nil, fn, max_ms, max_heap, task_name|nil, pool_timeout,
- *        max_result, max_output, env|nil, args|nil, max_cpu_ms|nil, output|nil)
- *   -> job | nil, reject_type */
+ *        max_result, max_output, env|nil, args|nil, max_cpu_ms|nil, output|nil,
+ *        items|nil)
+ *   -> job | nil, reject_type
+ * items: an array of argument lists; the function runs once per item. */
 static int l_submit(lua_State *L) {
   hd_sched *s = l_core(L);
   hd_pool *pool = l_checkpool(L, 1);
@@ -330,6 +361,7 @@ static int l_submit(lua_State *L) {
   double max_output = luaL_optnumber(L, 9, 16.0 * 1024 * 1024);
   int env = lua_istable(L, 10) ? 10 : 0;
   int args = lua_istable(L, 11) ? 11 : 0;
+  int items = lua_istable(L, 14) ? 14 : 0;
   hd_job *j;
   l_job *u;
   lim.max_ms = luaL_checknumber(L, 4);
@@ -361,7 +393,7 @@ static int l_submit(lua_State *L) {
   l_fill_chains(L, hd_job_chains(j), pool, 2);
   l_set_paths(L, s);
   /* On an error from here on, the job userdata frees the job. */
-  l_build_frame(L, s, j, lim.max_heap, max_output, env, args);
+  l_build_frame(L, s, j, lim.max_heap, max_output, env, args, items);
   hd_job_submit(j);
   if (hd_job_done(j) && HD_OUT_IS_REJECT(hd_job_outcome(j))) {
     lua_pushnil(L);
@@ -379,11 +411,8 @@ static int l_decode_reply(lua_State *L) {
   return hd_decode(L, p, len, 0);
 }
 
-static int l_push_decoded(lua_State *L, hd_job *j) {
+static int l_push_message(lua_State *L, const char *msg, size_t len) {
   int top = lua_gettop(L);
-  const char *msg;
-  size_t len;
-  hd_job_message(j, &msg, &len);
   lua_pushcfunction(L, l_decode_reply);
   lua_pushlightuserdata(L, (void *)msg);
   lua_pushnumber(L, (lua_Number)len);
@@ -403,6 +432,42 @@ static int l_push_signal(lua_State *L, int sig) {
   if (abbrev) lua_pushfstring(L, "SIG%s", abbrev);
   else lua_pushfstring(L, "signal %d", sig);
   return 1;
+}
+
+static int l_push_decoded(lua_State *L, hd_job *j) {
+  const char *msg;
+  size_t len;
+  hd_job_message(j, &msg, &len);
+  return l_push_message(L, msg, len);
+}
+
+/* Pushes the outcome of a reply (status, message): as l_push_outcome does. */
+static int l_push_reply(lua_State *L, int status, const char *msg, size_t len) {
+  int n;
+  switch (status) {
+    case HD_REPLY_OK:
+      lua_pushboolean(L, 1);
+      n = l_push_message(L, msg, len);
+      return n < 0 ? 3 : n + 1;
+    case HD_REPLY_ERROR:
+      lua_pushboolean(L, 0);
+      lua_pushliteral(L, "error");
+      n = l_push_message(L, msg, len);
+      if (n < 0) return 3;
+      lua_settop(L, lua_gettop(L) - n + 2);
+      return 4;
+    case HD_REPLY_OOM:
+      lua_pushboolean(L, 0);
+      lua_pushliteral(L, "oom");
+      return 2;
+    default:
+      lua_pushboolean(L, 0);
+      lua_pushliteral(L, "badresult");
+      n = l_push_message(L, msg, len);
+      if (n < 0) return 3;
+      lua_settop(L, lua_gettop(L) - n + 1);
+      return 3;
+  }
 }
 
 /* Pushes a finished job's outcome: true, results... | false, kind, a, b */
@@ -537,6 +602,65 @@ static int l_done(lua_State *L) {
   l_core(L);
   j = l_checkjob(L, 1);
   lua_pushboolean(L, hd_job_forsaken(j) || hd_job_done(j));
+  return 1;
+}
+
+/* item_result(job, i) -> item i's outcome (as result gives a job's), or
+ * false, "notrun" for an item after the one the job ended with. */
+static int l_item_result(lua_State *L) {
+  hd_job *j;
+  uint32_t done, i;
+  int status;
+  const char *msg;
+  size_t len;
+  uint64_t cpu, peak, wall;
+  l_core(L);
+  j = l_checkjob(L, 1);
+  i = (uint32_t)luaL_checkinteger(L, 2);
+  if (!hd_job_done(j)) return luaL_error(L, "handler: the job is not done");
+  done = hd_job_items_done(j);
+  if (i >= 1 && i <= done) {
+    hd_job_item(j, i - 1, &status, &msg, &len, &cpu, &peak, &wall);
+    return l_push_reply(L, status, msg, len);
+  }
+  if (i == done + 1) return l_push_outcome(L, j, 1);
+  lua_pushboolean(L, 0);
+  lua_pushliteral(L, "notrun");
+  return 2;
+}
+
+static void l_setnum(lua_State *L, const char *k, double v);
+
+/* item_stats(job, i) -> as job_stats, for item i of those that ran. */
+static int l_item_stats(lua_State *L) {
+  hd_job *j;
+  uint32_t done, i;
+  int status;
+  const char *msg;
+  size_t len;
+  uint64_t cpu, peak, wall;
+  l_core(L);
+  j = l_checkjob(L, 1);
+  i = (uint32_t)luaL_checkinteger(L, 2);
+  done = hd_job_items_done(j);
+  lua_createtable(L, 0, 5);
+  if (i >= 1 && i <= done) {
+    hd_job_item(j, i - 1, &status, &msg, &len, &cpu, &peak, &wall);
+    /* Replies read together are seen by the host at one time: the wall
+     * time is never less than the CPU time the worker said. */
+    l_setnum(L, "wall_ms", (double)(wall > cpu ? wall : cpu) / 1e6);
+    l_setnum(L, "cpu_ms", (double)cpu / 1e6);
+    l_setnum(L, "heap_peak_bytes", (double)peak);
+    return 1;
+  }
+  if (i == done + 1) {
+    l_setnum(L, "wall_ms", (double)hd_job_item_wall(j) / 1e6);
+    l_setnum(L, "output_bytes", hd_job_output_bytes(j));
+    if (hd_job_worker_stats(j, &cpu, &peak)) {
+      l_setnum(L, "cpu_ms", (double)cpu / 1e6);
+      l_setnum(L, "heap_peak_bytes", (double)peak);
+    }
+  }
   return 1;
 }
 
@@ -1014,7 +1138,7 @@ static const luaL_Reg l_funcs[] = {
     {"set_spin", l_set_spin}, {"watch", l_watch},     {"finished", l_finished},
     {"wait_any", l_wait_any}, {"bell", l_bell},       {"active", l_active},
     {"bell_close", l_bell_close}, {"output", l_output},
-    {"job_stats", l_job_stats}, {"events", l_events},
+    {"job_stats", l_job_stats}, {"item_result", l_item_result}, {"item_stats", l_item_stats}, {"events", l_events},
     {"has_events", l_has_events}, {"wait_ended", l_wait_ended},
     {"started", l_started},
     {"validate", hd_l_validate}, {"refuse", hd_l_refuse},

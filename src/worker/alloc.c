@@ -43,12 +43,21 @@ void hd_alloc_arm(hd_alloc *a, size_t limit) {
 
 void hd_alloc_restore(hd_alloc *a) {
   hd_blk *b = a->head.next;
+  hd_chunk *c = a->chunks;
   while (b != &a->head) {
     hd_blk *next = b->next;
     free(b);
     b = next;
   }
   a->head.next = a->head.prev = &a->head;
+  while (c != NULL) {
+    hd_chunk *next = c->next;
+    free(c);
+    c = next;
+  }
+  a->chunks = NULL;
+  a->bump_at = a->bump_end = NULL;
+  memset(a->free_small, 0, sizeof a->free_small);
   memcpy(a->region, a->snapshot, a->bump);
   a->used = a->snap_used;
   a->limit = 0;
@@ -73,6 +82,39 @@ static void *alloc_blk_new(hd_alloc *a, size_t n) {
   return b + 1;
 }
 
+/* Bytes of one chunk of small blocks, its header included. */
+#define ALLOC_CHUNK (64 * 1024)
+
+static size_t alloc_class(size_t n) {
+  return (n + 15) >> 4;
+}
+
+static void *alloc_small_new(hd_alloc *a, size_t n) {
+  size_t c = alloc_class(n), sz = c << 4;
+  void *p = a->free_small[c];
+  if (p != NULL) {
+    a->free_small[c] = *(void **)p;
+    return p;
+  }
+  if ((size_t)(a->bump_end - a->bump_at) < sz) {
+    hd_chunk *k = malloc(ALLOC_CHUNK);
+    if (k == NULL) return NULL;
+    k->next = a->chunks;
+    a->chunks = k;
+    a->bump_at = (char *)(k + 1);
+    a->bump_end = (char *)k + ALLOC_CHUNK;
+  }
+  p = a->bump_at;
+  a->bump_at += sz;
+  return p;
+}
+
+static void alloc_small_free(hd_alloc *a, void *p, size_t n) {
+  size_t c = alloc_class(n);
+  *(void **)p = a->free_small[c];
+  a->free_small[c] = p;
+}
+
 static void alloc_blk_free(void *p) {
   hd_blk *b = (hd_blk *)p - 1;
   b->prev->next = b->next;
@@ -85,13 +127,17 @@ static void alloc_blk_free(void *p) {
  * its way past the limit: the worker sees `tripped` and reports OOM whatever
  * the job returned. Frees and shrinks always succeed, as LuaJIT requires.
  * Blocks in the image region are never freed one by one: the restore copies
- * the whole region back. */
+ * the whole region back. A block's kind follows from the size LuaJIT gives
+ * with it: HD_ALLOC_SMALL_MAX bytes or less, a small block of a chunk. */
 void *hd_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize) {
   hd_alloc *a = ud;
   void *p;
   if (ptr == NULL) osize = 0;
   if (nsize == 0) {
-    if (ptr != NULL && !alloc_in_region(a, ptr)) alloc_blk_free(ptr);
+    if (ptr != NULL && !alloc_in_region(a, ptr)) {
+      if (osize <= HD_ALLOC_SMALL_MAX) alloc_small_free(a, ptr, osize);
+      else alloc_blk_free(ptr);
+    }
     a->used -= osize;
     return NULL;
   }
@@ -122,7 +168,7 @@ void *hd_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize) {
       a->used -= osize - nsize;
       return ptr;
     }
-    p = alloc_blk_new(a, nsize);
+    p = nsize <= HD_ALLOC_SMALL_MAX ? alloc_small_new(a, nsize) : alloc_blk_new(a, nsize);
     if (p == NULL) goto fail;
     memcpy(p, ptr, osize);
     a->used = a->used - osize + nsize;
@@ -130,15 +176,36 @@ void *hd_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize) {
     return p;
   }
   if (ptr == NULL) {
-    p = alloc_blk_new(a, nsize);
+    p = nsize <= HD_ALLOC_SMALL_MAX ? alloc_small_new(a, nsize) : alloc_blk_new(a, nsize);
     if (p == NULL) goto fail;
+  } else if (osize <= HD_ALLOC_SMALL_MAX || nsize <= HD_ALLOC_SMALL_MAX) {
+    /* A small block on either side: within its class it stays; otherwise
+     * it moves. A failed shrink keeps the old block, which is still valid. */
+    if (osize <= HD_ALLOC_SMALL_MAX && nsize <= HD_ALLOC_SMALL_MAX &&
+        alloc_class(osize) == alloc_class(nsize)) {
+      p = ptr;
+    } else {
+      p = nsize <= HD_ALLOC_SMALL_MAX ? alloc_small_new(a, nsize) : alloc_blk_new(a, nsize);
+      if (p == NULL) {
+        if (nsize > osize) goto fail;
+        /* A shrink must not fail: the block stays where it is, as a block
+         * of the new size (a large block's memory stays on its list until
+         * the restore, and is never freed as a large block again). */
+        a->used -= osize - nsize;
+        return ptr;
+      }
+      memcpy(p, ptr, osize < nsize ? osize : nsize);
+      if (osize <= HD_ALLOC_SMALL_MAX) alloc_small_free(a, ptr, osize);
+      else alloc_blk_free(ptr);
+    }
   } else {
     hd_blk *b = (hd_blk *)ptr - 1, *nb;
     nb = realloc(b, sizeof *b + nsize);
     if (nb == NULL) {
       /* A failed shrink keeps the old block, which is still valid. */
-      if (nsize <= osize) return ptr;
-      goto fail;
+      if (nsize > osize) goto fail;
+      a->used -= osize - nsize;
+      return ptr;
     }
     nb->size = nsize;
     nb->prev->next = nb;

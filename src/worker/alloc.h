@@ -12,6 +12,17 @@ typedef struct hd_blk {
   size_t size, pad;
 } hd_blk;
 
+/* Small blocks (ALLOC_SMALL_MAX bytes or less) come from chunks, by size
+ * class of 16 bytes: a freed one goes on its class's list for the next of
+ * its size, and the restore frees the chunks, not the blocks. */
+#define HD_ALLOC_SMALL_MAX 512
+#define HD_ALLOC_CLASSES (HD_ALLOC_SMALL_MAX / 16 + 1)
+
+typedef struct hd_chunk {
+  struct hd_chunk *next;
+  size_t pad;            /* keeps the blocks after it 16-byte aligned */
+} hd_chunk;
+
 typedef struct hd_alloc {
   /* The image region: the pristine state lives here, at the same address in
    * the supervisor and in every worker forked from it. */
@@ -21,7 +32,10 @@ typedef struct hd_alloc {
   int building;          /* the pristine state is being built */
   char *snapshot;        /* the region's bytes once built */
   size_t snap_used;      /* `used` at snapshot time: the baseline */
-  hd_blk head;           /* the job's blocks */
+  hd_blk head;           /* the job's blocks larger than HD_ALLOC_SMALL_MAX */
+  hd_chunk *chunks;      /* the job's chunks of small blocks */
+  char *bump_at, *bump_end; /* what is left of the newest chunk */
+  void *free_small[HD_ALLOC_CLASSES]; /* freed small blocks, by class */
   size_t used;           /* bytes the state holds now */
   size_t peak;           /* the most `used` was since the limit was armed */
   size_t base;           /* the baseline of the limit */

@@ -635,14 +635,19 @@ static int wk_msgh(lua_State *L) {
 }
 
 /* Runs in protected mode: decodes the closure and calls it.
- * L: msg(lightuserdata) len(number) → results... */
+ * L: msg(lightuserdata) len(number) [item(lightuserdata) item_len(number)]
+ *    → results... */
 static int wk_call(lua_State *L) {
   const char *p = lua_touserdata(L, 1);
   size_t len = (size_t)lua_tonumber(L, 2);
+  const char *item = lua_touserdata(L, 3);
+  size_t item_len = (size_t)lua_tonumber(L, 4);
   int n;
   lua_settop(L, 0);
   n = hd_decode(L, p, len, HD_DEC_TRUSTED);
   if (n < 1) return luaL_error(L, "handler: the job carried no function");
+  /* An item's arguments follow the function's own. */
+  if (item != NULL) n += hd_decode(L, item, item_len, HD_DEC_TRUSTED);
   /* The function, then its arguments (the args option). */
   lua_call(L, n - 1, LUA_MULTRET);
   return lua_gettop(L);
@@ -814,33 +819,30 @@ static void wk_set_data_limit(uint64_t heap) {
 }
 
 /* Runs one job frame already in w->in. */
-static void wk_job(hd_wk *w) {
+/* Runs the job j (parsed), or one of its items (`item`, or NULL: the job's
+ * own arguments only), into the reply. */
+static void wk_job(hd_wk *w, hd_wire_job *j, const char *item, size_t item_len) {
   lua_State *L = w->L;
-  hd_wire_job j;
   uint64_t heap;
   int rc;
-  if (hd_wire_job_parse(w->in.data, w->frame_len, &j) != 0) {
-    const char *m = "bad job frame";
-    lua_settop(L, 0);
-    wk_reply_string(w, HD_REPLY_BADRESULT, m, strlen(m));
-    return;
-  }
-  heap = j.max_heap;
-  /* j.max_output is not enforced here: the host reads this process's
+  heap = j->max_heap;
+  /* j->max_output is not enforced here: the host reads this process's
    * stdout and stderr and counts every byte, whoever writes it. */
-  if (j.path != NULL) wk_set_paths(L, &j);
-  if (j.nenv > 0) wk_set_env(&j);
+  if (j->path != NULL) wk_set_paths(L, j);
+  if (j->nenv > 0) wk_set_env(j);
   wk_set_data_limit(heap);
   wk_set_as_limit(heap);
   lua_settop(L, 0);
   lua_pushcfunction(L, wk_msgh);
   lua_pushcfunction(L, wk_call);
-  lua_pushlightuserdata(L, (void *)j.msg);
-  lua_pushnumber(L, (lua_Number)j.msg_len);
+  lua_pushlightuserdata(L, (void *)j->msg);
+  lua_pushnumber(L, (lua_Number)j->msg_len);
+  lua_pushlightuserdata(L, (void *)item);
+  lua_pushnumber(L, (lua_Number)item_len);
   /* The limit counts from here: the standard libraries are below the
    * baseline, the closure and everything it allocates are above it. */
   hd_alloc_arm(&w->alloc, heap > SIZE_MAX ? SIZE_MAX : (size_t)heap);
-  rc = lua_pcall(L, 2, LUA_MULTRET, 1);
+  rc = lua_pcall(L, 4, LUA_MULTRET, 1);
   lua_remove(L, 1);
   if (w->alloc.tripped || rc == LUA_ERRMEM) {
     wk_reply_oom(w);
@@ -1023,6 +1025,7 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
   w->cpu_base = wk_cpu_ns();
   for (;;) {
     hd_frame f;
+    hd_wire_job job, items;
     int last;
     wk_spin_for_job(w);
     if (w->trim && w->in.len == 0) wk_trim_when_idle(w);
@@ -1049,43 +1052,53 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
     /* Nothing more is read here: a job that takes the socket over cannot
      * read another job's frame from it, whatever the host sends. */
     if (once) shutdown(w->fd, SHUT_RD);
-    w->job_start = wk_now_ns();
-    w->alloc.peak = w->alloc.base = w->alloc.used;
-    wk_maps.tracking = 1;
-    if (w->init_err[0] != '\0') {
-      /* ERROR carries two values: the message, and an empty traceback. */
-      const char *m[2] = {w->init_err, ""};
-      size_t len[2] = {strlen(w->init_err), 0};
-      hd_wire_reply_strings(&w->out, HD_REPLY_ERROR, 2, m, len);
-      w->alloc.taint = 1;
-    } else {
-      wk_job(w);
-    }
-    wk_close_files(w);
-    wk_maps.tracking = 0;
-    /* A job's output reaches the host before its result does; the worker
-     * leaves with _exit, which would drop anything still buffered. */
-    fflush(NULL);
-    last = w->alloc.taint || once;
-    if (w->env_set) {
-      clearenv();
-      w->env_set = 0;
-    }
-    if (wk_reply_send(w, last) != 0) break;
-    w->replied_at = wk_now_ns();
-    w->cpu_base = wk_cpu_ns();
-    if (last) {
-      /* Not lua_close: a pipe the job left open would wait in pclose for
-       * its command. Output is flushed already; the supervisor kills the
-       * process group, commands included, when it reaps us. */
-      return 0;
-    }
+    if (hd_wire_job_parse(w->in.data, w->frame_len, &job) != 0) return HD_EXIT_BAD_FRAME;
+    items = job;
+    do {
+      const char *item = NULL;
+      uint32_t item_len = 0;
+      hd_wire_job each = job;
+      if (job.nitems > 0 && hd_wire_item_next(&items, &item, &item_len) != 0)
+        return HD_EXIT_BAD_FRAME;
+      w->job_start = wk_now_ns();
+      w->alloc.peak = w->alloc.base = w->alloc.used;
+      wk_maps.tracking = 1;
+      if (w->init_err[0] != '\0') {
+        /* ERROR carries two values: the message, and an empty traceback. */
+        const char *m[2] = {w->init_err, ""};
+        size_t len[2] = {strlen(w->init_err), 0};
+        hd_wire_reply_strings(&w->out, HD_REPLY_ERROR, 2, m, len);
+        w->alloc.taint = 1;
+      } else {
+        wk_job(w, &each, item, item_len);
+      }
+      wk_close_files(w);
+      wk_maps.tracking = 0;
+      /* A job's output reaches the host before its result does; the worker
+       * leaves with _exit, which would drop anything still buffered. */
+      fflush(NULL);
+      last = w->alloc.taint || once;
+      if (w->env_set) {
+        clearenv();
+        w->env_set = 0;
+      }
+      if (wk_reply_send(w, last) != 0) goto done;
+      w->replied_at = wk_now_ns();
+      w->cpu_base = wk_cpu_ns();
+      if (last) {
+        /* Not lua_close: a pipe the job left open would wait in pclose for
+         * its command. Output is flushed already; the supervisor kills the
+         * process group, commands included, when it reaps us. The items
+         * after this one are not run: the host knows from REPLY_LAST. */
+        return 0;
+      }
+      /* Off the critical path: the reply is out. Memory the job used goes
+       * back to the system once the worker has been idle for a while. */
+      w->trim = 1;
+      hd_alloc_restore(&w->alloc);
+      wk_unmap_job();
+    } while (items.nitems > 0);
     hd_buf_consume(&w->in, w->frame_len);
-    /* Off the critical path: the reply is out. Memory the job used goes
-     * back to the system once the worker has been idle for a while. */
-    w->trim = 1;
-    hd_alloc_restore(&w->alloc);
-    wk_unmap_job();
   }
 done:
   return 0;
