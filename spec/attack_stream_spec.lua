@@ -182,3 +182,39 @@ describe("handler serve, given hostile entries", function()
     assert.is_nil(consumer:exited())
   end)
 end)
+
+describe("handler serve --sandbox-each", function()
+  local srv, producer
+
+  lazy_setup(function()
+    srv = redis.start()
+    redis.consumer(srv, { "--stream", "jobs", "-j", "2", "--sandbox-each", "--max-ms", "2000",
+      "--no-progress" })
+    producer = handler.remote{ redis = srv.addr, stream = "jobs" }
+  end)
+
+  lazy_teardown(function()
+    if producer then producer:close() end
+    redis.stop_all()
+  end)
+
+  it("runs each entry in a jailed process of its own: one entry leaves nothing to the next", function()
+    -- Each entry looks for what an entry before it may have left in its
+    -- worker's memory (what hostile bytecode could do as well as the FFI
+    -- does here), leaves it for the next, and says whether it found it.
+    local function probe()
+      local ffi = require("ffi")
+      pcall(ffi.cdef, "int setenv(const char *, const char *, int); char *getenv(const char *);")
+      local found = ffi.C.getenv("LEFT_BY_AN_ENTRY") ~= nil
+      ffi.C.setenv("LEFT_BY_AN_ENTRY", "1", 1)
+      return found, io.open("/etc/hostname") ~= nil
+    end
+    for _ = 1, 6 do
+      local ok, found, host = redis.await(producer:async(probe))
+      assert.is_true(ok, tostring(found))
+      assert.is_false(found)
+      -- The jail: the machine's files are not there.
+      assert.is_false(host)
+    end
+  end)
+end)

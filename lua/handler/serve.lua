@@ -48,7 +48,9 @@ keyed by the entry's id; the entry is acknowledged once it is written.
                           consumer died, N times before it is a dead letter (default 2)
   --visibility-ms MS      an entry held this long by a consumer that stopped answering
                           is claimed by another (default 30000)
-  --sandbox               entries run in the strict sandbox (for streams others write)
+  --sandbox               entries run in the strict sandbox (workers serve many entries)
+  --sandbox-each          each entry in a sandboxed worker process of its own (the
+                          "syscalls" profile): for streams untrusted parties write
   --stats-key KEY         write this consumer's counters to the Redis hash KEY every second
   --progress, --no-progress   a progress line on standard error (default: on a terminal)
 
@@ -118,6 +120,7 @@ function M.parse(argv)
     elseif a == "--visibility-ms" then o.visibility_ms = cli.ms_of(value(a), a)
     elseif a == "--stats-key" then o.stats_key = value(a)
     elseif a == "--sandbox" then o.sandbox = true
+    elseif a == "--sandbox-each" then o.sandbox_each = true
     elseif a == "--progress" then o.progress = true
     elseif a == "--no-progress" then o.progress = false
     elseif a == "-h" or a == "--help" then o.help = true
@@ -134,6 +137,7 @@ function M.parse(argv)
   for _, k in ipairs({ "group", "consumer", "results", "dead", "stats_key" }) do
     if o[k] == "" then usage("--%s: must not be empty", (k:gsub("_", "-"))) end
   end
+  if o.sandbox and o.sandbox_each then usage("--sandbox and --sandbox-each: choose one") end
   return o
 end
 
@@ -199,8 +203,11 @@ function M.run(o, out, errs)
     end
     script_fn = function(input) return HANDLER_SERVE_MAP(input) end
   end
-  local pool = handler.pool{ max_workers = jobs, init = init, sandbox = o.sandbox and "strict" or nil,
-    idle_ms = 60000 }
+  -- An entry's closure is bytecode, which can break the Lua isolation of a
+  -- worker that serves many entries: --sandbox-each gives each entry a
+  -- jailed process of its own.
+  local pool = handler.pool{ max_workers = jobs, init = init, idle_ms = 60000,
+    sandbox = o.sandbox_each and "syscalls" or o.sandbox and "strict" or nil }
 
   -- Signals wait in a signalfd: the loop's select wakes for them.
   local _, set = cli.block_signals({ SIGINT, SIGTERM, SIGUSR1 })
