@@ -13,7 +13,7 @@
 
 /* Bumped whenever either protocol changes; the supervisor's hello carries it
  * so a worker executable from another build is refused with a clear error. */
-#define HD_PROTO_VERSION 3
+#define HD_PROTO_VERSION 4
 
 /* The worker's protocol socket is always this descriptor, so a job's print
  * (fd 1) and its errors (fd 2) never touch the protocol. */
