@@ -621,6 +621,7 @@ static int enc_named(enc_state *e, int idx, int rebuild) {
   return 1;
 }
 
+static void enc_typed(enc_state *e, int idx, int type);
 static void enc_value(enc_state *e, int idx);
 
 /* Writes a number: an integer (not -0) as INT, a zigzag varint, which for
@@ -654,10 +655,11 @@ static void enc_string(enc_state *e, const char *s, size_t len) {
 }
 
 /* Writes the value at idx, a table's value or item: numbers and strings
- * without another round through enc_value. */
+ * without a second lua_type. */
 static void enc_field(enc_state *e, int idx) {
   lua_State *L = e->L;
-  switch (lua_type(L, idx)) {
+  int type = lua_type(L, idx);
+  switch (type) {
     case LUA_TNUMBER:
       enc_number(e, lua_tonumber(L, idx));
       return;
@@ -668,7 +670,7 @@ static void enc_field(enc_state *e, int idx) {
       return;
     }
     default:
-      enc_value(e, idx);
+      enc_typed(e, idx, type);
       return;
   }
 }
@@ -893,9 +895,10 @@ static void enc_function(enc_state *e, int f, const void *fp, enc_map_slot *fs) 
   e->depth--;
 }
 
-static void enc_value(enc_state *e, int idx) {
+/* Writes the value at idx, of Lua type `type`. */
+static void enc_typed(enc_state *e, int idx, int type) {
   lua_State *L = e->L;
-  switch (lua_type(L, idx)) {
+  switch (type) {
     case LUA_TNIL:
       enc_put_tag(e, CX_T_NIL);
       return;
@@ -952,6 +955,10 @@ static void enc_value(enc_state *e, int idx) {
       /* Threads, cdata and whatever else the VM has. */
       enc_fail(e, idx, "");
   }
+}
+
+static void enc_value(enc_state *e, int idx) {
+  enc_typed(e, idx, lua_type(e->L, idx));
 }
 
 void hd_encode(lua_State *L, int first, int n, hd_buf *out, int flags) {
