@@ -1179,3 +1179,36 @@ describe("codec trusted input checks", function()
     raises("cannot load function", decode, "\1\9\4\27LJ\99\0", true)
   end)
 end)
+
+describe("codec decoding a job's message with the collector paused", function()
+  -- HD_DEC_NOGC, as a worker decodes its job: a message of 64 KiB or more
+  -- is decoded with the collector paused, which must be running again
+  -- afterwards, also when the message is refused.
+  local recs = {}
+  for i = 1, 5000 do recs[i] = { id = i, name = "x" .. i, f = i + 0.5 } end
+  local s = encode(recs)
+
+  it("decodes the same values", function()
+    assert.is_true(#s >= 64 * 1024)
+    assert.same(recs, decode(s, true, true))
+    assert.same(recs, decode(s, false, true))
+    assert.is_true(collectgarbage("isrunning"))
+  end)
+
+  it("restarts the collector when the message is refused", function()
+    raises("truncated table", decode, s:sub(1, -2), true, true)
+    assert.is_true(collectgarbage("isrunning"))
+    raises("trailing bytes", decode, s .. "x", false, true)
+    assert.is_true(collectgarbage("isrunning"))
+  end)
+
+  it("leaves a collector the caller stopped stopped", function()
+    collectgarbage("stop")
+    local ok, v = pcall(decode, s, true, true)
+    local running = collectgarbage("isrunning")
+    collectgarbage("restart")
+    assert.is_true(ok)
+    assert.equals(5000, #v)
+    assert.is_false(running)
+  end)
+end)

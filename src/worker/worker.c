@@ -641,7 +641,8 @@ static int wk_call(lua_State *L) {
   size_t len = (size_t)lua_tonumber(L, 2);
   int n;
   lua_settop(L, 0);
-  n = hd_decode(L, p, len, HD_DEC_TRUSTED);
+  /* The job's values live until it ends, and its heap goes then. */
+  n = hd_decode(L, p, len, HD_DEC_TRUSTED | HD_DEC_NOGC);
   if (n < 1) return luaL_error(L, "handler: the job carried no function");
   /* The function, then its arguments (the args option). */
   lua_call(L, n - 1, LUA_MULTRET);
