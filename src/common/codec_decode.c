@@ -33,6 +33,7 @@ typedef struct dec_state {
   int refs;          /* stack slot: DEC_REF(ref) → object, slot + 1 → string, -(k + 1) → true when
                       * named value k is a function inside a table, DEC_MTS → the
                       * metatables to set; nil until needed */
+  int have_refs;     /* the ref table is made */
   uint64_t named_fn; /* named values that are functions inside a table (hostile only) */
   uint64_t budget;   /* bytes of table parts that size hints may still preallocate */
 } dec_state;
@@ -103,9 +104,10 @@ static void dec_scalar(cx_walk *w, int tag, const unsigned char *s, size_t len) 
 
 /* Makes the ref table, the first time one is needed. */
 static void dec_refs(dec_state *d) {
-  if (lua_isnil(d->L, d->refs)) {
+  if (!d->have_refs) {
     lua_newtable(d->L);
     lua_replace(d->L, d->refs);
+    d->have_refs = 1;
   }
 }
 
@@ -490,6 +492,7 @@ static int dec_run(lua_State *L, const char *p, size_t len, int flags) {
   d.flags = flags;
   d.named_fn = 0;
   d.named_last = 0;
+  d.have_refs = 0;
   d.budget = (uint64_t)len * CX_HINT_BYTES_PER_BYTE;
   if (!lua_checkstack(L, DEC_SLOTS)) cx_oom(L);
   lua_pushnil(L);
