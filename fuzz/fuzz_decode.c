@@ -267,10 +267,12 @@ static void fz_zero_uv(unsigned char *c, size_t from, size_t to) {
  * hash hint ends where the walk is; the array hint ends where it begins,
  * narr_left bytes before the end, and begins after the tag, the first byte
  * before it without the "more" bit. */
-static void fz_zero_table(cx_walk *w, int at, uint64_t narr, uint64_t nhash, size_t narr_left) {
+static void fz_zero_table(cx_walk *w, int at, int array, uint64_t narr, uint64_t nhash,
+                          size_t narr_left) {
   unsigned char *copy = w->ud;
   size_t mid = (size_t)(w->end - w->start) - narr_left, hend = (size_t)(w->p - w->start), i;
   (void)at;
+  (void)array;
   (void)narr;
   (void)nhash;
   fz_zero_uv(copy, mid, hend);

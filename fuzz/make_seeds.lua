@@ -18,13 +18,13 @@ local dir = arg and arg[1] or "fuzz/seeds"
 local W = require("spec.support.wire")
 local u32, u64, uv = W.u32, W.u64, W.uv
 
-local function num(x)
-  -- A double's bits, little-endian, through the encoder itself.
-  return encode(x):sub(3)
-end
+-- A double's eight bytes, as NUM carries them.
+local num = W.num
 
 local T_NIL, T_FALSE, T_TRUE, T_NUM, T_STR, T_TABLE, T_TABLE_MT, T_END, T_REF, T_FUNC,
   T_UPJOIN, T_MOD, T_FIELD, T_NULL = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13
+local T_ARRAY, T_ARRAY_MT, T_KEYS, T_INT, T_KSET, T_KREF =
+  W.T_ARRAY, W.T_ARRAY_MT, W.T_KEYS, W.T_INT, W.T_KSET, W.T_KREF
 
 local str = W.str
 
@@ -82,6 +82,15 @@ local valid = {
   { "in_table", { f = string.format, m = math, t = table.concat } },
   { "null", NULL },
   { "null_in_table", { NULL, [NULL] = NULL } },
+  { "integers", { 0, 1, -1, 2^53, -2^53, 2^53 + 2, 0.5, -0.0, 1e300 } },
+  { "records", (function()
+    local t = {}
+    for i = 1, 40 do t[i] = { id = i, name = "x" .. i, tags = { "a", "b" } } end
+    return t
+  end)() },
+  { "array_then_keys", { 1, 2, 3, x = 1, y = { 4, 5, z = 6 } } },
+  { "array_with_hole", { 1, 2, nil, 4 } },
+  { "array_metatable", setmetatable({ 1, 2 }, { __index = { k = "v" } }) },
 }
 
 local seeds = { decode = {}, frame = {} }
@@ -131,7 +140,21 @@ local hostile = {
   { "missing_value", uv(1) .. char(T_TABLE, 0, 1) .. str("k") .. char(T_END) },
   { "metatable_not_table", uv(1) .. char(T_TABLE_MT, 0, 0, T_END) .. str("mt") },
   { "metatable_named", uv(1) .. char(T_TABLE_MT, 0, 0, T_END, T_MOD) .. uv(6) .. "string" },
-  { "unknown_tag_14", uv(1) .. char(14) },
+  { "unknown_tag_20", uv(1) .. char(20) },
+  { "array_truncated", uv(1) .. char(T_ARRAY, 0, 0, T_TRUE) },
+  { "array_keys_twice", uv(1) .. char(T_ARRAY, 0, 0, T_TRUE, T_KEYS, T_KEYS, T_TRUE, T_END) },
+  { "array_nil_item", uv(1) .. char(T_ARRAY, 0, 0, T_NIL, T_TRUE, T_END) },
+  { "array_hint_huge", uv(1) .. char(T_ARRAY) .. uv(2^63) .. uv(2^63) .. rep(char(T_TRUE), 64) .. char(T_END) },
+  { "array_mt_named", uv(1) .. char(T_ARRAY_MT, 0, 0, T_END, T_MOD) .. uv(6) .. "string" },
+  { "keys_top", uv(1) .. char(T_KEYS) },
+  { "keys_in_table", uv(1) .. char(T_TABLE, 0, 0, T_KEYS, T_TRUE, T_END) },
+  { "int_truncated", uv(1) .. char(T_INT, 128) },
+  { "int_huge", uv(1) .. char(T_INT) .. rep("\255", 9) .. "\1" },
+  { "kref_unset", uv(1) .. char(T_KREF, 3) },
+  { "kref_slot_huge", uv(2) .. char(T_KSET, 0, 1) .. "a" .. char(T_KREF, 200) },
+  { "kset_slot_64", uv(1) .. char(T_KSET, 64, 1) .. "a" },
+  { "kset_truncated", uv(1) .. char(T_KSET, 0) .. uv(9) .. "abc" },
+  { "kset_as_key", uv(1) .. char(T_TABLE, 0, 0, T_KSET, 5, 1) .. "k" .. char(T_KREF, 5, T_END) },
   { "unknown_tag_255", uv(1) .. char(255) },
   { "end_tag", uv(1) .. char(T_END) },
   { "upjoin_tag", uv(1) .. char(T_UPJOIN, 0, 1) },

@@ -106,10 +106,7 @@ local T_TRUE, T_NUM, T_STR, T_TABLE, T_TABLE_MT, T_END = 2, 3, 4, 5, 6, 7
 local W = require("spec.support.wire")
 local uv, str = W.uv, W.str
 
--- A double's eight bytes, as the encoder writes them.
-local function num(x)
-  return encode(x):sub(3)
-end
+local num = W.num
 
 local function reply_frame(id, msg)
   return W.reply(id, OK, msg)

@@ -574,7 +574,7 @@ describe("codec NULL light userdata", function()
     package.loaded.hd_codec_test_null = { null = NULL }
     finally(function() package.loaded.hd_codec_test_null = nil end)
     assert.equals("\1\13", encode(NULL))
-    assert.equals("\1\5\1\128\128\0\3" .. num_bytes(1) .. "\13\7", encode({ NULL }))
+    assert.equals("\1\14\129\128\0\128\128\0\13\7", encode({ NULL }))
   end)
 
   it("carries it as a value and as a key, trusted and hostile", function()
@@ -603,20 +603,61 @@ describe("codec wire format", function()
     assert.equals("\0", encode())
     assert.equals("\1\0", encode(nil))
     assert.equals("\2\2\1", encode(true, false))
-    assert.equals("\1\3" .. num_bytes(1.0), encode(1.0))
+    -- Integers (up to 2^53, not -0) as INT, a zigzag varint; other numbers
+    -- as NUM, their eight bytes.
+    assert.equals("\1\17\2", encode(1.0))
+    assert.equals("\1\17\5", encode(-3))
+    assert.equals("\1\17\0", encode(0))
+    assert.equals("\1\17" .. uv(2 ^ 54), encode(2 ^ 53))
+    assert.equals("\1\17" .. rep("\255", 7) .. "\31", encode(-2 ^ 53)) -- 2^54 - 1
+    assert.equals("\1\3" .. num_bytes(2 ^ 53 + 2), encode(2 ^ 53 + 2))
+    assert.equals("\1\3" .. num_bytes(1.5), encode(1.5))
     assert.equals("\1\3\0\0\0\0\0\0\0\128", encode(-0.0))
     assert.equals("\1\4\2ab", encode("ab"))
     assert.equals("\1\4\128\1" .. rep("x", 128), encode(rep("x", 128)))
   end)
 
   it("writes tables, refs and metatables as documented", function()
-    -- The hash hint is a three-byte varint, backpatched once counted.
-    assert.equals("\1\5\0\128\128\0\7", encode({}))
-    assert.equals("\1\5\1\128\128\0\3" .. num_bytes(1) .. "\4\1a\7", encode({ "a" }))
+    -- Both size hints are three-byte varints, backpatched once counted.
+    local h0, h1, h2 = "\128\128\0", "\129\128\0", "\130\128\0"
+    assert.equals("\1\5" .. h0 .. h0 .. "\7", encode({}))
+    -- t[1], t[2]... in turn are items of an ARRAY, without their keys.
+    assert.equals("\1\14" .. h1 .. h0 .. "\4\1a\7", encode({ "a" }))
     local t = {}
     t[1] = t
-    assert.equals("\1\5\1\128\128\0\3" .. num_bytes(1) .. "\8\0\7", encode(t))
-    assert.equals("\1\6\0\128\128\0\7\5\0\128\128\0\7", encode(setmetatable({}, {})))
+    assert.equals("\1\14" .. h1 .. h0 .. "\8\0\7", encode(t))
+    assert.equals("\1\6" .. h0 .. h0 .. "\7\5" .. h0 .. h0 .. "\7", encode(setmetatable({}, {})))
+    assert.equals("\1\15" .. h1 .. h0 .. "\2\7\5" .. h0 .. h0 .. "\7",
+      encode(setmetatable({ true }, {})))
+  end)
+
+  it("writes items, then KEYS and the keyed entries", function()
+    local h0, h1, h2 = "\128\128\0", "\129\128\0", "\130\128\0"
+    -- A key string goes once (KSET: its slot, length, bytes), then as a
+    -- KREF of that slot; the slot depends on the string's address.
+    local s = encode({ 10, 20, x = true })
+    local slot = s:byte(15)
+    assert.is_true(slot < 64)
+    assert.equals("\1\14" .. h2 .. h1 .. "\17\20\17\40\16\18" .. char(slot) .. "\1x\2\7", s)
+    local r = encode({ { x = 1 }, { x = 2 } })
+    slot = r:byte(17)
+    assert.equals("\1\14" .. h2 .. h0 ..
+      "\5" .. h0 .. h1 .. "\18" .. char(slot) .. "\1x\17\2\7" ..
+      "\5" .. h0 .. h1 .. "\19" .. char(slot) .. "\17\4\7\7", r)
+    assert.same({ { x = 1 }, { x = 2 } }, decode(r))
+  end)
+
+  it("decodes KSET and KREF wherever a string goes", function()
+    assert.same({ "ab", "ab", ab = "ab" },
+      decode("\1\14\0\0\18\5\2ab\19\5\16\19\5\19\5\7"))
+    assert.same({ "a", "b" }, { decode("\2\18\63\1a\18\63\1b") })
+    assert.same({ "a", "a" }, { decode("\2\18\0\1a\19\0") })
+  end)
+
+  it("decodes items past a hint, and a KEYS marker with no keys after it", function()
+    assert.same({ 1, 2, 3 }, decode("\1\14\1\0\17\2\17\4\17\6\7"))
+    assert.same({ 1 }, decode("\1\14\0\0\17\2\16\7"))
+    assert.same({ [1] = 1, [3] = 3 }, decode("\1\14\0\0\17\2\0\17\6\7"))
   end)
 
   it("decodes minimal varints too", function()
@@ -648,6 +689,20 @@ local hostile_cases = {
   { "huge ref", "\1\5\0\0\2\8" .. uv(2 ^ 50) .. "\7", "reference to a value not yet sent" },
   { "end at top level", "\1\7", "table end where a value was expected" },
   { "upvalue join at top level", "\1\10\0\1", "upvalue join where a value was expected" },
+  { "KEYS at top level", "\1\16", "keys marker where a value was expected at byte 1" },
+  { "KEYS as a key", "\1\5\0\0\16\2\7", "keys marker where a value was expected at byte 4" },
+  { "KEYS twice", "\1\14\0\0\2\16\16\2\7", "keys marker where a value was expected at byte 6" },
+  { "KEYS as a value", "\1\14\0\0\16\2\16\7", "keys marker where a value was expected at byte 6" },
+  { "truncated INT", "\1\17\128", "truncated number" },
+  { "overlong INT", "\1\17" .. rep("\255", 10) .. "\0", "varint too long" },
+  { "KREF before its KSET", "\1\19\3", "reference to a string not yet sent at byte 2" },
+  { "KREF of another slot", "\2\18\3\1a\19\4", "reference to a string not yet sent" },
+  { "string slot out of range", "\1\18\64\1a", "bad string slot at byte 2" },
+  { "KREF slot out of range", "\1\19\255", "bad string slot" },
+  { "truncated KSET", "\1\18", "truncated string at byte 2" },
+  { "truncated KSET bytes", "\1\18\0\5ab", "truncated string" },
+  { "truncated ARRAY", "\1\14\0\0\2", "truncated table" },
+  { "ARRAY nil key after KEYS", "\1\14\0\0\16\0\2\7", "nil table key" },
   { "nil key", "\1\5\0\0\0\2\7", "nil table key" },
   { "NaN key", nan_key, "NaN table key" },
   { "metatable not a table", "\1\6\0\0\7\2", "metatable is not a table" },
@@ -660,7 +715,7 @@ local hostile_cases = {
   { "field of a module that is no table", "\1" .. named("hd_fnmod", "x"), "module is not a table", named = true },
   { "truncated name", "\1\11\50string", "truncated name" },
   { "a named function as a metamethod", encode(setmetatable({}, { __index = debug.getregistry })),
-    "a named value in a metatable at byte 40" },
+    "a named value in a metatable at byte 45" },
   { "a named function nested in a metatable",
     encode(setmetatable({}, { __index = { f = string.format } })), "a named value in a metatable" },
   { "a named function as a key of a metatable", encode(setmetatable({}, { [print] = true })),
@@ -1018,7 +1073,7 @@ describe("codec metatables in hostile input", function()
     assert.equals(string, getmetatable(t).__index)
     local ok, msg = validate(s)
     assert.is_false(ok)
-    assert.equals("handler: bad message: " .. "a named value in a metatable at byte 29", msg)
+    assert.equals("handler: bad message: " .. "a named value in a metatable at byte 34", msg)
     local ok2, msg2 = validate(encode(setmetatable({}, string)))
     assert.is_false(ok2)
     assert.truthy(msg2:find("a named value in a metatable", 1, true))
@@ -1122,5 +1177,38 @@ describe("codec trusted input checks", function()
 
   it("refuses bytecode that does not load", function()
     raises("cannot load function", decode, "\1\9\4\27LJ\99\0", true)
+  end)
+end)
+
+describe("codec decoding a job's message with the collector paused", function()
+  -- HD_DEC_NOGC, as a worker decodes its job: a message of 64 KiB or more
+  -- is decoded with the collector paused, which must be running again
+  -- afterwards, also when the message is refused.
+  local recs = {}
+  for i = 1, 5000 do recs[i] = { id = i, name = "x" .. i, f = i + 0.5 } end
+  local s = encode(recs)
+
+  it("decodes the same values", function()
+    assert.is_true(#s >= 64 * 1024)
+    assert.same(recs, decode(s, true, true))
+    assert.same(recs, decode(s, false, true))
+    assert.is_true(collectgarbage("isrunning"))
+  end)
+
+  it("restarts the collector when the message is refused", function()
+    raises("truncated table", decode, s:sub(1, -2), true, true)
+    assert.is_true(collectgarbage("isrunning"))
+    raises("trailing bytes", decode, s .. "x", false, true)
+    assert.is_true(collectgarbage("isrunning"))
+  end)
+
+  it("leaves a collector the caller stopped stopped", function()
+    collectgarbage("stop")
+    local ok, v = pcall(decode, s, true, true)
+    local running = collectgarbage("isrunning")
+    collectgarbage("restart")
+    assert.is_true(ok)
+    assert.equals(5000, #v)
+    assert.is_false(running)
   end)
 end)

@@ -21,6 +21,10 @@
 
 /* Decoder flags. */
 #define HD_DEC_TRUSTED 1 /* bytecode may be loaded and names may be require()d */
+#define HD_DEC_NOGC 2    /* a long message is decoded with the collector paused, and
+                          * what it would have done meanwhile is not made up: for a
+                          * worker's job, whose values are live until the job ends
+                          * and whose heap is thrown away then (see hd_decode) */
 
 /* Deepest nesting of tables and functions either side accepts. */
 #define HD_MAX_DEPTH 200

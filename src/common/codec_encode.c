@@ -1,6 +1,7 @@
 /* codec_encode.c: the encoder: Lua values to a message, and a message of plain strings without a lua_State. */
 #include <lauxlib.h>
 #include <lua.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -8,12 +9,20 @@
 #include "codec_int.h"
 #include "weak.h"
 
-/* The Lua stack slots the encoder makes sure of: when it starts (its seven
+/* The Lua stack slots the encoder makes sure of: when it starts (its eight
  * slots of its own, and room), per table or function it enters, and to
  * build an error message. */
-#define ENC_SLOTS 15
+#define ENC_SLOTS 16
 #define ENC_ENTER_SLOTS 8
 #define ENC_FAIL_SLOTS 12
+
+/* Entries of the encoder's cache from a key string's address to its KREF
+ * slot (a power of two). */
+#define ENC_KFAST 128
+
+/* The first size of the map of objects already sent (a power of two); it
+ * grows fourfold when it is half full. */
+#define ENC_MAP_MIN 64
 
 /* Writes v as an unsigned LEB128 varint at p (room for CX_UV_MAX bytes) and
  * returns how many bytes it took. */
@@ -53,11 +62,53 @@ typedef struct enc_step {
   int n;
 } enc_step;
 
+/* The objects (tables and functions) already sent, by address, and their
+ * ref numbers: open addressing, linear probing, at most half full. A slot
+ * belongs to the message whose generation it carries: the map is kept in
+ * the registry for the next message, which takes the next generation
+ * instead of clearing it. It lives in a userdata, so that an error leaves
+ * it to the collector (and marks it busy: the next message makes a fresh
+ * one, as one made while another is being made does).
+ *
+ * An address stays its object's while the message is made: every object
+ * in the map is reachable from the values being sent, the encoder runs no
+ * Lua code, and the little it allocates (a few tables, the name cache)
+ * cannot make the collector finish two cycles, which freeing an object
+ * reachable at the start of the message would take. */
+typedef struct enc_map_slot {
+  const void *p;
+  uint32_t gen; /* the slot is empty unless this is the map's */
+  uint32_t ref; /* below CX_MAX_REFS */
+} enc_map_slot;
+
+typedef struct enc_map {
+  size_t mask; /* slots - 1 */
+  size_t n;    /* slots of this generation */
+  uint32_t gen;
+  int busy;    /* a message is being made with it */
+  enc_map_slot slot[];
+} enc_map;
+
+/* The largest map kept for the next message (slots): 4 MB. */
+#define ENC_MAP_KEEP ((size_t)1 << 18)
+
+/* The kept map is in the registry under this address. */
+static const char enc_map_key = 0;
+
 typedef struct enc_state {
   lua_State *L;
   hd_buf *out;
   int flags;
-  int refs;   /* stack slot: object → ref index; nil until first needed */
+  int map;    /* stack slot: the enc_map userdata; nil until first needed */
+  enc_map *m;
+  int anchor; /* stack slot: slot + 1 → the string a KSET sent; nil until first needed */
+  const unsigned char *filter; /* the name cache's filter (cx_nc_maybe), once fetched */
+  /* The KREF slots (filled only once a key string comes): */
+  int kready;                  /* kptr and kfast are cleared */
+  const char *kptr[CX_KSLOTS]; /* the string each slot holds, by its address */
+  unsigned kturn;              /* which of a key's two slots a miss takes next */
+  const char *kfast[ENC_KFAST]; /* by address: a string a slot held... */
+  unsigned char kfslot[ENC_KFAST]; /* ...and that slot */
   int uvids;  /* stack slot: upvalue id → func ref * CX_UPS_PER_REF + upvalue number */
   int nc;     /* stack slot: the name cache; nil until first needed */
   int names;  /* stack slot: the cache's value → name table */
@@ -75,9 +126,23 @@ typedef struct enc_state {
   enc_step steps[HD_MAX_DEPTH + 2];
 } enc_state;
 
-static unsigned char *enc_room(enc_state *e, size_t n) {
+/* Makes room for n more bytes and returns where they go. The test that
+ * there is room is inline: most values find it. */
+static void enc_grow(enc_state *e, size_t n) {
   if (hd_buf_reserve(e->out, n) != 0) cx_oom(e->L);
+}
+
+static inline unsigned char *enc_room(enc_state *e, size_t n) {
+  if (n > e->out->cap - e->out->len) enc_grow(e, n);
   return (unsigned char *)e->out->data + e->out->len;
+}
+
+/* Writes v, cut to CX_HINT3_MAX, as a varint of CX_HINT3_BYTES bytes at p. */
+static void enc_hint3(unsigned char *p, uint64_t v) {
+  int j;
+  if (v > CX_HINT3_MAX) v = CX_HINT3_MAX;
+  for (j = 0; j < CX_HINT3_BYTES; j++, v >>= CX_UV_BITS)
+    p[j] = (unsigned char)((v & (CX_UV_MORE - 1)) | (j + 1 < CX_HINT3_BYTES ? CX_UV_MORE : 0));
 }
 
 static void enc_put_tag(enc_state *e, int tag) {
@@ -256,35 +321,123 @@ static void enc_enter(enc_state *e, int idx) {
   if (!lua_checkstack(L, ENC_ENTER_SLOTS)) cx_oom(L);
 }
 
-/* Gives the table or function at idx the next ref index and returns it. */
-static lua_Number enc_register(enc_state *e, int idx) {
+/* Where address p sits, or would, in a map of mask + 1 slots. */
+static size_t enc_map_home(const void *p, size_t mask) {
+  uint64_t h = (uint64_t)(uintptr_t)p * UINT64_C(0x9E3779B97F4A7C15);
+  return (size_t)(h >> 32) & mask;
+}
+
+/* The slot of p: its own, or the empty one where it would go. */
+static enc_map_slot *enc_map_find(enc_map *m, const void *p) {
+  size_t i = enc_map_home(p, m->mask);
+  while (m->slot[i].gen == m->gen && m->slot[i].p != p) i = (i + 1) & m->mask;
+  return &m->slot[i];
+}
+
+static int enc_map_has(const enc_map *m, const enc_map_slot *s) {
+  return s->gen == m->gen;
+}
+
+/* Makes a map of `slots` slots holding what the current one holds (if
+ * any) and makes it the encoder's. L: ... → ... */
+static void enc_map_new(enc_state *e, size_t slots) {
   lua_State *L = e->L;
-  lua_Number ref = e->nrefs++;
-  if (lua_isnil(L, e->refs)) {
-    lua_newtable(L);
-    lua_replace(L, e->refs);
+  enc_map *m, *old = e->m;
+  size_t i;
+  if (slots > (SIZE_MAX - sizeof *m) / sizeof m->slot[0]) cx_oom(L);
+  m = lua_newuserdata(L, sizeof *m + slots * sizeof m->slot[0]);
+  memset(m->slot, 0, slots * sizeof m->slot[0]);
+  m->mask = slots - 1;
+  m->n = 0;
+  m->gen = 1;
+  m->busy = 1;
+  if (old != NULL) {
+    for (i = 0; i <= old->mask; i++) {
+      if (old->slot[i].gen == old->gen) {
+        enc_map_slot *s = enc_map_find(m, old->slot[i].p);
+        *s = old->slot[i];
+        s->gen = m->gen;
+      }
+    }
+    m->n = old->n;
+    old->busy = 0;
   }
-  lua_pushvalue(L, idx);
-  lua_pushnumber(L, ref);
-  lua_rawset(L, e->refs);
+  lua_replace(L, e->map);
+  e->m = m;
+}
+
+/* Takes the kept map for this message, or makes one when there is none or
+ * it is busy (another message is being made with it, or one raised while
+ * it was). L: ... → ... */
+static void enc_map_take(enc_state *e) {
+  lua_State *L = e->L;
+  enc_map *m;
+  lua_pushlightuserdata(L, (void *)&enc_map_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  m = lua_touserdata(L, -1);
+  if (m == NULL || m->busy) {
+    lua_pop(L, 1);
+    enc_map_new(e, ENC_MAP_MIN);
+    lua_pushlightuserdata(L, (void *)&enc_map_key);
+    lua_pushvalue(L, e->map);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+    return;
+  }
+  lua_replace(L, e->map);
+  if (++m->gen == 0) {
+    /* 2^32 messages later: the old generations could come round again. */
+    memset(m->slot, 0, (m->mask + 1) * sizeof m->slot[0]);
+    m->gen = 1;
+  }
+  m->n = 0;
+  m->busy = 1;
+  e->m = m;
+}
+
+/* Hands the map back for the next message, or keeps the one there when it
+ * grew too big. L: ... → ... */
+static void enc_map_give(enc_state *e) {
+  lua_State *L = e->L;
+  if (e->m == NULL) return;
+  e->m->busy = 0;
+  if (e->m->mask + 1 > ENC_MAP_KEEP) return;
+  lua_pushlightuserdata(L, (void *)&enc_map_key);
+  lua_pushvalue(L, e->map);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+/* The slot of the object at address p (its own or where it would go). */
+static enc_map_slot *enc_slot(enc_state *e, const void *p) {
+  if (e->m == NULL) enc_map_take(e);
+  return enc_map_find(e->m, p);
+}
+
+/* Gives the table or function at idx (at address p, whose slot s is) the
+ * next ref index and returns it. */
+static uint64_t enc_register(enc_state *e, int idx, const void *p, enc_map_slot *s) {
+  uint64_t ref = e->nrefs++;
+  if (ref >= CX_MAX_REFS) enc_fail(e, idx, " (more tables and functions than a message holds)");
+  if (e->m->n + 1 > (e->m->mask + 1) / 2) {
+    /* Four times the slots: a message of many tables rehashes fewer
+     * times (a worker's map starts small for every reply). */
+    if (e->m->mask + 1 > SIZE_MAX / 4 / sizeof e->m->slot[0]) cx_oom(e->L);
+    enc_map_new(e, 4 * (e->m->mask + 1));
+    s = enc_map_find(e->m, p);
+  }
+  s->p = p;
+  s->gen = e->m->gen;
+  s->ref = (uint32_t)ref;
+  e->m->n++;
   return ref;
 }
 
-/* Writes a REF when the object at idx was sent before; returns 1 if so. */
-static int enc_ref(enc_state *e, int idx) {
-  lua_State *L = e->L;
-  if (lua_isnil(L, e->refs)) return 0;
-  lua_pushvalue(L, idx);
-  lua_rawget(L, e->refs);
-  if (lua_type(L, -1) == LUA_TNUMBER) {
-    lua_Number ref = lua_tonumber(L, -1);
-    lua_pop(L, 1);
-    enc_put_tag(e, CX_T_REF);
-    enc_put_uv(e, (uint64_t)ref);
-    return 1;
-  }
-  lua_pop(L, 1);
-  return 0;
+/* Writes a REF when the object whose slot is s was sent before; returns 1
+ * if so. */
+static int enc_ref(enc_state *e, const enc_map_slot *s) {
+  if (!enc_map_has(e->m, s)) return 0;
+  enc_put_tag(e, CX_T_REF);
+  enc_put_uv(e, s->ref);
+  return 1;
 }
 
 /* The marks hd_refuse makes, in the registry under this address. Until
@@ -397,7 +550,21 @@ static void enc_names_set(enc_state *e) {
   lua_State *L = e->L;
   lua_rawgeti(L, -1, CX_NC_NAMES);
   lua_replace(L, e->names);
+  lua_rawgeti(L, -1, CX_NC_FILTER);
+  /* The cache, in its slot, keeps the filter. */
+  e->filter = lua_touserdata(L, -1);
+  lua_pop(L, 1);
   lua_replace(L, e->nc);
+}
+
+/* Whether the table or Lua function at address p may have a name: when its
+ * filter bit is clear it has none, and no lookup is needed. */
+static int enc_maybe_named(enc_state *e, const void *p) {
+  if (e->names_state == 0) {
+    e->names_state = cx_names_push(e->L) ? 2 : 1;
+    enc_names_set(e);
+  }
+  return e->filter == NULL || cx_nc_maybe(e->filter, p);
 }
 
 /* Writes the value's NAMED record when it has a name; returns 1 if so. A
@@ -456,41 +623,189 @@ static int enc_named(enc_state *e, int idx, int rebuild) {
   return 1;
 }
 
+static void enc_typed(enc_state *e, int idx, int type);
 static void enc_value(enc_state *e, int idx);
 
-static void enc_table(enc_state *e, int t) {
-  lua_State *L = e->L;
-  int mt = 0, j;
-  size_t narr, hpos;
-  uint64_t count = 0, nhash;
-  unsigned char *p;
-  enc_enter(e, t);
-  enc_register(e, t);
-  if (lua_getmetatable(L, t)) mt = lua_gettop(L);
-  narr = lua_objlen(L, t);
-  p = enc_room(e, 1 + CX_UV_MAX + CX_HINT3_BYTES);
-  *p = (unsigned char)(mt ? CX_T_TABLE_MT : CX_T_TABLE);
-  e->out->len += 1 + enc_uv_write(p + 1, narr);
-  /* The hash hint is known only after the walk: leave room for it. */
-  hpos = e->out->len;
-  e->out->len += CX_HINT3_BYTES;
-  lua_pushnil(L);
-  while (lua_next(L, t) != 0) {
-    int k = lua_gettop(L) - 1;
-    enc_step_push(e, ENC_STEP_KEYOF, k, 0);
-    enc_value(e, k);
-    e->steps[e->nsteps - 1].kind = ENC_STEP_KEY;
-    enc_value(e, k + 1);
-    e->nsteps--;
-    lua_pop(L, 1);
-    count++;
+/* Writes a number: an integer (not -0) as INT, a zigzag varint, which for
+ * most takes 2 to 4 bytes rather than 9; any other as NUM. The range check
+ * comes first, so that the cast is defined. */
+static void enc_number(enc_state *e, lua_Number n) {
+  unsigned char *p = enc_room(e, 1 + CX_UV_MAX + CX_NUM_BYTES);
+  uint64_t bits;
+  if (n >= -CX_INT_MAX && n <= CX_INT_MAX && n == (lua_Number)(int64_t)n &&
+      (n != 0 || !signbit(n))) {
+    int64_t i = (int64_t)n;
+    uint64_t zz = i < 0 ? ((uint64_t)(-(i + 1)) << 1) | 1 : (uint64_t)i << 1;
+    p[0] = CX_T_INT;
+    e->out->len += 1 + enc_uv_write(p + 1, zz);
+    return;
   }
+  memcpy(&bits, &n, sizeof bits);
+  p[0] = CX_T_NUM;
+  hd_put_u64((char *)p + 1, bits);
+  e->out->len += 1 + CX_NUM_BYTES;
+}
+
+static void enc_string(enc_state *e, const char *s, size_t len) {
+  unsigned char *p;
+  if (len > SIZE_MAX - (1 + CX_UV_MAX)) cx_oom(e->L);
+  p = enc_room(e, 1 + CX_UV_MAX + len);
+  p[0] = CX_T_STR;
+  e->out->len += 1 + enc_uv_write(p + 1, len);
+  memcpy(e->out->data + e->out->len, s, len);
+  e->out->len += len;
+}
+
+/* Writes the value at idx, a table's value or item: numbers and strings
+ * without a second lua_type. */
+static void enc_field(enc_state *e, int idx) {
+  lua_State *L = e->L;
+  int type = lua_type(L, idx);
+  switch (type) {
+    case LUA_TNUMBER:
+      enc_number(e, lua_tonumber(L, idx));
+      return;
+    case LUA_TSTRING: {
+      size_t len;
+      const char *s = lua_tolstring(L, idx, &len);
+      enc_string(e, s, len);
+      return;
+    }
+    default:
+      enc_typed(e, idx, type);
+      return;
+  }
+}
+
+/* The slot pair of a key string: from a hash of its bytes (FNV-1a), so
+ * that the same keys in the same order make the same message. */
+static unsigned enc_kslot(const char *s, size_t len) {
+  uint32_t h = 2166136261u;
+  size_t i;
+  for (i = 0; i < len; i++) h = (h ^ (unsigned char)s[i]) * 16777619u;
+  return (unsigned)(h >> 26); /* CX_KSLOTS = 64 */
+}
+
+/* Writes the string at idx, a table key: a short one through the KREF
+ * slots, where the keys of a list of records travel once. Its bytes pick
+ * two slots; it is KSET into one (an empty one, else each in turn) and
+ * sent as KREF while that slot holds it. A string is known by its address
+ * (equal strings are one object in LuaJIT), and kfast maps addresses to
+ * slots so that a repeated key is not hashed again; a KSET anchors its
+ * string, so that the address stays its own while the message is made. */
+static void enc_key_string(enc_state *e, int idx) {
+  lua_State *L = e->L;
+  size_t len, f;
+  const char *s = lua_tolstring(L, idx, &len);
+  unsigned slot;
+  unsigned char *p;
+  if (len > CX_KSHORT) {
+    enc_string(e, s, len);
+    return;
+  }
+  if (!e->kready) {
+    memset((void *)e->kptr, 0, sizeof e->kptr);
+    memset((void *)e->kfast, 0, sizeof e->kfast);
+    e->kturn = 1;
+    e->kready = 1;
+  }
+  f = (size_t)(((uint64_t)(uintptr_t)s * UINT64_C(0x9E3779B97F4A7C15)) >> 57) & (ENC_KFAST - 1);
+  slot = e->kfslot[f];
+  if (e->kfast[f] != s || e->kptr[slot] != s) {
+    slot = enc_kslot(s, len);
+    if (e->kptr[slot] != s && e->kptr[slot ^ 1] == s) slot ^= 1;
+    e->kfast[f] = s;
+    e->kfslot[f] = (unsigned char)slot;
+  }
+  if (e->kptr[slot] == s) {
+    p = enc_room(e, 2);
+    p[0] = CX_T_KREF;
+    p[1] = (unsigned char)slot;
+    e->out->len += 2;
+    return;
+  }
+  /* A miss: an empty slot of the two, else each in turn. */
+  if (e->kptr[slot] != NULL) {
+    if (e->kptr[slot ^ 1] == NULL) {
+      slot ^= 1;
+    } else {
+      slot ^= e->kturn;
+      e->kturn ^= 1;
+    }
+  }
+  e->kfslot[f] = (unsigned char)slot;
+  if (lua_isnil(L, e->anchor)) {
+    lua_newtable(L);
+    lua_replace(L, e->anchor);
+  }
+  lua_pushvalue(L, idx);
+  lua_rawseti(L, e->anchor, (int)slot + 1);
+  e->kptr[slot] = s;
+  p = enc_room(e, 2 + CX_UV_MAX + len);
+  p[0] = CX_T_KSET;
+  p[1] = (unsigned char)slot;
+  e->out->len += 2 + enc_uv_write(p + 2, len);
+  memcpy(e->out->data + e->out->len, s, len);
+  e->out->len += len;
+}
+
+/* Writes a table: its entries in lua_next's order. While they are t[1],
+ * t[2]... in turn (LuaJIT's array part), they go as items, without their
+ * keys, and the tag becomes ARRAY; the first other key ends the items (a
+ * KEYS marker) and the rest go as keys and values. Both size hints are
+ * backpatched once the entries are counted (so no lua_objlen, which for a
+ * table without an array part looks t[1] up in its hash part). */
+static void enc_table(enc_state *e, int t, const void *tp, enc_map_slot *ts) {
+  lua_State *L = e->L;
+  int mt = 0, k, items = 0, keyed = 0;
+  size_t hpos, tpos;
+  uint64_t nhash = 0;
+  lua_Number run = 0;
+  unsigned char *p;
+  enc_step *step;
+  enc_enter(e, t);
+  enc_register(e, t, tp, ts);
+  if (lua_getmetatable(L, t)) mt = lua_gettop(L);
+  p = enc_room(e, 1 + 2 * CX_HINT3_BYTES);
+  tpos = e->out->len;
+  *p = (unsigned char)(mt ? CX_T_TABLE_MT : CX_T_TABLE);
+  hpos = tpos + 1;
+  e->out->len += 1 + 2 * CX_HINT3_BYTES;
+  lua_pushnil(L);
+  k = lua_gettop(L);
+  enc_step_push(e, ENC_STEP_KEY, k, 0);
+  step = &e->steps[e->nsteps - 1];
+  while (lua_next(L, t) != 0) {
+    int kt = lua_type(L, k);
+    if (!keyed) {
+      if (kt == LUA_TNUMBER && lua_tonumber(L, k) == run + 1) {
+        if (!items) {
+          items = 1;
+          e->out->data[tpos] = (char)(mt ? CX_T_ARRAY_MT : CX_T_ARRAY);
+        }
+        run += 1;
+        enc_field(e, k + 1);
+        lua_settop(L, k);
+        continue;
+      }
+      keyed = 1;
+      if (items) enc_put_tag(e, CX_T_KEYS);
+    }
+    step->kind = ENC_STEP_KEYOF;
+    if (kt == LUA_TSTRING)
+      enc_key_string(e, k);
+    else
+      enc_value(e, k);
+    step->kind = ENC_STEP_KEY;
+    enc_field(e, k + 1);
+    lua_settop(L, k);
+    nhash++;
+  }
+  e->nsteps--;
   enc_put_tag(e, CX_T_END);
-  nhash = count > narr ? count - narr : 0;
-  if (nhash > CX_HINT3_MAX) nhash = CX_HINT3_MAX;
   p = (unsigned char *)e->out->data + hpos;
-  for (j = 0; j < CX_HINT3_BYTES; j++, nhash >>= CX_UV_BITS)
-    p[j] = (unsigned char)((nhash & (CX_UV_MORE - 1)) | (j + 1 < CX_HINT3_BYTES ? CX_UV_MORE : 0));
+  enc_hint3(p, (uint64_t)run);
+  enc_hint3(p + CX_HINT3_BYTES, nhash);
   if (mt) {
     enc_step_push(e, ENC_STEP_MT, mt, 0);
     enc_value(e, mt);
@@ -517,7 +832,7 @@ static int enc_dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
   return 0;
 }
 
-static void enc_function(enc_state *e, int f) {
+static void enc_function(enc_state *e, int f, const void *fp, enc_map_slot *fs) {
   lua_State *L = e->L;
   lua_Debug ar;
   lua_Number ref;
@@ -525,7 +840,7 @@ static void enc_function(enc_state *e, int f) {
   size_t start, bclen, k;
   int i, nups;
   enc_enter(e, f);
-  ref = enc_register(e, f);
+  ref = (lua_Number)enc_register(e, f, fp, fs);
   enc_put_tag(e, CX_T_FUNC);
   /* Dump the bytecode (with debug info, for tracebacks) straight into the
    * buffer, then slide it over to make room for its length in front. */
@@ -582,51 +897,45 @@ static void enc_function(enc_state *e, int f) {
   e->depth--;
 }
 
-static void enc_value(enc_state *e, int idx) {
+/* Writes the value at idx, of Lua type `type`. */
+static void enc_typed(enc_state *e, int idx, int type) {
   lua_State *L = e->L;
-  switch (lua_type(L, idx)) {
+  switch (type) {
     case LUA_TNIL:
       enc_put_tag(e, CX_T_NIL);
       return;
     case LUA_TBOOLEAN:
       enc_put_tag(e, lua_toboolean(L, idx) ? CX_T_TRUE : CX_T_FALSE);
       return;
-    case LUA_TNUMBER: {
-      lua_Number n = lua_tonumber(L, idx);
-      uint64_t bits;
-      unsigned char *p = enc_room(e, 1 + CX_NUM_BYTES);
-      memcpy(&bits, &n, sizeof bits);
-      p[0] = CX_T_NUM;
-      hd_put_u64((char *)p + 1, bits);
-      e->out->len += 1 + CX_NUM_BYTES;
+    case LUA_TNUMBER:
+      enc_number(e, lua_tonumber(L, idx));
       return;
-    }
     case LUA_TSTRING: {
       size_t len;
       const char *s = lua_tolstring(L, idx, &len);
-      unsigned char *p;
-      if (len > SIZE_MAX - (1 + CX_UV_MAX)) cx_oom(L);
-      p = enc_room(e, 1 + CX_UV_MAX + len);
-      p[0] = CX_T_STR;
-      e->out->len += 1 + enc_uv_write(p + 1, len);
-      memcpy(e->out->data + e->out->len, s, len);
-      e->out->len += len;
+      enc_string(e, s, len);
       return;
     }
-    case LUA_TTABLE:
-      if (enc_ref(e, idx)) return;
+    case LUA_TTABLE: {
+      const void *p = lua_topointer(L, idx);
+      enc_map_slot *s = enc_slot(e, p);
+      if (enc_ref(e, s)) return;
       if (ENC_REFUSING(e)) enc_check_refused(e, idx);
-      if (enc_named(e, idx, 0)) return;
-      enc_table(e, idx);
+      if (enc_maybe_named(e, p) && enc_named(e, idx, 0)) return;
+      enc_table(e, idx, p, s);
       return;
-    case LUA_TFUNCTION:
-      if (enc_ref(e, idx)) return;
+    }
+    case LUA_TFUNCTION: {
+      const void *p = lua_topointer(L, idx);
+      enc_map_slot *s = enc_slot(e, p);
+      if (enc_ref(e, s)) return;
       if (ENC_REFUSING(e)) enc_check_refused(e, idx);
       if (!lua_iscfunction(L, idx) && (e->flags & HD_ENC_FUNCTIONS)) {
-        if (enc_named(e, idx, 0)) return;
-        enc_function(e, idx);
+        if (enc_maybe_named(e, p) && enc_named(e, idx, 0)) return;
+        enc_function(e, idx, p, s);
         return;
       }
+    }
       if (enc_named(e, idx, 1)) return;
       enc_fail(e, idx,
                   lua_iscfunction(L, idx)
@@ -650,6 +959,10 @@ static void enc_value(enc_state *e, int idx) {
   }
 }
 
+static void enc_value(enc_state *e, int idx) {
+  enc_typed(e, idx, lua_type(e->L, idx));
+}
+
 void hd_encode(lua_State *L, int first, int n, hd_buf *out, int flags) {
   enc_state e;
   int base, i;
@@ -662,14 +975,19 @@ void hd_encode(lua_State *L, int first, int n, hd_buf *out, int flags) {
   if (!lua_checkstack(L, ENC_SLOTS)) cx_oom(L);
   base = lua_gettop(L);
   /* Slots for the ref map, the upvalue map, the name cache and its names,
-   * the standard modules, the verdicts on others and the refused values,
+   * the standard modules, the verdicts on others, the refused values and
+   * the anchor table,
    * each filled only when a message needs it, so that scalars cost nothing
    * extra. */
-  lua_settop(L, base + 7);
+  lua_settop(L, base + 8);
   e.L = L;
   e.out = out;
   e.flags = flags;
-  e.refs = base + 1;
+  e.map = base + 1;
+  e.m = NULL;
+  e.anchor = base + 8;
+  e.filter = NULL;
+  e.kready = 0;
   e.uvids = base + 2;
   e.nc = base + 3;
   e.names = base + 4;
@@ -687,6 +1005,7 @@ void hd_encode(lua_State *L, int first, int n, hd_buf *out, int flags) {
     enc_step_push(&e, ENC_STEP_TOP, 0, i + 1);
     enc_value(&e, first + i);
   }
+  enc_map_give(&e);
   lua_settop(L, base);
 }
 

@@ -20,8 +20,24 @@ enum {
   CX_T_TABLE = 5, CX_T_TABLE_MT = 6, CX_T_END = 7, CX_T_REF = 8,          /* tables */
   CX_T_FUNC = 9, CX_T_UPJOIN = 10,                  /* functions (trusted messages only) */
   CX_T_NAMED_MOD = 11, CX_T_NAMED_FIELD = 12,       /* values sent by name */
-  CX_T_NULL = 13 /* the NULL light userdata (cjson.null, ngx.null): no payload */
+  CX_T_NULL = 13, /* the NULL light userdata (cjson.null, ngx.null): no payload */
+  /* A table whose first values are t[1], t[2]... in order, without their
+   * keys (items); a KEYS marker then starts its keyed entries, if any. */
+  CX_T_ARRAY = 14, CX_T_ARRAY_MT = 15, CX_T_KEYS = 16,
+  CX_T_INT = 17,  /* a number that is an integer of at most 2^53: zigzag varint */
+  CX_T_KSET = 18, /* a string, kept in a slot (u8) for KREF: slot, length, bytes */
+  CX_T_KREF = 19  /* the string a KSET kept in a slot (u8) */
 };
+
+/* The slots of repeated strings (table keys, as the encoder sends them):
+ * a record's keys travel once, then as a two-byte KREF. */
+#define CX_KSLOTS 64
+
+/* The longest key string the encoder keeps in a slot. */
+#define CX_KSHORT 40
+
+/* The largest integer INT carries: every integer up to it is a double. */
+#define CX_INT_MAX 9007199254740992.0 /* 2^53 */
 
 /* The longest varint (unsigned LEB128): ten bytes, the tenth holding bit 63
  * only. */
@@ -54,18 +70,20 @@ enum {
 #define CX_MAX_VALUES (CX_DEC_SLOTS - 1 - CX_SPARE_SLOTS)
 
 /* The most tables and functions in one message: the decoder keeps them in a
- * Lua table under int keys. */
-#define CX_MAX_REFS INT32_MAX
+ * Lua table under int keys, after the CX_KSLOTS strings. */
+#define CX_MAX_REFS (INT32_MAX - CX_KSLOTS - 1)
 
 /* The most slots one table's size hint may preallocate. Hints only save
  * rehashing; a table that really is bigger still grows as it fills. */
 #define CX_HINT_MAX (1u << 20)
 
-/* The fewest bytes an entry takes on the wire: an array entry has a number
- * key (a tag and CX_NUM_BYTES) and a value of at least one byte; a hash
- * entry a one-byte key (true) and value. A hint is cut to the entries the
- * bytes after it could hold. */
-#define CX_MIN_ARRAY_ENTRY (1 + CX_NUM_BYTES + 1)
+/* The fewest bytes an entry takes on the wire: in a TABLE, an array entry
+ * has a number key (INT and a one-byte varint) and a value of at least one
+ * byte; an ARRAY's items are one byte at least; a hash entry is a one-byte
+ * key (true) and value. A hint is cut to the entries the bytes after it
+ * could hold. */
+#define CX_MIN_ARRAY_ENTRY 3
+#define CX_MIN_ITEM 1
 #define CX_MIN_HASH_ENTRY 2
 
 /* What the hints of one message may preallocate in all, in bytes of table
@@ -79,9 +97,9 @@ enum {
 #define CX_ARRAY_SLOT_BYTES 8
 #define CX_HASH_NODE_BYTES 24
 
-/* The hash-size hint is backpatched after the entries are counted, so it is
- * written as a varint of a fixed CX_HINT3_BYTES bytes and can hold at most
- * CX_HINT3_MAX. */
+/* The encoder backpatches both size hints after the entries are counted, so
+ * it writes them as varints of a fixed CX_HINT3_BYTES bytes, which hold at
+ * most CX_HINT3_MAX (any varint decodes). */
 #define CX_HINT3_BYTES 3
 #define CX_HINT3_MAX ((1u << (CX_UV_BITS * CX_HINT3_BYTES)) - 1)
 
@@ -151,7 +169,24 @@ void cx_push_quoted(lua_State *L, const char *s, size_t len);
 /* ------------------------------------------------------------------------ */
 
 /* The cache is a table; its fields (see codec_names.c): */
-enum { CX_NC_NAMES = 1, CX_NC_OWNER, CX_NC_SEEN, CX_NC_PRINT, CX_NC_NSEEN };
+enum { CX_NC_NAMES = 1, CX_NC_OWNER, CX_NC_SEEN, CX_NC_PRINT, CX_NC_NSEEN, CX_NC_FILTER };
+
+/* CX_NC_FILTER is a userdata of CX_NC_FILTER_BITS bits: the bit of every
+ * value NAMES has held is set, so that a clear bit says, without a lookup,
+ * that a value has no name (a set one only that it may have). */
+#define CX_NC_FILTER_LOG2 16
+#define CX_NC_FILTER_BITS (1u << CX_NC_FILTER_LOG2)
+
+/* The bit of the object at address p. */
+static inline size_t cx_nc_bit(const void *p) {
+  return (size_t)(((uint64_t)(uintptr_t)p * UINT64_C(0x9E3779B97F4A7C15)) >>
+                  (64 - CX_NC_FILTER_LOG2));
+}
+
+static inline int cx_nc_maybe(const unsigned char *filter, const void *p) {
+  size_t b = cx_nc_bit(p);
+  return (filter[b / 8] >> (b % 8)) & 1;
+}
 
 /* Pushes the name cache, brought up to date; returns 1 when it was rebuilt
  * rather than reused. L: ... → ... nc */

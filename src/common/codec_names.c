@@ -76,7 +76,9 @@ static int nc_nameable(int type) {
  *   [OWNER] value → the module's name, for values named as a field;
  *   [SEEN]  module name → the module value as it was indexed;
  *   [PRINT] the fingerprint of package.loaded when last indexed;
- *   [NSEEN] how many modules SEEN holds.
+ *   [NSEEN] how many modules SEEN holds;
+ *   [FILTER] a bit per value NAMES has held (cx_nc_maybe), so that the
+ *            encoder looks up only the values that may have a name.
  * NAMES and OWNER have weak keys and SEEN weak values, so that the cache
  * pins nothing. Names are the strings package.loaded and the modules
  * already hold, so indexing allocates no strings. Its fields are numbered
@@ -218,8 +220,14 @@ static int nc_std_has(lua_State *L, int mod, int field) {
  * matter are modules, named already, while the Lua functions and tables a
  * script puts there exist on its side only, so they must travel by value.
  * L: ... → same */
+/* Sets the filter bit of the value at idx, which NAMES now holds. */
+static void nc_mark(lua_State *L, unsigned char *filter, int idx) {
+  size_t b = cx_nc_bit(lua_topointer(L, idx));
+  filter[b / 8] |= (unsigned char)(1u << (b % 8));
+}
+
 static void nc_fields(lua_State *L, int names, int owner, int modkey, int mod,
-                            int globals) {
+                            int globals, unsigned char *filter) {
   lua_pushnil(L);
   while (lua_next(L, mod) != 0) {
     int vt = lua_type(L, -1);
@@ -240,6 +248,7 @@ static void nc_fields(lua_State *L, int names, int owner, int modkey, int mod,
       }
       lua_pop(L, 1);
       if (take) {
+        nc_mark(L, filter, vidx);
         lua_pushvalue(L, vidx);
         lua_pushvalue(L, kidx);
         lua_rawset(L, names);
@@ -260,7 +269,11 @@ static void nc_fields(lua_State *L, int names, int owner, int modkey, int mod,
 static void nc_index(lua_State *L, int nc, int loaded) {
   int names, owner, seen, pass;
   lua_Number nseen;
+  unsigned char *filter;
   if (!lua_checkstack(L, NC_INDEX_SLOTS)) cx_oom(L);
+  lua_rawgeti(L, nc, CX_NC_FILTER);
+  filter = lua_touserdata(L, -1);
+  lua_pop(L, 1); /* the cache at nc keeps it */
   lua_rawgeti(L, nc, CX_NC_NAMES);
   names = lua_gettop(L);
   lua_rawgeti(L, nc, CX_NC_OWNER);
@@ -283,6 +296,7 @@ static void nc_index(lua_State *L, int nc, int loaded) {
       fresh = lua_isnil(L, -1);
       lua_pop(L, 1);
       if (fresh && pass == 0 && nc_nameable(lua_type(L, v))) {
+        nc_mark(L, filter, v);
         lua_pushvalue(L, v);
         lua_pushvalue(L, k);
         lua_rawset(L, names);
@@ -299,7 +313,7 @@ static void nc_index(lua_State *L, int nc, int loaded) {
         lua_pushvalue(L, LUA_GLOBALSINDEX);
         globals = lua_rawequal(L, -1, v);
         lua_pop(L, 1);
-        if (globals == pass - 1) nc_fields(L, names, owner, k, v, globals);
+        if (globals == pass - 1) nc_fields(L, names, owner, k, v, globals, filter);
       }
       lua_pop(L, 1);
     }
@@ -334,7 +348,7 @@ static void nc_index(lua_State *L, int nc, int loaded) {
 void cx_names_build(lua_State *L) {
   int nc;
   if (!lua_checkstack(L, NC_SLOTS)) cx_oom(L);
-  lua_createtable(L, 5, 0);
+  lua_createtable(L, 6, 0);
   nc = lua_gettop(L);
   nc_push_weak(L, 0, 64, "k");
   lua_rawseti(L, nc, CX_NC_NAMES);
@@ -344,6 +358,8 @@ void cx_names_build(lua_State *L) {
   lua_rawseti(L, nc, CX_NC_SEEN);
   lua_pushnumber(L, 0);
   lua_rawseti(L, nc, CX_NC_NSEEN);
+  memset(lua_newuserdata(L, CX_NC_FILTER_BITS / 8), 0, CX_NC_FILTER_BITS / 8);
+  lua_rawseti(L, nc, CX_NC_FILTER);
   lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
   if (lua_istable(L, -1)) nc_index(L, nc, nc + 1);
   lua_pop(L, 1);

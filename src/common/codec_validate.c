@@ -64,9 +64,11 @@ static uint64_t mr_find(uint64_t *st, uint64_t x) {
   return r;
 }
 
-static void mr_table(cx_walk *w, int at, uint64_t narr, uint64_t nhash, size_t narr_left) {
+static void mr_table(cx_walk *w, int at, int array, uint64_t narr, uint64_t nhash,
+                     size_t narr_left) {
   mr_state *m = MR(w);
   mr_frame *f = &m->frames[w->depth];
+  (void)array;
   (void)narr;
   (void)nhash;
   (void)narr_left;
@@ -221,5 +223,5 @@ void hd_msg_info_of(const char *p, size_t len, hd_msg_info *info) {
   info->count = 0;
   info->first_is_string = 0;
   if (cx_uv_read(&u, end, &info->count) != 0) return;
-  info->first_is_string = info->count > 0 && u < end && *u == CX_T_STR;
+  info->first_is_string = info->count > 0 && u < end && (*u == CX_T_STR || *u == CX_T_KSET);
 }

@@ -22,9 +22,11 @@
  * them (CX_DEC_SLOTS) is the message's, whoever walks it. */
 
 /* Where a value sits. In a frame's state, the low bits are where its next
- * value goes; WALK_MT_NEXT marks a table whose metatable follows its END. */
-enum { CX_AT_KEY = 0, CX_AT_VALUE = 1, CX_AT_MT = 2, CX_AT_UPVAL = 3, CX_AT_TOP = 4 };
-#define WALK_AT_MASK 3u
+ * value goes; WALK_MT_NEXT marks a table whose metatable follows its END.
+ * CX_AT_ITEM: one of an ARRAY's first values, t[i] without its key. */
+enum { CX_AT_KEY = 0, CX_AT_VALUE = 1, CX_AT_MT = 2, CX_AT_UPVAL = 3, CX_AT_TOP = 4,
+       CX_AT_ITEM = 5 };
+#define WALK_AT_MASK 7u
 #define WALK_MT_NEXT 8u
 
 /* What a value turned out to be, as far as where it sits needs to know:
@@ -51,8 +53,14 @@ typedef struct cx_ops {
   int (*room)(cx_walk *w, int slots);
   /* nil, false, true, NULL, a number (its CX_NUM_BYTES bytes) or a string. */
   void (*scalar)(cx_walk *w, int tag, const unsigned char *s, size_t len);
-  /* A table opens: its size hints, and the bytes left after narr. */
-  void (*table)(cx_walk *w, int at, uint64_t narr, uint64_t nhash, size_t narr_left);
+  /* An INT: its zigzag varint. */
+  void (*integer)(cx_walk *w, uint64_t zz);
+  /* A KSET (s: its len bytes, kept in slot) or a KREF (s NULL: the string
+   * slot holds). The walker has checked the slot. */
+  void (*kstr)(cx_walk *w, int slot, const unsigned char *s, size_t len);
+  /* A table opens: its size hints, and the bytes left after narr; `array`:
+   * an ARRAY, whose items come first. */
+  void (*table)(cx_walk *w, int at, int array, uint64_t narr, uint64_t nhash, size_t narr_left);
   /* A function opens (trusted only): its bytecode, then its upvalue count. */
   void (*func)(cx_walk *w, const unsigned char *bc, size_t len);
   void (*nups)(cx_walk *w, uint64_t nups);
@@ -65,8 +73,10 @@ typedef struct cx_ops {
                const unsigned char *field, size_t flen);
   /* Upvalue i of the open function is upvalue n of function number ref. */
   void (*upjoin)(cx_walk *w, int i, uint64_t ref, uint64_t n);
-  /* A value was read as a table's value, metatable, or a function's upvalue i. */
+  /* A value was read as a table's value, its item i (t[i]), its metatable,
+   * or a function's upvalue i. */
   void (*field)(cx_walk *w);
+  void (*item)(cx_walk *w, uint64_t i);
   void (*metatable)(cx_walk *w);
   void (*upvalue)(cx_walk *w, int i);
   /* A table is complete (w->depth still counts it). */
@@ -83,6 +93,7 @@ struct cx_walk {
   int depth;
   uint64_t nrefs;  /* tables and functions opened so far */
   uint64_t nnamed; /* named values read before this one */
+  uint64_t kslots; /* bit s: slot s holds a string (a KSET was read) */
   /* What the walk saw: */
   int saw_mt;         /* a table had a metatable */
   int named_in_table; /* a named value sat inside a table */
@@ -100,6 +111,7 @@ static inline void cx_walk_init(cx_walk *w, const void *p, size_t len, int trust
   w->trusted = trusted;
   w->depth = 0;
   w->nrefs = w->nnamed = 0;
+  w->kslots = 0;
   w->saw_mt = w->named_in_table = 0;
   w->what = NULL;
   w->tag = 0;
@@ -114,7 +126,7 @@ static inline void cx_walk_init(cx_walk *w, const void *p, size_t len, int trust
 
 typedef struct walk_frame {
   unsigned state; /* CX_AT_* of its next value, | WALK_MT_NEXT */
-  uint64_t i, n;  /* a function: upvalues read, and its count */
+  uint64_t i, n;  /* a function: upvalues read, and its count; an ARRAY: items read */
 } walk_frame;
 
 /* Whether a number's bits are a NaN's. */
@@ -227,18 +239,48 @@ read: /* One value, at p. */
       kind = CX_K_OTHER;
       WALK_HOOK(scalar, (w, tag, s, (size_t)x));
       break;
+    case CX_T_INT:
+      WALK_UV(x, "truncated number");
+      kind = CX_K_OTHER;
+      WALK_HOOK(integer, (w, x));
+      break;
+    case CX_T_KSET:
+    case CX_T_KREF: {
+      unsigned slot;
+      if (p >= end) WALK_FAIL("truncated string");
+      slot = *p;
+      if (slot >= CX_KSLOTS) WALK_FAIL("bad string slot");
+      if (tag == CX_T_KREF && !(w->kslots & (UINT64_C(1) << slot)))
+        WALK_FAIL("reference to a string not yet sent");
+      p++;
+      s = NULL;
+      x = 0;
+      if (tag == CX_T_KSET) {
+        WALK_BYTES(s, x, "truncated string");
+        w->kslots |= UINT64_C(1) << slot;
+      }
+      kind = CX_K_OTHER;
+      WALK_HOOK(kstr, (w, (int)slot, s, (size_t)x));
+      break;
+    }
     case CX_T_TABLE:
     case CX_T_TABLE_MT:
+    case CX_T_ARRAY:
+    case CX_T_ARRAY_MT: {
+      int array = tag == CX_T_ARRAY || tag == CX_T_ARRAY_MT;
       WALK_ENTER();
       WALK_UV(x, "truncated table");
       left = (size_t)(end - p);
       WALK_UV(y, "truncated table");
       if (w->nrefs == w->max_refs) WALK_FAIL("too many tables");
-      WALK_HOOK(table, (w, WALK_AT(), x, y, left));
+      WALK_HOOK(table, (w, WALK_AT(), array, x, y, left));
       w->nrefs++;
       f = &frames[depth++];
-      f->state = tag == CX_T_TABLE_MT ? WALK_MT_NEXT : CX_AT_KEY;
+      f->state = (array ? CX_AT_ITEM : CX_AT_KEY) |
+                 (tag == CX_T_TABLE_MT || tag == CX_T_ARRAY_MT ? WALK_MT_NEXT : 0);
+      f->i = 0;
       goto entry;
+    }
     case CX_T_REF:
       WALK_UV(x, "truncated reference");
       if (x >= w->nrefs) {
@@ -294,6 +336,9 @@ read: /* One value, at p. */
     case CX_T_UPJOIN:
       p--;
       WALK_FAIL("upvalue join where a value was expected");
+    case CX_T_KEYS:
+      p--;
+      WALK_FAIL("keys marker where a value was expected");
     default:
       p--;
       goto bad;
@@ -315,6 +360,9 @@ settle: /* A value of `kind` was read: hand it to its table or function, or coun
       WALK_HOOK(field, (w));
       f->state &= ~(unsigned)CX_AT_VALUE;
       nkeys--;
+      goto entry;
+    case CX_AT_ITEM:
+      WALK_HOOK(item, (w, f->i));
       goto entry;
     case CX_AT_MT:
       /* Only a lookup could tell whether a named value is a table: those
@@ -344,9 +392,19 @@ upvalue: /* The open function f expects its next upvalue, or is complete. */
   }
   goto read;
 
-entry: /* The open table f expects a key or its END. */
+entry: /* The open table f expects an item, a key, KEYS (after items) or its END. */
   if (p >= end) WALK_FAIL("truncated table");
-  if (*p != CX_T_END) goto read;
+  if (*p != CX_T_END) {
+    if ((f->state & WALK_AT_MASK) == CX_AT_ITEM) {
+      if (*p == CX_T_KEYS) {
+        p++;
+        f->state = (f->state & WALK_MT_NEXT) | CX_AT_KEY;
+        goto entry;
+      }
+      f->i++;
+    }
+    goto read;
+  }
   p++;
   if (f->state & WALK_MT_NEXT) {
     f->state = CX_AT_MT;

@@ -49,7 +49,7 @@ int hd_l_encode_job(lua_State *L) {
 int hd_l_decode(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len);
-  int flags = lua_toboolean(L, 2) ? HD_DEC_TRUSTED : 0;
+  int flags = (lua_toboolean(L, 2) ? HD_DEC_TRUSTED : 0) | (lua_toboolean(L, 3) ? HD_DEC_NOGC : 0);
   /* The string stays on the stack below the decoded values, so s stays
    * valid throughout. */
   return hd_decode(L, s, len, flags);

@@ -15,8 +15,9 @@ int hd_l_encode(lua_State *L);
  * as they are (core.submit with a string for the function). */
 int hd_l_encode_job(lua_State *L);
 
-/* decode(s [, trusted]) → the values of message s. Without `trusted` the
- * bytes are treated as hostile: no bytecode, no require. */
+/* decode(s [, trusted [, nogc]]) → the values of message s. Without
+ * `trusted` the bytes are treated as hostile: no bytecode, no require.
+ * `nogc`: HD_DEC_NOGC, as a worker decodes its job. */
 int hd_l_decode(lua_State *L);
 
 /* validate(s) → true | false, msg: whether s would decode as a worker's

@@ -644,10 +644,11 @@ static int wk_call(lua_State *L) {
   size_t item_len = (size_t)lua_tonumber(L, 4);
   int n;
   lua_settop(L, 0);
-  n = hd_decode(L, p, len, HD_DEC_TRUSTED);
+  /* The job's values live until it ends, and its heap goes then. */
+  n = hd_decode(L, p, len, HD_DEC_TRUSTED | HD_DEC_NOGC);
   if (n < 1) return luaL_error(L, "handler: the job carried no function");
   /* An item's arguments follow the function's own. */
-  if (item != NULL) n += hd_decode(L, item, item_len, HD_DEC_TRUSTED);
+  if (item != NULL) n += hd_decode(L, item, item_len, HD_DEC_TRUSTED | HD_DEC_NOGC);
   /* The function, then its arguments (the args option). */
   lua_call(L, n - 1, LUA_MULTRET);
   return lua_gettop(L);
