@@ -272,6 +272,41 @@ describe("waiting inside nginx", function()
     srv:stop_clean()
   end)
 
+  it("runs thousands of back-to-back jobs from one request, and without its bell too", function()
+    -- Each job's wait starts the dispatcher anew when the one before has
+    -- ended: its connections to the bell must not pile up (once they did,
+    -- and a wait then slept for an hour). Then the bell is made
+    -- unreachable: the dispatcher looks at the loop every millisecond
+    -- instead, and says so in the error log.
+    local srv = start(1, { server = [[
+      location = /many {
+        content_by_lua_block {
+          local handler = require("handler")
+          local core = require("handler.core")
+          local bell = core.bell
+          if ngx.var.arg_nobell then
+            core.bell = function() return "/nonexistent/handler-bell" end
+          end
+          local sum = 0
+          for i = 1, tonumber(ngx.var.arg_n) do
+            local ok, v = handler.run(function(x) return x end, { args = { i } })
+            if not ok then error(tostring(v)) end
+            sum = sum + v
+          end
+          core.bell = bell
+          ngx.print(sum)
+        }
+      }
+    ]] })
+    finally(function() srv:stop() end)
+    -- First, with the worker's first dispatcher, the bell out of reach.
+    assert.are.equal(tostring(300 * 301 / 2), srv:get_ok("/many?n=300&nobell=1", 30000))
+    assert.matches("cannot connect to the loop's bell %(looking at the loop every 1 ms instead%)",
+      srv:error_log())
+    assert.are.equal(tostring(3000 * 3001 / 2), srv:get_ok("/many?n=3000", 30000))
+    srv:stop_clean()
+  end)
+
   it("replaces a killed supervisor for the next request", function()
     local srv = start(1)
     finally(function() srv:stop() end)

@@ -36,20 +36,62 @@ local function needed()
   return waitlist.count() > 0 or core.active() > 0
 end
 
+-- Without the bell (it could not be reached), the dispatcher steps the
+-- loop this often, in seconds, while it is needed.
+local POLL_S = 0.001
+-- After the last job, the dispatcher stays this long (s) for the next one,
+-- so back-to-back jobs do not each connect anew.
+local LINGER_S = 0.05
+
+local function exiting()
+  return ngx.worker and ngx.worker.exiting and ngx.worker.exiting()
+end
+
+-- The bell could not be reached: correct, if slower, by looking at the
+-- loop every POLL_S while needed.
+local function poll_loop()
+  while true do
+    waitlist.step()
+    if not needed() or exiting() then return end
+    ngx.sleep(POLL_S)
+  end
+end
+
+local function connect()
+  local sock, ok, err
+  for pause = 1, 3 do
+    sock = socket_tcp()
+    ok, err = sock:connect("unix:" .. core.bell())
+    if ok then return sock end
+    ngx.sleep(0.001 * pause)
+  end
+  return nil, err
+end
+
 local function dispatch(premature)
-  local sock = socket_tcp()
-  local ok, err = sock:connect("unix:" .. core.bell())
-  if not ok then
+  local sock, err = connect()
+  if sock == nil then
+    log(ERR, "handler: cannot connect to the loop's bell (looking at the loop every ",
+      POLL_S * 1000, " ms instead): ", err)
+    if not premature then poll_loop() end
     running = false
-    log(ERR, "handler: cannot connect to the loop's bell: ", err)
-    -- Waiters are woken to see for themselves (they step the loop).
     waitlist.step()
     return
   end
-  sock:settimeout(DISPATCH_READ_MS)
+  local ok, linger_until
   while true do
     waitlist.step()
-    if not needed() then break end
+    if needed() then
+      linger_until = nil
+      sock:settimeout(DISPATCH_READ_MS)
+    else
+      if premature or exiting() then break end
+      ngx.update_time()
+      linger_until = linger_until or ngx.now() + LINGER_S
+      local left = linger_until - ngx.now()
+      if left <= 0 then break end
+      sock:settimeout(left * 1000)
+    end
     ok, err = sock:send("a")
     if ok then ok, err = sock:receive(1) end
     if not ok and err ~= "timeout" then

@@ -98,13 +98,18 @@ static void *bell_main(void *arg) {
     }
     if (p[0].revents) break;
     if (p[1].revents & POLLIN) {
-      int c = accept4(b->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
-      if (c >= 0) {
+      /* Every connection waiting, the newest kept: the host connects anew
+       * each time it starts waiting, and may have closed the ones before
+       * (unaccepted, they would fill the backlog and its next connect
+       * would fail). */
+      int c, got = 0;
+      while ((c = accept4(b->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK)) >= 0) {
         bell_close(&conn);
         conn = c;
         armed = 0;
-        continue;
+        got = 1;
       }
+      if (got) continue;
     }
     if (ic >= 0 && p[ic].revents) {
       char buf[64];
@@ -198,7 +203,7 @@ hd_bell *hd_bell_new(int fd, char *err, size_t errlen) {
   b->listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   b->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (b->listen_fd < 0 || b->stop_fd < 0 ||
-      bind(b->listen_fd, (struct sockaddr *)&sa, sizeof sa) != 0 || listen(b->listen_fd, 4) != 0) {
+      bind(b->listen_fd, (struct sockaddr *)&sa, sizeof sa) != 0 || listen(b->listen_fd, 64) != 0) {
     snprintf(err, errlen, "cannot listen on %s: %s", b->path, strerror(errno));
     goto fail;
   }
