@@ -291,3 +291,26 @@ describe("pool:map with batch", function()
     H.rm_r(dir)
   end)
 end)
+
+describe("pool:map with batch, in a pool whose workers serve one job each", function()
+  H.leak_checked()
+
+  it("runs every item once, each in a job of its own", function()
+    local pool = handler.pool{ max_workers = 2, sandbox = "syscalls" }
+    local inputs = {}
+    for k = 1, 30 do inputs[k] = k end
+    local n = 0
+    for i, ok, v in pool:map(function(x) return x + 1 end, inputs, { batch = 16 }) do
+      n = n + 1
+      assert.is_true(ok, tostring(v))
+      assert.are.equal(i + 1, v)
+    end
+    assert.are.equal(30, n)
+    -- A worker of this profile runs one item and exits: the items after it
+    -- in its job went back to the queue, and none ran twice.
+    local st = pool:stats()
+    assert.are.equal(30, st.started)
+    assert.are.equal(30, st.succeeded)
+    pool:close()
+  end)
+end)

@@ -137,12 +137,14 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_end
 
   -- A job of one item (its args), or, with batch > 1, of up to `batch`
   -- items, each run from the pristine image with its own limits.
-  -- running[key] = { job, entries }, each entry { i, item, tries }.
+  -- running[key] = { job, entries, items }, each entry { i, item, tries };
+  -- `items`: the job carries its entries as items (batch > 1).
   local nkeys = 0
 
   local function start(entries)
     local job, err
-    if batch == 1 then
+    local items_job = batch > 1
+    if not items_job then
       job_opts.args = { n = 1, entries[1][2] }
       job, err = pool:async(fn, job_opts)
     else
@@ -155,7 +157,7 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_end
       return
     end
     nkeys = nkeys + 1
-    running[nkeys] = { job, entries }
+    running[nkeys] = { job, entries, items_job }
     nrunning = nrunning + 1
     if waitlist then watch(nkeys, job) end
   end
@@ -193,16 +195,28 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_end
     running[key] = nil
     nrunning = nrunning - 1
     local job, entries = r[1], r[2]
-    if batch == 1 then
+    if not r[3] then
       settle(entries[1], job, pack(job:await()), nil)
       return
     end
     job:await()
     local clean = true
+    local outs = {}
+    for k = 1, #entries do outs[k] = pack(job:_item(k)) end
+    -- Items that did not run after one that ended well: its worker serves
+    -- one job only (the "syscalls" profile), or that item touched process
+    -- state. Either way, one item per job from now on.
+    for k = 1, #entries - 1 do
+      local o = outs[k]
+      if outs[k + 1][1] == nil and o[1] ~= nil then
+        if o[1] or (type(o[2]) == "table" and o[2].cause == "error") then batch = 1 end
+        break
+      end
+    end
     -- Put back in reverse, so the items that did not run keep their order.
     for k = #entries, 1, -1 do
       local e = entries[k]
-      local out = pack(job:_item(k))
+      local out = outs[k]
       if out[1] == nil then
         clean = false
         if stopped then dropped[at(e[1])] = true else again(e) end
@@ -213,7 +227,7 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_end
         settle(e, job, out, want_stats and job:_item_stats(k))
       end
     end
-    learn(job, #entries, clean)
+    if batch == 1 then per_job = 1 else learn(job, #entries, clean) end
   end
 
   local function fill()
