@@ -277,23 +277,23 @@ describe("hostile bytes from a worker", function()
       return res
     end
 
-    it("keeps the replies of a job's items, and refuses one reply more", function()
-      local res = hostile_items(function(id)
+    -- Each keeps the first item's reply and refuses the second's.
+    local item_cases = {
+      { "one reply more than the items", "bytes after the reply", function(id)
         return reply(id, OK, hi) .. reply(id, OK, encode("two")) .. reply(id, OK, hi)
-      end)
-      assert.are.same({ true, "hi" }, res[1])
-      assert.is_false(res[2][1])
-      assert.matches("bytes after the reply", tostring(res[2][2].reason))
-    end)
-
-    it("refuses an item's reply for another job", function()
-      local res = hostile_items(function(id)
+      end },
+      { "an item's reply for another job", "wrong job", function(id)
         return reply(id, OK, hi) .. reply(id + 1, OK, hi)
+      end },
+    }
+    for _, case in ipairs(item_cases) do
+      it("keeps the replies of a job's items, and refuses " .. case[1], function()
+        local res = hostile_items(case[3])
+        assert.are.same({ true, "hi" }, res[1])
+        assert.is_false(res[2][1])
+        assert.matches(case[2], tostring(res[2][2].reason))
       end)
-      assert.are.same({ true, "hi" }, res[1])
-      assert.is_false(res[2][1])
-      assert.matches("wrong job", tostring(res[2][2].reason))
-    end)
+    end
 
     it("keeps the first of two replies sent apart, and ends the worker at the second", function()
       local res = hostile({ after = "sleep", ok = true,

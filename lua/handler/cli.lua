@@ -101,17 +101,11 @@ end
 
 M.bytes_of, M.count_of, M.ms_of = bytes_of, count_of, ms_of
 
---- parse(argv) -> options; raises a Usage error.
-function M.parse(argv)
-  local o = { inputs = {}, retries = 0 }
-  if argv[1] == "-h" or argv[1] == "--help" or argv[1] == "help" then
-    o.help = true
-    return o
-  end
-  if argv[1] ~= "map" then usage("unknown command %s (try: handler map SCRIPT.lua [INPUT...], "
-    .. "handler serve [SCRIPT.lua] --redis HOST:PORT --stream NAME)",
-    tostring(argv[1] or "(none)")) end
-  local i = 2
+--- each_arg(argv, first, fn): calls fn(arg, value) for argv[first], ...;
+-- "--flag=v" comes as "--flag" with v its value; value(flag) takes the
+-- option's value (the next argument) or stops with a usage error.
+function M.each_arg(argv, first, fn)
+  local i = first
   local function value(flag)
     local v = argv[i + 1]
     if v == nil then usage("%s needs a value", flag) end
@@ -125,6 +119,22 @@ function M.parse(argv)
       a = flag
       table.insert(argv, i + 1, inline)
     end
+    fn(a, value)
+    i = i + 1
+  end
+end
+
+--- parse(argv) -> options; raises a Usage error.
+function M.parse(argv)
+  local o = { inputs = {}, retries = 0 }
+  if argv[1] == "-h" or argv[1] == "--help" or argv[1] == "help" then
+    o.help = true
+    return o
+  end
+  if argv[1] ~= "map" then usage("unknown command %s (try: handler map SCRIPT.lua [INPUT...], "
+    .. "handler serve [SCRIPT.lua] --redis HOST:PORT --stream NAME)",
+    tostring(argv[1] or "(none)")) end
+  M.each_arg(argv, 2, function(a, value)
     if a == "-j" or a == "--jobs" then o.jobs = count_of(value(a), a, 1)
     elseif a == "--max-ms" then o.max_ms = ms_of(value(a), a)
     elseif a == "--max-cpu-ms" then o.max_cpu_ms = ms_of(value(a), a)
@@ -144,8 +154,7 @@ function M.parse(argv)
     elseif a:sub(1, 1) == "-" and a ~= "-" then usage("unknown option %s", a)
     elseif o.script == nil then o.script = a
     else o.inputs[#o.inputs + 1] = a end
-    i = i + 1
-  end
+  end)
   if o.help then return o end
   if o.script == nil then usage("no SCRIPT.lua given") end
   if o.resume and o.joblog == nil then usage("--resume needs --joblog FILE") end
@@ -259,27 +268,24 @@ function M.main(argv, out, errs)
   out, errs = out or io.stdout, errs or io.stderr
   if argv[1] == "serve" then return require("handler.serve").main(argv, out, errs) end
   local ok, o = pcall(M.parse, argv)
-  if not ok then
-    if getmetatable(o) == Usage then
-      errs:write("handler map: ", o.message, "\n")
-      return 2
-    end
-    error(o, 0)
-  end
+  if not ok then return M.exit_status("handler map", errs, false, o) end
   if o.help then
     out:write(USAGE)
     return 0
   end
-  local status
-  ok, status = pcall(M.run, o, out, errs)
-  if not ok then
-    if type(status) == "table" and getmetatable(status) == Usage then
-      errs:write("handler map: ", status.message, "\n")
-      return 2
-    end
-    error(status, 0)
+  return M.exit_status("handler map", errs, pcall(M.run, o, out, errs))
+end
+
+--- exit_status(name, errs, ok, status) -> what a command's pcall'd run
+-- returned as its exit status: a usage error is said on errs (exit 2),
+-- any other error raised again.
+function M.exit_status(name, errs, ok, status)
+  if ok then return status end
+  if type(status) == "table" and getmetatable(status) == Usage then
+    errs:write(name, ": ", status.message, "\n")
+    return 2
   end
-  return status
+  error(status, 0)
 end
 
 --- run(options, out, errs) -> exit status

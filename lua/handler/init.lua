@@ -813,5 +813,7 @@ M._core = core
 -- request's own table"; nil lifts the mark). The mark does not keep the
 -- value alive.
 M._refuse = core.refuse
+-- For handler.remote, whose options are checked and named as these are.
+M._check_table = check_table
 
 return M

@@ -40,6 +40,7 @@ local function retryable(err)
   return t == "Timeout" or t == "CPUTimeout"
     or (t == "ProcessExit" and (err.cause == "signal" or err.cause == "lost"))
 end
+M.retryable = retryable
 
 --- iterator(pool, fn, inputs, opts, wait_any) -> the generic-for iterator:
 -- each call returns i, true, results... | i, false, err; nil at the end.

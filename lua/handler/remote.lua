@@ -275,23 +275,11 @@ local MAP_OPTS = {
 for k, v in pairs(JOB_OPTS) do MAP_OPTS[k] = v end
 MAP_OPTS.args = nil
 
+local check = handler._check_table
+
 local function typename(v)
   if v ~= v then return "nan" end
   return type(v)
-end
-
-local function check(what, t, spec, level)
-  if type(t) ~= "table" then
-    error(format("%s: options must be a table, got %s", what, typename(t)), level + 1)
-  end
-  for k, v in pairs(t) do
-    local rule = spec[k]
-    if rule == nil then error(format("%s: unknown option '%s'", what, tostring(k)), level + 1) end
-    if not rule[1](v) then
-      error(format("%s: bad option '%s' (expected %s, got %s)", what, tostring(k), rule[2],
-        typename(v)), level + 1)
-    end
-  end
 end
 
 --- handler.remote(config) -> remote

@@ -90,20 +90,7 @@ return 1
 function M.parse(argv)
   local o = { redis = "127.0.0.1:6379", group = "handler", retries = 2, visibility_ms = 30000,
     max_ms = 60000, max_heap = 10 * 2^20 }
-  local i = 2
-  local function value(flag)
-    local v = argv[i + 1]
-    if v == nil then usage("%s needs a value", flag) end
-    i = i + 1
-    return v
-  end
-  while i <= #argv do
-    local a = argv[i]
-    local flag, inline = a:match("^(%-%-[%w-]+)=(.*)$")
-    if flag then
-      a = flag
-      table.insert(argv, i + 1, inline)
-    end
+  cli.each_arg(argv, 2, function(a, value)
     if a == "--redis" then o.redis = value(a)
     elseif a == "--stream" then o.stream = value(a)
     elseif a == "--group" then o.group = value(a)
@@ -127,8 +114,7 @@ function M.parse(argv)
     elseif a:sub(1, 1) == "-" then usage("unknown option %s", a)
     elseif o.script == nil then o.script = a
     else usage("one SCRIPT.lua at most, got %s too", a) end
-    i = i + 1
-  end
+  end)
   if o.help then return o end
   if o.stream == nil or o.stream == "" then usage("no --stream NAME given") end
   if remote.parse_address(o.redis) == nil then
@@ -147,14 +133,9 @@ local function default_consumer()
   return format("%s-%d", host, C.hd_serve_getpid())
 end
 
--- Whether a failure is one that running again may cure (as pool:map's
--- retries): a time limit, a crash, a lost worker.
-local function retryable(err)
-  if type(err) ~= "table" then return false end
-  local t = err.type
-  return t == "Timeout" or t == "CPUTimeout"
-    or (t == "ProcessExit" and (err.cause == "signal" or err.cause == "lost"))
-end
+-- Whether a failure is one that running again may cure: pool:map's rule
+-- (a time limit, a crash, a lost worker).
+local retryable = require("handler.map").retryable
 
 local function pack(...)
   return { n = select("#", ...), ... }
@@ -167,16 +148,8 @@ function M.main(argv, out, errs)
     out:write(USAGE)
     return 0
   end
-  local status
-  if ok then ok, status = pcall(M.run, o, out, errs) else status = o end
-  if not ok then
-    if type(status) == "table" and getmetatable(status) == cli.Usage then
-      errs:write("handler serve: ", status.message, "\n")
-      return 2
-    end
-    error(status, 0)
-  end
-  return status
+  if not ok then return cli.exit_status("handler serve", errs, false, o) end
+  return cli.exit_status("handler serve", errs, pcall(M.run, o, out, errs))
 end
 
 --- run(options, out, errs) -> exit status

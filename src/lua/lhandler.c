@@ -434,13 +434,6 @@ static int l_push_signal(lua_State *L, int sig) {
   return 1;
 }
 
-static int l_push_decoded(lua_State *L, hd_job *j) {
-  const char *msg;
-  size_t len;
-  hd_job_message(j, &msg, &len);
-  return l_push_message(L, msg, len);
-}
-
 /* Pushes the outcome of a reply (status, message): as l_push_outcome does. */
 static int l_push_reply(lua_State *L, int status, const char *msg, size_t len) {
   int n;
@@ -472,7 +465,7 @@ static int l_push_reply(lua_State *L, int status, const char *msg, size_t len) {
 
 /* Pushes a finished job's outcome: true, results... | false, kind, a, b */
 static int l_push_outcome(lua_State *L, hd_job *j, int ud) {
-  int n, status = hd_job_status(j);
+  int status = hd_job_status(j);
   hd_outcome out = hd_job_outcome(j);
   if (hd_job_forsaken(j)) {
     /* Started before a fork: its worker and its reply are the parent's. */
@@ -482,31 +475,22 @@ static int l_push_outcome(lua_State *L, hd_job *j, int ud) {
   }
   switch (out) {
     case HD_OUT_OK:
-      lua_pushboolean(L, 1);
-      n = l_push_decoded(L, j);
-      return n < 0 ? 3 : n + 1;
     case HD_OUT_ERROR:
-      lua_pushboolean(L, 0);
-      lua_pushliteral(L, "error");
-      n = l_push_decoded(L, j);
-      if (n < 0) return 3;
-      lua_settop(L, lua_gettop(L) - n + 2);
-      return 4;
     case HD_OUT_OOM:
-      lua_pushboolean(L, 0);
-      lua_pushliteral(L, "oom");
-      return 2;
-    case HD_OUT_BADRESULT:
-      lua_pushboolean(L, 0);
-      lua_pushliteral(L, "badresult");
-      if (hd_job_detail(j)[0]) {
+    case HD_OUT_BADRESULT: {
+      const char *msg;
+      size_t len;
+      if (out == HD_OUT_BADRESULT && hd_job_detail(j)[0]) {
+        lua_pushboolean(L, 0);
+        lua_pushliteral(L, "badresult");
         lua_pushstring(L, hd_job_detail(j));
         return 3;
       }
-      n = l_push_decoded(L, j);
-      if (n < 0) return 3;
-      lua_settop(L, lua_gettop(L) - n + 1);
-      return 3;
+      hd_job_message(j, &msg, &len);
+      return l_push_reply(L, out == HD_OUT_OK ? HD_REPLY_OK : out == HD_OUT_ERROR ? HD_REPLY_ERROR
+                             : out == HD_OUT_OOM ? HD_REPLY_OOM : HD_REPLY_BADRESULT,
+                          msg, len);
+    }
     case HD_OUT_TIMEOUT:
       lua_pushboolean(L, 0);
       lua_pushliteral(L, "timeout");
@@ -605,24 +589,37 @@ static int l_done(lua_State *L) {
   return 1;
 }
 
-/* item_result(job, i) -> item i's outcome (as result gives a job's), or
- * false, "notrun" for an item after the one the job ended with. */
-static int l_item_result(lua_State *L) {
-  hd_job *j;
-  uint32_t done, i;
-  int status;
+/* What item_result and item_stats take: (job, i). Sets the item's number
+ * and how many items replied before the one the job ended with; `stored`
+ * says whether item i is one of those, and then `it` holds its reply. */
+typedef struct {
+  uint32_t i, done;
+  int stored, status;
   const char *msg;
   size_t len;
   uint64_t cpu, peak, wall;
+} l_item;
+
+static hd_job *l_item_args(lua_State *L, l_item *it) {
+  hd_job *j;
   l_core(L);
   j = l_checkjob(L, 1);
-  i = (uint32_t)luaL_checkinteger(L, 2);
+  it->i = (uint32_t)luaL_checkinteger(L, 2);
+  it->done = hd_job_items_done(j);
+  it->stored = it->i >= 1 && it->i <= it->done &&
+               hd_job_item(j, it->i - 1, &it->status, &it->msg, &it->len, &it->cpu, &it->peak,
+                           &it->wall) == 0;
+  return j;
+}
+
+/* item_result(job, i) -> item i's outcome (as result gives a job's), or
+ * false, "notrun" for an item after the one the job ended with. */
+static int l_item_result(lua_State *L) {
+  l_item it;
+  hd_job *j = l_item_args(L, &it);
+  uint32_t i = it.i, done = it.done;
   if (!hd_job_done(j)) return luaL_error(L, "handler: the job is not done");
-  done = hd_job_items_done(j);
-  if (i >= 1 && i <= done) {
-    hd_job_item(j, i - 1, &status, &msg, &len, &cpu, &peak, &wall);
-    return l_push_reply(L, status, msg, len);
-  }
+  if (it.stored) return l_push_reply(L, it.status, it.msg, it.len);
   if (i == done + 1) return l_push_outcome(L, j, 1);
   lua_pushboolean(L, 0);
   lua_pushliteral(L, "notrun");
@@ -633,27 +630,19 @@ static void l_setnum(lua_State *L, const char *k, double v);
 
 /* item_stats(job, i) -> as job_stats, for item i of those that ran. */
 static int l_item_stats(lua_State *L) {
-  hd_job *j;
-  uint32_t done, i;
-  int status;
-  const char *msg;
-  size_t len;
-  uint64_t cpu, peak, wall;
-  l_core(L);
-  j = l_checkjob(L, 1);
-  i = (uint32_t)luaL_checkinteger(L, 2);
-  done = hd_job_items_done(j);
+  l_item it;
+  hd_job *j = l_item_args(L, &it);
+  uint64_t cpu, peak;
   lua_createtable(L, 0, 5);
-  if (i >= 1 && i <= done) {
-    hd_job_item(j, i - 1, &status, &msg, &len, &cpu, &peak, &wall);
+  if (it.stored) {
     /* Replies read together are seen by the host at one time: the wall
      * time is never less than the CPU time the worker said. */
-    l_setnum(L, "wall_ms", (double)(wall > cpu ? wall : cpu) / 1e6);
-    l_setnum(L, "cpu_ms", (double)cpu / 1e6);
-    l_setnum(L, "heap_peak_bytes", (double)peak);
+    l_setnum(L, "wall_ms", (double)(it.wall > it.cpu ? it.wall : it.cpu) / 1e6);
+    l_setnum(L, "cpu_ms", (double)it.cpu / 1e6);
+    l_setnum(L, "heap_peak_bytes", (double)it.peak);
     return 1;
   }
-  if (i == done + 1) {
+  if (it.i == it.done + 1) {
     l_setnum(L, "wall_ms", (double)hd_job_item_wall(j) / 1e6);
     l_setnum(L, "output_bytes", hd_job_output_bytes(j));
     if (hd_job_worker_stats(j, &cpu, &peak)) {
