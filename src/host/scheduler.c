@@ -44,7 +44,7 @@
 /* A loop that has not run for this long runs once before a job starts. */
 #define SCHED_STALE_NS 20000000
 /* ... and once after a job that had to queue. */
-#define SCHED_BUSY_NS 20000
+#define SCHED_BUSY_NS 5000
 
 typedef enum { JOB_NEW, JOB_QUEUED, JOB_RUNNING, JOB_DONE } job_state;
 typedef enum { PROC_IDLE, PROC_BUSY, PROC_DYING } proc_state;
