@@ -19,20 +19,28 @@ local remote_mod = require("handler.remote")
 
 local core = handler._core
 
-describe("handler serve, given hostile entries", function()
-  local srv, consumer, producer
-
+-- A block's Redis, one consumer started with `args` and a producer, made
+-- once for the block and always stopped after it: srv, consumer and
+-- producer in the table it returns.
+local function serving(args)
+  local st = {}
   lazy_setup(function()
-    srv = redis.start()
-    consumer = redis.consumer(srv, { "--stream", "jobs", "-j", "2", "--sandbox", "--retries", "1",
-      "--max-ms", "300", "--max-heap", "1M", "--visibility-ms", "2000", "--no-progress" })
-    producer = handler.remote{ redis = srv.addr, stream = "jobs" }
+    st.srv = redis.start()
+    st.consumer = redis.consumer(st.srv, args)
+    st.producer = handler.remote{ redis = st.srv.addr, stream = "jobs" }
   end)
-
   lazy_teardown(function()
-    if producer then producer:close() end
+    if st.producer then st.producer:close() end
     redis.stop_all()
   end)
+  return st
+end
+
+describe("handler serve, given hostile entries", function()
+  local srv, consumer, producer
+  local st = serving({ "--stream", "jobs", "-j", "2", "--sandbox", "--retries", "1",
+    "--max-ms", "300", "--max-heap", "1M", "--visibility-ms", "2000", "--no-progress" })
+  before_each(function() srv, consumer, producer = st.srv, st.consumer, st.producer end)
 
   -- The header every well-formed entry has.
   local function header()
@@ -184,19 +192,8 @@ describe("handler serve, given hostile entries", function()
 end)
 
 describe("handler serve --sandbox-each", function()
-  local srv, producer
-
-  lazy_setup(function()
-    srv = redis.start()
-    redis.consumer(srv, { "--stream", "jobs", "-j", "2", "--sandbox-each", "--max-ms", "2000",
-      "--no-progress" })
-    producer = handler.remote{ redis = srv.addr, stream = "jobs" }
-  end)
-
-  lazy_teardown(function()
-    if producer then producer:close() end
-    redis.stop_all()
-  end)
+  local st = serving({ "--stream", "jobs", "-j", "2", "--sandbox-each", "--max-ms", "2000",
+    "--no-progress" })
 
   it("runs each entry in a jailed process of its own: one entry leaves nothing to the next", function()
     -- Each entry looks for what an entry before it may have left in its
@@ -210,7 +207,7 @@ describe("handler serve --sandbox-each", function()
       return found, io.open("/etc/hostname") ~= nil
     end
     for _ = 1, 6 do
-      local ok, found, host = redis.await(producer:async(probe))
+      local ok, found, host = redis.await(st.producer:async(probe))
       assert.is_true(ok, tostring(found))
       assert.is_false(found)
       -- The jail: the machine's files are not there.

@@ -174,6 +174,15 @@ describe("hostile bytes from a worker", function()
       tostring(H.proc_state(pid))))
   end
 
+  -- What every case must leave true: the worker that misbehaved is gone,
+  -- each job ended once, the host still runs jobs, nothing leaked.
+  local function assert_after(pid)
+    assert_gone(pid)
+    assert_resolved_once(fx.pool)
+    assert_responsive(fx.pool)
+    H.assert_clean(fx.snap, { fx.pool })
+  end
+
   -- Runs the attack and checks everything a case must leave true; returns
   -- the outcome. `case`: bytes(id) → string, after, ok (default false),
   -- reason (a pattern err.reason must match), type (default "ProcessExit"),
@@ -199,10 +208,7 @@ describe("hostile bytes from a worker", function()
           "reason: " .. tostring(err.reason))
       end
     end
-    assert_gone(pid)
-    assert_resolved_once(fx.pool)
-    assert_responsive(fx.pool)
-    H.assert_clean(fx.snap, { fx.pool })
+    assert_after(pid)
     return res
   end
 
@@ -270,10 +276,7 @@ describe("hostile bytes from a worker", function()
       job:await()
       local pid = attacker(path)
       local res = { { job:_item(1) }, { job:_item(2) } }
-      assert_gone(pid)
-      assert_resolved_once(fx.pool)
-      assert_responsive(fx.pool)
-      H.assert_clean(fx.snap, { fx.pool })
+      assert_after(pid)
       return res
     end
 

@@ -278,19 +278,18 @@ describe("handler serve", function()
   end)
 
   it("says what is wrong with its arguments, and exits 2", function()
-    local status, out = serve_cmd("--redis 127.0.0.1:1")
-    assert.are.equal(2, status)
-    assert.matches("handler serve: no --stream NAME given", out, 1, true)
-    status, out = serve_cmd("--stream s --redis 'a b'")
-    assert.are.equal(2, status)
-    assert.matches("handler serve: --redis: expected HOST:PORT, got a b", out, 1, true)
-    status, out = serve_cmd("--stream s --retries x")
-    assert.are.equal(2, status)
-    assert.matches("--retries: expected a whole number, got x", out, 1, true)
-    status, out = serve_cmd("--stream s --sandbox --sandbox-each")
-    assert.are.equal(2, status)
-    assert.matches("--sandbox and --sandbox-each: choose one", out, 1, true)
-    status, out = serve_cmd("--help")
+    local cases = {
+      { "--redis 127.0.0.1:1", "handler serve: no --stream NAME given" },
+      { "--stream s --redis 'a b'", "handler serve: --redis: expected HOST:PORT, got a b" },
+      { "--stream s --retries x", "--retries: expected a whole number, got x" },
+      { "--stream s --sandbox --sandbox-each", "--sandbox and --sandbox-each: choose one" },
+    }
+    for _, c in ipairs(cases) do
+      local status, out = serve_cmd(c[1])
+      assert.are.equal(2, status, c[1])
+      assert.matches(c[2], out, 1, true)
+    end
+    local status, out = serve_cmd("--help")
     assert.are.equal(0, status)
     assert.matches("usage: handler serve", out, 1, true)
   end)

@@ -16,11 +16,7 @@ local core_done, core_id = core.done, core.job_id
 
 local M = {}
 
-local function typename(v)
-  local t = type(v)
-  if t == "number" and v ~= v then return "nan" end
-  return t
-end
+local typename = handler._typename
 
 -- A job of handler's: what pool:async returns.
 local function is_job(v)

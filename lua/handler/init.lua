@@ -480,12 +480,15 @@ end
 local Job = {}
 Job.__index = Job
 
-local function async(self, fn, opts)
-  local max_ms, heap, result, task, wait, chains, output, env = pool_args(self, "pool:async", opts)
+-- pool:async, and the internal ways in: `fn` may be a job encoded already
+-- (a string), and `items` a list of items for fn (pool:map's batches).
+local function async(self, what, fn, opts, items)
+  local max_ms, heap, result, task, wait, chains, output, env = pool_args(self, what, opts)
   local cpu = opts and opts.max_cpu_ms
   local omode = opts and OUTPUT_MODE[opts.output]
+  local args = items == nil and opts and opts.args or nil
   local job, why = submit(self, chains, opts and opts.delegate_param, fn, max_ms, heap, task,
-    wait, result, output, env, opts and opts.args, cpu, omode, false)
+    wait, result, output, env, args, cpu, omode, false, items)
   if job == nil then return nil, reject(why) end
   -- In nginx the dispatcher steps the loop, so the job ends (and frees its
   -- worker) even when nobody waits; timers cannot be made in init_by_lua.
@@ -497,7 +500,7 @@ end
 
 function Pool:async(fn, opts)
   check_fn("async", fn)
-  return async(self, fn, opts)
+  return async(self, "pool:async", fn, opts)
 end
 
 -- Internal, for handler serve, not API: a job whose function and arguments
@@ -505,7 +508,7 @@ end
 -- producer). They go to the worker as they are: this host never loads the
 -- bytecode they hold. opts as pool:async's, without args.
 function Pool:_async_encoded(msg, opts)
-  return async(self, msg, opts)
+  return async(self, "pool:async", msg, opts)
 end
 
 -- pool:map's batches: one job whose function runs once per argument list
@@ -513,14 +516,7 @@ end
 -- own; job:_item(i) is item i's outcome, or nil for an item that did not
 -- run (the job ended before it).
 function Pool:_async_items(fn, items, opts)
-  local max_ms, heap, result, task, wait, chains, output, env = pool_args(self, "pool:map", opts)
-  local cpu = opts and opts.max_cpu_ms
-  local job, why = submit(self, chains, opts and opts.delegate_param, fn, max_ms, heap, task,
-    wait, result, output, env, nil, cpu, opts and OUTPUT_MODE[opts.output], false, items)
-  if job == nil then return nil, reject(why) end
-  if in_ngx and ngx_api.get_phase() ~= "init" then pcall(nginx().ensure) end
-  return setmetatable({ _ud = job, _max_ms = max_ms, _heap = heap, _cpu = cpu, pool = self,
-    task_name = task }, Job)
+  return async(self, "pool:map", fn, opts, items)
 end
 
 local function item_outcome(job, ok, ...)
@@ -815,5 +811,6 @@ M._core = core
 M._refuse = core.refuse
 -- For handler.remote, whose options are checked and named as these are.
 M._check_table = check_table
+M._typename = typename
 
 return M

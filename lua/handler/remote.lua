@@ -277,10 +277,7 @@ MAP_OPTS.args = nil
 
 local check = handler._check_table
 
-local function typename(v)
-  if v ~= v then return "nan" end
-  return type(v)
-end
+local typename = handler._typename
 
 --- handler.remote(config) -> remote
 function M.new(config)
