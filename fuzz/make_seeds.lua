@@ -192,8 +192,9 @@ local streams = {
   { "status_unknown", reply(1, 9, encode("hi")) },
   { "wrong_id", reply(1000, 0, encode("hi")) },
   { "type_unknown", frame(9, 1, char(0) .. encode("hi")) },
-  { "stats_then_ok", frame(6, 1, u64(123456) .. u64(4096)) .. ok_hi },
-  { "stats_twice", frame(6, 1, u64(1) .. u64(2)) .. frame(6, 1, u64(1) .. u64(2)) .. ok_hi },
+  { "stats_then_ok", frame(6, 1, u64(123456) .. u64(4096) .. u64(200000)) .. ok_hi },
+  { "stats_twice", frame(6, 1, u64(1) .. u64(2) .. u64(3))
+    .. frame(6, 1, u64(1) .. u64(2) .. u64(3)) .. ok_hi },
   { "stats_short", frame(6, 1, u64(1)) .. ok_hi },
   { "events_then_ok", frame(7, 1, encode({ step = 1 })) .. frame(7, 1, encode("two")) .. ok_hi },
   { "event_wrong_id", frame(7, 2, encode("x")) .. ok_hi },
@@ -241,7 +242,7 @@ add("frame", "late_eof_junk", char(0x48, 0, 32) .. ok_hi .. "junk")
 -- Job 1 of three items (byte 2, bit 6): a reply per item.
 add("frame", "items_three", char(0, 0, 0x40) .. ok_hi .. reply(1, 1, encode("boom", "tb"))
   .. reply(1, 0, encode("third")))
-add("frame", "items_stats", char(1, 5, 0x40) .. frame(6, 1, u64(7) .. u64(8)) .. ok_hi
+add("frame", "items_stats", char(1, 5, 0x40) .. frame(6, 1, u64(7) .. u64(8) .. u64(9)) .. ok_hi
   .. frame(6, 1, u64(9) .. u64(10)) .. ok_hi .. ok_hi)
 add("frame", "items_last_early", char(0, 0, 0x40) .. ok_hi .. reply(1, 0, encode("x"), LAST))
 add("frame", "items_one_more", char(0, 0, 0x40) .. ok_hi .. ok_hi .. ok_hi .. ok_hi)

@@ -231,10 +231,13 @@ describe("hostile bytes from a worker", function()
       { "a stats frame of the wrong size", after = "sleep", reason = "bad reply.*bad stats frame",
         bytes = function(id) return frame(6, id, u64(1)) .. reply(id, OK, hi) end },
       { "a stats frame for another job", after = "sleep", reason = "bad reply.*bad stats frame",
-        bytes = function(id) return frame(6, id + 1, u64(1) .. u64(2)) .. reply(id, OK, hi) end },
+        bytes = function(id)
+          return frame(6, id + 1, u64(1) .. u64(2) .. u64(3)) .. reply(id, OK, hi)
+        end },
       { "two stats frames", after = "sleep", reason = "bad reply.*bad stats frame",
         bytes = function(id)
-          return frame(6, id, u64(1) .. u64(2)) .. frame(6, id, u64(1) .. u64(2)) .. reply(id, OK, hi)
+          local stats = frame(6, id, u64(1) .. u64(2) .. u64(3))
+          return stats .. stats .. reply(id, OK, hi)
         end },
       { "an event for another job", after = "sleep", reason = "bad reply.*event for the wrong job",
         bytes = function(id) return frame(7, id + 1, uv(1) .. char(0)) .. reply(id, OK, hi) end },
@@ -272,7 +275,7 @@ describe("hostile bytes from a worker", function()
       local path = pidfile()
       local id = next_id()
       local job = assert(fx.pool:_async_items(attack(bytes(id), path, "sleep"),
-        { { n = 1, 1 }, { n = 1, 2 } }, { max_ms = 5000 }))
+        { 1, 2 }, { max_ms = 5000 }))
       job:await()
       local pid = attacker(path)
       local res = { { job:_item(1) }, { job:_item(2) } }

@@ -230,15 +230,19 @@ void hd_wire_head(char *out, int type, uint64_t id, uint32_t len) {
   wire_put_head(out, type, id, len);
 }
 
-void hd_wire_stats(char *out, uint64_t id, uint64_t cpu_ns, uint64_t heap_peak) {
+void hd_wire_stats(char *out, uint64_t id, uint64_t cpu_ns, uint64_t heap_peak,
+                   uint64_t wall_ns) {
   wire_put_head(out, HD_FRAME_STATS, id, HD_STATS_BODY);
   hd_put_u64(out + HD_FRAME_HEADER, cpu_ns);
   hd_put_u64(out + HD_FRAME_HEADER + 8, heap_peak);
+  hd_put_u64(out + HD_FRAME_HEADER + 16, wall_ns);
 }
 
-void hd_wire_stats_read(const char *body, uint64_t *cpu_ns, uint64_t *heap_peak) {
+void hd_wire_stats_read(const char *body, uint64_t *cpu_ns, uint64_t *heap_peak,
+                        uint64_t *wall_ns) {
   *cpu_ns = hd_get_u64(body);
   *heap_peak = hd_get_u64(body + 8);
+  *wall_ns = hd_get_u64(body + 16);
 }
 
 int hd_wire_init_frame(hd_buf *b, uint64_t id, const char *msg, size_t len) {

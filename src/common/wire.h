@@ -13,7 +13,7 @@
 
 /* Bumped whenever either protocol changes; the supervisor's hello carries it
  * so a worker executable from another build is refused with a clear error. */
-#define HD_PROTO_VERSION 4
+#define HD_PROTO_VERSION 5
 
 /* The worker's protocol socket is always this descriptor, so a job's print
  * (fd 1) and its errors (fd 2) never touch the protocol. */
@@ -51,14 +51,19 @@
 #define HD_JOB_ITEMS 4
 /* The most items one job frame carries. */
 #define HD_MAX_ITEMS 1024
+/* A worker may hold an item's reply back this long, to send it with those
+ * of the items after it in one write; the host gives each item of a job of
+ * several this much time beyond its max_ms, so that a held reply never
+ * counts against the item after it. */
+#define HD_ITEM_HOLD_MS 1
 #define HD_FRAME_REPLY 2 /* worker → parent: u8 status, codec message */
 #define HD_FRAME_REPLY_LAST 3 /* the same, and the worker exits after it */
 #define HD_FRAME_HELLO 4 /* worker → parent, first: u32 pid (job id 0) */
 #define HD_FRAME_STATS 6 /* worker → parent, just before a reply (same id): u64 CPU time
                           * the job used (ns), u64 the peak of its heap above the
-                          * baseline (bytes); for job:stats(), believed as the
-                          * worker's word */
-#define HD_STATS_BODY 16
+                          * baseline (bytes), u64 its wall time in the worker (ns);
+                          * for job:stats(), believed as the worker's word */
+#define HD_STATS_BODY 24
 #define HD_STATS_LEN (HD_FRAME_HEADER + HD_STATS_BODY)
 #define HD_FRAME_EVENT 7 /* worker → parent, while its job runs (same id): codec message,
                           * the value of require("handler.job").emit(value) */
@@ -174,8 +179,10 @@ int hd_wire_init_frame(hd_buf *b, uint64_t id, const char *msg, size_t len);
 void hd_wire_head(char *out, int type, uint64_t id, uint32_t len);
 
 /* A STATS frame for job `id`: HD_STATS_LEN bytes at out. */
-void hd_wire_stats(char *out, uint64_t id, uint64_t cpu_ns, uint64_t heap_peak);
-void hd_wire_stats_read(const char *body, uint64_t *cpu_ns, uint64_t *heap_peak);
+void hd_wire_stats(char *out, uint64_t id, uint64_t cpu_ns, uint64_t heap_peak,
+                   uint64_t wall_ns);
+void hd_wire_stats_read(const char *body, uint64_t *cpu_ns, uint64_t *heap_peak,
+                        uint64_t *wall_ns);
 
 /* Starts a reply in b (emptied first): a blank header and the status byte;
  * the codec message follows. Returns 0, or -1 when memory runs out. */

@@ -71,12 +71,37 @@ struct hd_conn {
   const hd_buf *frame;/* the job frame being sent, NULL when idle */
   size_t out_off;     /* bytes of it sent */
   hd_buf in;          /* bytes read so far */
+  size_t in_off;      /* bytes of `in` taken already: frames start there */
   int has_stats;      /* the job's STATS frame came */
-  uint64_t cpu_ns, heap_peak;
+  uint64_t cpu_ns, heap_peak, wall_ns;
   uint32_t replies;   /* replies still due for the job (one per item) */
   hd_buf item;        /* a copy of the item's reply being handed up */
   int delivering;     /* handing up a reply that more follow */
 };
+
+/* The bytes read and not yet taken. Frames are taken by moving in_off, not
+ * the bytes: a read brings many item replies at once, and moving what
+ * follows each one would cost the square of their number. */
+static const char *conn_unread(const hd_conn *c) {
+  return c->in.data + c->in_off;
+}
+
+static size_t conn_unread_len(const hd_conn *c) {
+  return c->in.len - c->in_off;
+}
+
+static void conn_take(hd_conn *c, size_t n) {
+  c->in_off += n;
+  if (c->in_off == c->in.len) c->in.len = c->in_off = 0;
+}
+
+/* Moves what is not taken to the start of `in`, before a read or before
+ * it grows: only a part of one frame is ever moved. */
+static void conn_compact(hd_conn *c) {
+  if (c->in_off == 0) return;
+  hd_buf_consume(&c->in, c->in_off);
+  c->in_off = 0;
+}
 
 static void conn_poll_cb(uv_poll_t *h, int status, int events);
 static void conn_out_cb(uv_poll_t *h, int status, int events);
@@ -418,7 +443,7 @@ void hd_conn_send(hd_conn *c, uint64_t id, double max_result, const hd_buf *fram
   c->frame = frame;
   c->replies = 1;
   c->out_off = 0;
-  c->in.len = 0;
+  c->in.len = c->in_off = 0;
   conn_write(c);
   conn_update_poll(c);
 }
@@ -427,10 +452,11 @@ void hd_conn_expect(hd_conn *c, uint32_t replies) {
   c->replies = replies > 0 ? replies : 1;
 }
 
-int hd_conn_stats(const hd_conn *c, uint64_t *cpu_ns, uint64_t *heap_peak) {
+int hd_conn_stats(const hd_conn *c, uint64_t *cpu_ns, uint64_t *heap_peak, uint64_t *wall_ns) {
   if (!c->has_stats) return 0;
   *cpu_ns = c->cpu_ns;
   *heap_peak = c->heap_peak;
+  *wall_ns = c->wall_ns;
   return 1;
 }
 
@@ -449,7 +475,9 @@ int hd_conn_fit(hd_conn *c) {
  * ahead of them; a warm spare that holds what has come so far is taken
  * instead. */
 static void conn_grow(hd_conn *c, size_t whole) {
-  size_t want = c->in.len * 2;
+  size_t want;
+  conn_compact(c);
+  want = c->in.len * 2;
   if (want > whole) want = whole;
   if (want > c->in.cap && want > CONN_READ) {
     hd_buf cur = c->in;
@@ -488,11 +516,11 @@ static void conn_deliver_item(hd_conn *c) {
     hd_buf *one = &c->item;
     c->has_pending = 0;
     one->len = 0;
-    if (hd_buf_append(one, c->in.data, whole) != 0) {
+    if (hd_buf_append(one, conn_unread(c), whole) != 0) {
       conn_fail(c, HD_CONN_BREACH, "out of memory reading a reply");
       return;
     }
-    hd_buf_consume(&c->in, whole);
+    conn_take(c, whole);
     c->replies--;
     c->delivering = 1;
     c->cbs.reply(c, c->ud, one, HD_FRAME_HEADER, f.len, 0);
@@ -509,6 +537,7 @@ static void conn_deliver_item(hd_conn *c) {
 static void conn_deliver(hd_conn *c, int exact) {
   hd_frame f = c->pending;
   hd_buf in;
+  size_t at;
   int k;
   uv_check_stop(&c->check);
   for (k = 0; k < CONN_OUTS; k++) exact |= c->out[k].more;
@@ -521,10 +550,14 @@ static void conn_deliver(hd_conn *c, int exact) {
   c->has_pending = 0;
   c->frame = NULL;
   c->replies = 0;
+  /* The reply is the last frame (conn_reply): the buffer goes up with it,
+   * wherever it starts. */
+  at = c->in_off;
+  c->in_off = 0;
   in = c->in;
   c->in.data = NULL;
   c->in.len = c->in.cap = 0;
-  c->cbs.reply(c, c->ud, &in, HD_FRAME_HEADER, f.len, f.type == HD_FRAME_REPLY_LAST);
+  c->cbs.reply(c, c->ud, &in, at + HD_FRAME_HEADER, f.len, f.type == HD_FRAME_REPLY_LAST);
   /* What the callee left of the buffer serves the next reply. */
   in.len = 0;
   if (c->in.data == NULL && in.cap <= CONN_KEEP) {
@@ -545,11 +578,11 @@ static void conn_check_cb(uv_check_t *h) {
  * until then. */
 static void conn_reply(hd_conn *c, const hd_frame *f) {
   char why[HD_VALIDATE_ERRLEN];
-  const char *body = c->in.data + HD_FRAME_HEADER;
+  const char *body = conn_unread(c) + HD_FRAME_HEADER;
   /* Before it is believed: nothing may follow it, and it must be a valid
    * reply; else the worker is broken and goes before another job. */
   int more = c->replies > 1 && f->type == HD_FRAME_REPLY;
-  if (!more && c->in.len > HD_FRAME_HEADER + (size_t)f->len) {
+  if (!more && conn_unread_len(c) > HD_FRAME_HEADER + (size_t)f->len) {
     conn_fail(c, HD_CONN_BREACH, "bytes after the reply");
     return;
   }
@@ -565,9 +598,9 @@ static void conn_reply(hd_conn *c, const hd_frame *f) {
 
 /* Parses complete frames out of c->in. Returns -1 when reading must stop. */
 static int conn_parse(hd_conn *c) {
-  while (c->in.len >= HD_FRAME_HEADER) {
+  while (conn_unread_len(c) >= HD_FRAME_HEADER) {
     hd_frame f;
-    hd_wire_frame(c->in.data, &f);
+    hd_wire_frame(conn_unread(c), &f);
     if (!c->hello) {
       /* The worker executable says hello (its pid) before it reads a job. */
       if (f.type != HD_FRAME_HELLO) {
@@ -578,10 +611,10 @@ static int conn_parse(hd_conn *c) {
         conn_fail(c, HD_CONN_BREACH, "bad hello frame");
         return -1;
       }
-      if (c->in.len < HD_HELLO_LEN) return 0;
+      if (conn_unread_len(c) < HD_HELLO_LEN) return 0;
       c->hello = 1;
-      c->pid = hd_wire_hello_pid(c->in.data + HD_FRAME_HEADER);
-      hd_buf_consume(&c->in, HD_HELLO_LEN);
+      c->pid = hd_wire_hello_pid(conn_unread(c) + HD_FRAME_HEADER);
+      conn_take(c, HD_HELLO_LEN);
       continue;
     }
     if (c->frame == NULL) {
@@ -594,10 +627,11 @@ static int conn_parse(hd_conn *c) {
         conn_fail(c, HD_CONN_BREACH, "bad stats frame");
         return -1;
       }
-      if (c->in.len < HD_STATS_LEN) return 0;
-      hd_wire_stats_read(c->in.data + HD_FRAME_HEADER, &c->cpu_ns, &c->heap_peak);
+      if (conn_unread_len(c) < HD_STATS_LEN) return 0;
+      hd_wire_stats_read(conn_unread(c) + HD_FRAME_HEADER, &c->cpu_ns, &c->heap_peak,
+                         &c->wall_ns);
       c->has_stats = 1;
-      hd_buf_consume(&c->in, HD_STATS_LEN);
+      conn_take(c, HD_STATS_LEN);
       continue;
     }
     if (f.type == HD_FRAME_EVENT) {
@@ -611,18 +645,18 @@ static int conn_parse(hd_conn *c) {
         conn_fail(c, HD_CONN_TOOBIG, why);
         return -1;
       }
-      if (c->in.len - HD_FRAME_HEADER < f.len) {
+      if (conn_unread_len(c) - HD_FRAME_HEADER < f.len) {
         conn_grow(c, HD_FRAME_HEADER + (size_t)f.len);
         return 0;
       }
-      if (hd_validate_flags(c->in.data + HD_FRAME_HEADER, f.len, c->check_flags, why,
+      if (hd_validate_flags(conn_unread(c) + HD_FRAME_HEADER, f.len, c->check_flags, why,
                             sizeof why) != 0) {
         conn_fail(c, HD_CONN_BREACH, why);
         return -1;
       }
-      c->cbs.event(c, c->ud, c->in.data + HD_FRAME_HEADER, f.len);
+      c->cbs.event(c, c->ud, conn_unread(c) + HD_FRAME_HEADER, f.len);
       if (c->closing) return -1;
-      hd_buf_consume(&c->in, HD_FRAME_HEADER + (size_t)f.len);
+      conn_take(c, HD_FRAME_HEADER + (size_t)f.len);
       continue;
     }
     if (f.type != HD_FRAME_REPLY && f.type != HD_FRAME_REPLY_LAST) {
@@ -645,7 +679,7 @@ static int conn_parse(hd_conn *c) {
       conn_fail(c, HD_CONN_BREACH, "empty reply");
       return -1;
     }
-    if (c->in.len - HD_FRAME_HEADER < f.len) {
+    if (conn_unread_len(c) - HD_FRAME_HEADER < f.len) {
       conn_grow(c, HD_FRAME_HEADER + (size_t)f.len);
       return 0;
     }
@@ -653,7 +687,7 @@ static int conn_parse(hd_conn *c) {
     return c->closing || c->has_pending ? -1 : 0;
   }
   /* An idle worker has nothing to say: even a partial frame is a breach. */
-  if (c->frame == NULL && c->hello && c->in.len > 0) {
+  if (c->frame == NULL && c->hello && conn_unread_len(c) > 0) {
     conn_fail(c, HD_CONN_BREACH, "bytes from an idle worker");
     return -1;
   }
@@ -664,6 +698,7 @@ static int conn_parse(hd_conn *c) {
 static void conn_read(hd_conn *c) {
   while (!c->closing && !c->has_pending) {
     ssize_t r;
+    conn_compact(c);
     if (hd_buf_reserve(&c->in, CONN_READ) != 0) {
       conn_fail(c, HD_CONN_BREACH, "out of memory reading a reply");
       return;
@@ -675,7 +710,7 @@ static void conn_read(hd_conn *c) {
       /* The reply is in and nothing else is due: another recv would only
        * say EAGAIN. The poll is level-triggered, so later bytes or EOF are
        * not missed. */
-      if (c->frame == NULL && c->in.len == 0) return;
+      if (c->frame == NULL && conn_unread_len(c) == 0) return;
       continue;
     }
     if (r < 0 && errno == EINTR) continue;

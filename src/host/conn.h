@@ -63,9 +63,9 @@ void hd_conn_send(hd_conn *c, uint64_t id, double max_result, const hd_buf *fram
 void hd_conn_expect(hd_conn *c, uint32_t replies);
 
 /* What the worker said of the job in flight, in its STATS frame: the CPU
- * time it used and the peak of its heap. Returns 0 when it said nothing
- * (yet). */
-int hd_conn_stats(const hd_conn *c, uint64_t *cpu_ns, uint64_t *heap_peak);
+ * time it used, the peak of its heap and its wall time. Returns 0 when it
+ * said nothing (yet). */
+int hd_conn_stats(const hd_conn *c, uint64_t *cpu_ns, uint64_t *heap_peak, uint64_t *wall_ns);
 
 /* Whether an idle connection is still fit for a job: a worker that exited
  * or wrote something since its last reply is not (then fail or eof is

@@ -71,7 +71,7 @@ struct hd_job {
   hd_buf events;        /* events not yet taken: u32 length and codec message each */
   double event_bytes;   /* bytes of events so far, against max_result */
   int has_stats;        /* the worker's STATS frame came with the reply */
-  uint64_t cpu_ns, heap_peak;
+  uint64_t cpu_ns, heap_peak, wall_ns;
   hd_buf frame;         /* the job frame; after the end, the reply's message */
   size_t msg_off, msg_len;
   sched_proc *proc;
@@ -707,7 +707,7 @@ static void proc_on_reply(hd_conn *c, void *ud, hd_buf *buf, size_t off, size_t 
   }
   p->job = NULL;
   j->proc = NULL;
-  j->has_stats = hd_conn_stats(c, &j->cpu_ns, &j->heap_peak);
+  j->has_stats = hd_conn_stats(c, &j->cpu_ns, &j->heap_peak, &j->wall_ns);
   /* A job of the "syscalls" profile has the FFI: it may have written this
    * reply itself, and whatever the frame says, its process is not given
    * another job. */
@@ -1026,7 +1026,11 @@ int hd_job_item(hd_job *j, uint32_t i, int *status, const char **msg, size_t *le
 uint64_t hd_job_item_wall(const hd_job *j) {
   uint64_t begun = j->item_started != 0 ? j->item_started : j->started;
   uint64_t end = j->state == JOB_DONE ? j->ended : uv_hrtime();
-  return j->started != 0 && end > begun ? end - begun : 0;
+  if (j->started == 0 || end <= begun) return 0;
+  /* As for the items before it: the worker's word, within the job's time. */
+  if (j->nitems > 1 && j->state == JOB_DONE && j->has_stats)
+    return j->wall_ns < end - j->started ? j->wall_ns : end - j->started;
+  return end - begun;
 }
 
 void hd_job_set_limits(hd_job *j, const hd_job_limits *lim) {
@@ -1326,10 +1330,12 @@ static void job_start(hd_job *j) {
       return;
     }
   }
-  /* max_ms = 0 times out at once; only math.huge means no limit. */
+  /* max_ms = 0 times out at once; only math.huge means no limit. The
+   * items of a job of several have the time their replies may be held
+   * (HD_ITEM_HOLD_MS) on top. */
   if (j->lim.max_ms < SCHED_NO_LIMIT_MS) {
     uv_update_time(hd_loop_uv(s->loop));
-    job_timer_start(j, j->lim.max_ms);
+    job_timer_start(j, j->lim.max_ms + (j->nitems > 1 && j->lim.max_ms > 0 ? HD_ITEM_HOLD_MS : 0));
   }
   if (j->lim.max_cpu_ms < SCHED_NO_LIMIT_MS) {
     int64_t base = proc_cpu_ns(p);
@@ -1452,12 +1458,16 @@ static void job_item_replied(hd_job *j, sched_proc *p, const char *body, size_t 
   char h[JOB_ITEM_HEAD];
   uint64_t cpu = 0, heap = 0, now = uv_hrtime();
   uint64_t begun = j->item_started != 0 ? j->item_started : j->started;
-  hd_conn_stats(p->conn, &cpu, &heap);
+  uint64_t wall = now - begun;
+  /* The worker sends the replies of quick items together (HD_ITEM_HOLD_MS):
+   * its word says how long each took, within the job's time. */
+  if (hd_conn_stats(p->conn, &cpu, &heap, &wall) && wall > now - j->started)
+    wall = now - j->started;
   hd_put_u32(h, (uint32_t)(len - 1));
   h[4] = body[0];
   hd_put_u64(h + 5, cpu);
   hd_put_u64(h + 13, heap);
-  hd_put_u64(h + 21, now - begun);
+  hd_put_u64(h + 21, wall);
   if (hd_buf_append(&j->items, h, sizeof h) != 0 ||
       hd_buf_append(&j->items, body + 1, len - 1) != 0) {
     snprintf(j->detail, sizeof j->detail, "out of memory storing an item's reply");
@@ -1470,9 +1480,10 @@ static void job_item_replied(hd_job *j, sched_proc *p, const char *body, size_t 
   /* The timer stays as it is: due no later than the new deadline, it finds
    * the deadline moved and waits for the rest (one store per item, not a
    * timer restart). */
-  if (j->lim.max_ms < SCHED_NO_LIMIT_MS)
-    j->deadline = now + (uint64_t)((j->lim.max_ms < SCHED_MAX_TIMER_MS ? j->lim.max_ms
-                                                                        : SCHED_MAX_TIMER_MS) * 1e6);
+  if (j->lim.max_ms < SCHED_NO_LIMIT_MS) {
+    double ms = j->lim.max_ms < SCHED_MAX_TIMER_MS ? j->lim.max_ms : SCHED_MAX_TIMER_MS;
+    j->deadline = now + (uint64_t)((ms + (ms > 0 ? HD_ITEM_HOLD_MS : 0)) * 1e6);
+  }
   if (j->lim.max_cpu_ms < SCHED_NO_LIMIT_MS) {
     int64_t base = proc_cpu_ns(p);
     if (base > 0) j->cpu_base = (uint64_t)base;

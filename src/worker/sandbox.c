@@ -170,7 +170,7 @@ static const char *const sb_allow[] = {
     "poll", "ppoll", "futex", "sched_yield", "nanosleep", "clock_nanosleep", "clock_gettime",
     "clock_getres", "gettimeofday", "time", "restart_syscall",
     /* its own signal handling (sending is checked below) */
-    "rt_sigreturn", "rt_sigprocmask", "rt_sigaction", "sigaltstack",
+    "rt_sigreturn", "rt_sigprocmask", "rt_sigaction", "sigaltstack", "setitimer",
     /* who and where it is */
     "getpid", "gettid", "getppid", "getuid", "geteuid", "getgid", "getegid", "uname", "sysinfo",
     "getrusage", "times", "getrlimit", "getrandom",

@@ -26,6 +26,7 @@
 #include "alloc.h"
 #include "buf.h"
 #include "codec.h"
+#include "hold.h"
 #include "sandbox.h"
 #include "weak.h"
 #include "wire.h"
@@ -47,7 +48,9 @@ typedef struct hd_wk {
   size_t frame_len;     /* bytes of the job frame at the start of `in` */
   int inited;           /* its pool's init ran (or it has none and a job came) */
   uint64_t cpu_base;    /* the process's CPU time after the last reply, ns */
-  uint64_t job_start;   /* CLOCK_MONOTONIC when the job's frame was read, ns */
+  uint64_t cpu_since;   /* wall time since cpu_base that quick items took, ns */
+  uint64_t job_start;   /* CLOCK_MONOTONIC when the job (item) began, ns */
+  uint64_t sent_at;     /* CLOCK_MONOTONIC when held replies last went out */
   char init_err[512];   /* why the init failed, or "" */
 } hd_wk;
 
@@ -60,6 +63,8 @@ typedef struct hd_wk {
  * stays warm across jobs and goes back when the worker is idle. */
 #define WK_MMAP_THRESHOLD (256 << 20)
 #define WK_TRIM_THRESHOLD (1 << 30)
+/* The longest a reply is held (hold.c), within what the host allows. */
+#define WK_HOLD_NS ((uint64_t)HD_ITEM_HOLD_MS * 1000000u)
 /* A job that arrives within this long of the last reply came back to back. */
 #define WK_BACK_TO_BACK_NS 200000
 /* Idle for this long after a job, a worker gives memory back. */
@@ -607,9 +612,11 @@ static int wk_emit(lua_State *L) {
     return luaL_error(L, "handler: the event is larger than 4 GiB");
   }
   hd_wire_head(b.data, HD_FRAME_EVENT, w->job_id, (uint32_t)(b.len - HD_FRAME_HEADER));
-  /* Output written before the event reaches the caller before it. */
+  /* Output written before the event reaches the caller before it, and so
+   * do the replies of the items before it. */
   fflush(NULL);
-  rc = wk_write_full(w->fd, b.data, b.len);
+  rc = hd_hold_send();
+  if (rc == 0) rc = wk_write_full(w->fd, b.data, b.len);
   hd_buf_free(&b);
   if (rc != 0) return luaL_error(L, "handler: cannot send the event");
   return 0;
@@ -717,28 +724,61 @@ static int wk_write2(int fd, const char *a, size_t an, const char *b, size_t bn)
  * job would pay on its round trip. */
 #define WK_CPU_CLOCK_NS 100000
 
-/* The CPU time the job used, in ns: from the CPU clock read after the last
- * reply (off the round trip), so what the worker did between (restoring its
- * state, polling for this job: at most WK_SPIN_NS) counts too. */
-static uint64_t wk_job_cpu(hd_wk *w) {
-  uint64_t wall = wk_now_ns() - w->job_start, cpu;
-  if (wall < WK_CPU_CLOCK_NS) return wall;
+/* The CPU time the job used, in ns, at `now`: from the CPU clock read
+ * after the last reply (off the round trip), so what the worker did between
+ * (restoring its state, polling for this job: at most WK_SPIN_NS) counts
+ * too. Quick items read no clock: the wall time they took is kept, and
+ * taken off the next clock reading. */
+static uint64_t wk_job_cpu(hd_wk *w, uint64_t now) {
+  uint64_t wall = now - w->job_start, cpu, used;
+  if (wall < WK_CPU_CLOCK_NS) {
+    w->cpu_since += wall;
+    return wall;
+  }
   cpu = wk_cpu_ns();
-  return cpu > w->cpu_base ? cpu - w->cpu_base : 0;
+  used = cpu > w->cpu_base + w->cpu_since ? cpu - w->cpu_base - w->cpu_since : 0;
+  w->cpu_base = cpu;
+  w->cpu_since = 0;
+  return used;
 }
 
-/* The job's STATS frame, then its reply. */
-static int wk_reply_send(hd_wk *w, int last) {
+/* The job's STATS frame, then its reply. With `hold`, more items of the
+ * job follow: the two are held (hold.c) and go out with the replies after
+ * them, or when WK_HOLD_NS has passed since the last send. */
+static int wk_reply_send(hd_wk *w, int last, int hold) {
   char stats[HD_STATS_LEN];
-  uint64_t cpu = wk_job_cpu(w);
+  uint64_t now = wk_now_ns();
+  uint64_t cpu = wk_job_cpu(w, now);
+  int rc;
   if (w->out.len > HD_FRAME_HEADER && w->out.len - HD_FRAME_HEADER > UINT32_MAX) {
     const char *m = "result is larger than 4 GiB";
     wk_reply_string(w, HD_REPLY_BADRESULT, m, strlen(m));
   }
   if (hd_wire_reply_end(&w->out, w->job_id, last) != 0) return -1;
   hd_wire_stats(stats, w->job_id, cpu,
-                w->alloc.peak > w->alloc.base ? w->alloc.peak - w->alloc.base : 0);
-  return wk_write2(w->fd, stats, sizeof stats, w->out.data, w->out.len);
+                w->alloc.peak > w->alloc.base ? w->alloc.peak - w->alloc.base : 0,
+                now - w->job_start);
+  /* The next item's time runs from here, so the items' wall times cover
+   * the worker's: what wk_job_cpu takes off a clock reading. */
+  w->job_start = now;
+  if (!hold && hd_hold_bytes() == 0) return wk_write2(w->fd, stats, sizeof stats, w->out.data,
+                                                      w->out.len);
+  rc = hd_hold_add(stats, sizeof stats, w->out.data, w->out.len);
+  if (rc == -2) return -1;
+  if (rc == -1) {
+    /* Too big to hold: what is held goes first. */
+    if (hd_hold_send() != 0 ||
+        wk_write2(w->fd, stats, sizeof stats, w->out.data, w->out.len) != 0)
+      return -1;
+  } else if (hold && now - w->sent_at < WK_HOLD_NS) {
+    if (!hd_hold_armed()) hd_hold_timer(WK_HOLD_NS - (now - w->sent_at));
+    return 0;
+  } else if (hd_hold_send() != 0) {
+    return -1;
+  }
+  w->sent_at = now;
+  hd_hold_timer(0);
+  return 0;
 }
 
 /* Encodes the stack [1, top] as the reply's message; on failure the reply
@@ -1016,6 +1056,12 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
    * job may follow it there. One job, then the worker exits. */
   int once = (flags & HD_SPAWN_SECCOMP) && !(flags & HD_SPAWN_LUA);
   w->fd = fd;
+  /* Replies are held (hold.c) only where jobs of several items run: not in
+   * the one-job workers of the "syscalls" profile. There a job has the FFI
+   * and may signal itself, and its worker is the first process of its PID
+   * namespace, which drops a signal it sends itself: a crash handler that
+   * raised the signal again would let the job go on. */
+  if (!once && hd_hold_setup(fd) != 0) return HD_EXIT_SANDBOX;
   if (flags != 0 && wk_sandbox(w, flags) != 0) return HD_EXIT_SANDBOX;
   mallopt(M_MMAP_THRESHOLD, WK_MMAP_THRESHOLD);
   mallopt(M_TRIM_THRESHOLD, WK_TRIM_THRESHOLD);
@@ -1055,13 +1101,13 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
     if (once) shutdown(w->fd, SHUT_RD);
     if (hd_wire_job_parse(w->in.data, w->frame_len, &job) != 0) return HD_EXIT_BAD_FRAME;
     items = job;
+    w->job_start = w->sent_at = wk_now_ns();
     do {
       const char *item = NULL;
       uint32_t item_len = 0;
       hd_wire_job each = job;
       if (job.nitems > 0 && hd_wire_item_next(&items, &item, &item_len) != 0)
         return HD_EXIT_BAD_FRAME;
-      w->job_start = wk_now_ns();
       w->alloc.peak = w->alloc.base = w->alloc.used;
       wk_maps.tracking = 1;
       if (w->init_err[0] != '\0') {
@@ -1083,9 +1129,13 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
         clearenv();
         w->env_set = 0;
       }
-      if (wk_reply_send(w, last) != 0) goto done;
-      w->replied_at = wk_now_ns();
-      w->cpu_base = wk_cpu_ns();
+      /* Replies of items are held while more items follow (hold.c). */
+      if (wk_reply_send(w, last, items.nitems > 0 && !last) != 0) goto done;
+      if (items.nitems == 0 || last) {
+        w->replied_at = wk_now_ns();
+        w->cpu_base = wk_cpu_ns();
+        w->cpu_since = 0;
+      }
       if (last) {
         /* Not lua_close: a pipe the job left open would wait in pclose for
          * its command. Output is flushed already; the supervisor kills the
