@@ -24,11 +24,98 @@ void hd_alloc_rebuild(hd_alloc *a) {
   a->building = 1;
 }
 
+/* The image's live blocks, and the holes the blocks freed while building
+ * leave between them: a hole is never touched again (a job's blocks come
+ * from malloc), so the restore copies the live parts only. A bit per
+ * granule of 16 bytes; `live` grows with the region's use. */
+#define ALLOC_GRAIN 16
+/* Holes shorter than this are copied with the blocks around them: a
+ * memcpy more costs more than that many bytes. */
+#define ALLOC_MIN_HOLE 256
+
+static void alloc_mark(hd_alloc *a, const char *p, size_t n, int on) {
+  size_t g, end;
+  /* Without a map (out of memory once), everything is copied. */
+  if (a->live == NULL || p < a->region || p >= a->region + a->bump) return;
+  g = (size_t)(p - a->region) / ALLOC_GRAIN;
+  end = g + (n + ALLOC_GRAIN - 1) / ALLOC_GRAIN;
+  for (; g < end; g++) {
+    if (on) a->live[g >> 3] |= (unsigned char)(1u << (g & 7));
+    else a->live[g >> 3] &= (unsigned char)~(1u << (g & 7));
+  }
+}
+
+/* Makes room in `live` for the region's first `bump` bytes; on failure
+ * the map is dropped and the restore copies all of them. */
+static void alloc_live_reserve(hd_alloc *a, size_t bump) {
+  size_t need = (bump / ALLOC_GRAIN + 7) / 8;
+  unsigned char *m;
+  if (need <= a->live_cap || (a->live == NULL && a->live_cap != 0)) return;
+  need = need < 4096 ? 4096 : need * 2;
+  m = realloc(a->live, need);
+  if (m == NULL) {
+    free(a->live);
+    a->live = NULL;
+    return;
+  }
+  memset(m + a->live_cap, 0, need - a->live_cap);
+  a->live = m;
+  a->live_cap = need;
+}
+
+static int alloc_live_at(const hd_alloc *a, size_t g) {
+  return (a->live[g >> 3] >> (g & 7)) & 1;
+}
+
+/* The live parts of the region's first `bump` bytes, holes of
+ * ALLOC_MIN_HOLE bytes or more left out; without a map, all of it. */
+static int alloc_ranges(hd_alloc *a) {
+  size_t grains = a->bump / ALLOC_GRAIN, g = 0, n = 0, cap = 64;
+  size_t *r = malloc(cap * 2 * sizeof *r);
+  if (r == NULL) return -1;
+  free(a->ranges);
+  a->ranges = r;
+  a->nranges = 0;
+  if (a->live == NULL) {
+    r[0] = 0;
+    r[1] = a->bump;
+    a->nranges = 1;
+    return 0;
+  }
+  while (g < grains) {
+    size_t start, end;
+    while (g < grains && !alloc_live_at(a, g)) g++;
+    if (g == grains) break;
+    start = g;
+    for (;;) {
+      size_t hole;
+      while (g < grains && alloc_live_at(a, g)) g++;
+      end = g;
+      hole = g;
+      while (hole < grains && !alloc_live_at(a, hole)) hole++;
+      if (hole == grains || (hole - g) * ALLOC_GRAIN >= ALLOC_MIN_HOLE) break;
+      g = hole;
+    }
+    if (n == cap) {
+      size_t *m = realloc(a->ranges, cap * 4 * sizeof *m);
+      if (m == NULL) return -1;
+      a->ranges = m;
+      cap *= 2;
+    }
+    a->ranges[2 * n] = start * ALLOC_GRAIN;
+    a->ranges[2 * n + 1] = (end - start) * ALLOC_GRAIN;
+    n++;
+  }
+  a->nranges = n;
+  return 0;
+}
+
 int hd_alloc_snapshot(hd_alloc *a) {
   free(a->snapshot);
   a->snapshot = malloc(a->bump ? a->bump : 1);
   if (a->snapshot == NULL) return -1;
   memcpy(a->snapshot, a->region, a->bump);
+  if (alloc_ranges(a) != 0) return -1;
   a->building = 0;
   a->snap_used = a->used;
   return 0;
@@ -44,6 +131,7 @@ void hd_alloc_arm(hd_alloc *a, size_t limit) {
 void hd_alloc_restore(hd_alloc *a) {
   hd_blk *b = a->head.next;
   hd_chunk *c = a->chunks;
+  size_t k;
   while (b != &a->head) {
     hd_blk *next = b->next;
     free(b);
@@ -58,7 +146,10 @@ void hd_alloc_restore(hd_alloc *a) {
   a->chunks = NULL;
   a->bump_at = a->bump_end = NULL;
   memset(a->free_small, 0, sizeof a->free_small);
-  memcpy(a->region, a->snapshot, a->bump);
+  for (k = 0; k < a->nranges; k++) {
+    size_t at = a->ranges[2 * k];
+    memcpy(a->region + at, a->snapshot + at, a->ranges[2 * k + 1]);
+  }
   a->used = a->snap_used;
   a->limit = 0;
   a->tripped = 0;
@@ -137,6 +228,8 @@ void *hd_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize) {
     if (ptr != NULL && !alloc_in_region(a, ptr)) {
       if (osize <= HD_ALLOC_SMALL_MAX) alloc_small_free(a, ptr, osize);
       else alloc_blk_free(ptr);
+    } else if (ptr != NULL && a->building) {
+      alloc_mark(a, ptr, osize, 0);
     }
     a->used -= osize;
     return NULL;
@@ -158,8 +251,13 @@ void *hd_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize) {
     }
     if (sz > a->region_cap - a->bump) return NULL;
     p = a->region + a->bump;
+    alloc_live_reserve(a, a->bump + sz);
     a->bump += sz;
-    if (ptr != NULL) memcpy(p, ptr, osize);
+    alloc_mark(a, p, sz, 1);
+    if (ptr != NULL) {
+      memcpy(p, ptr, osize);
+      alloc_mark(a, ptr, osize, 0);
+    }
     a->used = a->used - osize + nsize;
     return p;
   }

@@ -32,6 +32,11 @@ typedef struct hd_alloc {
   int building;          /* the pristine state is being built */
   char *snapshot;        /* the region's bytes once built */
   size_t snap_used;      /* `used` at snapshot time: the baseline */
+  unsigned char *live;   /* while building: a bit per 16 bytes of the
+                          * region, set where a block lives */
+  size_t live_cap;       /* bytes of `live` */
+  size_t *ranges;        /* the snapshot's live parts: offset, length pairs */
+  size_t nranges;
   hd_blk head;           /* the job's blocks larger than HD_ALLOC_SMALL_MAX */
   hd_chunk *chunks;      /* the job's chunks of small blocks */
   char *bump_at, *bump_end; /* what is left of the newest chunk */
