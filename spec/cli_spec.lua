@@ -108,6 +108,59 @@ describe("handler map", function()
     assert.are.equal(400, runs[2].logged)
   end)
 
+  it("logs each record's own time in --joblog, for records run together too", function()
+    local s, i = files([[
+      return function(r)
+        local c = os.clock()
+        while (os.clock() - c) * 1000 < r.ms do end
+        return r.id
+      end
+    ]], (function()
+      local t = {}
+      for k = 1, 300 do t[k] = '{"id":' .. k .. ',"ms":' .. (k == 150 and 60 or 0) .. '}' end
+      return table.concat(t, "\n") .. "\n"
+    end)())
+    local status, _, err = handler_cmd("map " .. s .. " " .. i .. " -j 1 --joblog "
+      .. q(dir .. "/joblog"), dir)
+    assert.are.equal(0, status, err)
+    local wall = {}
+    for _, l in ipairs(lines_of(H.read_file(dir .. "/joblog"))) do
+      local line, ms = l:match("^(%d+)\tok\t([%d.]+)\t")
+      wall[tonumber(line)] = tonumber(ms)
+    end
+    for k = 1, 300 do
+      -- The worker sends the replies of quick records together; each one
+      -- still has the time it took, not a share of when the host heard.
+      assert.is_true(wall[k] > 0, "record " .. k .. ": " .. tostring(wall[k]))
+      if k == 150 then
+        assert.is_true(wall[k] >= 50, "the slow record took " .. wall[k] .. " ms")
+      else
+        assert.is_true(wall[k] < 40, "record " .. k .. " took " .. wall[k] .. " ms")
+      end
+    end
+  end)
+
+  it("reads lines longer than its read blocks, and a last line without a newline", function()
+    local long = string.rep("x", 200000)
+    local text = '{"id":1,"n":1}\n{"id":2,"n":2,"pad":"' .. long .. '"}\n\n{"id":3,"n":3}'
+    local s, i = files(SCRIPT, text)
+    for _, from in ipairs({ i, "- < " .. i }) do
+      local status, out, err = handler_cmd("map " .. s .. " " .. from .. " -j 2 --joblog "
+        .. q(dir .. "/joblog"), dir)
+      assert.are.equal(0, status, err)
+      assert.are.same({ { double = 2, id = 1 }, { double = 4, id = 2 }, { double = 6, id = 3 } },
+        json_lines(out))
+      -- Line numbers count the blank line.
+      local logged = {}
+      for _, l in ipairs(lines_of(H.read_file(dir .. "/joblog"))) do
+        logged[#logged + 1] = tonumber(l:match("^(%d+)\t"))
+      end
+      table.sort(logged)
+      assert.are.same({ 1, 2, 4 }, logged)
+      os.remove(dir .. "/joblog")
+    end
+  end)
+
   it("writes results as they finish with --unordered", function()
     local s, i = files([[
       return function(r)

@@ -7,7 +7,7 @@ local map_mod = require("handler.map")
 
 local format, concat, tonumber, tostring, type, pairs, ipairs, pcall, floor =
   string.format, table.concat, tonumber, tostring, type, pairs, ipairs, pcall, math.floor
-local open, huge = io.open, math.huge
+local open, huge, byte, find, sub = io.open, math.huge, string.byte, string.find, string.sub
 
 local M = {}
 
@@ -27,8 +27,8 @@ to --errors (default: standard error).
   --max-heap BYTES        heap limit per record (k, M, G suffixes)
   --retries N             runs again a record that timed out or crashed
   --batch N               at most N records sent to a worker at once (as many as take
-                          about 2 ms together), each still run on its own, from a
-                          fresh state, with its own limits (default 64; 1: one each)
+                          about 4 ms together), each still run on its own, from a
+                          fresh state, with its own limits (default 1024; 1: one each)
   --sandbox               records run in the strict sandbox
   --unordered             write results as they finish
   --lines                 each line is a string, not JSON
@@ -190,33 +190,71 @@ local function read_joblog(path)
   return done
 end
 
--- The records, line by line, over every input: an iterator of
--- { line = N, text = s }, skipping blank lines and those in `skip`.
+-- Bytes a named input is read by at a time.
+local BLOCK = 65536
+
+-- The records, line by line, over every input: an iterator of line
+-- number, text, skipping blank lines and those in `skip`. A named file is
+-- read by blocks, split here (four times faster than reading line by line);
+-- standard input line by line, so that a record a slow writer sends is
+-- read as soon as its line ends.
 local function records(inputs, skip)
   local k, f, n = 0, nil, 0
+  local block, pos, blocks = nil, 1, false
   local function next_file()
     if f ~= nil and f ~= io.stdin then f:close() end
     k = k + 1
+    block, pos = nil, 1
     if #inputs == 0 then
       if k > 1 then return nil end
+      blocks = false
       return io.stdin
     end
     if inputs[k] == nil then return nil end
-    if inputs[k] == "-" then return io.stdin end
+    if inputs[k] == "-" then
+      blocks = false
+      return io.stdin
+    end
     local h, err = open(inputs[k], "r")
     if h == nil then error(setmetatable({ message = "cannot read " .. inputs[k] .. ": " .. err },
       Usage), 0) end
+    blocks = true
     return h
+  end
+  -- The next line of f, without its newline, or nil at its end.
+  local function next_line()
+    if not blocks then return f:read("*l") end
+    while true do
+      if block ~= nil then
+        local e = find(block, "\n", pos, true)
+        if e ~= nil then
+          local l = sub(block, pos, e - 1)
+          pos = e + 1
+          return l
+        end
+      end
+      local more = f:read(BLOCK)
+      if more == nil then
+        -- The last line may have no newline.
+        local l = block ~= nil and pos <= #block and sub(block, pos) or nil
+        block = nil
+        return l
+      end
+      block = block ~= nil and pos <= #block and sub(block, pos) .. more or more
+      pos = 1
+    end
   end
   f = next_file()
   return function()
     while f ~= nil do
-      local l = f:read("*l")
+      local l = next_line()
       if l == nil then
         f = next_file()
       else
         n = n + 1
-        if l:match("%S") and not skip[n] then return { line = n, text = l } end
+        -- A JSON record starts with a bracket: most lines need no search.
+        local b = byte(l, 1)
+        if (b ~= nil and b > 32 or find(l, "%S")) and not skip[n] then return n, l end
       end
     end
     return nil
@@ -366,26 +404,26 @@ function M.run(o, out, errs)
   local stopping, n_items = false, 0
   local function inputs()
     if stopping then return nil end
-    local r = next_record()
-    if r == nil then return nil end
+    local line, text = next_record()
+    if line == nil then return nil end
     n_items = n_items + 1
-    if r.line - n_items ~= offset then
-      offset = r.line - n_items
+    if line - n_items ~= offset then
+      offset = line - n_items
       nshifts = nshifts + 1
       shift_at[nshifts], shift_by[nshifts] = n_items, offset
     end
     if sandbox and not lines_mode then
-      local decoded, rec = pcall(cjson.decode, r.text)
+      local decoded, rec = pcall(cjson.decode, text)
       if not decoded then return { [BAD] = tostring(rec) } end
       -- A JSON null is a record too; the codec sends cjson.null as it is.
       return rec
     end
-    return r.text
+    return text
   end
 
 
   local opts = { max_ms = o.max_ms, max_cpu_ms = o.max_cpu_ms, max_heap_bytes = o.max_heap,
-    retries = o.retries, ordered = not o.unordered, output = "inherit", batch = o.batch or 64,
+    retries = o.retries, ordered = not o.unordered, output = "inherit", batch = o.batch or 1024,
     -- A wide window keeps the other workers busy while a record at the
     -- head of the order waits out its limit; only twice as many jobs as
     -- workers are in the pool at once, the rest are records read ahead.
@@ -403,6 +441,9 @@ function M.run(o, out, errs)
   local done, failed, by_type, halted = 0, 0, {}, false
   local last_flush, last_look = t0, t0
   local pend_log = {}
+  -- Results are flushed at least every 0.2 s (below): between, they go out
+  -- in big writes, not one per 4 KiB.
+  if io.type(out) == "file" then out:setvbuf("full", 65536) end
 
   local function flush()
     out:flush()

@@ -511,10 +511,10 @@ function Pool:_async_encoded(msg, opts)
   return async(self, "pool:async", msg, opts)
 end
 
--- pool:map's batches: one job whose function runs once per argument list
--- of `items`, each from the pristine image with the job's limits of its
--- own; job:_item(i) is item i's outcome, or nil for an item that did not
--- run (the job ended before it).
+-- pool:map's batches: one job whose function runs once per value of
+-- `items` (its one argument), each from the pristine image with the job's
+-- limits of its own; job:_item(i) is item i's outcome, or nil for an item
+-- that did not run (the job ended before it).
 function Pool:_async_items(fn, items, opts)
   return async(self, "pool:map", fn, opts, items)
 end

@@ -25,9 +25,12 @@ M.OPTIONS = {
 local WINDOW_PER_WORKER = 4
 local WINDOW_MAX = 256
 -- About how long the items of one job take together, with batch > 1.
-local BATCH_MS = 2
+local BATCH_MS = 4
 
-local started = require("handler.core").started
+local core = require("handler.core")
+local started = core.started
+-- Items yielded between two looks at the loop (see the iterator).
+local LOOK_EVERY = 32
 
 local function pack(...)
   return { n = select("#", ...), ... }
@@ -88,39 +91,49 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_end
   local read, yielded, exhausted = 0, 0, false
   -- What is kept per item (read, waiting to start, ended, dropped) lies
   -- within `window` consecutive indices: it is kept in rings of that size,
-  -- slot at(i). A table whose integer keys only grow while the old ones are
+  -- slot at(i), one ring per field, so that an item costs no table of its
+  -- own. A table whose integer keys only grow while the old ones are
   -- cleared rehashes over and over once the range is in the hundreds.
   local cap = window
   local function at(i) return (i - 1) % cap + 1 end
   local nready = 0
   local last_stats
-  -- Items read but not started, first in first out: no more jobs are in
-  -- the pool at once than it has workers, so the window costs only memory,
-  -- and a stop drops what has not started.
-  local fifo, fhead, ftail = {}, 1, 0
+  -- Items read but not started, first in first out (index, value, tries
+  -- so far): no more jobs are in the pool at once than it has workers, so
+  -- the window costs only memory, and a stop drops what has not started.
+  local f_i, f_v, f_t, fhead, ftail = {}, {}, {}, 1, 0
   -- Twice the workers: a job is waiting in the pool when a worker frees.
   local max_running = 2 * max(1, pool.max_workers or 1)
   local stopped, dropped = false, {}
-  local running, nrunning = {}, 0   -- item index -> { job, item, tries }
-  local ready = {}                  -- item index -> packed outcome
+  -- key -> { job, items_job, n, i1, v1, t1, i2, v2, t2, ... }: a job and
+  -- the n entries it runs (index, value, tries); `items_job`: the job
+  -- carries its entries as items (batch > 1).
+  local running, nrunning = {}, 0
+  -- Ended items by slot: how many values the outcome has, the first three,
+  -- all of them when there are more, and the stats (with want_stats).
+  local r_n, r_a, r_b, r_c, r_x, r_st = {}, {}, {}, {}, {}, {}
   local order, head, tail = {}, 1, 0 -- unordered: indices in the order they ended
   local next_ordered = 1
   local ndone, nfailed = 0, 0
 
-  -- In order, an ended item waits in ready at its index's slot; as they
-  -- finish, in the order ring (index and outcome), by position: an item
-  -- far behind the others would share its index's slot with a later one.
-  local function finish(i, out)
+  local look
+  -- In order, an ended item waits at its index's slot; as they finish, in
+  -- the order ring (index, and the outcome at the same slot), by position:
+  -- an item far behind the others would share its index's slot with a
+  -- later one.
+  local function finish(i, n, a, b, c, x, st)
     nready = nready + 1
+    local k
     if ordered then
-      ready[at(i)] = out
+      k = at(i)
     else
       tail = tail + 1
-      order[at(tail)] = i
-      ready[at(tail)] = out
+      k = at(tail)
+      order[k] = i
     end
+    r_n[k], r_a[k], r_b[k], r_c[k], r_x[k], r_st[k] = n, a, b, c, x, st
     ndone = ndone + 1
-    if not out[1] then nfailed = nfailed + 1 end
+    if not a then nfailed = nfailed + 1 end
     if on_progress then on_progress(ndone, nfailed) end
   end
 
@@ -136,46 +149,54 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_end
     if waitlist.add(waiter, job._ud) then waiter() end
   end
 
-  -- A job of one item (its args), or, with batch > 1, of up to `batch`
-  -- items, each run from the pristine image with its own limits.
-  -- running[key] = { job, entries, items }, each entry { i, item, tries };
-  -- `items`: the job carries its entries as items (batch > 1).
+  -- A job of one item (its args), or, with batch > 1, of the entries of r
+  -- as items, each run from the pristine image with its own limits.
   local nkeys = 0
 
-  local function start(entries)
+  local function start(r)
     local job, err
-    local items_job = batch > 1
-    if not items_job then
-      job_opts.args = { n = 1, entries[1][2] }
+    local n = r[3]
+    if not r[2] then
+      job_opts.args = { n = 1, r[5] }
       job, err = pool:async(fn, job_opts)
     else
-      local items = {}
-      for k = 1, #entries do items[k] = { n = 1, entries[k][2] } end
-      job, err = pool:_async_items(fn, items, job_opts)
+      local vals = {}
+      for k = 1, n do vals[k] = r[2 + 3 * k] end
+      job, err = pool:_async_items(fn, vals, job_opts)
     end
     if job == nil then
-      for k = 1, #entries do finish(entries[k][1], { n = 2, false, err }) end
+      for k = 1, n do finish(r[1 + 3 * k], 2, false, err) end
       return
     end
+    r[1] = job
     nkeys = nkeys + 1
-    running[nkeys] = { job, entries, items_job }
+    running[nkeys] = r
     nrunning = nrunning + 1
     if waitlist then watch(nkeys, job) end
   end
 
   -- Puts an entry back at the front of the items waiting to start.
-  local function again(e)
+  local function again(i, v, t)
     fhead = fhead - 1
-    fifo[at(fhead)] = e
+    local k = at(fhead)
+    f_i[k], f_v[k], f_t[k] = i, v, t
   end
 
-  local function settle(e, job, out, st)
-    if not out[1] and e[3] < retries and retryable(out[2]) then
-      again({ e[1], e[2], e[3] + 1 })
-      return
-    end
-    if want_stats then out.stats = st or job:stats() end
-    finish(e[1], out)
+  -- The outcome's count, its first three values, and all of them when it
+  -- has more.
+  local function take(...)
+    local n = select("#", ...)
+    if n <= 3 then return n, ... end
+    return n, nil, nil, nil, pack(...)
+  end
+
+  -- No entries to put back (collect's `later` until it has some).
+  local NONE = {}
+
+  -- Puts back the entries of `later`, by threes (index, value, tries), at
+  -- the front of the queue in their order.
+  local function put_back(later)
+    for k = #later - 2, 1, -3 do again(later[k], later[k + 1], later[k + 2]) end
   end
 
   -- With batch > 1, how many items a job gets: as many as take about
@@ -195,62 +216,88 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_end
     local r = running[key]
     running[key] = nil
     nrunning = nrunning - 1
-    local job, entries = r[1], r[2]
-    if not r[3] then
-      settle(entries[1], job, pack(job:await()), nil)
+    local job = r[1]
+    if not r[2] then
+      local i, v, t = r[4], r[5], r[6]
+      local n, a, b, c, x = take(job:await())
+      if a == false and t < retries and retryable(b) then
+        again(i, v, t + 1)
+        return
+      end
+      finish(i, n, a, b, c, x, want_stats and job:stats() or nil)
       return
     end
     job:await()
     local clean = true
-    local outs = {}
-    for k = 1, #entries do outs[k] = pack(job:_item(k)) end
-    -- Items that did not run after one that ended well: its worker serves
-    -- one job only (the "syscalls" profile), or that item touched process
-    -- state. Either way, one item per job from now on.
-    for k = 1, #entries - 1 do
-      local o = outs[k]
-      if outs[k + 1][1] == nil and o[1] ~= nil then
-        if o[1] or (type(o[2]) == "table" and o[2].cause == "error") then batch = 1 end
+    -- Entries to run again (by threes), put back once all are seen.
+    local later = NONE
+    local prev_a, prev_b
+    for k = 1, r[3] do
+      local i, v, t = r[1 + 3 * k], r[2 + 3 * k], r[3 + 3 * k]
+      look(false)
+      local n, a, b, c, x = take(job:_item(k))
+      if a == nil then
+        -- This item and those after it did not run. After one that ended
+        -- well: its worker serves one job only (the "syscalls" profile), or
+        -- that item touched process state. Either way, one item per job
+        -- from now on.
+        if k > 1 and (prev_a or (type(prev_b) == "table" and prev_b.cause == "error")) then
+          batch = 1
+        end
+        clean = false
+        for m = k, r[3] do
+          if stopped then
+            dropped[at(r[1 + 3 * m])] = true
+          else
+            if later == NONE then later = {} end
+            later[#later + 1] = r[1 + 3 * m]
+            later[#later + 1] = r[2 + 3 * m]
+            later[#later + 1] = r[3 + 3 * m]
+          end
+        end
         break
       end
-    end
-    -- Put back in reverse, so the items that did not run keep their order.
-    for k = #entries, 1, -1 do
-      local e = entries[k]
-      local out = outs[k]
-      if out[1] == nil then
+      -- Items that ran into a limit say nothing of the usual item.
+      if a == false and (retryable(b) or type(b) == "table" and b.type == "OOM") then
         clean = false
-        if stopped then dropped[at(e[1])] = true else again(e) end
-      else
-        -- Items that ran into a limit say nothing of the usual item.
-        if not out[1] and (retryable(out[2]) or type(out[2]) == "table" and out[2].type == "OOM")
-        then clean = false end
-        settle(e, job, out, want_stats and job:_item_stats(k))
       end
+      if a == false and t < retries and retryable(b) then
+        if later == NONE then later = {} end
+        later[#later + 1] = i
+        later[#later + 1] = v
+        later[#later + 1] = t + 1
+      else
+        finish(i, n, a, b, c, x, want_stats and job:_item_stats(k) or nil)
+      end
+      prev_a, prev_b = a, b
     end
-    if batch == 1 then per_job = 1 else learn(job, #entries, clean) end
+    if later ~= NONE then put_back(later) end
+    if batch == 1 then per_job = 1 else learn(job, r[3], clean) end
   end
 
   local function fill()
     while not exhausted and read - yielded < window do
+      look(true)
       local item = next_input()
       if item == nil then
         exhausted = true
       else
         read = read + 1
         ftail = ftail + 1
-        fifo[at(ftail)] = { read, item, 0 }
+        local k = at(ftail)
+        f_i[k], f_v[k], f_t[k] = read, item, 0
       end
     end
     while nrunning < max_running and fhead <= ftail do
-      local entries = {}
-      for k = 1, min(per_job, ftail - fhead + 1) do
-        local e = fifo[at(fhead)]
-        fifo[at(fhead)] = nil
+      local n = min(per_job, ftail - fhead + 1)
+      local r = { false, batch > 1, n }
+      for e = 1, n do
+        local k = at(fhead)
+        r[1 + 3 * e], r[2 + 3 * e], r[3 + 3 * e] = f_i[k], f_v[k], f_t[k]
+        f_v[k] = nil
         fhead = fhead + 1
-        entries[k] = e
       end
-      start(entries)
+      start(r)
     end
   end
 
@@ -260,8 +307,8 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_end
     stopped = true
     exhausted = true
     for k = fhead, ftail do
-      dropped[at(fifo[at(k)][1])] = true
-      fifo[at(k)] = nil
+      dropped[at(f_i[at(k)])] = true
+      f_v[at(k)] = nil
     end
     fhead, ftail = 1, 0
     -- Jobs still waiting in the pool for a worker have not started either.
@@ -269,9 +316,41 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_end
       if not started(r[1]._ud) then
         running[key] = nil
         nrunning = nrunning - 1
-        for k = 1, #r[2] do dropped[at(r[2][k][1])] = true end
+        for k = 1, r[3] do dropped[at(r[1 + 3 * k])] = true end
         pool:kill_by_ref(r[1])
       end
+    end
+  end
+
+  -- Collects the jobs that ended (or may have) since the last time.
+  local function collect_ended()
+    local list, n = ended, nended
+    ended, nended = {}, 0
+    for k = 1, n do
+      local i = list[k]
+      local r = running[i]
+      if r ~= nil then
+        if r[1]:done() then collect(i) else watch(i, r[1]) end
+      end
+    end
+  end
+
+  -- While items are read, collected and taken, the loop is looked at every
+  -- LOOK_EVERY of them (outside nginx, where nothing else steps it), and
+  -- with `and_collect` the jobs that ended are collected: a worker that
+  -- finished its job then finds the next one waiting in the pool, not once
+  -- this host is done with every item before it.
+  local step = wait_ended and core.step
+  local unlooked = 0
+  look = function(and_collect)
+    if step == nil then return end
+    unlooked = unlooked + 1
+    if unlooked < LOOK_EVERY or nrunning == 0 then return end
+    unlooked = 0
+    step()
+    if and_collect then
+      waitlist.wake_ended()
+      if nended > 0 then collect_ended() end
     end
   end
 
@@ -283,15 +362,7 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_end
         wait_ended()
         waitlist.wake_ended()
       end
-      local list, n = ended, nended
-      ended, nended = {}, 0
-      for k = 1, n do
-        local i = list[k]
-        local r = running[i]
-        if r ~= nil then
-          if r[1]:done() then collect(i) else watch(i, r[1]) end
-        end
-      end
+      collect_ended()
       return
     end
     local jobs, index = {}, {}
@@ -305,14 +376,20 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_end
     end
   end
 
-  -- Yields item i, whose outcome is in slot k.
+  -- Yields item i, whose outcome is in slot k (of its position k).
   local function yield_item(i, k)
-    local out = ready[at(k)]
-    ready[at(k)] = nil
+    look(true)
+    k = at(k)
+    local n, a, b, c, x = r_n[k], r_a[k], r_b[k], r_c[k], r_x[k]
+    last_stats = r_st[k]
+    r_n[k], r_a[k], r_b[k], r_c[k], r_x[k], r_st[k] = nil, nil, nil, nil, nil, nil
     nready = nready - 1
-    last_stats = out.stats
     yielded = yielded + 1
-    return i, unpack(out, 1, out.n)
+    if n == 3 then return i, a, b, c end
+    if n == 2 then return i, a, b end
+    if x ~= nil then return i, unpack(x, 1, n) end
+    if n == 1 then return i, a end
+    return i
   end
 
   return function()
@@ -323,7 +400,7 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_end
           dropped[at(next_ordered)] = nil
           next_ordered = next_ordered + 1
         end
-        if ready[at(next_ordered)] ~= nil then
+        if r_n[at(next_ordered)] ~= nil then
           local i = next_ordered
           next_ordered = next_ordered + 1
           return yield_item(i, i)

@@ -283,20 +283,18 @@ static int l_push_args(lua_State *L, int t) {
   return n;
 }
 
-/* The items at index t (an array of argument lists), into the frame. */
+/* The items at index t (an array of values, each the one argument of its
+ * run), into the frame. */
 static void l_build_items(lua_State *L, hd_buf *b, hd_job *j, int t) {
   int k, n = (int)lua_objlen(L, t), top = lua_gettop(L);
   if (n < 1 || n > HD_MAX_ITEMS)
-    luaL_error(L, "handler: items: between 1 and %d item argument lists", HD_MAX_ITEMS);
+    luaL_error(L, "handler: items: between 1 and %d items", HD_MAX_ITEMS);
   if (hd_wire_job_items(b) != 0) luaL_error(L, "handler: out of memory");
   for (k = 1; k <= n; k++) {
     long at = hd_wire_job_item_begin(b);
-    int m;
     if (at < 0) luaL_error(L, "handler: out of memory");
     lua_rawgeti(L, t, k);
-    if (!lua_istable(L, -1)) luaL_error(L, "handler: items: item %d is not an argument list", k);
-    m = l_push_args(L, top + 1);
-    hd_encode(L, top + 2, m, b, HD_ENC_FUNCTIONS | HD_ENC_HOST | HD_ENC_ITEM);
+    hd_encode(L, top + 1, 1, b, HD_ENC_FUNCTIONS | HD_ENC_HOST | HD_ENC_ITEM);
     if (hd_wire_job_item_end(b, at) != 0) luaL_error(L, "handler: out of memory");
     lua_settop(L, top);
   }
@@ -352,7 +350,7 @@ static void l_build_frame(lua_State *L, hd_sched *s, hd_job *j, uint64_t heap, d
  *        max_result, max_output, env|nil, args|nil, max_cpu_ms|nil, output|nil,
  *        items|nil)
  *   -> job | nil, reject_type
- * items: an array of argument lists; the function runs once per item. */
+ * items: an array of values; the function runs once per item, with it. */
 static int l_submit(lua_State *L) {
   hd_sched *s = l_core(L);
   hd_pool *pool = l_checkpool(L, 1);
