@@ -52,6 +52,7 @@ keyed by the entry's id; the entry is acknowledged once it is written.
   --sandbox-each          each entry in a sandboxed worker process of its own (the
                           "syscalls" profile): for streams untrusted parties write
   --stats-key KEY         write this consumer's counters to the Redis hash KEY every second
+                          (and on SIGUSR1)
   --progress, --no-progress   a progress line on standard error (default: on a terminal)
 
 SIGTERM or SIGINT: reads nothing more, finishes what it holds, writes and
@@ -579,6 +580,8 @@ function M.run(o, out, errs)
       if n == nil or n < 128 then return end
       local sig = sigbuf[0]
       if sig == SIGUSR1 then
+        -- The hash too: whoever asked sees the same figures there.
+        write_stats()
         errs:write(format("%shandler serve: %s: %s\n", progress and "\n" or "", consumer,
           stats_line()))
         errs:flush()
