@@ -36,6 +36,10 @@ typedef struct dec_state {
   int have_refs;     /* the ref table is made */
   uint64_t named_fn; /* named values that are functions inside a table (hostile only) */
   uint64_t budget;   /* bytes of table parts that size hints may still preallocate */
+  int tab_fast;      /* numbers go into array parts in place (cx_tab_fast) */
+  uint64_t *arr;     /* the array part of the table on the top of the stack, */
+  uint32_t asize;    /* its size; arr NULL: look it up (a table opened or
+                      * closed, or an item set through the API) */
 } dec_state;
 
 #define DEC(w) ((dec_state *)(w)->ud)
@@ -122,11 +126,8 @@ static void dec_register(cx_walk *w) {
 }
 
 static void dec_integer(cx_walk *w, uint64_t zz) {
-  /* Zigzag: even is zz / 2, odd is -(zz / 2) - 1, computed in doubles so
-   * that no bits of a hostile varint make a signed overflow. */
-  lua_Number n = (lua_Number)(zz >> 1);
   DEC(w)->named_last = 0;
-  lua_pushnumber(DEC(w)->L, (zz & 1) ? -n - 1 : n);
+  lua_pushnumber(DEC(w)->L, (lua_Number)walk_int(zz));
 }
 
 /* A KSET: the string, kept in its slot; a KREF: the string its slot keeps. */
@@ -196,14 +197,40 @@ static void dec_table(cx_walk *w, int at, int array, uint64_t narr, uint64_t nha
   }
   lua_createtable(d->L, (int)narr, (int)nhash);
   dec_register(w);
+  d->arr = NULL;
 }
 
 static void dec_field(cx_walk *w) {
   lua_rawset(DEC(w)->L, -3);
 }
 
+static void dec_item(cx_walk *w, uint64_t i);
+
+/* A number that is item i of the table on the top of the stack: written in
+ * its array part in place when the part has room (codec_tab.c; a NaN
+ * never is, lua_pushnumber canonicalizes it), else set through the API. */
+static void dec_num_item(cx_walk *w, uint64_t i, double n) {
+  dec_state *d = DEC(w);
+  lua_State *L = d->L;
+  d->named_last = 0;
+  if (d->tab_fast && n == n) {
+    if (d->arr == NULL) {
+      if (lua_type(L, -1) != LUA_TTABLE) goto api;
+      d->arr = cx_tab_array(lua_topointer(L, -1), &d->asize);
+    }
+    if (i < d->asize) {
+      memcpy(&d->arr[i], &n, sizeof n);
+      return;
+    }
+  }
+api:
+  lua_pushnumber(L, (lua_Number)n);
+  dec_item(w, i);
+}
+
 static void dec_item(cx_walk *w, uint64_t i) {
   lua_State *L = DEC(w)->L;
+  DEC(w)->arr = NULL;
   if (i <= (uint64_t)INT32_MAX) {
     lua_rawseti(L, -2, (int)i);
     return;
@@ -246,6 +273,7 @@ static void dec_metatable(cx_walk *w) {
 
 static void dec_close(cx_walk *w) {
   DEC(w)->named_last = 0;
+  DEC(w)->arr = NULL;
 }
 
 /* The metamethods LuaJIT looks up (lj_obj.h, MMDEF, with the FFI's and
@@ -479,6 +507,7 @@ static const cx_ops dec_ops = {
     .upjoin = dec_upjoin,
     .field = dec_field,
     .item = dec_item,
+    .num_item = dec_num_item,
     .metatable = dec_metatable,
     .upvalue = dec_upvalue,
     .close = dec_close,
@@ -495,6 +524,9 @@ static int dec_run(lua_State *L, const char *p, size_t len, int flags) {
   d.have_refs = 0;
   d.budget = (uint64_t)len * CX_HINT_BYTES_PER_BYTE;
   if (!lua_checkstack(L, DEC_SLOTS)) cx_oom(L);
+  d.tab_fast = cx_tab_fast(L);
+  d.arr = NULL;
+  d.asize = 0;
   lua_pushnil(L);
   base = d.refs = lua_gettop(L);
   cx_walk_init(&w, p, len, (flags & HD_DEC_TRUSTED) != 0, &d);

@@ -121,6 +121,7 @@ typedef struct enc_state {
   lua_Number nrefs;
   int depth;
   int nsteps;
+  int tab_fast; /* array parts are read in place (cx_tab_fast) */
   /* One step for the top level and one per container entered; entering
    * more than HD_MAX_DEPTH containers is an error before a step is added. */
   enc_step steps[HD_MAX_DEPTH + 2];
@@ -693,6 +694,22 @@ static unsigned enc_kslot(const char *s, size_t len) {
  * (equal strings are one object in LuaJIT), and kfast maps addresses to
  * slots so that a repeated key is not hashed again; a KSET anchors its
  * string, so that the address stays its own while the message is made. */
+/* The slot of the pair of the key string s (len bytes) that holds it, or
+ * the one a miss would take first (then kptr[slot] != s); *f is s's kfast
+ * entry. */
+static unsigned enc_kslot_of(enc_state *e, const char *s, size_t len, size_t *f) {
+  unsigned slot;
+  *f = (size_t)(((uint64_t)(uintptr_t)s * UINT64_C(0x9E3779B97F4A7C15)) >> 57) & (ENC_KFAST - 1);
+  slot = e->kfslot[*f];
+  if (e->kfast[*f] != s || e->kptr[slot] != s) {
+    slot = enc_kslot(s, len);
+    if (e->kptr[slot] != s && e->kptr[slot ^ 1] == s) slot ^= 1;
+    e->kfast[*f] = s;
+    e->kfslot[*f] = (unsigned char)slot;
+  }
+  return slot;
+}
+
 static void enc_key_string(enc_state *e, int idx) {
   lua_State *L = e->L;
   size_t len, f;
@@ -709,14 +726,7 @@ static void enc_key_string(enc_state *e, int idx) {
     e->kturn = 1;
     e->kready = 1;
   }
-  f = (size_t)(((uint64_t)(uintptr_t)s * UINT64_C(0x9E3779B97F4A7C15)) >> 57) & (ENC_KFAST - 1);
-  slot = e->kfslot[f];
-  if (e->kfast[f] != s || e->kptr[slot] != s) {
-    slot = enc_kslot(s, len);
-    if (e->kptr[slot] != s && e->kptr[slot ^ 1] == s) slot ^= 1;
-    e->kfast[f] = s;
-    e->kfslot[f] = (unsigned char)slot;
-  }
+  slot = enc_kslot_of(e, s, len, &f);
   if (e->kptr[slot] == s) {
     p = enc_room(e, 2);
     p[0] = CX_T_KREF;
@@ -749,15 +759,100 @@ static void enc_key_string(enc_state *e, int idx) {
   e->out->len += len;
 }
 
+/* Writes the items t[1], t[2]... of the table t (at `t`, object tp) that
+ * its array part holds, up to the first nil, reading the numbers in place
+ * (codec_tab.c): the other values go through the stack, key at slot k and
+ * value above it, as lua_next leaves them. Returns how many. None when the
+ * part holds t[0]: lua_next gives that first, a key before any item. */
+static uint32_t enc_array_part(enc_state *e, int t, const void *tp, int k) {
+  lua_State *L = e->L;
+  uint32_t asize, i;
+  uint64_t *a = cx_tab_array(tp, &asize);
+  if (asize > 0 && a[0] != CX_TAB_NIL) return 0;
+  for (i = 1; i < asize; i++) {
+    uint64_t v = a[i];
+    double d;
+    memcpy(&d, &v, sizeof d);
+    if (d == d) {
+      enc_number(e, d);
+      continue;
+    }
+    if (v == CX_TAB_NIL) break;
+    lua_pushnumber(L, (lua_Number)i);
+    lua_replace(L, k);
+    lua_rawgeti(L, t, (int)i);
+    enc_field(e, k + 1);
+    lua_settop(L, k);
+    /* Nothing the encoder does resizes t; read its array anew anyway. */
+    a = cx_tab_array(tp, &asize);
+  }
+  return i - 1;
+}
+
+/* Writes the keyed entries of a record that needs no stack: after its
+ * `run` items, nothing in its array part (t[0] included), and in its hash
+ * part only keys
+ * a KREF slot holds already, with numbers (not NaN) or strings for values,
+ * read in place (codec_tab.c) in lua_next's order, as enc_key_string and
+ * enc_field would write them; after a KEYS marker when it has `items`.
+ * Returns how many, or -1 (nothing written) for another table. */
+static long enc_hash_part(enc_state *e, const void *tp, uint32_t run, int items) {
+  uint32_t asize, hmask, i, j;
+  const uint64_t *a, *n;
+  long count = 0;
+  size_t len = 0, f;
+  if (!e->kready) return -1;
+  a = cx_tab_array(tp, &asize);
+  if (asize > 0 && a[0] != CX_TAB_NIL) return -1;
+  for (i = run + 1; i < asize; i++)
+    if (a[i] != CX_TAB_NIL) return -1;
+  n = cx_tab_nodes(tp, &hmask);
+  for (j = 0; j <= hmask; j++) {
+    const uint64_t *node = n + 3 * j;
+    const char *s;
+    double d;
+    if (node[0] == CX_TAB_NIL) continue;
+    s = cx_tab_str(node[1], &len);
+    if (s == NULL || len > CX_KSHORT || e->kptr[enc_kslot_of(e, s, len, &f)] != s) return -1;
+    memcpy(&d, &node[0], sizeof d);
+    if (d != d && cx_tab_str(node[0], &len) == NULL) return -1;
+    count++;
+  }
+  if (items && count > 0) enc_put_tag(e, CX_T_KEYS);
+  for (j = 0; j <= hmask; j++) {
+    const uint64_t *node = n + 3 * j;
+    const char *s;
+    unsigned char *p;
+    double d;
+    if (node[0] == CX_TAB_NIL) continue;
+    s = cx_tab_str(node[1], &len);
+    p = enc_room(e, 2);
+    p[0] = CX_T_KREF;
+    p[1] = (unsigned char)enc_kslot_of(e, s, len, &f);
+    e->out->len += 2;
+    memcpy(&d, &node[0], sizeof d);
+    if (d == d) {
+      enc_number(e, d);
+    } else {
+      s = cx_tab_str(node[0], &len);
+      enc_string(e, s, len);
+    }
+  }
+  return count;
+}
+
 /* Writes a table: its entries in lua_next's order. While they are t[1],
  * t[2]... in turn (LuaJIT's array part), they go as items, without their
  * keys, and the tag becomes ARRAY; the first other key ends the items (a
  * KEYS marker) and the rest go as keys and values. Both size hints are
  * backpatched once the entries are counted (so no lua_objlen, which for a
- * table without an array part looks t[1] up in its hash part). */
+ * table without an array part looks t[1] up in its hash part). The items
+ * the array part holds are read in place (enc_array_part), and so are the
+ * fields of a record whose keys went before (enc_hash_part); else lua_next
+ * goes on from the last item. */
 static void enc_table(enc_state *e, int t, const void *tp, enc_map_slot *ts) {
   lua_State *L = e->L;
-  int mt = 0, k, items = 0, keyed = 0;
+  int mt = 0, k, items = 0, keyed = 0, done = 0;
   size_t hpos, tpos;
   uint64_t nhash = 0;
   lua_Number run = 0;
@@ -775,7 +870,23 @@ static void enc_table(enc_state *e, int t, const void *tp, enc_map_slot *ts) {
   k = lua_gettop(L);
   enc_step_push(e, ENC_STEP_KEY, k, 0);
   step = &e->steps[e->nsteps - 1];
-  while (lua_next(L, t) != 0) {
+  if (e->tab_fast) {
+    uint32_t n = enc_array_part(e, t, tp, k);
+    long h;
+    if (n > 0) {
+      items = 1;
+      e->out->data[tpos] = (char)(mt ? CX_T_ARRAY_MT : CX_T_ARRAY);
+      run = (lua_Number)n;
+      lua_pushnumber(L, run);
+      lua_replace(L, k);
+    }
+    h = enc_hash_part(e, tp, n, items);
+    if (h >= 0) {
+      nhash = (uint64_t)h;
+      done = 1;
+    }
+  }
+  while (!done && lua_next(L, t) != 0) {
     int kt = lua_type(L, k);
     if (!keyed) {
       if (kt == LUA_TNUMBER && lua_tonumber(L, k) == run + 1) {
@@ -999,6 +1110,7 @@ void hd_encode(lua_State *L, int first, int n, hd_buf *out, int flags) {
   e.nrefs = 0;
   e.depth = 0;
   e.nsteps = 0;
+  e.tab_fast = cx_tab_fast(L);
   enc_put_uv(&e, (uint64_t)n);
   for (i = 0; i < n; i++) {
     e.nsteps = 0;

@@ -5,6 +5,7 @@
 #include <lua.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "codec.h"
 
@@ -12,7 +13,7 @@
  * files share, declared here, is cx_* (macros CX_*). What one file keeps to
  * itself is static and takes that file's prefix: enc_ (codec_encode.c),
  * dec_ (codec_decode.c), val_ and mr_ (codec_validate.c), nc_
- * (codec_names.c), walk_ (codec_walk.h). */
+ * (codec_names.c), tab_ (codec_tab.c), walk_ (codec_walk.h). */
 
 /* Value tags of the wire format. */
 enum {
@@ -35,6 +36,46 @@ enum {
 
 /* The longest key string the encoder keeps in a slot. */
 #define CX_KSHORT 40
+
+/* A table's array part in place (codec_tab.c): cx_tab_fast says whether
+ * this VM's layout was found as expected (probed once, with L); then
+ * cx_tab_array gives the 8-byte slots of the table object t
+ * (lua_topointer) and their count, slot i holding t[i]: a number is its
+ * double, nil is CX_TAB_NIL, anything else a NaN pattern (use the API). */
+#define CX_TAB_NIL UINT64_MAX
+#define CX_TAB_ARRAY 16 /* on GC64, where GCtab keeps the array's address */
+#define CX_TAB_NODE 40  /* the hash part's */
+#define CX_TAB_ASIZE 48 /* the array's size */
+#define CX_TAB_HMASK 52 /* the hash part's size - 1 */
+int cx_tab_fast(lua_State *L);
+static inline uint64_t *cx_tab_array(const void *t, uint32_t *asize) {
+  uint64_t a;
+  memcpy(&a, (const char *)t + CX_TAB_ARRAY, sizeof a);
+  memcpy(asize, (const char *)t + CX_TAB_ASIZE, sizeof *asize);
+  return (uint64_t *)(uintptr_t)a;
+}
+/* The hash part: hmask + 1 nodes of three slots (value, key, chain), in
+ * lua_next's order. */
+static inline const uint64_t *cx_tab_nodes(const void *t, uint32_t *hmask) {
+  uint64_t a;
+  memcpy(&a, (const char *)t + CX_TAB_NODE, sizeof a);
+  memcpy(hmask, (const char *)t + CX_TAB_HMASK, sizeof *hmask);
+  return (const uint64_t *)(uintptr_t)a;
+}
+/* The bytes and length of the string a slot holds, or NULL for another
+ * type: the tag ~4 in the top 17 bits, the object's address below, its
+ * length at byte cx_tab_len_at (16 or 20: LuaJIT versions differ, the
+ * probe finds which) and its bytes from byte 24 (as lua_tolstring gives). */
+extern unsigned cx_tab_len_at;
+static inline const char *cx_tab_str(uint64_t v, size_t *len) {
+  const char *s;
+  uint32_t n;
+  if ((uint32_t)(v >> 47) != 0x1FFFBu) return NULL;
+  s = (const char *)(uintptr_t)(v & ((UINT64_C(1) << 47) - 1));
+  memcpy(&n, s + cx_tab_len_at, sizeof n);
+  *len = n;
+  return s + 24;
+}
 
 /* The largest integer INT carries: every integer up to it is a double. */
 #define CX_INT_MAX 9007199254740992.0 /* 2^53 */

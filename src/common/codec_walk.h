@@ -77,6 +77,9 @@ typedef struct cx_ops {
    * or a function's upvalue i. */
   void (*field)(cx_walk *w);
   void (*item)(cx_walk *w, uint64_t i);
+  /* A number that is item i: when set, called instead of scalar or integer
+   * and then item. n is the number (an INT's value, a NUM's bits). */
+  void (*num_item)(cx_walk *w, uint64_t i, double n);
   void (*metatable)(cx_walk *w);
   void (*upvalue)(cx_walk *w, int i);
   /* A table is complete (w->depth still counts it). */
@@ -128,6 +131,14 @@ typedef struct walk_frame {
   unsigned state; /* CX_AT_* of its next value, | WALK_MT_NEXT */
   uint64_t i, n;  /* a function: upvalues read, and its count; an ARRAY: items read */
 } walk_frame;
+
+/* An INT's zigzag varint as its number: even is zz / 2, odd is
+ * -(zz / 2) - 1, computed in doubles so that no bits of a hostile varint
+ * make a signed overflow. */
+static inline double walk_int(uint64_t zz) {
+  double n = (double)(zz >> 1);
+  return (zz & 1) ? -n - 1 : n;
+}
 
 /* Whether a number's bits are a NaN's. */
 static inline int walk_is_nan(const unsigned char *s) {
@@ -232,6 +243,13 @@ read: /* One value, at p. */
       if (end - p < CX_NUM_BYTES) WALK_FAIL("truncated number");
       kind = walk_is_nan(p) ? CX_K_NAN : CX_K_OTHER;
       p += CX_NUM_BYTES;
+      if (ops->num_item != NULL && depth > 0 && (f->state & WALK_AT_MASK) == CX_AT_ITEM) {
+        uint64_t bits = hd_get_u64((const char *)p - CX_NUM_BYTES);
+        double n;
+        memcpy(&n, &bits, sizeof n);
+        WALK_HOOK(num_item, (w, f->i, n));
+        goto entry;
+      }
       WALK_HOOK(scalar, (w, tag, p - CX_NUM_BYTES, CX_NUM_BYTES));
       break;
     case CX_T_STR:
@@ -242,6 +260,10 @@ read: /* One value, at p. */
     case CX_T_INT:
       WALK_UV(x, "truncated number");
       kind = CX_K_OTHER;
+      if (ops->num_item != NULL && depth > 0 && (f->state & WALK_AT_MASK) == CX_AT_ITEM) {
+        WALK_HOOK(num_item, (w, f->i, walk_int(x)));
+        goto entry;
+      }
       WALK_HOOK(integer, (w, x));
       break;
     case CX_T_KSET:
