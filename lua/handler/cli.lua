@@ -221,27 +221,29 @@ local function records(inputs, skip)
     blocks = true
     return h
   end
-  -- The next line of f, without its newline, or nil at its end.
+  -- The next line of f, without its newline, or nil at its end. A line
+  -- longer than a block is gathered in pieces, joined once.
   local function next_line()
     if not blocks then return f:read("*l") end
+    local parts
     while true do
       if block ~= nil then
         local e = find(block, "\n", pos, true)
         if e ~= nil then
           local l = sub(block, pos, e - 1)
           pos = e + 1
-          return l
+          if parts == nil then return l end
+          parts[#parts + 1] = l
+          return concat(parts)
+        end
+        if pos <= #block then
+          parts = parts or {}
+          parts[#parts + 1] = sub(block, pos)
         end
       end
-      local more = f:read(BLOCK)
-      if more == nil then
-        -- The last line may have no newline.
-        local l = block ~= nil and pos <= #block and sub(block, pos) or nil
-        block = nil
-        return l
-      end
-      block = block ~= nil and pos <= #block and sub(block, pos) .. more or more
-      pos = 1
+      block, pos = f:read(BLOCK), 1
+      -- The last line may have no newline.
+      if block == nil then return parts and concat(parts) or nil end
     end
   end
   f = next_file()
