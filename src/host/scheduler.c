@@ -1158,6 +1158,14 @@ static void job_cpu_start(hd_job *j, double ms) {
   uv_timer_start(&j->cpu_timer, job_cpu_cb, (uint64_t)ms, 0);
 }
 
+/* The CPU time a job (an item) may use: max_cpu_ms, and for the items of a
+ * job of several the time their replies may be held (HD_ITEM_HOLD_MS), in
+ * which the items after the held one use CPU time the host counts against
+ * the item it heard of last. */
+static double job_cpu_limit(const hd_job *j) {
+  return j->lim.max_cpu_ms + (j->nitems > 1 && j->lim.max_cpu_ms > 0 ? HD_ITEM_HOLD_MS : 0);
+}
+
 /* CPU time runs no faster than the wall clock (one thread): the job's
  * limit cannot pass before max_cpu_ms of wall time, and then it is
  * looked at again when what is left of it could have passed. */
@@ -1173,8 +1181,8 @@ static void job_cpu_cb(uv_timer_t *t) {
     return;
   }
   used_ms = (double)((uint64_t)now - j->cpu_base) / 1e6;
-  if (used_ms < j->lim.max_cpu_ms) {
-    job_cpu_start(j, j->lim.max_cpu_ms - used_ms);
+  if (used_ms < job_cpu_limit(j)) {
+    job_cpu_start(j, job_cpu_limit(j) - used_ms);
     return;
   }
   /* A reply already written is the result, as at a deadline. */
@@ -1342,7 +1350,7 @@ static void job_start(hd_job *j) {
     /* A new worker's start counts: its clock is read from zero. */
     j->cpu_base = base > 0 ? (uint64_t)base : 0;
     uv_update_time(hd_loop_uv(s->loop));
-    job_cpu_start(j, j->lim.max_cpu_ms);
+    job_cpu_start(j, job_cpu_limit(j));
   }
   proc_unidle(p);
   p->state = PROC_BUSY;
@@ -1488,7 +1496,7 @@ static void job_item_replied(hd_job *j, sched_proc *p, const char *body, size_t 
     int64_t base = proc_cpu_ns(p);
     if (base > 0) j->cpu_base = (uint64_t)base;
     uv_update_time(hd_loop_uv(j->sched->loop));
-    job_cpu_start(j, j->lim.max_cpu_ms);
+    job_cpu_start(j, job_cpu_limit(j));
   }
 }
 

@@ -31,9 +31,14 @@ static volatile sig_atomic_t hold_busy;  /* the job loop is changing hold_buf */
 static volatile sig_atomic_t hold_late;  /* the timer came while it was */
 static volatile sig_atomic_t hold_armed; /* the timer is set */
 
-/* Signals of a crash: the held replies go out, then the process dies of
- * the signal as it would have. */
-static const int hold_fatal[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT};
+/* Signals whose default action ends the process (a crash, abort, a write
+ * to a closed pipe or past RLIMIT_FSIZE, a signal from elsewhere): the held
+ * replies go out, then the process dies of the signal as it would have.
+ * SIGALRM is the timer's; SIGKILL and SIGSTOP cannot be caught. */
+static const int hold_fatal[] = {SIGSEGV, SIGBUS,  SIGILL,  SIGFPE,    SIGABRT, SIGTRAP,
+                                 SIGSYS,  SIGPIPE, SIGXFSZ, SIGXCPU,   SIGHUP,  SIGINT,
+                                 SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2,   SIGPROF, SIGVTALRM,
+                                 SIGIO,   SIGPWR,  SIGSTKFLT};
 
 /* The handlers' own stack: a crash of a C stack overflow has none left. */
 static char hold_stack[16384] __attribute__((aligned(16)));
@@ -55,27 +60,38 @@ static int hold_write(void) {
   return 0;
 }
 
+/* Every writer marks the buffer busy while it writes, so that a signal
+ * landing meanwhile does not send the same bytes again: the timer then
+ * leaves its send to the writer it interrupted, and a crash lets the
+ * interrupted write be the last (a frame it cuts short ends the job as the
+ * crash does). */
 static void hold_on_timer(int sig) {
   int e = errno;
   (void)sig;
   hold_armed = 0;
-  if (hold_busy)
+  if (hold_busy) {
     hold_late = 1;
-  else
+  } else {
+    hold_busy = 1;
     (void)hold_write();
+    hold_busy = 0;
+  }
   errno = e;
 }
 
 /* SA_RESETHAND made the signal's action the default again: the faulting
  * instruction, run again, ends the process, and so does the signal raised
- * again (abort, a signal the job sent itself). */
+ * again (abort, a signal sent from elsewhere). */
 static void hold_on_fatal(int sig) {
-  if (!hold_busy) (void)hold_write();
+  if (!hold_busy) {
+    hold_busy = 1;
+    (void)hold_write();
+  }
   raise(sig);
 }
 
 static void hold_at_exit(void) {
-  if (!hold_busy) (void)hold_write();
+  (void)hd_hold_send();
 }
 
 int hd_hold_setup(int fd) {

@@ -51,6 +51,7 @@ typedef struct hd_wk {
   uint64_t cpu_since;   /* wall time since cpu_base that quick items took, ns */
   uint64_t job_start;   /* CLOCK_MONOTONIC when the job (item) began, ns */
   uint64_t sent_at;     /* CLOCK_MONOTONIC when held replies last went out */
+  int no_hold;          /* the job wrote output: its replies are not held */
   char init_err[512];   /* why the init failed, or "" */
 } hd_wk;
 
@@ -281,11 +282,27 @@ static int wk_call_wrapped(lua_State *L) {
   return lua_gettop(L);
 }
 
-/* Marks the worker tainted: it exits after this job's reply. */
+/* Marks the worker tainted: it exits after this job's reply. What the
+ * items before this one replied goes out first (hold.c): the command, C
+ * library or FFI call about to run may write output, signal the worker or
+ * sleep, and none of that must land on an earlier item. */
 static void wk_taint(lua_State *L) {
   void *ud;
   lua_getallocf(L, &ud);
   ((hd_alloc *)ud)->taint = 1;
+  (void)hd_hold_send();
+  hd_hold_timer(0);
+}
+
+/* print, io.write and a file's write: the replies of the items before this
+ * one go out before its output does, and the rest of the job's replies go
+ * out as they come. The host counts an item's output between its reply
+ * and the one before, so output that overtook a held reply would count
+ * against the item before. */
+static int wk_output(lua_State *L) {
+  wk.no_hold = 1;
+  if (hd_hold_bytes() > 0) (void)hd_hold_send();
+  return wk_call_wrapped(L);
 }
 
 /* A wrapper that marks the worker tainted, then calls the wrapped function
@@ -428,6 +445,7 @@ static void wk_wrap_all(lua_State *L) {
   wk_wrap(L, io, "tmpfile", wk_file_opener);
   wk_wrap(L, io, "input", wk_default_file);
   wk_wrap(L, io, "output", wk_default_file);
+  wk_wrap(L, io, "write", wk_output);
   wk_wrap_stdio(L, io, "close", io);
   luaL_getmetatable(L, "FILE*");
   if (lua_istable(L, -1)) {
@@ -435,6 +453,7 @@ static void wk_wrap_all(lua_State *L) {
     if (lua_istable(L, -1)) {
       wk_wrap_stdio(L, lua_gettop(L), "close", io);
       wk_wrap_stdio(L, lua_gettop(L), "setvbuf", io);
+      wk_wrap(L, -1, "write", wk_output);
     }
     lua_pop(L, 1);
   }
@@ -466,6 +485,7 @@ static void wk_wrap_all(lua_State *L) {
   }
   lua_pop(L, 2);
   lua_pushvalue(L, LUA_GLOBALSINDEX);
+  wk_wrap(L, -1, "print", wk_output);
   wk_wrap(L, -1, "loadfile", wk_tainting);
   wk_wrap(L, -1, "dofile", wk_tainting);
   wk_wrap(L, -1, "load", wk_load_guard);
@@ -1102,6 +1122,7 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
     if (hd_wire_job_parse(w->in.data, w->frame_len, &job) != 0) return HD_EXIT_BAD_FRAME;
     items = job;
     w->job_start = w->sent_at = wk_now_ns();
+    w->no_hold = 0;
     do {
       const char *item = NULL;
       uint32_t item_len = 0;
@@ -1130,7 +1151,7 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
         w->env_set = 0;
       }
       /* Replies of items are held while more items follow (hold.c). */
-      if (wk_reply_send(w, last, items.nitems > 0 && !last) != 0) goto done;
+      if (wk_reply_send(w, last, items.nitems > 0 && !last && !w->no_hold) != 0) goto done;
       if (items.nitems == 0 || last) {
         w->replied_at = wk_now_ns();
         w->cpu_base = wk_cpu_ns();
