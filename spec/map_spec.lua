@@ -22,6 +22,21 @@ describe("pool:map", function()
     end
   end)
 
+  it("yields all the results of an item that returns many, batched or not", function()
+    for _, batch in ipairs({ 1, 4 }) do
+      local progress = {}
+      local got = {}
+      for i, ok, a, b, c, d in pool:map(function(x) return x, 2 * x, 3 * x, nil end,
+          { 1, 2, 3, 4, 5, 6 }, { batch = batch, on_progress = function(done, failed)
+            progress[#progress + 1] = done .. "/" .. failed
+          end }) do
+        got[i] = { ok, a, b, c, d }
+      end
+      for k = 1, 6 do assert.are.same({ true, k, 2 * k, 3 * k, nil }, got[k]) end
+      assert.are.equal("6/0", progress[#progress])
+    end
+  end)
+
   it("yields as items finish when ordered = false", function()
     local sleep = function(ms)
       local c = os.clock()

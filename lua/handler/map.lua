@@ -183,11 +183,11 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_end
   end
 
   -- The outcome's count, its first three values, and all of them when it
-  -- has more.
+  -- has more (the first, whether it ended well, then too).
   local function take(...)
     local n = select("#", ...)
     if n <= 3 then return n, ... end
-    return n, nil, nil, nil, pack(...)
+    return n, (...), nil, nil, pack(...)
   end
 
   -- No entries to put back (collect's `later` until it has some).
