@@ -194,10 +194,10 @@ end
 local BLOCK = 65536
 
 -- The records, line by line, over every input: an iterator of line
--- number, text, skipping blank lines and those in `skip`. A named file is
--- read by blocks, split here (four times faster than reading line by line);
--- standard input line by line, so that a record a slow writer sends is
--- read as soon as its line ends.
+-- number, text, skipping blank lines and those in `skip`. A regular file
+-- is read by blocks, split here (four times faster than reading line by
+-- line); standard input, a pipe or a terminal line by line, so that a
+-- record a slow writer sends is read as soon as its line ends.
 local function records(inputs, skip)
   local k, f, n = 0, nil, 0
   local block, pos, blocks = nil, 1, false
@@ -218,7 +218,8 @@ local function records(inputs, skip)
     local h, err = open(inputs[k], "r")
     if h == nil then error(setmetatable({ message = "cannot read " .. inputs[k] .. ": " .. err },
       Usage), 0) end
-    blocks = true
+    -- Only a regular file can seek.
+    blocks = h:seek("cur") ~= nil
     return h
   end
   -- The next line of f, without its newline, or nil at its end. A line
