@@ -46,16 +46,17 @@ static void alloc_mark(hd_alloc *a, const char *p, size_t n, int on) {
 }
 
 /* Makes room in `live` for the region's first `bump` bytes; on failure
- * the map is dropped and the restore copies all of them. */
+ * the map is dropped for good and the restore copies all of them. */
 static void alloc_live_reserve(hd_alloc *a, size_t bump) {
   size_t need = (bump / ALLOC_GRAIN + 7) / 8;
   unsigned char *m;
-  if (need <= a->live_cap || (a->live == NULL && a->live_cap != 0)) return;
+  if (a->live_lost || need <= a->live_cap) return;
   need = need < 4096 ? 4096 : need * 2;
   m = realloc(a->live, need);
   if (m == NULL) {
     free(a->live);
     a->live = NULL;
+    a->live_lost = 1;
     return;
   }
   memset(m + a->live_cap, 0, need - a->live_cap);
@@ -68,20 +69,18 @@ static int alloc_live_at(const hd_alloc *a, size_t g) {
 }
 
 /* The live parts of the region's first `bump` bytes, holes of
- * ALLOC_MIN_HOLE bytes or more left out; without a map, all of it. */
+ * ALLOC_MIN_HOLE bytes or more left out; without a map, or without memory
+ * for more ranges, all of it in one. */
 static int alloc_ranges(hd_alloc *a) {
   size_t grains = a->bump / ALLOC_GRAIN, g = 0, n = 0, cap = 64;
   size_t *r = malloc(cap * 2 * sizeof *r);
   if (r == NULL) return -1;
   free(a->ranges);
   a->ranges = r;
-  a->nranges = 0;
-  if (a->live == NULL) {
-    r[0] = 0;
-    r[1] = a->bump;
-    a->nranges = 1;
-    return 0;
-  }
+  a->nranges = 1;
+  r[0] = 0;
+  r[1] = a->bump;
+  if (a->live == NULL) return 0;
   while (g < grains) {
     size_t start, end;
     while (g < grains && !alloc_live_at(a, g)) g++;
@@ -98,7 +97,12 @@ static int alloc_ranges(hd_alloc *a) {
     }
     if (n == cap) {
       size_t *m = realloc(a->ranges, cap * 4 * sizeof *m);
-      if (m == NULL) return -1;
+      if (m == NULL) {
+        a->ranges[0] = 0;
+        a->ranges[1] = a->bump;
+        a->nranges = 1;
+        return 0;
+      }
       a->ranges = m;
       cap *= 2;
     }

@@ -35,6 +35,7 @@ typedef struct hd_alloc {
   unsigned char *live;   /* while building: a bit per 16 bytes of the
                           * region, set where a block lives */
   size_t live_cap;       /* bytes of `live` */
+  int live_lost;         /* `live` could not grow once: no map from then on */
   size_t *ranges;        /* the snapshot's live parts: offset, length pairs */
   size_t nranges;
   hd_blk head;           /* the job's blocks larger than HD_ALLOC_SMALL_MAX */
