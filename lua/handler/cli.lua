@@ -28,7 +28,8 @@ to --errors (default: standard error).
   --retries N             runs again a record that timed out or crashed
   --batch N               at most N records sent to a worker at once (as many as take
                           about 4 ms together), each still run on its own, from a
-                          fresh state, with its own limits (default 1024; 1: one each)
+                          fresh state, with its own limits (default 1024, or 1 with
+                          --halt: a batch that started runs to its end)
   --sandbox               records run in the strict sandbox
   --unordered             write results as they finish
   --lines                 each line is a string, not JSON
@@ -426,7 +427,7 @@ function M.run(o, out, errs)
 
 
   local opts = { max_ms = o.max_ms, max_cpu_ms = o.max_cpu_ms, max_heap_bytes = o.max_heap,
-    retries = o.retries, ordered = not o.unordered, output = "inherit", batch = o.batch or 1024,
+    retries = o.retries, ordered = not o.unordered, output = "inherit", batch = o.batch or (o.halt and 1 or 1024),
     -- A wide window keeps the other workers busy while a record at the
     -- head of the order waits out its limit; only twice as many jobs as
     -- workers are in the pool at once, the rest are records read ahead.

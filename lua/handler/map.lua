@@ -103,7 +103,8 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_end
   -- the window costs only memory, and a stop drops what has not started.
   local f_i, f_v, f_t, fhead, ftail = {}, {}, {}, 1, 0
   -- Twice the workers: a job is waiting in the pool when a worker frees.
-  local max_running = 2 * max(1, pool.max_workers or 1)
+  local workers = max(1, pool.max_workers or 1)
+  local max_running = 2 * workers
   local stopped, dropped = false, {}
   -- key -> { job, items_job, n, i1, v1, t1, i2, v2, t2, ... }: a job and
   -- the n entries it runs (index, value, tries); `items_job`: the job
@@ -205,10 +206,13 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_end
   -- that; at most `batch`.
   local per_job, avg_ms = 1, nil
 
+  -- A job that took less than the average so far says so at once (a
+  -- worker's first jobs carry its start, which later items do not pay);
+  -- one that took more moves the average a quarter of the way.
   local function learn(job, n, clean)
     if not clean then return end
     local ms = job:stats().wall_ms / n
-    avg_ms = avg_ms and avg_ms + (ms - avg_ms) / 4 or ms
+    avg_ms = (avg_ms == nil or ms < avg_ms) and ms or avg_ms + (ms - avg_ms) / 4
     per_job = max(1, min(batch, math.floor(BATCH_MS / max(avg_ms, 1e-3))))
   end
 
@@ -275,6 +279,25 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_end
     if batch == 1 then per_job = 1 else learn(job, r[3], clean) end
   end
 
+  -- Starts jobs of the items read, per_job each, while the pool takes them.
+  local function start_ready()
+    while nrunning < max_running and fhead <= ftail do
+      local n = min(per_job, ftail - fhead + 1)
+      -- The input read to its end: what is left is shared among the
+      -- workers, so that none waits for another's last long job.
+      if exhausted then n = min(n, max(1, math.ceil((ftail - fhead + 1) / workers))) end
+      local r = { false, batch > 1, n }
+      for e = 1, n do
+        local k = at(fhead)
+        r[1 + 3 * e], r[2 + 3 * e], r[3 + 3 * e] = f_i[k], f_v[k], f_t[k]
+        f_v[k] = nil
+        fhead = fhead + 1
+      end
+      start(r)
+    end
+  end
+
+  -- Reads items up to the window ahead, then starts what the pool takes.
   local function fill()
     while not exhausted and read - yielded < window do
       look(true)
@@ -288,17 +311,7 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_end
         f_i[k], f_v[k], f_t[k] = read, item, 0
       end
     end
-    while nrunning < max_running and fhead <= ftail do
-      local n = min(per_job, ftail - fhead + 1)
-      local r = { false, batch > 1, n }
-      for e = 1, n do
-        local k = at(fhead)
-        r[1 + 3 * e], r[2 + 3 * e], r[3 + 3 * e] = f_i[k], f_v[k], f_t[k]
-        f_v[k] = nil
-        fhead = fhead + 1
-      end
-      start(r)
-    end
+    start_ready()
   end
 
   -- Starts nothing more: the items read and not started are dropped (never
