@@ -436,8 +436,12 @@ function M.run(o, out, errs)
     -- runs cost the same at either.
     window = math.min(32768, 4096 * jobs) }
   -- Stats are for the joblog only: a table per record otherwise unused.
+  -- Results that are JSON strings go from the worker's reply to stdout
+  -- without becoming Lua strings here (map's text mode).
+  local text = not sandbox and out == io.stdout
+  local TEXT, item_text = map_mod.TEXT, handler._core.item_text
   local iter, stop, stats_of = map_mod.iterator("handler map", pool, fn, inputs, opts,
-    handler.wait_any, joblog ~= nil, handler._core.wait_ended)
+    handler.wait_any, joblog ~= nil, handler._core.wait_ended, text)
 
   local progress = o.progress
   if progress == nil then progress = C.hd_cli_isatty(2) == 1 end
@@ -473,11 +477,14 @@ function M.run(o, out, errs)
     errs:flush()
   end
 
-  for i, job_ok, a, b in iter do
+  for i, job_ok, a, b, c in iter do
     local line = line_of(i)
     local st = joblog and stats_of() or NO_STATS
     local outcome
-    if job_ok and a == true then
+    if a == TEXT then
+      item_text(b, c, true)
+      outcome = "ok"
+    elseif job_ok and a == true then
       if sandbox then
         local enc, s = pcall(cjson.encode, b)
         if enc then out:write(s, "\n") outcome = "ok"

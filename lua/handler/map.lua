@@ -7,6 +7,10 @@ local type, error, select, unpack, next, pairs, format, min, max, huge =
 
 local M = {}
 
+-- What the iterator yields for an item left encoded (its `text` mode).
+local TEXT = {}
+M.TEXT = TEXT
+
 -- The options pool:map adds to a job's.
 M.OPTIONS = {
   ordered = { function(v) return type(v) == "boolean" end, "a boolean" },
@@ -28,7 +32,7 @@ local WINDOW_MAX = 256
 local BATCH_MS = 4
 
 local core = require("handler.core")
-local started = core.started
+local started, item_text = core.started, core.item_text
 -- Items yielded between two looks at the loop (see the iterator).
 local LOOK_EVERY = 32
 
@@ -54,7 +58,11 @@ M.retryable = retryable
 -- `wait_any` is handler.wait_any; `wait_ended`, when given (outside nginx),
 -- core.wait_ended: then each item's job is watched (handler.waitlist) and a
 -- wait costs nothing per item in flight, whatever the window.
-function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_ended)
+-- With `text` (the command line, whose function returns true and a JSON
+-- string), an item of a batch that returned true and a string is yielded
+-- as i, true, M.TEXT, job, k, without decoding it: core.item_text(job, k,
+-- true) writes the string to stdout.
+function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_ended, text)
   local next_input
   if type(inputs) == "table" then
     local k = 0
@@ -239,7 +247,12 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_end
     for k = 1, r[3] do
       local i, v, t = r[1 + 3 * k], r[2 + 3 * k], r[3 + 3 * k]
       look(false)
-      local n, a, b, c, x = take(job:_item(k))
+      local n, a, b, c, x
+      if text and item_text(job._ud, k) then
+        n, a, b, c = 0, true, job._ud, k
+      else
+        n, a, b, c, x = take(job:_item(k))
+      end
       if a == nil then
         -- This item and those after it did not run. After one that ended
         -- well: its worker serves one job only (the "syscalls" profile), or
@@ -400,6 +413,7 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_end
     yielded = yielded + 1
     if n == 3 then return i, a, b, c end
     if n == 2 then return i, a, b end
+    if n == 0 then return i, true, TEXT, b, c end
     if x ~= nil then return i, unpack(x, 1, n) end
     if n == 1 then return i, a end
     return i

@@ -62,6 +62,11 @@ void hd_refuse(lua_State *L, int value, int what);
  * results are plain data. */
 int hd_decode(lua_State *L, const char *p, size_t len, int flags);
 
+/* Whether the message is exactly two values, true and a string: then *s
+ * and *slen give the string's bytes, in the message. Returns 0, or -1 for
+ * any other message (nothing is decoded). */
+int hd_decode_true_string(const char *p, size_t len, const char **s, size_t *slen);
+
 /* Room enough for any message hd_validate writes. */
 #define HD_VALIDATE_ERRLEN 160
 

@@ -586,3 +586,15 @@ int hd_decode(lua_State *L, const char *p, size_t len, int flags) {
   if (rc != 0) cx_throw(L);
   return lua_gettop(L) - top;
 }
+
+int hd_decode_true_string(const char *p, size_t len, const char **s, size_t *slen) {
+  const unsigned char *q = (const unsigned char *)p, *end = q + len;
+  uint64_t n;
+  if (cx_uv_read(&q, end, &n) != 0 || n != 2) return -1;
+  if (end - q < 2 || q[0] != CX_T_TRUE || q[1] != CX_T_STR) return -1;
+  q += 2;
+  if (cx_uv_read(&q, end, &n) != 0 || n != (uint64_t)(end - q)) return -1;
+  *s = (const char *)q;
+  *slen = (size_t)n;
+  return 0;
+}

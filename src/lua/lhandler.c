@@ -624,6 +624,33 @@ static int l_item_result(lua_State *L) {
   return 2;
 }
 
+/* item_text(job, i [, write]) -> whether item i ended well returning true
+ * and a string; with `write`, the string and a newline go to the process's
+ * stdout (the FILE io.stdout is) without becoming a Lua string. */
+static int l_item_text(lua_State *L) {
+  l_item it;
+  hd_job *j = l_item_args(L, &it);
+  const char *msg = NULL, *s;
+  size_t len = 0, slen;
+  int ok = 0;
+  if (!hd_job_done(j)) return luaL_error(L, "handler: the job is not done");
+  if (it.stored) {
+    ok = it.status == HD_REPLY_OK;
+    msg = it.msg;
+    len = it.len;
+  } else if (it.i == it.done + 1 && !hd_job_forsaken(j) && hd_job_outcome(j) == HD_OUT_OK) {
+    hd_job_message(j, &msg, &len);
+    ok = 1;
+  }
+  ok = ok && hd_decode_true_string(msg, len, &s, &slen) == 0;
+  if (ok && lua_toboolean(L, 3)) {
+    fwrite(s, 1, slen, stdout);
+    putc('\n', stdout);
+  }
+  lua_pushboolean(L, ok);
+  return 1;
+}
+
 static void l_setnum(lua_State *L, const char *k, double v);
 
 /* item_stats(job, i) -> as job_stats, for item i of those that ran. */
@@ -1125,7 +1152,8 @@ static const luaL_Reg l_funcs[] = {
     {"set_spin", l_set_spin}, {"watch", l_watch},     {"finished", l_finished},
     {"wait_any", l_wait_any}, {"bell", l_bell},       {"active", l_active},
     {"bell_close", l_bell_close}, {"output", l_output},
-    {"job_stats", l_job_stats}, {"item_result", l_item_result}, {"item_stats", l_item_stats}, {"events", l_events},
+    {"job_stats", l_job_stats}, {"item_result", l_item_result}, {"item_stats", l_item_stats},
+    {"item_text", l_item_text}, {"events", l_events},
     {"has_events", l_has_events}, {"wait_ended", l_wait_ended},
     {"started", l_started},
     {"validate", hd_l_validate}, {"refuse", hd_l_refuse},
