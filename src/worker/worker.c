@@ -602,6 +602,7 @@ int hd_worker_prepare(const char *path, const char *cpath) {
     hd_buf_free(&tmp);
     lua_settop(L, 0);
   }
+  hd_names_shed(L);
   lua_gc(L, LUA_GCCOLLECT, 0);
   if (hd_alloc_snapshot(&wk.alloc) != 0) return -1;
   wk.L = L;
@@ -976,6 +977,7 @@ static void wk_init(hd_wk *w, const char *msg, size_t len) {
   hd_encode(L, lua_gettop(L), 1, &tmp, 0);
   hd_buf_free(&tmp);
   lua_settop(L, 0);
+  hd_names_shed(L);
   lua_gc(L, LUA_GCCOLLECT, 0);
   if (hd_alloc_snapshot(&w->alloc) != 0 && w->init_err[0] == '\0')
     snprintf(w->init_err, sizeof w->init_err, "init failed: out of memory for the image");
@@ -997,6 +999,7 @@ static int wk_sandbox(hd_wk *w, int flags) {
   hd_encode(L, lua_gettop(L), 1, &tmp, 0);
   hd_buf_free(&tmp);
   lua_settop(L, 0);
+  hd_names_shed(L);
   lua_gc(L, LUA_GCCOLLECT, 0);
   if (hd_alloc_snapshot(&w->alloc) != 0) return -1;
   return (flags & HD_SPAWN_SECCOMP) ? hd_sandbox_process() : 0;
