@@ -69,9 +69,13 @@ int hd_decode_true_string(const char *p, size_t len, const char **s, size_t *sle
 
 /* Drops the sets of a fresh state's names the name cache made to choose
  * between two names of one value (about 20 KB): they are made again when
- * needed. A worker sheds them before its image is taken, which every job
- * then copies back. */
+ * needed, by opening a fresh state. A worker sheds them before its image is
+ * taken, which every job then copies back. */
 void hd_names_shed(lua_State *L);
+
+/* Makes those sets now: before a sandbox seals a worker, in which no fresh
+ * state can be opened. */
+void hd_names_std(lua_State *L);
 
 /* Room enough for any message hd_validate writes. */
 #define HD_VALIDATE_ERRLEN 160

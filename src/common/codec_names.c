@@ -600,6 +600,12 @@ int cx_names_found(lua_State *L, int verdicts, int mod) {
   return ok;
 }
 
+void hd_names_std(lua_State *L) {
+  nc_std_get(L, &nc_std_key);
+  nc_std_get(L, &nc_stdmod_key);
+  lua_pop(L, 2);
+}
+
 void hd_names_shed(lua_State *L) {
   int k;
   for (k = 0; k < 2; k++) {
