@@ -67,16 +67,6 @@ int hd_decode(lua_State *L, const char *p, size_t len, int flags);
  * any other message (nothing is decoded). */
 int hd_decode_true_string(const char *p, size_t len, const char **s, size_t *slen);
 
-/* Drops the sets of a fresh state's names the name cache made to choose
- * between two names of one value (about 20 KB): they are made again when
- * needed, by opening a fresh state. A worker sheds them before its image is
- * taken, which every job then copies back. */
-void hd_names_shed(lua_State *L);
-
-/* Makes those sets now: before a sandbox seals a worker, in which no fresh
- * state can be opened. */
-void hd_names_std(lua_State *L);
-
 /* Room enough for any message hd_validate writes. */
 #define HD_VALIDATE_ERRLEN 160
 

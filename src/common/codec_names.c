@@ -599,18 +599,3 @@ int cx_names_found(lua_State *L, int verdicts, int mod) {
   lua_rawset(L, verdicts);
   return ok;
 }
-
-void hd_names_std(lua_State *L) {
-  nc_std_get(L, &nc_std_key);
-  nc_std_get(L, &nc_stdmod_key);
-  lua_pop(L, 2);
-}
-
-void hd_names_shed(lua_State *L) {
-  int k;
-  for (k = 0; k < 2; k++) {
-    lua_pushlightuserdata(L, (void *)(k == 0 ? &nc_std_key : &nc_stdmod_key));
-    lua_pushnil(L);
-    lua_rawset(L, LUA_REGISTRYINDEX);
-  }
-}

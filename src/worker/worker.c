@@ -602,7 +602,6 @@ int hd_worker_prepare(const char *path, const char *cpath) {
     hd_buf_free(&tmp);
     lua_settop(L, 0);
   }
-  hd_names_shed(L);
   lua_gc(L, LUA_GCCOLLECT, 0);
   if (hd_alloc_snapshot(&wk.alloc) != 0) return -1;
   wk.L = L;
@@ -977,8 +976,6 @@ static void wk_init(hd_wk *w, const char *msg, size_t len) {
   hd_encode(L, lua_gettop(L), 1, &tmp, 0);
   hd_buf_free(&tmp);
   lua_settop(L, 0);
-  /* In the sandbox the sets could not be made again (wk_sandbox). */
-  if (!w->sandbox) hd_names_shed(L);
   lua_gc(L, LUA_GCCOLLECT, 0);
   if (hd_alloc_snapshot(&w->alloc) != 0 && w->init_err[0] == '\0')
     snprintf(w->init_err, sizeof w->init_err, "init failed: out of memory for the image");
@@ -992,12 +989,7 @@ static int wk_sandbox(hd_wk *w, int flags) {
   lua_State *L = w->L;
   hd_buf tmp = HD_BUF_INIT;
   w->sandbox = 1;
-  if (!(flags & HD_SPAWN_LUA)) {
-    /* A fresh state cannot be opened once sealed: the name cache's sets of
-     * standard names are made now (the image sheds them). */
-    hd_names_std(L);
-    return (flags & HD_SPAWN_SECCOMP) ? hd_sandbox_process() : 0;
-  }
+  if (!(flags & HD_SPAWN_LUA)) return (flags & HD_SPAWN_SECCOMP) ? hd_sandbox_process() : 0;
   hd_alloc_rebuild(&w->alloc);
   hd_sandbox_lua(L);
   /* The codec's name cache follows the stripped package.loaded. */
@@ -1005,7 +997,6 @@ static int wk_sandbox(hd_wk *w, int flags) {
   hd_encode(L, lua_gettop(L), 1, &tmp, 0);
   hd_buf_free(&tmp);
   lua_settop(L, 0);
-  hd_names_std(L);
   lua_gc(L, LUA_GCCOLLECT, 0);
   if (hd_alloc_snapshot(&w->alloc) != 0) return -1;
   return (flags & HD_SPAWN_SECCOMP) ? hd_sandbox_process() : 0;
