@@ -16,6 +16,7 @@
 #include <malloc.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdio_ext.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -51,7 +52,7 @@ typedef struct hd_wk {
   uint64_t cpu_since;   /* wall time since cpu_base that quick items took, ns */
   uint64_t job_start;   /* CLOCK_MONOTONIC when the job (item) began, ns */
   uint64_t sent_at;     /* CLOCK_MONOTONIC when held replies last went out */
-  int no_hold;          /* the job wrote output: its replies are not held */
+  int no_hold;          /* the job's replies are not held (WK_HOLD_OUTPUT) */
   char init_err[512];   /* why the init failed, or "" */
 } hd_wk;
 
@@ -66,6 +67,13 @@ typedef struct hd_wk {
 #define WK_TRIM_THRESHOLD (1 << 30)
 /* The longest a reply is held (hold.c), within what the host allows. */
 #define WK_HOLD_NS ((uint64_t)HD_ITEM_HOLD_MS * 1000000u)
+/* The host counts an item's output from the reply before it, so output
+ * that overtakes a held reply counts against the item before. A job whose
+ * items may write less than this each holds nothing; above it, what the
+ * items after a held reply write within a millisecond cannot come near
+ * the limit. Output still buffered at an item's end goes out after the
+ * replies held (hd_worker_run). */
+#define WK_HOLD_OUTPUT (1u << 20)
 /* A job that arrives within this long of the last reply came back to back. */
 #define WK_BACK_TO_BACK_NS 200000
 /* Idle for this long after a job, a worker gives memory back. */
@@ -294,16 +302,6 @@ static void wk_taint(lua_State *L) {
   hd_hold_timer(0);
 }
 
-/* print, io.write and a file's write: the replies of the items before this
- * one go out before its output does, and the rest of the job's replies go
- * out as they come. The host counts an item's output between its reply
- * and the one before, so output that overtook a held reply would count
- * against the item before. */
-static int wk_output(lua_State *L) {
-  wk.no_hold = 1;
-  if (hd_hold_bytes() > 0) (void)hd_hold_send();
-  return wk_call_wrapped(L);
-}
 
 /* A wrapper that marks the worker tainted, then calls the wrapped function
  * (upvalue 1). Functions that reach state outside the Lua heap (files,
@@ -445,7 +443,6 @@ static void wk_wrap_all(lua_State *L) {
   wk_wrap(L, io, "tmpfile", wk_file_opener);
   wk_wrap(L, io, "input", wk_default_file);
   wk_wrap(L, io, "output", wk_default_file);
-  wk_wrap(L, io, "write", wk_output);
   wk_wrap_stdio(L, io, "close", io);
   luaL_getmetatable(L, "FILE*");
   if (lua_istable(L, -1)) {
@@ -453,7 +450,6 @@ static void wk_wrap_all(lua_State *L) {
     if (lua_istable(L, -1)) {
       wk_wrap_stdio(L, lua_gettop(L), "close", io);
       wk_wrap_stdio(L, lua_gettop(L), "setvbuf", io);
-      wk_wrap(L, -1, "write", wk_output);
     }
     lua_pop(L, 1);
   }
@@ -485,7 +481,6 @@ static void wk_wrap_all(lua_State *L) {
   }
   lua_pop(L, 2);
   lua_pushvalue(L, LUA_GLOBALSINDEX);
-  wk_wrap(L, -1, "print", wk_output);
   wk_wrap(L, -1, "loadfile", wk_tainting);
   wk_wrap(L, -1, "dofile", wk_tainting);
   wk_wrap(L, -1, "load", wk_load_guard);
@@ -1122,7 +1117,7 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
     if (hd_wire_job_parse(w->in.data, w->frame_len, &job) != 0) return HD_EXIT_BAD_FRAME;
     items = job;
     w->job_start = w->sent_at = wk_now_ns();
-    w->no_hold = 0;
+    w->no_hold = job.max_output < WK_HOLD_OUTPUT;
     do {
       const char *item = NULL;
       uint32_t item_len = 0;
@@ -1143,7 +1138,10 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
       wk_close_files(w);
       wk_maps.tracking = 0;
       /* A job's output reaches the host before its result does; the worker
-       * leaves with _exit, which would drop anything still buffered. */
+       * leaves with _exit, which would drop anything still buffered. The
+       * replies held go before this item's output. */
+      if (hd_hold_bytes() > 0 && (__fpending(stdout) > 0 || __fpending(stderr) > 0))
+        (void)hd_hold_send();
       fflush(NULL);
       last = w->alloc.taint || once;
       if (w->env_set) {
