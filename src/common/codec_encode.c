@@ -657,27 +657,6 @@ static void enc_string(enc_state *e, const char *s, size_t len) {
   e->out->len += len;
 }
 
-/* Writes the value at idx, a table's value or item: numbers and strings
- * without a second lua_type. */
-static void enc_field(enc_state *e, int idx) {
-  lua_State *L = e->L;
-  int type = lua_type(L, idx);
-  switch (type) {
-    case LUA_TNUMBER:
-      enc_number(e, lua_tonumber(L, idx));
-      return;
-    case LUA_TSTRING: {
-      size_t len;
-      const char *s = lua_tolstring(L, idx, &len);
-      enc_string(e, s, len);
-      return;
-    }
-    default:
-      enc_typed(e, idx, type);
-      return;
-  }
-}
-
 /* The slot pair of a key string: from a hash of its bytes (FNV-1a), so
  * that the same keys in the same order make the same message. */
 static unsigned enc_kslot(const char *s, size_t len) {
@@ -781,7 +760,7 @@ static uint32_t enc_array_part(enc_state *e, int t, const void *tp, int k) {
     lua_pushnumber(L, (lua_Number)i);
     lua_replace(L, k);
     lua_rawgeti(L, t, (int)i);
-    enc_field(e, k + 1);
+    enc_value(e, k + 1);
     lua_settop(L, k);
     /* Nothing the encoder does resizes t; read its array anew anyway. */
     a = cx_tab_array(tp, &asize);
@@ -794,7 +773,7 @@ static uint32_t enc_array_part(enc_state *e, int t, const void *tp, int k) {
  * part only keys
  * a KREF slot holds already, with numbers (not NaN) or strings for values,
  * read in place (codec_tab.c) in lua_next's order, as enc_key_string and
- * enc_field would write them; after a KEYS marker when it has `items`.
+ * enc_value would write them; after a KEYS marker when it has `items`.
  * Returns how many, or -1 (nothing written) for another table. */
 static long enc_hash_part(enc_state *e, const void *tp, uint32_t run, int items) {
   uint32_t asize, hmask, i, j;
@@ -895,7 +874,7 @@ static void enc_table(enc_state *e, int t, const void *tp, enc_map_slot *ts) {
           e->out->data[tpos] = (char)(mt ? CX_T_ARRAY_MT : CX_T_ARRAY);
         }
         run += 1;
-        enc_field(e, k + 1);
+        enc_value(e, k + 1);
         lua_settop(L, k);
         continue;
       }
@@ -908,7 +887,7 @@ static void enc_table(enc_state *e, int t, const void *tp, enc_map_slot *ts) {
     else
       enc_value(e, k);
     step->kind = ENC_STEP_KEY;
-    enc_field(e, k + 1);
+    enc_value(e, k + 1);
     lua_settop(L, k);
     nhash++;
   }
