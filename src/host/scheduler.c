@@ -1158,12 +1158,16 @@ static void job_cpu_start(hd_job *j, double ms) {
   uv_timer_start(&j->cpu_timer, job_cpu_cb, (uint64_t)ms, 0);
 }
 
-/* The CPU time a job (an item) may use: max_cpu_ms, and for the items of a
- * job of several the time their replies may be held (HD_ITEM_HOLD_MS), in
- * which the items after the held one use CPU time the host counts against
- * the item it heard of last. */
+/* The limit `ms` of a job (an item), as it is counted: for the items of a
+ * job of several, the time their replies may be held (HD_ITEM_HOLD_MS) on
+ * top, in which the items after a held reply use time the host counts
+ * against the item it heard of last. A limit of 0 stays 0 (at once). */
+static double job_limit(const hd_job *j, double ms) {
+  return ms + (j->nitems > 1 && ms > 0 ? HD_ITEM_HOLD_MS : 0);
+}
+
 static double job_cpu_limit(const hd_job *j) {
-  return j->lim.max_cpu_ms + (j->nitems > 1 && j->lim.max_cpu_ms > 0 ? HD_ITEM_HOLD_MS : 0);
+  return job_limit(j, j->lim.max_cpu_ms);
 }
 
 /* CPU time runs no faster than the wall clock (one thread): the job's
@@ -1338,12 +1342,10 @@ static void job_start(hd_job *j) {
       return;
     }
   }
-  /* max_ms = 0 times out at once; only math.huge means no limit. The
-   * items of a job of several have the time their replies may be held
-   * (HD_ITEM_HOLD_MS) on top. */
+  /* max_ms = 0 times out at once; only math.huge means no limit. */
   if (j->lim.max_ms < SCHED_NO_LIMIT_MS) {
     uv_update_time(hd_loop_uv(s->loop));
-    job_timer_start(j, j->lim.max_ms + (j->nitems > 1 && j->lim.max_ms > 0 ? HD_ITEM_HOLD_MS : 0));
+    job_timer_start(j, job_limit(j, j->lim.max_ms));
   }
   if (j->lim.max_cpu_ms < SCHED_NO_LIMIT_MS) {
     int64_t base = proc_cpu_ns(p);
@@ -1489,8 +1491,8 @@ static void job_item_replied(hd_job *j, sched_proc *p, const char *body, size_t 
    * the deadline moved and waits for the rest (one store per item, not a
    * timer restart). */
   if (j->lim.max_ms < SCHED_NO_LIMIT_MS) {
-    double ms = j->lim.max_ms < SCHED_MAX_TIMER_MS ? j->lim.max_ms : SCHED_MAX_TIMER_MS;
-    j->deadline = now + (uint64_t)((ms + (ms > 0 ? HD_ITEM_HOLD_MS : 0)) * 1e6);
+    double ms = job_limit(j, j->lim.max_ms);
+    j->deadline = now + (uint64_t)((ms < SCHED_MAX_TIMER_MS ? ms : SCHED_MAX_TIMER_MS) * 1e6);
   }
   if (j->lim.max_cpu_ms < SCHED_NO_LIMIT_MS) {
     int64_t base = proc_cpu_ns(p);
