@@ -224,6 +224,21 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_end
     per_job = max(1, min(batch, math.floor(BATCH_MS / max(avg_ms, 1e-3))))
   end
 
+  -- Whether an item that ended with (a, b) after t tries runs again.
+  local function again_due(a, b, t)
+    return a == false and t < retries and retryable(b)
+  end
+
+  -- Adds an entry to `later` (NONE: a new list), which it returns.
+  local function keep(later, i, v, t)
+    if later == NONE then later = {} end
+    later[#later + 1] = i
+    later[#later + 1] = v
+    later[#later + 1] = t
+    return later
+  end
+
+  -- Collects a job that is done (whoever calls this saw it done).
   local function collect(key)
     local r = running[key]
     running[key] = nil
@@ -232,14 +247,13 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_end
     if not r[2] then
       local i, v, t = r[4], r[5], r[6]
       local n, a, b, c, x = take(job:await())
-      if a == false and t < retries and retryable(b) then
+      if again_due(a, b, t) then
         again(i, v, t + 1)
         return
       end
       finish(i, n, a, b, c, x, want_stats and job:stats() or nil)
       return
     end
-    job:await()
     local clean = true
     -- Entries to run again (by threes), put back once all are seen.
     local later = NONE
@@ -266,10 +280,7 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_end
           if stopped then
             dropped[at(r[1 + 3 * m])] = true
           else
-            if later == NONE then later = {} end
-            later[#later + 1] = r[1 + 3 * m]
-            later[#later + 1] = r[2 + 3 * m]
-            later[#later + 1] = r[3 + 3 * m]
+            later = keep(later, r[1 + 3 * m], r[2 + 3 * m], r[3 + 3 * m])
           end
         end
         break
@@ -278,11 +289,8 @@ function M.iterator(what, pool, fn, inputs, opts, wait_any, want_stats, wait_end
       if a == false and (retryable(b) or type(b) == "table" and b.type == "OOM") then
         clean = false
       end
-      if a == false and t < retries and retryable(b) then
-        if later == NONE then later = {} end
-        later[#later + 1] = i
-        later[#later + 1] = v
-        later[#later + 1] = t + 1
+      if again_due(a, b, t) then
+        later = keep(later, i, v, t + 1)
       else
         finish(i, n, a, b, c, x, want_stats and job:_item_stats(k) or nil)
       end
