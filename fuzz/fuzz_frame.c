@@ -1,15 +1,15 @@
 /* fuzz_frame.c: libFuzzer harness over the parent's side of the job
- * protocol: the frames a worker writes on its socket, read, parsed and
+ * protocol: the frames a worker writes on its reply pipe, read, parsed and
  * turned into a job's end by src/host/conn.c and src/host/scheduler.c,
  * then decoded.
  *
  * The real host layers are linked in; only the functions of the supervisor
  * link (src/host/suplink.c, the parent's only link to its workers) that
  * reach the supervisor process are replaced, with the linker's --wrap:
- * spawning a worker hands this harness the worker's end of the protocol
- * socket, and killing one is answered with its exit report, through the
+ * spawning a worker hands this harness the worker's ends of the protocol
+ * pipes, and killing one is answered with its exit report, through the
  * callbacks the scheduler registered with the link. The harness then plays the worker:
- * it writes the input's bytes on that socket in chunks, runs the parent's
+ * it writes the input's bytes on its reply pipe in chunks, runs the parent's
  * libuv loop between them, and finally reports the worker's exit, as the
  * supervisor would.
  *
@@ -25,8 +25,7 @@
  *           bit 7     job 1 has max_ms = 0: its deadline passes at once
  *   byte 1  seed of the chunk sizes
  *   byte 2  bits 0-1  how the worker exits: exit 0, exit 3, SIGKILL, SIGSEGV
- *           bit 2     the worker never reads its job frame (closing a
- *                     socket with unread data resets the connection)
+ *           bit 2     the worker never reads its job frame
  *           bit 3     the user kills job 1 after the second chunk
  *           bit 4     the worker dies after the second chunk (its exit is
  *                     reported while the rest is never written)
@@ -63,7 +62,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "codec.h"
@@ -76,7 +75,8 @@
 
 typedef struct fz_worker {
   uint32_t id;
-  int fd;       /* the worker's end of the protocol socket, -1 once closed */
+  int fd;       /* the worker's end of its reply pipe, -1 once closed */
+  int job;      /* the worker's end of its job pipe, -1 once closed */
   int killed;   /* the parent asked the supervisor to kill it */
   int reported; /* its exit was reported */
 } fz_worker;
@@ -124,6 +124,28 @@ int __wrap_hd_sup_ensure(hd_sup *s, const char *path, const char *cpath) {
   return 0;
 }
 
+/* Writes to a worker's reply pipe as a worker would, except that a parent
+ * gone does not end the harness: SIGPIPE is held off around the write, and
+ * one it raised is taken back. The parent's own writes keep SIGPIPE's
+ * default action, so one of them to a worker that is gone would show. */
+static ssize_t fz_write(int fd, const void *p, size_t n) {
+  sigset_t pipe_set, old;
+  struct timespec zero = {0, 0};
+  ssize_t r;
+  sigemptyset(&pipe_set);
+  sigaddset(&pipe_set, SIGPIPE);
+  pthread_sigmask(SIG_BLOCK, &pipe_set, &old);
+  r = write(fd, p, n);
+  if (r < 0 && errno == EPIPE) {
+    int e = errno;
+    while (sigtimedwait(&pipe_set, NULL, &zero) < 0 && errno == EINTR) {
+    }
+    errno = e;
+  }
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  return r;
+}
+
 /* SPAWN hands over the worker's ends, which belong to this function as in
  * suplink.c, and says hello as every worker does first. The harness writes
  * no output: the pipes' write ends are closed at once (the parent sees EOF
@@ -132,7 +154,7 @@ int __wrap_hd_sup_spawn(hd_sup *s, uint32_t id, int flags, const char *name,
                         const int fds[HD_SPAWN_FDS]) {
   fz_worker *w;
   char h[HD_HELLO_LEN];
-  int fd = fds[HD_SPAWN_FD_SOCKET];
+  int fd = fds[HD_SPAWN_FD_REPLY];
   (void)s;
   (void)flags;
   (void)name;
@@ -142,10 +164,12 @@ int __wrap_hd_sup_spawn(hd_sup *s, uint32_t id, int flags, const char *name,
   w = &fz_sup.w[fz_sup.n++];
   w->id = id;
   w->fd = fd;
+  w->job = fds[HD_SPAWN_FD_JOB];
   w->killed = w->reported = 0;
   fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+  fcntl(w->job, F_SETFL, fcntl(w->job, F_GETFL) | O_NONBLOCK);
   hd_wire_hello(h, 4242 + (pid_t)w->id);
-  if (send(fd, h, sizeof h, MSG_NOSIGNAL) != (ssize_t)sizeof h) fz_fail("cannot say hello%lu", 0);
+  if (fz_write(fd, h, sizeof h) != (ssize_t)sizeof h) fz_fail("cannot say hello%lu", 0);
   return 0;
 }
 
@@ -180,7 +204,8 @@ static void fz_init(void) {
 
 static void fz_close_worker(fz_worker *w) {
   if (w->fd >= 0) close(w->fd);
-  w->fd = -1;
+  if (w->job >= 0) close(w->job);
+  w->fd = w->job = -1;
 }
 
 /* Reports a worker's exit the way the supervisor does: killed workers died
@@ -197,8 +222,8 @@ static void fz_report(fz_worker *w) {
 static int fz_drain(fz_worker *w) {
   char buf[4096];
   ssize_t r;
-  if (w->fd < 0 || fz_sup.unread) return 0;
-  while ((r = recv(w->fd, buf, sizeof buf, MSG_DONTWAIT)) > 0) {
+  if (w->job < 0 || fz_sup.unread) return 0;
+  while ((r = read(w->job, buf, sizeof buf)) > 0) {
   }
   return r == 0;
 }
@@ -328,7 +353,7 @@ static int fz_decodes(hd_job *j, const char *msg, size_t len) {
 
 /* A process is kept for more work only if it did nothing wrong: once job j
  * (on process `id`) ended with its reply refused, the parent has killed
- * that worker or closed its socket. */
+ * that worker or closed its job pipe. */
 static void fz_check_kept(hd_job *j, uint32_t id, int good) {
   int i;
   if (!hd_job_done(j) || good) return;
@@ -407,7 +432,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     size_t n = fz_chunk(&seed, o & 3, end - pos);
     ssize_t r;
     if (w->fd < 0) break;
-    r = send(w->fd, s + pos, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    r = fz_write(w->fd, s + pos, n);
     if (r > 0) {
       pos += (size_t)r;
       chunks++;
@@ -430,7 +455,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   if (late) {
     fz_worker *w = &fz_sup.w[fz_sup.n - 1];
     while (pos < len && w->fd >= 0) {
-      ssize_t r = send(w->fd, s + pos, len - pos, MSG_NOSIGNAL | MSG_DONTWAIT);
+      ssize_t r = fz_write(w->fd, s + pos, len - pos);
       if (r <= 0) break;
       pos += (size_t)r;
     }

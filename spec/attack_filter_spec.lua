@@ -152,13 +152,14 @@ describe("the system call filter", function()
     local set, n = allowlist()
     -- What LuaJIT and the worker need, and not much more.
     for _, name in ipairs({ "read", "write", "mmap", "munmap", "mprotect", "openat", "close",
-      "futex", "exit_group", "sendto", "recvfrom", "prlimit64" }) do
+      "futex", "exit_group", "prlimit64", "sched_getaffinity" }) do
       assert.is_true(set[name], name .. " is not allowed")
     end
     for _, name in ipairs({ "socket", "connect", "clone", "clone3", "execve", "fork", "ptrace",
       "openat2", "ftruncate", "setpriority", "shmget", "vhangup", "pidfd_send_signal",
       "process_vm_writev", "io_uring_setup", "bpf", "memfd_create", "pwrite64", "dup",
-      "dup2", "dup3", "flock", "select", "epoll_create1", "pipe2" }) do
+      "dup2", "dup3", "flock", "select", "epoll_create1", "pipe2", "sendto", "recvfrom",
+      "shutdown", "sched_setaffinity" }) do
       assert.is_nil(set[name], name .. " is allowed")
     end
     assert.is_true(n > 30 and n < 90, n .. " calls allowed")
@@ -509,13 +510,25 @@ describe("the system call filter", function()
           { "socket AF_INET", sys(nr_of("socket"), K.AF_INET, K.SOCK_STREAM, 0) },
           { "socket AF_UNIX", sys(nr_of("socket"), K.AF_UNIX, K.SOCK_STREAM, 0) },
           { "socketpair", sys(nr_of("socketpair"), K.AF_UNIX, K.SOCK_STREAM, 0, 0) },
-          { "connect on the protocol socket", sys(nr_of("connect"), 3, 0, 0) },
+          { "connect on the reply pipe", sys(nr_of("connect"), 3, 0, 0) },
           { "sendto with an address", sys(nr_of("sendto"), 3, 0, 0, 0, 1, 16) },
           { "sendto stdout", sys(nr_of("sendto"), 1, 0, 0, 0, 0, 0) },
           { "recvfrom stdin", sys(nr_of("recvfrom"), 0, 0, 0, 0, 0, 0) },
           { "sendmsg", sys(nr_of("sendmsg"), 3, 0, 0) },
+          { "shutdown", sys(nr_of("shutdown"), 3, 0) },
         })
       end)
+
+    it("vmsplice only to the reply pipe; sched_getaffinity only of itself", function()
+      assert_violations(pool, {
+        { "vmsplice to stdout", sys(nr_of("vmsplice"), 1, 0, 0, 0) },
+        { "vmsplice to the job pipe", sys(nr_of("vmsplice"), 4, 0, 0, 0) },
+        { "sched_getaffinity of pid 1", sys(nr_of("sched_getaffinity"), 1, 0, 0) },
+      })
+      -- Of itself it answers (here EFAULT: the mask's address is 0).
+      local ok, r = pool:run(sys(nr_of("sched_getaffinity"), 0, 0, 0))
+      assert.is_true(ok, tostring(r))
+    end)
 
     it("locks: F_SETLK, flock", function()
       assert_violations(pool, {

@@ -365,9 +365,9 @@ describe("a sandboxed worker's isolation", function()
         local pool = handler.pool({ sandbox = "syscalls", max_workers = 1 })
         local SECRET = ]] .. format("%q", secret) .. [[
         -- The attacker is the host's first job: its id is 1. It writes a
-        -- whole reply for it (OK, no values), then reads fd 3 for what
-        -- comes next, replies to that too (OK, no values), and prints what
-        -- it read.
+        -- whole reply for it (OK, no values) on fd 3, then reads the job
+        -- pipe (fd 4) for what comes next, replies to that too (OK, no
+        -- values), and prints what it read.
         local attacker = pool:async(function()
           local f = require("ffi")
           f.cdef [=[long write(int fd, const void *b, unsigned long n);
@@ -382,9 +382,9 @@ describe("a sandboxed worker's isolation", function()
           reply(1)
           local got, buf = {}, f.new("char[65536]")
           local p = f.new("iso_pfd[1]")
-          p[0].fd, p[0].ev = 3, 1
+          p[0].fd, p[0].ev = 4, 1
           while f.C.poll(p, 1, 3000) > 0 do
-            local n = tonumber(f.C.read(3, buf, 65536))
+            local n = tonumber(f.C.read(4, buf, 65536))
             if n <= 0 then break end
             got[#got + 1] = f.string(buf, n)
             local s = table.concat(got)

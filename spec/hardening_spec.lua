@@ -803,7 +803,7 @@ describe("hardening against hostile jobs", function()
 
   -------------------------------------------------------------------------
   describe("what a job can see", function()
-    it("only fds 0-3, not the host's listening socket or open files", function()
+    it("only fds 0-4, not the host's listening socket or open files", function()
       local sock = C.hd_hard_socket(2, 1, 0)
       assert(sock >= 0)
       assert.are.equal(0, C.hd_hard_listen(sock, 5))
@@ -819,7 +819,7 @@ describe("hardening against hostile jobs", function()
       assert.is_true(H.wait_until(function() return select(2, H.workers()) ~= old end, 5))
       local r = resolve(pool, H.job_bodies().fds)
       assert.is_true(r[1], tostring(r[2]))
-      assert.are.equal("0,1,2,3", r[2])
+      assert.are.equal("0,1,2,3,4", r[2])
     end)
 
     it("no host fds in a worker of a host that opened them before its first job", function()
@@ -836,7 +836,7 @@ describe("hardening against hostile jobs", function()
         res:close()
       ]]
       local res = run_host(dir, script)
-      assert.matches("^true 0,1,2,3 host:%d+\n$", res)
+      assert.matches("^true 0,1,2,3,4 host:%d+\n$", res)
     end)
 
     it("no host environment by default; the env option passes names and values", function()

@@ -74,13 +74,14 @@ typedef struct {
   void *control; size_t controllen; int flags;
 } sp_msghdr;
 typedef struct { size_t len; int level; int type; int fd; } sp_cmsg_fd;
-typedef struct { size_t len; int level; int type; int fd[3]; int pad; } sp_cmsg_fd3;
+typedef struct { size_t len; int level; int type; int fd[4]; } sp_cmsg_fd4;
 int socketpair(int domain, int type, int proto, int sv[2]);
 int pipe(int fds[2]);
 int close(int fd);
 long sendmsg(int fd, const sp_msghdr *m, int flags);
 long recvmsg(int fd, sp_msghdr *m, int flags);
 long recv(int fd, void *buf, size_t n, int flags);
+long read(int fd, void *buf, size_t n);
 int posix_spawn_file_actions_init(void *fa);
 int posix_spawn_file_actions_adddup2(void *fa, int fd, int newfd);
 int posix_spawn(int *pid, const char *path, const void *fa, const void *attr,
@@ -92,7 +93,7 @@ long readlink(const char *path, char *buf, size_t n);
 char **environ;
 ]]
 local C = ffi.C
-local AF_UNIX, SOCK_STREAM, SOCK_SEQPACKET, SOCK_CLOEXEC = 1, 1, 5, 0x80000
+local AF_UNIX, SOCK_SEQPACKET, SOCK_CLOEXEC = 1, 5, 0x80000
 local SOL_SOCKET, SCM_RIGHTS = 1, 1
 local CTL_SPAWN, CTL_HELLO, CTL_SPAWNED, CTL_EXITED = 1, 1, 2, 3
 local HELLO_LEN = 17 -- a frame header, then u32 pid
@@ -165,54 +166,60 @@ assert(recv(ctl):byte(1) == CTL_HELLO)
 show("supervisor", pid[0])
 
 local function spawn(id, name)
-  local w = ffi.new("int[2]")
-  assert(C.socketpair(AF_UNIX, SOCK_STREAM + SOCK_CLOEXEC, 0, w) == 0)
-  -- The worker's stdout and stderr: pipes whose read ends stay open here.
-  local out, err = ffi.new("int[2]"), ffi.new("int[2]")
-  assert(C.pipe(out) == 0 and C.pipe(err) == 0)
+  -- The worker's reply pipe, stdout and stderr, whose read ends stay open
+  -- here, and its job pipe, whose write end does.
+  local w, out, err, job = ffi.new("int[2]"), ffi.new("int[2]"), ffi.new("int[2]"),
+    ffi.new("int[2]")
+  assert(C.pipe(w) == 0 and C.pipe(out) == 0 and C.pipe(err) == 0 and C.pipe(job) == 0)
   local msg = string.char(CTL_SPAWN) .. u32(id) .. "\0" .. name
   local iov = ffi.new("sp_iovec[1]")
   iov[0].base = ffi.cast("void *", msg)
   iov[0].len = #msg
-  -- SPAWN carries the worker's socket, stdout and stderr, in that order.
-  local cm = ffi.new("sp_cmsg_fd3[1]")
-  cm[0].len = 28 -- CMSG_LEN(3 * sizeof(int))
+  -- SPAWN carries the worker's reply pipe, stdout, stderr and job pipe, in
+  -- that order.
+  local cm = ffi.new("sp_cmsg_fd4[1]")
+  cm[0].len = 32 -- CMSG_LEN(4 * sizeof(int))
   cm[0].level = SOL_SOCKET
   cm[0].type = SCM_RIGHTS
   cm[0].fd[0] = w[1]
   cm[0].fd[1] = out[1]
   cm[0].fd[2] = err[1]
+  cm[0].fd[3] = job[0]
   local mh = ffi.new("sp_msghdr[1]")
   mh[0].iov = iov
   mh[0].iovlen = 1
   mh[0].control = cm
-  mh[0].controllen = ffi.sizeof("sp_cmsg_fd3")
+  mh[0].controllen = ffi.sizeof("sp_cmsg_fd4")
   assert(C.sendmsg(ctl, mh, 0) == #msg)
   C.close(w[1])
   C.close(out[1])
   C.close(err[1])
+  C.close(job[0])
   -- SPAWNED (the pidfd attached is dropped by a plain recv), then the
   -- worker's own hello, with its pid, once it is running.
   local m, pidfd = recv_fd(ctl)
   -- Earlier workers' EXITED reports may come first.
   while m:byte(1) == CTL_EXITED do m, pidfd = recv_fd(ctl) end
   assert(m:byte(1) == CTL_SPAWNED and get_u32(m, 2) == id, "no SPAWNED")
-  local h = recv(w[0])
-  assert(#h == HELLO_LEN, "no hello")
+  local hn = tonumber(C.read(w[0], buf, 128))
+  assert(hn == HELLO_LEN, "no hello")
+  local h = ffi.string(buf, hn)
   local wpid = get_u32(h, HELLO_LEN - 3)
   -- SPAWNED carries the worker's pid, and a pidfd of it attached.
   assert(#m == 9 and get_u32(m, 6) == wpid, "SPAWNED without the worker's pid")
   assert(pidfd >= 0, "SPAWNED without a pidfd")
   C.close(pidfd)
-  return wpid, w[0]
+  return wpid, w[0], job[1]
 end
 
 for i, name in ipairs({ @NAMES@ }) do
-  local wpid, fd = spawn(i, name)
+  local wpid, fd, jobfd = spawn(i, name)
   show("worker", wpid)
   local cwd = ffi.new("char[512]")
   local n = tonumber(C.readlink("/proc/" .. wpid .. "/cwd", cwd, 512))
   print("cwd", n > 0 and ffi.string(cwd, n) or "?")
+  -- The end of its job pipe: the worker exits.
+  C.close(jobfd)
   C.close(fd)
 end
 C.close(ctl)

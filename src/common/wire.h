@@ -13,22 +13,28 @@
 
 /* Bumped whenever either protocol changes; the supervisor's hello carries it
  * so a worker executable from another build is refused with a clear error. */
-#define HD_PROTO_VERSION 5
+#define HD_PROTO_VERSION 6
 
-/* The worker's protocol socket is always this descriptor, so a job's print
- * (fd 1) and its errors (fd 2) never touch the protocol. */
+/* The protocol runs over two pipes, one each way: a pipe's write and read
+ * cost about half of a unix socket's, which allocates and charges a buffer
+ * for every send. The worker writes its frames to HD_WORKER_FD and reads
+ * the host's from HD_WORKER_JOB_FD, always these descriptors, so a job's
+ * print (fd 1) and its errors (fd 2) never touch the protocol. */
 #define HD_WORKER_FD 3
+#define HD_WORKER_JOB_FD 4
 
-/* A SPAWN carries the worker's descriptors, in this order: its protocol
- * socket, then the write ends of the pipes that become its stdout and its
- * stderr. The host reads the other ends: a job's output is metered there,
- * at the descriptor, whoever writes it. */
-#define HD_SPAWN_FD_SOCKET 0
+/* A SPAWN carries the worker's descriptors, in this order: the write end of
+ * its reply pipe, the write ends of the pipes that become its stdout and
+ * its stderr, and the read end of its job pipe. The host reads the other
+ * ends of the first three: a job's output is metered there, at the
+ * descriptor, whoever writes it. */
+#define HD_SPAWN_FD_REPLY 0
 #define HD_SPAWN_FD_STDOUT 1
 #define HD_SPAWN_FD_STDERR 2
-#define HD_SPAWN_FDS 3
+#define HD_SPAWN_FD_JOB 3
+#define HD_SPAWN_FDS 4
 
-/* A job frame, either direction, over a SOCK_STREAM socketpair:
+/* A job frame, either direction, over the protocol pipes:
  *   u32 body length | u8 type | u64 job id | body
  * All integers are little-endian. */
 #define HD_FRAME_HEADER 13
@@ -212,7 +218,8 @@ pid_t hd_wire_hello_pid(const char *body);
 /* One control message. Which fields a type uses:
  *   SPAWN    id, arg = HD_SPAWN_* flags, name = the pool's name for the
  *            worker's process title, cut to HD_CTL_NAME bytes (the
- *            worker's socket, stdout and stderr attached: HD_SPAWN_FDS)
+ *            worker's reply pipe, stdout, stderr and job pipe attached:
+ *            HD_SPAWN_FDS)
  *   KILL     id
  *   HELLO    arg = protocol version, pid, bchead
  *   SPAWNED  id, pid (a pidfd attached)

@@ -1,5 +1,5 @@
-/* conn.h: the host's connection to one worker process: its protocol socket
- * and the frames on it, and the pipes its stdout and stderr are. Sends go
+/* conn.h: the host's connection to one worker process: its protocol pipes
+ * and the frames on them, and the pipes its stdout and stderr are. Sends go
  * down; replies, output, breaches and EOF come up through callbacks. Every
  * reply is checked before it is reported. */
 #ifndef HD_CONN_H
@@ -29,7 +29,7 @@ typedef struct hd_conn_cbs {
   /* The worker broke the protocol, or its reply is too big: `why` says
    * how. Nothing more is read. */
   void (*fail)(hd_conn *c, void *ud, int kind, const char *why);
-  /* The worker closed its socket: it is dying. Nothing more is read. */
+  /* The worker closed its reply pipe: it is dying. Nothing more is read. */
   void (*eof)(hd_conn *c, void *ud);
   /* The connection is closed for good and may be freed (hd_conn_free). */
   void (*closed)(hd_conn *c, void *ud);
@@ -45,9 +45,9 @@ typedef struct hd_conn_cbs {
   void (*event)(hd_conn *c, void *ud, const char *p, size_t len);
 } hd_conn_cbs;
 
-/* A connection over a new socketpair and two pipes; peer gets the worker's
- * ends, in the order of wire.h's HD_SPAWN_FD_*: the socket, the write ends
- * of its stdout and of its stderr. NULL, with why in err, when it cannot be
+/* A connection over four new pipes; peer gets the worker's ends, in the
+ * order of wire.h's HD_SPAWN_FD_*: the write ends of its reply pipe, its
+ * stdout and its stderr, and the read end of its job pipe. NULL, with why in err, when it cannot be
  * made. */
 hd_conn *hd_conn_new(hd_loop *l, const hd_conn_cbs *cbs, void *ud, int peer[HD_SPAWN_FDS],
                      char *err, size_t errlen);
@@ -69,7 +69,8 @@ int hd_conn_stats(const hd_conn *c, uint64_t *cpu_ns, uint64_t *heap_peak, uint6
 
 /* Whether an idle connection is still fit for a job: a worker that exited
  * or wrote something since its last reply is not (then fail or eof is
- * reported). One non-blocking peek. */
+ * reported). One poll, once the last reply is 1 ms old; a worker that
+ * just replied is taken as it is. */
 int hd_conn_fit(hd_conn *c);
 
 /* From now on a reply holding a value sent by name is a breach: the
@@ -81,7 +82,7 @@ void hd_conn_refuse_names(hd_conn *c);
  * frames. */
 void hd_conn_drain(hd_conn *c);
 
-/* Stops all I/O and closes our ends of the socket and the pipes at once
+/* Stops all I/O and closes our ends of the pipes at once
  * (what the worker or its children write after that fails with EPIPE);
  * `closed` comes from the loop later. Safe to call more than once. */
 void hd_conn_close(hd_conn *c);
@@ -89,18 +90,18 @@ void hd_conn_close(hd_conn *c);
 void hd_conn_free(hd_conn *c);
 
 /* In a forked child, whose copy of the loop must not be touched (its epoll
- * instance is the parent's too): closes the child's copy of the socket,
+ * instance is the parent's too): closes the child's copies of the pipes,
  * and nothing else; the connection is never used again. */
 void hd_conn_forsake(hd_conn *c);
 
 /* The worker's pid from its hello, or 0 before it. */
 pid_t hd_conn_pid(const hd_conn *c);
 
-/* Whether our end of the socket is still open. */
+/* Whether our end of the reply pipe is still open. */
 int hd_conn_open(const hd_conn *c);
 
-/* How many descriptors the connection holds now: the socket's end and the
- * read ends of the pipes still open. */
+/* How many descriptors the connection holds now: its ends of the pipes
+ * still open. */
 int hd_conn_fds(const hd_conn *c);
 
 #endif

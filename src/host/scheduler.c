@@ -41,6 +41,7 @@
 #define SCHED_SPIN_MISS 4
 #define SCHED_SPIN_PROBE_MASK 63
 #define SCHED_SPIN_DEFAULT_NS 50000
+#define SCHED_CPUS_EVERY 256
 /* A loop that has not run for this long runs once before a job starts. */
 #define SCHED_STALE_NS 20000000
 /* ... and once after a job that had to queue. */
@@ -153,6 +154,8 @@ struct hd_sched {
   uint64_t spin_ns;     /* how long a blocking wait polls before sleeping */
   int spin_credit;      /* recent waits the polling paid off for */
   unsigned spin_probe;
+  unsigned waits;       /* blocking waits, for the periodic look at the CPUs */
+  int one_cpu;          /* the host may run on one CPU only: it never polls */
 };
 
 static void sched_pump(hd_sched *s);
@@ -425,20 +428,31 @@ void hd_sched_on_end(hd_sched *s, void (*fn)(void *ud, hd_job *j), void *ud) {
   s->on_end_ud = ud;
 }
 
+/* Whether this thread may run on one CPU only (pinned, as an nginx worker
+ * with worker_cpu_affinity is). */
+static int sched_one_cpu(void) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  return sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) == 1;
+}
+
 /* A short job's reply usually comes within a few tens of microseconds:
  * polling for that long first saves the host a sleep and a wake-up, which
  * cost more than the whole round trip on an idle machine. On a busy one
  * polling steals the CPU the worker needs, so it is adaptive: it stops
  * after replies keep missing the window, and is tried again every 64th
- * wait. */
+ * wait. A host that may run on one CPU only never polls: the worker runs
+ * only once the host stops, so the polls are system calls for nothing.
+ * The CPUs are looked at every SCHED_CPUS_EVERY waits. */
 void hd_sched_wait(hd_sched *s, hd_job *j) {
   uv_loop_t *uv = hd_loop_uv(s->loop);
   uint64_t start;
   int spin;
   s->in_loop = 1;
-  spin = s->spin_ns > 0 &&
+  if ((s->waits++ % SCHED_CPUS_EVERY) == 0) s->one_cpu = sched_one_cpu();
+  spin = s->spin_ns > 0 && !s->one_cpu &&
          (s->spin_credit > 0 || (++s->spin_probe & SCHED_SPIN_PROBE_MASK) == 0);
-  start = uv_hrtime();
+  start = spin ? uv_hrtime() : 0;
   while (spin && j->state != JOB_DONE && uv_hrtime() - start < s->spin_ns) {
     uv_run(uv, UV_RUN_NOWAIT);
     /* A worker that wants this CPU gets it. */

@@ -5,7 +5,7 @@
  * an interval timer sends what is held HD_ITEM_HOLD_MS after the last send
  * (an item that hangs), a crash sends it before the process dies of its
  * signal, and exit() sends it before the process ends (os.exit). The signal
- * handlers only read the buffer and write it to the socket, both safe in a
+ * handlers only read the buffer and write it to the reply pipe, both safe in a
  * handler; the job loop marks the few instructions in which it changes the
  * buffer, and a handler that lands in them leaves the send to the loop. */
 #include "hold.h"
@@ -15,7 +15,6 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <sys/time.h>
 
 #include "wire.h"
@@ -43,12 +42,13 @@ static const int hold_fatal[] = {SIGSEGV, SIGBUS,  SIGILL,  SIGFPE,    SIGABRT, 
 /* The handlers' own stack: a crash of a C stack overflow has none left. */
 static char hold_stack[16384] __attribute__((aligned(16)));
 
-/* Writes what is held to the socket, whole; safe in a signal handler.
- * Returns -1 when the socket is gone (what was held is dropped). */
+/* Writes what is held to the reply pipe, whole; safe in a signal handler.
+ * Returns -1 when the pipe is gone (what was held is dropped; the SIGPIPE
+ * that comes with it ends the worker). */
 static int hold_write(void) {
   size_t n = (size_t)hold_len, off = 0;
   while (off < n) {
-    ssize_t r = send(hold_fd, hold_buf + off, n - off, MSG_NOSIGNAL);
+    ssize_t r = write(hold_fd, hold_buf + off, n - off);
     if (r < 0) {
       if (errno == EINTR) continue;
       hold_len = 0;

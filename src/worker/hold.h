@@ -7,7 +7,7 @@
 #include <stdint.h>
 
 /* Installs the timer's and the crashes' signal handlers and the exit hook,
- * for the protocol socket fd. Once, before the sandbox seals the process.
+ * for the reply pipe fd. Once, before the sandbox seals the process.
  * Returns 0 or -1. */
 int hd_hold_setup(int fd);
 
@@ -19,7 +19,7 @@ int hd_hold_add(const char *a, size_t an, const char *b, size_t bn);
 /* The bytes held. */
 size_t hd_hold_bytes(void);
 
-/* Sends what is held. Returns 0, or -1 when the socket is gone. */
+/* Sends what is held. Returns 0, or -1 when the pipe is gone. */
 int hd_hold_send(void);
 
 /* Sends what is held by a signal ns nanoseconds from now (ns > 0), or

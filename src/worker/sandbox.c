@@ -180,7 +180,8 @@ static const char *const sb_allow[] = {
 /* Allowed with their arguments checked: sb_add_checked. */
 static const char *const sb_checked[] = {
     "mmap", "open", "openat", "fcntl", "ioctl", "lseek", "prlimit64", "setrlimit", "kill",
-    "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "sendto", "recvfrom", NULL};
+    "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "sched_getaffinity", "vmsplice",
+    NULL};
 
 /* The descriptor limit in the sandbox: descriptors are below it. */
 #define SB_NOFILE 16
@@ -242,14 +243,11 @@ static int sb_add_checked(scmp_filter_ctx ctx, pid_t me) {
   const struct scmp_arg_cmp to_me = {0, SCMP_CMP_EQ, (scmp_datum_t)me, 0};
   static const char *const signalling[] = {"kill", "tkill", "tgkill", "rt_sigqueueinfo",
                                            "rt_tgsigqueueinfo", NULL};
-  /* The protocol socket only, without an address. */
-  const struct scmp_arg_cmp sock_fd = {0, SCMP_CMP_EQ, HD_WORKER_FD, 0};
-  const struct scmp_arg_cmp send_to[] = {{0, SCMP_CMP_EQ, HD_WORKER_FD, 0},
-                                         {4, SCMP_CMP_EQ, 0, 0}};
-  /* The worker of a one-job profile stops reading its socket before the
-   * job runs: shutdown(3, SHUT_RD) and nothing else. */
-  const struct scmp_arg_cmp shut_rd[] = {{0, SCMP_CMP_EQ, HD_WORKER_FD, 0},
-                                         {1, SCMP_CMP_EQ, SHUT_RD, 0}};
+  /* The CPUs it may run on (the worker polls for jobs only when it has
+   * more than one): its own (pid 0). */
+  const struct scmp_arg_cmp own = {0, SCMP_CMP_EQ, 0, 0};
+  /* A big reply goes to the reply pipe by vmsplice: to that pipe only. */
+  const struct scmp_arg_cmp reply_fd = {0, SCMP_CMP_EQ, HD_WORKER_FD, 0};
   const scmp_datum_t per_job[] = {RLIMIT_DATA, RLIMIT_AS};
   size_t i;
   for (i = 0; i < sizeof seek_fds / sizeof seek_fds[0]; i++) seek_fds[i] = 3 + i;
@@ -266,9 +264,8 @@ static int sb_add_checked(scmp_filter_ctx ctx, pid_t me) {
       sb_rule(ctx, SCMP_ACT_ALLOW, "prlimit64", 2, rl_data) != 0 ||
       sb_rule(ctx, SCMP_ACT_ALLOW, "prlimit64", 2, rl_as) != 0 ||
       sb_allow_values(ctx, "setrlimit", 0, per_job, 2) != 0 ||
-      sb_rule(ctx, SCMP_ACT_ALLOW, "sendto", 2, send_to) != 0 ||
-      sb_rule(ctx, SCMP_ACT_ALLOW, "shutdown", 2, shut_rd) != 0 ||
-      sb_rule(ctx, SCMP_ACT_ALLOW, "recvfrom", 1, &sock_fd) != 0)
+      sb_rule(ctx, SCMP_ACT_ALLOW, "sched_getaffinity", 1, &own) != 0 ||
+      sb_rule(ctx, SCMP_ACT_ALLOW, "vmsplice", 1, &reply_fd) != 0)
     return -1;
   for (i = 0; signalling[i] != NULL; i++)
     if (sb_rule(ctx, SCMP_ACT_ALLOW, signalling[i], 1, &to_me) != 0) return -1;

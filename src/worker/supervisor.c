@@ -307,24 +307,32 @@ static void sup_worker_stdio(const int std[2]) {
   close(std[1]);
 }
 
-/* In the forked child: become a worker on `fd`, writing to `std`. Never
- * returns. */
-static void sup_become_worker(sup *s, int fd, const int std[2], pid_t sup_pid, const char *dir,
-                              int flags, const char *name, int jailed) {
+/* In the forked child: the protocol pipes become descriptors 3 (replies)
+ * and 4 (jobs), close-on-exec so that they do not leak into programs a job
+ * executes. Each is first moved above 4, so neither lands on the other. */
+static void sup_worker_protocol(int reply, int job) {
+  int hi_reply = fcntl(reply, F_DUPFD, HD_WORKER_JOB_FD + 1);
+  int hi_job = fcntl(job, F_DUPFD, HD_WORKER_JOB_FD + 1);
+  if (hi_reply < 0 || hi_job < 0 || dup2(hi_reply, HD_WORKER_FD) < 0 ||
+      dup2(hi_job, HD_WORKER_JOB_FD) < 0)
+    _exit(HD_EXIT_NO_SOCKET);
+  fcntl(HD_WORKER_FD, F_SETFD, FD_CLOEXEC);
+  fcntl(HD_WORKER_JOB_FD, F_SETFD, FD_CLOEXEC);
+}
+
+/* In the forked child: become a worker on the pipes `fd` (replies) and
+ * `job`, writing output to `std`. Never returns. */
+static void sup_become_worker(sup *s, int fd, int job, const int std[2], pid_t sup_pid,
+                              const char *dir, int flags, const char *name, int jailed) {
   struct rlimit rl;
   sup_worker_title(name);
   sup_child_signals();
-  /* The control socket is descriptor 3 too: it goes first. */
+  /* The control socket may be descriptor 3 or 4: it goes first. */
   close(s->ctl);
   close(s->sigfd);
   sup_worker_stdio(std);
-  if (fd != HD_WORKER_FD) {
-    if (dup2(fd, HD_WORKER_FD) < 0) _exit(HD_EXIT_NO_SOCKET);
-    close(fd);
-  }
-  /* The protocol socket must not leak into programs a job executes. */
-  fcntl(HD_WORKER_FD, F_SETFD, FD_CLOEXEC);
-  sup_close_from(HD_WORKER_FD + 1, -1);
+  sup_worker_protocol(fd, job);
+  sup_close_from(HD_WORKER_JOB_FD + 1, -1);
   /* Dies with the supervisor; the supervisor dies with the host. A jailed
    * worker armed this before its jail, and its parent is outside its PID
    * namespace (getppid says 0). */
@@ -458,7 +466,7 @@ static void sup_close_fds(const int *fds, int n) {
 /* fds: the SPAWN's descriptors (wire.h's HD_SPAWN_FD_*), closed here. */
 static void sup_spawn(sup *s, uint32_t id, const int *fds, int flags, const char *name) {
   pid_t pid, me;
-  int fd = fds[HD_SPAWN_FD_SOCKET];
+  int fd = fds[HD_SPAWN_FD_REPLY], job = fds[HD_SPAWN_FD_JOB];
   const int std[2] = {fds[HD_SPAWN_FD_STDOUT], fds[HD_SPAWN_FD_STDERR]};
   int jailed = (flags & (HD_SPAWN_LUA | HD_SPAWN_SECCOMP)) != 0;
   if (s->nkids == s->capkids) {
@@ -509,7 +517,8 @@ static void sup_spawn(sup *s, uint32_t id, const int *fds, int flags, const char
   } else {
     pid = fork();
   }
-  if (pid == 0) sup_become_worker(s, fd, std, me, s->kids[s->nkids].dir, flags, name, jailed);
+  if (pid == 0)
+    sup_become_worker(s, fd, job, std, me, s->kids[s->nkids].dir, flags, name, jailed);
   sup_close_fds(fds, HD_SPAWN_FDS);
   if (pid < 0) {
     sup_rmdir(s->kids[s->nkids].dir);

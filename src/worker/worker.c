@@ -19,7 +19,7 @@
 #include <stdio_ext.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
+#include <fcntl.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -33,7 +33,10 @@
 #include "wire.h"
 
 typedef struct hd_wk {
-  int fd;
+  int fd;               /* the reply pipe: frames to the host */
+  int job_fd;           /* the job pipe: frames from the host */
+  int solo;             /* confined to one CPU: waits without polling */
+  unsigned jobs;        /* jobs served, for the periodic looks below */
   hd_alloc alloc;
   lua_State *L;
   char host_cwd[PATH_MAX]; /* the host's directory, before the private one */
@@ -48,7 +51,8 @@ typedef struct hd_wk {
   uint64_t job_id;
   size_t frame_len;     /* bytes of the job frame at the start of `in` */
   int inited;           /* its pool's init ran (or it has none and a job came) */
-  uint64_t cpu_base;    /* the process's CPU time after the last reply, ns */
+  uint64_t cpu_base;    /* the process's CPU time at a reply, ns */
+  uint64_t cpu_base_at; /* CLOCK_MONOTONIC when cpu_base was read, ns */
   uint64_t cpu_since;   /* wall time since cpu_base that quick items took, ns */
   uint64_t job_start;   /* CLOCK_MONOTONIC when the job (item) began, ns */
   uint64_t sent_at;     /* CLOCK_MONOTONIC when held replies last went out */
@@ -56,7 +60,7 @@ typedef struct hd_wk {
   char init_err[512];   /* why the init failed, or "" */
 } hd_wk;
 
-/* Bytes a read from the socket asks for at least. */
+/* Bytes a read from the job pipe asks for at least. */
 #define WK_READ_CHUNK 65536
 /* The pristine state's region: the standard libraries and what the image
  * adds fit in a fraction of it; pages never touched cost nothing. */
@@ -76,8 +80,12 @@ typedef struct hd_wk {
 #define WK_HOLD_OUTPUT (1u << 20)
 /* A job that arrives within this long of the last reply came back to back. */
 #define WK_BACK_TO_BACK_NS 200000
-/* Idle for this long after a job, a worker gives memory back. */
+/* Idle for this long after a job whose heap grew by WK_TRIM_AFTER, or that
+ * grew the I/O buffers, a worker gives memory back. After a smaller job
+ * there is little to give, and waiting with a timeout costs a system call
+ * on every round trip. */
 #define WK_IDLE_TRIM_MS 200
+#define WK_TRIM_AFTER (1u << 20)
 
 /* The worker process's one context. It is a static because the pristine
  * state must sit at the same address in the supervisor, which builds it, and
@@ -253,13 +261,13 @@ static void wk_unmap_job(void) {
   wk_maps.n = 0;
 }
 
-/* Reads what the socket has, at least one byte; -1 at EOF or error. One
+/* Reads what the job pipe has, at least one byte; -1 at EOF or error. One
  * read usually brings a whole job frame. */
 static int wk_fill(hd_wk *w) {
   for (;;) {
     ssize_t r;
     if (hd_buf_reserve(&w->in, WK_READ_CHUNK) != 0) return -1;
-    r = read(w->fd, w->in.data + w->in.len, w->in.cap - w->in.len);
+    r = read(w->job_fd, w->in.data + w->in.len, w->in.cap - w->in.len);
     if (r > 0) {
       w->in.len += (size_t)r;
       return 0;
@@ -268,9 +276,11 @@ static int wk_fill(hd_wk *w) {
   }
 }
 
+/* A write to the reply pipe once the host has gone raises SIGPIPE, which
+ * ends the worker: nothing is left to serve. */
 static int wk_write_full(int fd, const char *p, size_t n) {
   while (n > 0) {
-    ssize_t r = send(fd, p, n, MSG_NOSIGNAL);
+    ssize_t r = write(fd, p, n);
     if (r >= 0) {
       p += r;
       n -= (size_t)r;
@@ -703,7 +713,7 @@ static uint64_t wk_cpu_ns(void) {
   return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* Writes a then b, whole, in as few system calls as the socket allows. */
+/* Writes a then b, whole, in as few system calls as the pipe allows. */
 static int wk_write2(int fd, const char *a, size_t an, const char *b, size_t bn) {
   while (an + bn > 0) {
     struct iovec iov[2];
@@ -740,7 +750,7 @@ static int wk_write2(int fd, const char *a, size_t an, const char *b, size_t bn)
 #define WK_CPU_CLOCK_NS 100000
 
 /* The CPU time the job used, in ns, at `now`: from the CPU clock read
- * after the last reply (off the round trip), so what the worker did between
+ * at a reply before (wk_cpu_rebase), so what the worker did between
  * (restoring its state, polling for this job: at most WK_SPIN_NS) counts
  * too. Quick items read no clock: the wall time they took is kept, and
  * taken off the next clock reading. */
@@ -753,14 +763,54 @@ static uint64_t wk_job_cpu(hd_wk *w, uint64_t now) {
   cpu = wk_cpu_ns();
   used = cpu > w->cpu_base + w->cpu_since ? cpu - w->cpu_base - w->cpu_since : 0;
   w->cpu_base = cpu;
+  w->cpu_base_at = now;
   w->cpu_since = 0;
   return used;
 }
 
+/* The CPU clock is read again after a reply only once the last reading is
+ * this old: a read is a system call on every round trip. What the worker
+ * did between quick jobs (restoring its state, polling for the next one)
+ * since that reading is charged to the next job that reads the clock: at
+ * most this much. */
+#define WK_CPU_REBASE_NS 200000
+
+static void wk_cpu_rebase(hd_wk *w, uint64_t now) {
+  if (now - w->cpu_base_at < WK_CPU_REBASE_NS) return;
+  w->cpu_base = wk_cpu_ns();
+  w->cpu_base_at = now;
+  w->cpu_since = 0;
+}
+
+/* A job's last reply bigger than this goes by vmsplice: the pipe takes the
+ * reply buffer's pages, not a copy (a copy into a pipe moves about 2.7
+ * GB/s here, vmsplice 10). The buffer is not written again before the next
+ * job, which comes once the host has read the whole reply. Replies that
+ * items follow are copied: the next item's reply reuses the buffer. */
+#define WK_SPLICE_MIN 65536
+
+static int wk_splice_full(int fd, const char *p, size_t n) {
+  while (n > 0) {
+    struct iovec iov;
+    ssize_t r;
+    iov.iov_base = (void *)p;
+    iov.iov_len = n;
+    r = vmsplice(fd, &iov, 1, 0);
+    if (r > 0) {
+      p += r;
+      n -= (size_t)r;
+    } else if (r == 0 || errno != EINTR) {
+      return -1;
+    }
+  }
+  return 0;
+}
+
 /* The job's STATS frame, then its reply. With `hold`, more items of the
  * job follow: the two are held (hold.c) and go out with the replies after
- * them, or when WK_HOLD_NS has passed since the last send. */
-static int wk_reply_send(hd_wk *w, int last, int hold) {
+ * them, or when WK_HOLD_NS has passed since the last send. `final`: no
+ * reply of this job follows. */
+static int wk_reply_send(hd_wk *w, int last, int hold, int final) {
   char stats[HD_STATS_LEN];
   uint64_t now = wk_now_ns();
   uint64_t cpu = wk_job_cpu(w, now);
@@ -776,8 +826,15 @@ static int wk_reply_send(hd_wk *w, int last, int hold) {
   /* The next item's time runs from here, so the items' wall times cover
    * the worker's: what wk_job_cpu takes off a clock reading. */
   w->job_start = now;
-  if (!hold && hd_hold_bytes() == 0) return wk_write2(w->fd, stats, sizeof stats, w->out.data,
-                                                      w->out.len);
+  if (!hold && hd_hold_bytes() == 0) {
+    /* The STATS frame is on the stack: copied, never spliced. */
+    if (final && w->out.len > WK_SPLICE_MIN)
+      return wk_write_full(w->fd, stats, sizeof stats) != 0 ||
+                     wk_splice_full(w->fd, w->out.data, w->out.len) != 0
+                 ? -1
+                 : 0;
+    return wk_write2(w->fd, stats, sizeof stats, w->out.data, w->out.len);
+  }
   rc = hd_hold_add(stats, sizeof stats, w->out.data, w->out.len);
   if (rc == -2) return -1;
   if (rc == -1) {
@@ -1028,19 +1085,31 @@ static uint64_t wk_now_ns(void) {
  * quiet machine (its CPU idles deeply). So it polls for up to 50 us first,
  * but only while jobs have been coming back to back. */
 #define WK_SPIN_NS 50000
+/* How often (in jobs) a worker looks at the CPUs it may run on. */
+#define WK_CPUS_EVERY 256
+
+/* Whether the worker may run on one CPU only (pinned, with the host
+ * usually: pins are inherited). Then polling cannot help: the host runs
+ * only once the worker stops, and a plain blocking read is one system
+ * call where polling is three. */
+static int wk_one_cpu(void) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  return sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) == 1;
+}
 
 static void wk_spin_for_job(hd_wk *w) {
   uint64_t start;
-  if (!w->back_to_back || w->in.len != 0) return;
-  if (hd_buf_reserve(&w->in, WK_READ_CHUNK) != 0) return;
+  if ((w->jobs++ % WK_CPUS_EVERY) == 0) w->solo = wk_one_cpu();
+  if (w->solo || !w->back_to_back || w->in.len != 0) return;
   start = wk_now_ns();
   while (wk_now_ns() - start < WK_SPIN_NS) {
-    ssize_t r = recv(w->fd, w->in.data, w->in.cap, MSG_DONTWAIT);
-    if (r > 0) {
-      w->in.len = (size_t)r;
-      return;
-    }
-    if (r == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) return;
+    struct pollfd pf;
+    pf.fd = w->job_fd;
+    pf.events = POLLIN;
+    pf.revents = 0;
+    /* Readable or closed: the read that follows says which. */
+    if (poll(&pf, 1, 0) != 0) return;
     /* Whoever else wants this CPU (the host, another worker) gets it. */
     sched_yield();
   }
@@ -1051,7 +1120,7 @@ static void wk_spin_for_job(hd_wk *w) {
  * gives it back, so idle workers stay small. */
 static void wk_trim_when_idle(hd_wk *w) {
   struct pollfd pf;
-  pf.fd = w->fd;
+  pf.fd = w->job_fd;
   pf.events = POLLIN;
   pf.revents = 0;
   if (poll(&pf, 1, WK_IDLE_TRIM_MS) != 0) return;
@@ -1067,10 +1136,11 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
   hd_wk *w = &wk;
   char h[HD_HELLO_LEN];
   /* The "syscalls" profile keeps the FFI: a job can reach any memory and
-   * descriptor of its process, the protocol socket included, so no other
+   * descriptor of its process, the protocol pipes included, so no other
    * job may follow it there. One job, then the worker exits. */
   int once = (flags & HD_SPAWN_SECCOMP) && !(flags & HD_SPAWN_LUA);
   w->fd = fd;
+  w->job_fd = HD_WORKER_JOB_FD;
   /* Replies are held (hold.c) only where jobs of several items run: not in
    * the one-job workers of the "syscalls" profile. There a job has the FFI
    * and may signal itself, and its worker is the first process of its PID
@@ -1085,6 +1155,7 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
   hd_wire_hello(h, pid);
   if (wk_write_full(fd, h, sizeof h) != 0) return 0;
   w->cpu_base = wk_cpu_ns();
+  w->cpu_base_at = wk_now_ns();
   for (;;) {
     hd_frame f;
     hd_wire_job job, items;
@@ -1111,9 +1182,12 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
       hd_buf_consume(&w->in, w->frame_len);
       continue;
     }
-    /* Nothing more is read here: a job that takes the socket over cannot
-     * read another job's frame from it, whatever the host sends. */
-    if (once) shutdown(w->fd, SHUT_RD);
+    /* Nothing more is read here: a job that takes the process over cannot
+     * read another job's frame, whatever the host sends. */
+    if (once) {
+      close(w->job_fd);
+      w->job_fd = -1;
+    }
     if (hd_wire_job_parse(w->in.data, w->frame_len, &job) != 0) return HD_EXIT_BAD_FRAME;
     items = job;
     w->job_start = w->sent_at = wk_now_ns();
@@ -1142,18 +1216,25 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
        * replies held go before this item's output. */
       if (hd_hold_bytes() > 0 && (__fpending(stdout) > 0 || __fpending(stderr) > 0))
         (void)hd_hold_send();
-      fflush(NULL);
       last = w->alloc.taint || once;
+      /* Untainted, the job had no stream but these (its files are closed):
+       * walking every stream costs more than looking at two. */
+      if (last) fflush(NULL);
+      else if (__fpending(stdout) > 0 || __fpending(stderr) > 0) {
+        fflush(stdout);
+        fflush(stderr);
+      }
       if (w->env_set) {
         clearenv();
         w->env_set = 0;
       }
       /* Replies of items are held while more items follow (hold.c). */
-      if (wk_reply_send(w, last, items.nitems > 0 && !last && !w->no_hold) != 0) goto done;
+      if (wk_reply_send(w, last, items.nitems > 0 && !last && !w->no_hold,
+                        items.nitems == 0 || last) != 0)
+        goto done;
       if (items.nitems == 0 || last) {
         w->replied_at = wk_now_ns();
-        w->cpu_base = wk_cpu_ns();
-        w->cpu_since = 0;
+        wk_cpu_rebase(w, w->replied_at);
       }
       if (last) {
         /* Not lua_close: a pipe the job left open would wait in pclose for
@@ -1164,7 +1245,9 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
       }
       /* Off the critical path: the reply is out. Memory the job used goes
        * back to the system once the worker has been idle for a while. */
-      w->trim = 1;
+      if (w->alloc.peak - w->alloc.base >= WK_TRIM_AFTER || w->in.cap > 4 * WK_READ_CHUNK ||
+          w->out.cap > 4 * WK_READ_CHUNK)
+        w->trim = 1;
       hd_alloc_restore(&w->alloc);
       wk_unmap_job();
     } while (items.nitems > 0);
