@@ -357,14 +357,20 @@ describe("the sandbox", function()
     it("runs its workers under a seccomp filter", function()
       -- A syscalls worker serves one job and is killed after it; the pool
       -- starts a spare for the next job meanwhile. Every worker of the
-      -- pool still alive is filtered, the spare included.
+      -- pool still alive is filtered, the spare included, once it has set
+      -- itself up (it says hello to the host only after that; a spare
+      -- may still be making its jail here).
       local one = handler.pool({ sandbox = "syscalls" })
       finally(function() one:close() end)
       local before = H.workers()
       assert.is_true(resolve(one, function() return 1 end)[1])
       local checked = 0
       for _, pid in ipairs(H.workers()) do
-        local mode, nnp = seccomp_of(pid)
+        local mode, nnp
+        H.wait_until(function()
+          mode, nnp = seccomp_of(pid)
+          return mode == nil or mode == 2
+        end, 5)
         if not H.contains(before, pid) and mode ~= nil then
           assert.are.equal(2, mode)
           assert.are.equal(1, nnp)

@@ -616,13 +616,19 @@ end
 -- exactly the descriptors the live workers account for, and every worker
 -- left an idle sleeper.
 
+-- The host's pipe descriptors per worker: its ends of the reply, job and
+-- two output pipes, and the job pipe's read end it keeps.
+local WORKER_PIPES = 5
+
 --- Whether the core's workers and the host's descriptors agree now: every
--- listed worker is an idle sleeper (state S), the core holds a socket, two
--- output pipes and a pidfd for each (procs().sockets), and the host has
--- exactly those: one socket, two pipes and one pidfd per listed worker, plus
--- the supervisor's socket and the pidfd it is waited on by. A dying, retiring or just-killed worker passes through states
--- where they disagree (it stays listed, its socket closed, until its exit
--- is reported; a killed one may be listed only once its pid arrives).
+-- listed worker is an idle sleeper (state S), the core holds five pipe
+-- descriptors (its ends of the reply, job and output pipes, and the job
+-- pipe's kept read end) and a pidfd for each (procs().sockets), and the
+-- host has at least those pipes, one pidfd per listed worker, and no
+-- socket but the supervisor's, plus the pidfd the supervisor is waited on
+-- by. A dying, retiring or just-killed worker passes through states where
+-- they disagree (it stays listed, its pipes closed, until its exit is
+-- reported; a killed one may be listed only once its pid arrives).
 -- Steps the loop first.
 function M.settled_now()
   handler.step()
@@ -632,14 +638,14 @@ function M.settled_now()
   end
   local sup = list.supervisor and 1 or 0
   local k = M.fd_kinds()
-  return list.sockets == 4 * #list and k.sockets == #list + sup and k.pidfds == #list + sup
-    and k.pipes >= 2 * #list
+  return list.sockets == (WORKER_PIPES + 1) * #list and k.sockets == sup
+    and k.pidfds == #list + sup and k.pipes >= WORKER_PIPES * #list
 end
 
---- The host's pipes that are not its workers' output pipes (its own
--- stdout, say, and the module's copy of it).
+--- The host's pipes that are not its workers' (its own stdout, say, and
+-- the module's copy of it).
 local function other_pipes()
-  return M.fd_kinds().pipes - 2 * #handler._core.procs()
+  return M.fd_kinds().pipes - WORKER_PIPES * #handler._core.procs()
 end
 
 --- What assert_fds_back compares against, taken once settled (or after

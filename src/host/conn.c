@@ -68,6 +68,8 @@ struct hd_conn {
   int wpoll_on;       /* started */
   uint64_t replied_at;/* uv_hrtime() when bytes last came */
   int big;            /* CONN_BIG_*: pipes grown for the job in flight */
+  int spliced;        /* the job in flight's frame went by vmsplice */
+  int no_splice;      /* vmsplice was refused: frames are copied */
   int handles;        /* handles initialised and not yet closed */
   int orphan;         /* hd_conn_new failed: freed, not reported, once closed */
   int check_flags;    /* hd_validate_flags for replies: HD_VAL_NO_NAMES when sandboxed */
@@ -299,6 +301,29 @@ static void conn_wpoll_close_cb(uv_handle_t *h) {
   conn_handle_closed(h->data);
 }
 
+/* A job frame went by vmsplice, so the job pipe holds the caller's pages,
+ * which the caller may reuse once the job has ended. A worker that has not
+ * read them all yet and is still being killed must not read them then:
+ * with the job pipe's write end closed, what is left is taken out through
+ * the read end kept here, as long as a poll says there is some. */
+static void conn_job_pipe_empty(hd_conn *c) {
+  char buf[CONN_OUT_CHUNK];
+  if (c->job_fd >= 0) close(c->job_fd);
+  c->job_fd = -1;
+  while (c->job_keep >= 0) {
+    struct pollfd pf;
+    ssize_t r;
+    pf.fd = c->job_keep;
+    pf.events = POLLIN;
+    pf.revents = 0;
+    if (poll(&pf, 1, 0) <= 0 || !(pf.revents & POLLIN)) break;
+    r = read(c->job_keep, buf, sizeof buf);
+    if (r > 0 || (r < 0 && errno == EINTR)) continue;
+    break;
+  }
+  c->spliced = 0;
+}
+
 /* The protocol pipes' descriptors. */
 static void conn_close_protocol(hd_conn *c) {
   int *fds[3] = {&c->fd, &c->job_fd, &c->job_keep};
@@ -333,6 +358,7 @@ void hd_conn_close(hd_conn *c) {
   }
   /* The descriptors go at once (a stopped poll no longer watches them), so
    * the host's descriptor count does not wait for the loop to run again. */
+  if (c->spliced) conn_job_pipe_empty(c);
   conn_close_protocol(c);
   for (k = 0; k < CONN_OUTS; k++) conn_out_close(&c->out[k]);
   c->has_pending = 0;
@@ -492,15 +518,17 @@ static void conn_write(hd_conn *c) {
   while (c->frame && c->out_off < c->frame->len && c->job_fd >= 0) {
     const char *p = c->frame->data + c->out_off;
     size_t n = c->frame->len - c->out_off;
-    ssize_t r;
-    if (n > CONN_PIPE_SMALL) {
+    ssize_t r = -1;
+    if (n > CONN_PIPE_SMALL && !c->no_splice) {
       struct iovec iov;
       iov.iov_base = (void *)p;
       iov.iov_len = n;
       r = vmsplice(c->job_fd, &iov, 1, SPLICE_F_NONBLOCK);
-    } else {
-      r = write(c->job_fd, p, n);
+      if (r > 0) c->spliced = 1;
+      /* Refused (memory, say): the rest is copied. */
+      if (r < 0 && errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK) c->no_splice = 1;
     }
+    if (r < 0 && (n <= CONN_PIPE_SMALL || c->no_splice)) r = write(c->job_fd, p, n);
     if (r > 0) {
       c->out_off += (size_t)r;
       continue;
@@ -511,6 +539,7 @@ static void conn_write(hd_conn *c) {
     c->out_off = c->frame->len;
   }
 }
+
 
 void hd_conn_send(hd_conn *c, uint64_t id, double max_result, const hd_buf *frame) {
   c->id = id;
@@ -631,6 +660,8 @@ static void conn_deliver(hd_conn *c, int exact) {
   c->has_pending = 0;
   c->frame = NULL;
   c->replies = 0;
+  /* The worker has read the whole frame: it replied. */
+  c->spliced = 0;
   if (c->big) conn_pipes_shrink(c);
   /* The reply is the last frame (conn_reply): the buffer goes up with it,
    * wherever it starts. */

@@ -44,6 +44,7 @@ typedef struct hd_wk {
   uint64_t data_limit;  /* the RLIMIT_DATA in force */
   int sandbox;          /* the sandbox profile is in force */
   int trim;             /* give memory back once idle */
+  int out_spliced;      /* `out` went by vmsplice: unread by the host, maybe */
   int back_to_back;     /* the last job came right after the reply before it */
   uint64_t replied_at;  /* when the last reply went out, ns */
   hd_buf in;    /* the job frame being read */
@@ -828,11 +829,13 @@ static int wk_reply_send(hd_wk *w, int last, int hold, int final) {
   w->job_start = now;
   if (!hold && hd_hold_bytes() == 0) {
     /* The STATS frame is on the stack: copied, never spliced. */
-    if (final && w->out.len > WK_SPLICE_MIN)
+    if (final && w->out.len > WK_SPLICE_MIN) {
+      w->out_spliced = 1;
       return wk_write_full(w->fd, stats, sizeof stats) != 0 ||
                      wk_splice_full(w->fd, w->out.data, w->out.len) != 0
                  ? -1
                  : 0;
+    }
     return wk_write2(w->fd, stats, sizeof stats, w->out.data, w->out.len);
   }
   rc = hd_hold_add(stats, sizeof stats, w->out.data, w->out.len);
@@ -1125,9 +1128,11 @@ static void wk_trim_when_idle(hd_wk *w) {
   pf.revents = 0;
   if (poll(&pf, 1, WK_IDLE_TRIM_MS) != 0) return;
   /* The I/O buffers too: cheap to make again, and every page counts for an
-   * idle worker. */
+   * idle worker. Not a reply buffer the pipe may still hold pages of: the
+   * host may not have read it yet, and freeing writes malloc's own data
+   * into it (it goes once the next job has come). */
   hd_buf_free(&w->in);
-  hd_buf_free(&w->out);
+  if (!w->out_spliced) hd_buf_free(&w->out);
   malloc_trim(0);
   w->trim = 0;
 }
@@ -1165,6 +1170,8 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
     while (w->in.len < HD_FRAME_HEADER)
       if (wk_fill(w) != 0) goto done;
     w->back_to_back = w->replied_at != 0 && wk_now_ns() - w->replied_at < WK_BACK_TO_BACK_NS;
+    /* A job comes only after the host has read the last reply whole. */
+    w->out_spliced = 0;
     hd_wire_frame(w->in.data, &f);
     /* An INIT comes first or never. */
     if ((f.type != HD_FRAME_JOB && (f.type != HD_FRAME_INIT || w->inited)) ||
