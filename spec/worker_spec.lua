@@ -58,6 +58,52 @@ describe("worker processes", function()
       assert.are.equal(started, handler.default_pool():stats().processes_started)
     end)
 
+    it("forgets the names a job's own modules gave its values", function()
+      -- The codec's name cache is part of the image but left out of the
+      -- per-job restore while no job writes to it. A job that adds a module
+      -- extends it; the next job's values, made at the same addresses, must
+      -- not travel under the names of the first job's.
+      -- The host has a module of the same name: a value a job finds under
+      -- job_module.t comes back as the host's job_module.t.
+      local host_t = { "the host's" }
+      package.loaded.job_module = { t = host_t }
+      local pool = handler.pool({ max_workers = 1 })
+      finally(function()
+        pool:close()
+        package.loaded.job_module = nil
+      end)
+      -- One function for both jobs, so that their tables take the same
+      -- addresses in the worker's heap.
+      local function job(add)
+        local t = { 1 }
+        if add then package.loaded.job_module = { t = t } end
+        return t
+      end
+      assert.is_true((pool:run(job, { args = { false } })))
+      local started = pool:stats().processes_started
+      for _ = 1, 5 do
+        local ok, v = pool:run(job, { args = { true } })
+        assert.is_true(ok, tostring(v))
+        assert.are.equal(host_t, v)
+        ok, v = pool:run(job, { args = { false } })
+        assert.is_true(ok, tostring(v))
+        assert.are.same({ 1 }, v)
+      end
+      assert.are.equal(started, pool:stats().processes_started)
+    end)
+
+    it("takes a worker that handed a job the registry out of service", function()
+      local pool = handler.pool({ max_workers = 1 })
+      finally(function() pool:close() end)
+      assert.is_true((pool:run(function() return 1 end)))
+      local started = pool:stats().processes_started
+      local ok, v = pool:run(function() return type(debug.getregistry()) end)
+      assert.is_true(ok, tostring(v))
+      assert.are.equal("table", v)
+      assert.is_true((pool:run(function() return 1 end)))
+      assert.are.equal(started + 1, pool:stats().processes_started)
+    end)
+
     it("gives a fresh heap: a job that used much of its limit leaves nothing to the next", function()
       local limit = 8 * 2 ^ 20
       local hog = function()

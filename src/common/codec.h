@@ -47,6 +47,20 @@ void hd_encode(lua_State *L, int first, int n, hd_buf *out, int flags);
  * look for them. */
 void hd_refuse(lua_State *L, int value, int what);
 
+/* For a worker's image: reports through fix(ud, p, n) the memory of the
+ * name cache that only the codec writes, the hash parts of its tables and
+ * of the standard name sets and the filter's bits, so that the per-job
+ * restore can leave it out. The cache's tables become strong (the
+ * collector never clears an entry of a strong table). Where LuaJIT's
+ * table layout is not the expected one, or no cache was built, it reports
+ * nothing and returns -1. hd_codec_names_touched says whether the codec
+ * wrote to the cache or the sets since (and forgets it): then that memory
+ * must be restored too. Code that reaches the cache otherwise (through
+ * debug.getregistry, say) must be kept from running, or restored after. */
+int hd_codec_names_fixed(lua_State *L, void (*fix)(void *ud, const void *p, size_t n),
+                         void *ud);
+int hd_codec_names_touched(void);
+
 /* Decodes a whole message of `len` bytes, pushes its values and returns how
  * many. Raises a Lua error (a string) on malformed input. Without
  * HD_DEC_TRUSTED the bytes are treated as hostile: no bytecode is loaded,

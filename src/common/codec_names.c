@@ -17,6 +17,10 @@ static const char nc_std_key = 0;
 static const char nc_stdmod_key = 0;
 static const char nc_verdicts_key = 0;
 
+/* Set whenever the cache or the standard sets are written to (built,
+ * rebuilt or extended): hd_codec_names_fixed. */
+static int nc_touched;
+
 /* The Lua stack slots the cache's functions make sure of: indexing a module
  * table, looking a standard name up, building or fetching the cache. */
 #define NC_INDEX_SLOTS 12
@@ -190,6 +194,7 @@ static int nc_std_fill(lua_State *L) {
     lua_pop(F, 1);
   }
   lua_pop(F, 2);
+  nc_touched = 1;
   for (k = 0; k < 2; k++) {
     lua_pushlightuserdata(L, (void *)(k == 0 ? &nc_std_key : &nc_stdmod_key));
     lua_pushvalue(L, k == 0 ? names : mods);
@@ -372,6 +377,7 @@ static void nc_index(lua_State *L, int nc, int loaded) {
 void cx_names_build(lua_State *L) {
   int nc;
   if (!lua_checkstack(L, NC_SLOTS)) cx_oom(L);
+  nc_touched = 1;
   lua_createtable(L, 6, 0);
   nc = lua_gettop(L);
   nc_push_weak(L, 0, 64, "k");
@@ -443,6 +449,7 @@ int cx_names_push(lua_State *L) {
   if (!stale && lua_tonumber(L, -1) == same) {
     /* Modules were only added: index just those. */
     lua_pop(L, 2);
+    nc_touched = 1;
     nc_index(L, nc, loaded);
     lua_pop(L, 1);
     return 0;
@@ -452,6 +459,57 @@ int cx_names_push(lua_State *L) {
   return 1;
 }
 
+
+/* Reports the hash part of the table at idx, when it has one of its own
+ * (an empty one points into the VM's global state). */
+static void nc_fix_nodes(lua_State *L, int idx, void (*fix)(void *, const void *, size_t),
+                         void *ud) {
+  uint32_t hmask;
+  const uint64_t *n = cx_tab_nodes(lua_topointer(L, idx), &hmask);
+  if (hmask > 0) fix(ud, n, ((size_t)hmask + 1) * 3 * sizeof *n);
+}
+
+int hd_codec_names_fixed(lua_State *L, void (*fix)(void *ud, const void *p, size_t n),
+                         void *ud) {
+  static const char *const sets[] = {&nc_std_key, &nc_stdmod_key};
+  int nc, k;
+  if (!cx_tab_fast(L) || !lua_checkstack(L, 4)) return -1;
+  lua_pushlightuserdata(L, (void *)&nc_names_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  nc = lua_gettop(L);
+  if (!lua_istable(L, nc)) {
+    lua_pop(L, 1);
+    return -1;
+  }
+  for (k = CX_NC_NAMES; k <= CX_NC_SEEN; k++) {
+    lua_rawgeti(L, nc, k);
+    if (lua_istable(L, -1)) {
+      /* Strong: a collection never clears an entry then. What the entries
+       * hold is in the image, which keeps it anyway. */
+      lua_pushnil(L);
+      lua_setmetatable(L, -2);
+      nc_fix_nodes(L, lua_gettop(L), fix, ud);
+    }
+    lua_pop(L, 1);
+  }
+  lua_rawgeti(L, nc, CX_NC_FILTER);
+  if (lua_touserdata(L, -1) != NULL) fix(ud, lua_touserdata(L, -1), CX_NC_FILTER_BITS / 8);
+  lua_pop(L, 2);
+  for (k = 0; k < 2; k++) {
+    lua_pushlightuserdata(L, (void *)sets[k]);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    if (lua_istable(L, -1)) nc_fix_nodes(L, lua_gettop(L), fix, ud);
+    lua_pop(L, 1);
+  }
+  nc_touched = 0;
+  return 0;
+}
+
+int hd_codec_names_touched(void) {
+  int t = nc_touched;
+  nc_touched = 0;
+  return t;
+}
 
 /* ------------------------------------------------------------------------ */
 /* Which modules a worker can load                                          */

@@ -68,9 +68,41 @@ static int alloc_live_at(const hd_alloc *a, size_t g) {
   return (a->live[g >> 3] >> (g & 7)) & 1;
 }
 
+void hd_alloc_unfix(hd_alloc *a) {
+  a->nfixed = 0;
+}
+
+void hd_alloc_fix(hd_alloc *a, const void *p, size_t n) {
+  const char *c = p;
+  size_t from, to;
+  if (a->live == NULL || c < a->region || c >= a->region + a->bump ||
+      n > (size_t)(a->region + a->bump - c))
+    return;
+  from = ((size_t)(c - a->region) + ALLOC_GRAIN - 1) / ALLOC_GRAIN * ALLOC_GRAIN;
+  to = ((size_t)(c - a->region) + n) / ALLOC_GRAIN * ALLOC_GRAIN;
+  if (to <= from) return;
+  if (a->nfixed == a->capfixed) {
+    size_t cap = a->capfixed ? a->capfixed * 2 : 8;
+    size_t *m = realloc(a->fixed, cap * 2 * sizeof *m);
+    if (m == NULL) return;
+    a->fixed = m;
+    a->capfixed = cap;
+  }
+  a->fixed[2 * a->nfixed] = from;
+  a->fixed[2 * a->nfixed + 1] = to - from;
+  a->nfixed++;
+}
+
+/* Sets or clears the fixed parts' units in the live map. */
+static void alloc_mark_fixed(hd_alloc *a, int on) {
+  size_t k;
+  for (k = 0; k < a->nfixed; k++)
+    alloc_mark(a, a->region + a->fixed[2 * k], a->fixed[2 * k + 1], on);
+}
+
 /* The live parts of the region's first `bump` bytes, holes of
  * ALLOC_MIN_HOLE bytes or more left out; without a map, or without memory
- * for more ranges, all of it in one. */
+ * for more ranges, all of it in one (returns 1 then). */
 static int alloc_ranges(hd_alloc *a) {
   size_t grains = a->bump / ALLOC_GRAIN, g = 0, n = 0, cap = 64;
   size_t *r = malloc(cap * 2 * sizeof *r);
@@ -80,7 +112,7 @@ static int alloc_ranges(hd_alloc *a) {
   a->nranges = 1;
   r[0] = 0;
   r[1] = a->bump;
-  if (a->live == NULL) return 0;
+  if (a->live == NULL) return 1;
   while (g < grains) {
     size_t start, end;
     while (g < grains && !alloc_live_at(a, g)) g++;
@@ -101,7 +133,7 @@ static int alloc_ranges(hd_alloc *a) {
         a->ranges[0] = 0;
         a->ranges[1] = a->bump;
         a->nranges = 1;
-        return 0;
+        return 1;
       }
       a->ranges = m;
       cap *= 2;
@@ -115,11 +147,18 @@ static int alloc_ranges(hd_alloc *a) {
 }
 
 int hd_alloc_snapshot(hd_alloc *a) {
+  int rc;
   free(a->snapshot);
   a->snapshot = malloc(a->bump ? a->bump : 1);
   if (a->snapshot == NULL) return -1;
   memcpy(a->snapshot, a->region, a->bump);
-  if (alloc_ranges(a) != 0) return -1;
+  /* The fixed parts are left out of the ranges; the map stays whole for a
+   * later rebuild. When the ranges are all of it, nothing is fixed. */
+  alloc_mark_fixed(a, 0);
+  rc = alloc_ranges(a);
+  alloc_mark_fixed(a, 1);
+  if (rc < 0) return -1;
+  if (rc > 0) a->nfixed = 0;
   a->building = 0;
   a->snap_used = a->used;
   return 0;
@@ -132,7 +171,7 @@ void hd_alloc_arm(hd_alloc *a, size_t limit) {
   a->tripped = 0;
 }
 
-void hd_alloc_restore(hd_alloc *a) {
+void hd_alloc_restore(hd_alloc *a, int fixed_changed) {
   hd_blk *b = a->head.next;
   hd_chunk *c = a->chunks;
   size_t k;
@@ -142,9 +181,13 @@ void hd_alloc_restore(hd_alloc *a) {
     b = next;
   }
   a->head.next = a->head.prev = &a->head;
+  /* Every job has a chunk at least: one stays for the next (a malloc and
+   * a free less per job; its bytes are the next job's to overwrite, as
+   * malloc's would be). */
   while (c != NULL) {
     hd_chunk *next = c->next;
-    free(c);
+    if (a->spare == NULL) a->spare = c;
+    else free(c);
     c = next;
   }
   a->chunks = NULL;
@@ -153,6 +196,10 @@ void hd_alloc_restore(hd_alloc *a) {
   for (k = 0; k < a->nranges; k++) {
     size_t at = a->ranges[2 * k];
     memcpy(a->region + at, a->snapshot + at, a->ranges[2 * k + 1]);
+  }
+  for (k = 0; fixed_changed && k < a->nfixed; k++) {
+    size_t at = a->fixed[2 * k];
+    memcpy(a->region + at, a->snapshot + at, a->fixed[2 * k + 1]);
   }
   a->used = a->snap_used;
   a->limit = 0;
@@ -192,8 +239,9 @@ static void *alloc_small_new(hd_alloc *a, size_t n) {
     return p;
   }
   if ((size_t)(a->bump_end - a->bump_at) < sz) {
-    hd_chunk *k = malloc(ALLOC_CHUNK);
+    hd_chunk *k = a->spare != NULL ? a->spare : malloc(ALLOC_CHUNK);
     if (k == NULL) return NULL;
+    a->spare = NULL;
     k->next = a->chunks;
     a->chunks = k;
     a->bump_at = (char *)(k + 1);

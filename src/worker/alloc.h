@@ -38,8 +38,13 @@ typedef struct hd_alloc {
   int live_lost;         /* `live` could not grow once: no map from then on */
   size_t *ranges;        /* the snapshot's live parts: offset, length pairs */
   size_t nranges;
+  size_t *fixed;         /* live parts that only a known writer changes (the
+                          * codec's name cache): left out of `ranges`,
+                          * copied back only after that writer ran */
+  size_t nfixed, capfixed;
   hd_blk head;           /* the job's blocks larger than HD_ALLOC_SMALL_MAX */
   hd_chunk *chunks;      /* the job's chunks of small blocks */
+  hd_chunk *spare;       /* one chunk the restore kept for the next job */
   char *bump_at, *bump_end; /* what is left of the newest chunk */
   void *free_small[HD_ALLOC_CLASSES]; /* freed small blocks, by class */
   size_t used;           /* bytes the state holds now */
@@ -59,6 +64,13 @@ int hd_alloc_init(hd_alloc *a, size_t region_cap);
  * state just restored, with no block of its own). */
 void hd_alloc_rebuild(hd_alloc *a);
 
+/* Marks [p, p + n), memory of the state being built, as fixed: the whole
+ * 16-byte units of it are left out of the restore unless hd_alloc_restore
+ * is told they may have changed. Best effort (without memory for the list,
+ * the part is restored as any other). hd_alloc_unfix forgets them all. */
+void hd_alloc_fix(hd_alloc *a, const void *p, size_t n);
+void hd_alloc_unfix(hd_alloc *a);
+
 /* Ends building and takes the snapshot. */
 int hd_alloc_snapshot(hd_alloc *a);
 
@@ -66,7 +78,8 @@ int hd_alloc_snapshot(hd_alloc *a);
 void hd_alloc_arm(hd_alloc *a, size_t limit);
 
 /* Frees every block of the job and copies the snapshot back: the state is
- * then exactly the pristine one again. */
-void hd_alloc_restore(hd_alloc *a);
+ * then exactly the pristine one again, given that the fixed parts are
+ * unchanged or `fixed_changed` says they may have changed. */
+void hd_alloc_restore(hd_alloc *a, int fixed_changed);
 
 #endif
