@@ -1220,13 +1220,14 @@ static void job_timer_close_cb(uv_handle_t *h) {
 
 static void job_timer_cb(uv_timer_t *t);
 
-static void job_timer_start(hd_job *j, double ms) {
+/* The timer, with its deadline `ms` after `now` (uv_hrtime()). */
+static void job_timer_start_at(hd_job *j, double ms, uint64_t now) {
   if (!(ms > 0)) ms = 0;
   if (ms > SCHED_MAX_TIMER_MS) ms = SCHED_MAX_TIMER_MS;
   /* libuv counts whole milliseconds from the loop's cached time, so a timer
    * can fire up to a millisecond early; the deadline in nanoseconds is what
    * the callback checks. */
-  j->deadline = uv_hrtime() + (uint64_t)(ms * 1e6);
+  j->deadline = now + (uint64_t)(ms * 1e6);
   if (!j->timer_open) {
     uv_timer_init(hd_loop_uv(j->sched->loop), &j->timer);
     j->timer.data = j;
@@ -1234,6 +1235,10 @@ static void job_timer_start(hd_job *j, double ms) {
     j->refs++;
   }
   uv_timer_start(&j->timer, job_timer_cb, (uint64_t)ms, 0);
+}
+
+static void job_timer_start(hd_job *j, double ms) {
+  job_timer_start_at(j, ms, uv_hrtime());
 }
 
 static void job_unqueue(hd_job *j) {
@@ -1359,7 +1364,8 @@ static void job_start(hd_job *j) {
   /* max_ms = 0 times out at once; only math.huge means no limit. */
   if (j->lim.max_ms < SCHED_NO_LIMIT_MS) {
     uv_update_time(hd_loop_uv(s->loop));
-    job_timer_start(j, job_limit(j, j->lim.max_ms));
+    /* From its start: read a moment ago. */
+    job_timer_start_at(j, job_limit(j, j->lim.max_ms), j->started);
   }
   if (j->lim.max_cpu_ms < SCHED_NO_LIMIT_MS) {
     int64_t base = proc_cpu_ns(p);
@@ -1427,15 +1433,19 @@ static void job_timer_cb(uv_timer_t *t) {
   if (j->proc != NULL) proc_kill(j->proc);
 }
 
-static void job_submit(hd_job *j);
+static void job_submit(hd_job *j, uint64_t now);
 
 void hd_job_submit(hd_job *j) {
   hd_sched *s = j->sched;
+  uint64_t now = uv_hrtime();
   /* A host that has not run the loop for a while (nginx between requests)
    * hears the news first: a supervisor or worker that died meanwhile is
    * replaced, not handed the job. */
-  if (uv_hrtime() - s->last_run > SCHED_STALE_NS) hd_sched_step(s);
-  job_submit(j);
+  if (now - s->last_run > SCHED_STALE_NS) {
+    hd_sched_step(s);
+    now = uv_hrtime();
+  }
+  job_submit(j, now);
   /* A host submitting many jobs in a row (async after async) does not run
    * the loop meanwhile: workers that finished would sit idle until it
    * waits. While jobs queue, a look at the loop now and then (one system
@@ -1445,12 +1455,12 @@ void hd_job_submit(hd_job *j) {
   sched_sync(s);
 }
 
-static void job_submit(hd_job *j) {
+static void job_submit(hd_job *j, uint64_t now) {
   hd_sched *s = j->sched;
   sched_pool *sp = hd_pool_data(j->origin);
   uint64_t heap = j->lim.max_heap;
   hd_outcome out;
-  j->submitted = uv_hrtime();
+  j->submitted = now;
   j->refs++; /* the scheduler's, until the job is done */
   /* A job that is willing to wait queues behind those already waiting in
    * its pool, first come first served; one that is not takes capacity if
