@@ -186,8 +186,16 @@ void hd_alloc_restore(hd_alloc *a, int fixed_changed) {
    * malloc's would be). */
   while (c != NULL) {
     hd_chunk *next = c->next;
-    if (a->spare == NULL) a->spare = c;
-    else free(c);
+#ifndef __SANITIZE_ADDRESS__
+    /* Under AddressSanitizer every chunk goes, so that a pointer kept
+     * into a job's memory shows as a use after free. */
+    if (a->spare == NULL) {
+      a->spare = c;
+      c = next;
+      continue;
+    }
+#endif
+    free(c);
     c = next;
   }
   a->chunks = NULL;

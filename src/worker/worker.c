@@ -324,6 +324,14 @@ static int wk_tainting(lua_State *L) {
   return wk_call_wrapped(L);
 }
 
+/* debug.getupvalue and setupvalue taint for a C function: the upvalues of
+ * the wrappers here are the functions they wrap (the real getregistry,
+ * the FFI's loader), which would otherwise reach the job untainted. */
+static int wk_c_upvalue_guard(lua_State *L) {
+  if (lua_iscfunction(L, 1)) wk_taint(L);
+  return wk_call_wrapped(L);
+}
+
 /* load and loadstring taint only for bytecode or a reader function. */
 static int wk_load_guard(lua_State *L) {
   const char *s = lua_tostring(L, 1);
@@ -470,9 +478,18 @@ static void wk_wrap_all(lua_State *L) {
   wk_wrap(L, -1, "setlocale", wk_tainting);
   lua_pop(L, 1);
   /* The registry holds the codec's name cache, which the restore leaves
-   * out while only the codec writes to it (wk_snapshot). */
+   * out while only the codec writes to it (wk_snapshot). A job reaches
+   * the registry, or values C code holds, through these: the registry
+   * itself, a C function's upvalues, and the slots of C frames (a
+   * finalizer running inside the encoder could read its tables). */
   lua_getglobal(L, "debug");
-  if (lua_istable(L, -1)) wk_wrap(L, -1, "getregistry", wk_tainting);
+  if (lua_istable(L, -1)) {
+    wk_wrap(L, -1, "getregistry", wk_tainting);
+    wk_wrap(L, -1, "getlocal", wk_tainting);
+    wk_wrap(L, -1, "setlocal", wk_tainting);
+    wk_wrap(L, -1, "getupvalue", wk_c_upvalue_guard);
+    wk_wrap(L, -1, "setupvalue", wk_c_upvalue_guard);
+  }
   lua_pop(L, 1);
   lua_getglobal(L, "package");
   wk_wrap(L, -1, "loadlib", wk_tainting);
@@ -556,9 +573,9 @@ static void wk_fix(void *ud, const void *p, size_t n) {
 /* Takes the image. The codec's name cache, 40 KB of an 80 KB image, is
  * left out of the per-job restore but when the codec wrote to it during
  * the job (a job that changed package.loaded): a restore copies every
- * byte of the image it covers, and on one CPU that is on the round trip. A
- * job reaches the cache otherwise only through debug.getregistry, which
- * taints (the worker exits after the job). */
+ * byte of the image it covers, and on one CPU that is on the round trip.
+ * The debug functions that could reach it otherwise taint (wk_wrap_all):
+ * the worker exits after such a job. */
 static int wk_snapshot(hd_wk *w, lua_State *L) {
   hd_alloc_unfix(&w->alloc);
   (void)hd_codec_names_fixed(L, wk_fix, &w->alloc);
