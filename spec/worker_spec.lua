@@ -102,6 +102,20 @@ describe("worker processes", function()
         function() return type(debug.getregistry()) end,
         function() return type(select(2, debug.getupvalue(debug.getregistry, 1))) end,
         function() return type(debug.getlocal(1, 1)) end,
+        -- A call hook sees the real getupvalue run inside its wrapper.
+        function()
+          local real
+          debug.sethook(function()
+            local i = debug.getinfo(2, "f")
+            if i and i.func ~= debug.getupvalue and i.func ~= debug.sethook then
+              real = real or i.func
+            end
+          end, "c")
+          local up = 1
+          debug.getupvalue(function() return up end, 1)
+          debug.sethook()
+          return type(real)
+        end,
       }
       for _, way in ipairs(ways) do
         local started = pool:stats().processes_started

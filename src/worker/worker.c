@@ -332,6 +332,40 @@ static int wk_c_upvalue_guard(lua_State *L) {
   return wk_call_wrapped(L);
 }
 
+/* A level on the caller's own stack (a number first argument) counts one
+ * frame more for the wrapped function: the wrapper's frame sits between. */
+static void wk_level_past_wrapper(lua_State *L) {
+  if (lua_type(L, 1) != LUA_TNUMBER) return;
+  lua_pushnumber(L, lua_tonumber(L, 1) + 1);
+  lua_replace(L, 1);
+}
+
+/* debug.getlocal and setlocal: a C frame's slots hold what C code holds
+ * (a finalizer running inside the encoder could read its tables). */
+static int wk_level_tainting(lua_State *L) {
+  wk_taint(L);
+  wk_level_past_wrapper(L);
+  return wk_call_wrapped(L);
+}
+
+/* debug.getinfo of a frame (by level, from a hook or a finalizer, say)
+ * taints when it gives out a C function: while a wrapper runs, the
+ * function it wraps has a frame of its own, and its `func` is that
+ * function, unwrapped. */
+static int wk_getinfo_guard(lua_State *L) {
+  int by_level = lua_type(L, 1) == LUA_TNUMBER ||
+                 (lua_type(L, 1) == LUA_TTHREAD && lua_type(L, 2) == LUA_TNUMBER);
+  int n;
+  wk_level_past_wrapper(L);
+  n = wk_call_wrapped(L);
+  if (by_level && n > 0 && lua_istable(L, -1)) {
+    lua_getfield(L, -1, "func");
+    if (lua_iscfunction(L, -1)) wk_taint(L);
+    lua_pop(L, 1);
+  }
+  return n;
+}
+
 /* load and loadstring taint only for bytecode or a reader function. */
 static int wk_load_guard(lua_State *L) {
   const char *s = lua_tostring(L, 1);
@@ -485,10 +519,11 @@ static void wk_wrap_all(lua_State *L) {
   lua_getglobal(L, "debug");
   if (lua_istable(L, -1)) {
     wk_wrap(L, -1, "getregistry", wk_tainting);
-    wk_wrap(L, -1, "getlocal", wk_tainting);
-    wk_wrap(L, -1, "setlocal", wk_tainting);
+    wk_wrap(L, -1, "getlocal", wk_level_tainting);
+    wk_wrap(L, -1, "setlocal", wk_level_tainting);
     wk_wrap(L, -1, "getupvalue", wk_c_upvalue_guard);
     wk_wrap(L, -1, "setupvalue", wk_c_upvalue_guard);
+    wk_wrap(L, -1, "getinfo", wk_getinfo_guard);
   }
   lua_pop(L, 1);
   lua_getglobal(L, "package");
