@@ -561,21 +561,42 @@ static int l_await(lua_State *L) {
 
 /* run(pool, chains|nil, fn, max_ms, max_heap, task_name, pool_timeout,
  *     max_result) -> like await, rejects included */
+/* The job userdata at `at` is no one's once run returns: the job goes now,
+ * and the userdata loses its finalizer (the collector finalizes an object
+ * with __gc in a separate step, a protected call each, and keeps it a cycle
+ * longer) and its entry in the registry's table of jobs. */
+static void l_job_drop(lua_State *L, int at) {
+  l_job *u = lua_touserdata(L, at);
+  hd_job *j = u->j;
+  lua_pushlightuserdata(L, &l_jobs_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  lua_pushlightuserdata(L, j);
+  lua_pushnil(L);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
+  lua_pushnil(L);
+  lua_setmetatable(L, at);
+  u->j = NULL;
+  hd_job_unref(j);
+}
+
 static int l_run(lua_State *L) {
   hd_sched *s = l_core(L);
   hd_job *j;
-  int n = l_submit(L);
+  int n = l_submit(L), at;
   if (n == 2) {
     lua_pushboolean(L, 0);
     lua_replace(L, -3);
     return 2;
   }
-  j = ((l_job *)lua_touserdata(L, -1))->j;
+  at = lua_gettop(L);
+  j = ((l_job *)lua_touserdata(L, at))->j;
   l_wait(L, s, j);
-  n = l_push_outcome(L, j, lua_gettop(L));
+  n = l_push_outcome(L, j, at);
   /* No one can ask for this job's result again: a big reply's buffer is
    * the warm spare for the next big transfer, not garbage for the GC. */
   if (!hd_job_forsaken(j)) hd_job_release_message(j);
+  l_job_drop(L, at);
   return n;
 }
 
