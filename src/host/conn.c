@@ -21,8 +21,9 @@
 /* An idle worker's reply pipe is looked at before it gets a job only once
  * its last reply is this old: a worker that just replied and ran no job
  * since has nothing to say, and the look is a system call on every round
- * trip. */
-#define CONN_FIT_NS 1000000u
+ * trip. The time of the last bytes is the loop's, in whole milliseconds
+ * (no clock read per reply): this is 1 to 2 ms of real time. */
+#define CONN_FIT_NS 2000000u
 /* The protocol pipes keep the kernel's default size, which per-user pipe
  * quotas count whether it is used or not. A frame bigger than that grows
  * its pipe to CONN_PIPE_BIG until the job's reply is in, so big transfers
@@ -66,7 +67,7 @@ struct hd_conn {
   uv_poll_t wpoll;    /* job_fd, writable while a frame waits to go */
   int wpoll_open;     /* initialised, and uv_close not yet called */
   int wpoll_on;       /* started */
-  uint64_t replied_at;/* uv_hrtime() when bytes last came */
+  uint64_t replied_at;/* the loop's time when bytes last came, in ns */
   int big;            /* CONN_BIG_*: pipes grown for the job in flight */
   int spliced;        /* the job in flight's frame went by vmsplice */
   int no_splice;      /* vmsplice was refused: frames are copied */
@@ -566,10 +567,10 @@ int hd_conn_stats(const hd_conn *c, uint64_t *cpu_ns, uint64_t *heap_peak, uint6
   return 1;
 }
 
-int hd_conn_fit(hd_conn *c) {
+int hd_conn_fit(hd_conn *c, uint64_t now) {
   struct pollfd pf;
   if (c->closing) return 0;
-  if (uv_hrtime() - c->replied_at < CONN_FIT_NS) return 1;
+  if (now - c->replied_at < CONN_FIT_NS) return 1;
   pf.fd = c->fd;
   pf.events = POLLIN;
   pf.revents = 0;
@@ -819,7 +820,7 @@ static void conn_read(hd_conn *c) {
     r = read(c->fd, c->in.data + c->in.len, c->in.cap - c->in.len);
     if (r > 0) {
       c->in.len += (size_t)r;
-      c->replied_at = uv_hrtime();
+      c->replied_at = hd_loop_now(c->loop) * 1000000u;
       if (conn_parse(c) < 0) return;
       /* The reply is in and nothing else is due: another recv would only
        * say EAGAIN. The poll is level-triggered, so later bytes or EOF are

@@ -69,9 +69,9 @@ int hd_conn_stats(const hd_conn *c, uint64_t *cpu_ns, uint64_t *heap_peak, uint6
 
 /* Whether an idle connection is still fit for a job: a worker that exited
  * or wrote something since its last reply is not (then fail or eof is
- * reported). One poll, once the last reply is 1 ms old; a worker that
- * just replied is taken as it is. */
-int hd_conn_fit(hd_conn *c);
+ * reported). One poll, once the last reply is 1 to 2 ms old at `now`
+ * (uv_hrtime()); a worker that just replied is taken as it is. */
+int hd_conn_fit(hd_conn *c, uint64_t now);
 
 /* From now on a reply holding a value sent by name is a breach: the
  * worker is sandboxed, and a name would make the host hand its caller the

@@ -467,7 +467,8 @@ void hd_sched_wait(hd_sched *s, hd_job *j) {
   }
   while (j->state != JOB_DONE) uv_run(uv, UV_RUN_ONCE);
   s->in_loop = 0;
-  s->last_run = uv_hrtime();
+  /* The loop ran until the job ended, whose time was just read. */
+  s->last_run = j->ended != 0 ? j->ended : uv_hrtime();
   hd_sup_reap(s->sup);
   sched_sync(s);
 }
@@ -953,11 +954,11 @@ static sched_proc *proc_spawn(hd_sched *s, hd_pool *root, char *err, size_t errl
 }
 
 /* The most recently used idle process of `root` that is still fit. */
-static sched_proc *proc_idle_of(hd_sched *s, hd_pool *root) {
+static sched_proc *proc_idle_of(hd_sched *s, hd_pool *root, uint64_t now) {
   hd_queue *q, *n;
   HD_QUEUE_EACH(q, n, &s->idle) {
     sched_proc *p = HD_QUEUE_DATA(q, sched_proc, inode);
-    if (p->root == root && hd_conn_fit(p->conn)) return p;
+    if (p->root == root && hd_conn_fit(p->conn, now)) return p;
   }
   return NULL;
 }
@@ -1345,10 +1346,11 @@ static void job_start(hd_job *j) {
   const hd_buf *frame;
   hd_sched *s = j->sched;
   hd_pool *root = hd_chains_root(j->chains);
-  sched_proc *p = proc_idle_of(s, root);
-  if (j->state == JOB_NEW) s->active++;
+  sched_proc *p;
   /* Started from its submit, it waited for nothing: one clock read less. */
   j->started = j->state == JOB_NEW ? j->submitted : uv_hrtime();
+  p = proc_idle_of(s, root, j->started);
+  if (j->state == JOB_NEW) s->active++;
   j->state = JOB_RUNNING;
   hd_queue_insert_head(&s->running, &j->rnode);
   hd_chains_count_start(j->chains);
