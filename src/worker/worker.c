@@ -1237,12 +1237,16 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
   for (;;) {
     hd_frame f;
     hd_wire_job job, items;
+    uint64_t arrived;
     int last;
     wk_spin_for_job(w);
     if (w->trim && w->in.len == 0) wk_trim_when_idle(w);
     while (w->in.len < HD_FRAME_HEADER)
       if (wk_fill(w) != 0) goto done;
-    w->back_to_back = w->replied_at != 0 && wk_now_ns() - w->replied_at < WK_BACK_TO_BACK_NS;
+    /* One clock read for the job's arrival and its start (unless the
+     * rest of its frame has to be read first). */
+    arrived = wk_now_ns();
+    w->back_to_back = w->replied_at != 0 && arrived - w->replied_at < WK_BACK_TO_BACK_NS;
     /* A job comes only after the host has read the last reply whole. */
     w->out_spliced = 0;
     hd_wire_frame(w->in.data, &f);
@@ -1253,8 +1257,12 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
     w->frame_len = HD_FRAME_HEADER + (size_t)f.len;
     if (w->in.len < w->frame_len && hd_buf_reserve(&w->in, w->frame_len - w->in.len) != 0)
       return HD_EXIT_NO_MEMORY;
-    while (w->in.len < w->frame_len)
-      if (wk_fill(w) != 0) goto done;
+    if (w->in.len < w->frame_len) {
+      while (w->in.len < w->frame_len)
+        if (wk_fill(w) != 0) goto done;
+      /* A big frame took a while to read: the job starts now. */
+      arrived = wk_now_ns();
+    }
     w->job_id = f.id;
     w->inited = 1;
     if (f.type == HD_FRAME_INIT) {
@@ -1270,7 +1278,7 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
     }
     if (hd_wire_job_parse(w->in.data, w->frame_len, &job) != 0) return HD_EXIT_BAD_FRAME;
     items = job;
-    w->job_start = w->sent_at = wk_now_ns();
+    w->job_start = w->sent_at = arrived;
     w->no_hold = job.max_output < WK_HOLD_OUTPUT;
     do {
       const char *item = NULL;
@@ -1313,7 +1321,8 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
                         items.nitems == 0 || last) != 0)
         goto done;
       if (items.nitems == 0 || last) {
-        w->replied_at = wk_now_ns();
+        /* The reply's time, as its STATS frame says (wk_reply_send). */
+        w->replied_at = w->job_start;
         wk_cpu_rebase(w, w->replied_at);
       }
       if (last) {
