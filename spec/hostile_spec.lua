@@ -310,8 +310,11 @@ describe("hostile bytes from a worker", function()
 
     it("does not give a job to a worker that exited after its reply", function()
       -- The worker replied (REPLY: it stays for more work), then exited. Once
-      -- it is gone its socket is at EOF: the next job must not be sent to
-      -- it, or that job fails with "exit 0" without ever having run.
+      -- it is gone its reply pipe is at EOF. The next job must not fail with
+      -- "exit 0" without ever having run: an idle worker is looked at before
+      -- it gets a job (once its last reply is a millisecond old), and a job
+      -- sent to a worker that died without reading it starts again on
+      -- another.
       local path = pidfile()
       local id = next_id()
       local ok, v = fx.pool:run(attack(reply(id, OK, hi), path, "exit"))

@@ -70,6 +70,9 @@ struct hd_conn {
   uint64_t replied_at;/* the loop's time when bytes last came, in ns */
   int big;            /* CONN_BIG_*: pipes grown for the job in flight */
   int spliced;        /* the job in flight's frame went by vmsplice */
+  int job_unread;     /* at EOF: the worker had read nothing of the job,
+                       * which it got without the idle look (unchecked) */
+  int unchecked;      /* the last hd_conn_fit skipped the look */
   int no_splice;      /* vmsplice was refused: frames are copied */
   int handles;        /* handles initialised and not yet closed */
   int orphan;         /* hd_conn_new failed: freed, not reported, once closed */
@@ -500,12 +503,26 @@ static void conn_fail(hd_conn *c, int kind, const char *why) {
   c->cbs.fail(c, c->ud, kind, why);
 }
 
+/* Whether the worker read nothing of the job in flight: every byte
+ * written is still in the job pipe, which the host holds a read end of. */
+static int conn_job_unread(const hd_conn *c) {
+  int n = 0;
+  if (c->frame == NULL || c->out_off == 0 || c->job_keep < 0) return 0;
+  if (ioctl(c->job_keep, FIONREAD, &n) != 0 || n < 0) return 0;
+  return (size_t)n == c->out_off;
+}
+
 static void conn_eof(hd_conn *c) {
   /* What the worker wrote before it went is still its job's. */
   conn_out_drain(c);
   if (c->closing) return;
+  c->job_unread = c->unchecked && conn_job_unread(c);
   hd_conn_close(c);
   c->cbs.eof(c, c->ud);
+}
+
+int hd_conn_job_unread(const hd_conn *c) {
+  return c->job_unread;
 }
 
 /* Writes as much of the job frame as the job pipe takes now. The host
@@ -570,7 +587,8 @@ int hd_conn_stats(const hd_conn *c, uint64_t *cpu_ns, uint64_t *heap_peak, uint6
 int hd_conn_fit(hd_conn *c, uint64_t now) {
   struct pollfd pf;
   if (c->closing) return 0;
-  if (now - c->replied_at < CONN_FIT_NS) return 1;
+  c->unchecked = now - c->replied_at < CONN_FIT_NS;
+  if (c->unchecked) return 1;
   pf.fd = c->fd;
   pf.events = POLLIN;
   pf.revents = 0;

@@ -73,6 +73,11 @@ int hd_conn_stats(const hd_conn *c, uint64_t *cpu_ns, uint64_t *heap_peak, uint6
  * (uv_hrtime()); a worker that just replied is taken as it is. */
 int hd_conn_fit(hd_conn *c, uint64_t now);
 
+/* After eof: whether the worker had read nothing of the job in flight (it
+ * died before: the job never ran), a job it got without the look
+ * hd_conn_fit makes at an idle worker, which would have seen it dying. */
+int hd_conn_job_unread(const hd_conn *c);
+
 /* From now on a reply holding a value sent by name is a breach: the
  * worker is sandboxed, and a name would make the host hand its caller the
  * host's own table of that name. */

@@ -86,6 +86,8 @@ struct hd_job {
   int notify;           /* hd_job_notify: the context's on_end is called at its end */
   uint32_t nitems;      /* items in its frame (0: a plain job) */
   uint32_t item;        /* the item running: how many have replied before it */
+  int restarted;        /* started again once, its worker gone before reading it */
+  int restarting;       /* in job_start for that: not counted as a start again */
   uint64_t item_started;/* uv_hrtime() when the host heard the previous item end */
   uint32_t item_seek;   /* hd_job_item's last item, and where it is in `items` */
   size_t item_seek_at;
@@ -750,12 +752,28 @@ static void proc_on_fail(hd_conn *c, void *ud, int kind, const char *why) {
   job_finish(j, kind == HD_CONN_TOOBIG ? HD_OUT_BADRESULT : HD_OUT_BADREPLY);
 }
 
-/* EOF: the process closed its socket, which means it is dying. The cause
- * comes with the supervisor's report; until then its job waits. */
+static void job_start(hd_job *j);
+
+/* EOF: the process closed its reply pipe, which means it is dying. The
+ * cause comes with the supervisor's report; until then its job waits. A
+ * job it got without the idle look (its last reply was under 1-2 ms old)
+ * and read nothing of never ran: it starts again on another worker, once.
+ * Its worker had replied to the job before and exited, or was killed
+ * while idle: the look would have seen that. */
 static void proc_on_eof(hd_conn *c, void *ud) {
   sched_proc *p = ud;
-  (void)c;
+  hd_job *j = p->job;
   proc_unidle(p);
+  if (j != NULL && !j->restarted && hd_conn_job_unread(c)) {
+    p->job = NULL;
+    p->state = PROC_DYING;
+    j->proc = NULL;
+    j->restarted = 1;
+    j->restarting = 1;
+    hd_queue_remove(&j->rnode);
+    job_start(j);
+    return;
+  }
   if (p->state != PROC_BUSY) p->state = PROC_DYING;
   if (p->exited) proc_job_died(p);
 }
@@ -1353,7 +1371,8 @@ static void job_start(hd_job *j) {
   if (j->state == JOB_NEW) s->active++;
   j->state = JOB_RUNNING;
   hd_queue_insert_head(&s->running, &j->rnode);
-  hd_chains_count_start(j->chains);
+  if (!j->restarting) hd_chains_count_start(j->chains);
+  j->restarting = 0;
   if (p == NULL) {
     char err[256];
     p = proc_spawn(s, root, err, sizeof err);
