@@ -516,7 +516,9 @@ static void conn_eof(hd_conn *c) {
   /* What the worker wrote before it went is still its job's. */
   conn_out_drain(c);
   if (c->closing) return;
-  c->job_unread = c->unchecked && conn_job_unread(c);
+  /* Only as the loop polls: a drain from a timer's callback, or from the
+   * report of a lost supervisor, is ending the job anyway. */
+  c->job_unread = c->in_poll && c->unchecked && conn_job_unread(c);
   hd_conn_close(c);
   c->cbs.eof(c, c->ud);
 }

@@ -75,7 +75,8 @@ int hd_conn_fit(hd_conn *c, uint64_t now);
 
 /* After eof: whether the worker had read nothing of the job in flight (it
  * died before: the job never ran), a job it got without the look
- * hd_conn_fit makes at an idle worker, which would have seen it dying. */
+ * hd_conn_fit makes at an idle worker, which would have seen it dying;
+ * reported only when the EOF came to the loop's poll. */
 int hd_conn_job_unread(const hd_conn *c);
 
 /* From now on a reply holding a value sent by name is a breach: the

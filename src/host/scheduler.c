@@ -764,10 +764,14 @@ static void proc_on_eof(hd_conn *c, void *ud) {
   sched_proc *p = ud;
   hd_job *j = p->job;
   proc_unidle(p);
-  if (j != NULL && !j->restarted && hd_conn_job_unread(c)) {
+  if (j != NULL && !j->restarted && j->pending == HD_OUT_NONE && !p->sched->closing &&
+      hd_conn_job_unread(c)) {
     p->job = NULL;
-    p->state = PROC_DYING;
     j->proc = NULL;
+    proc_kill(p);
+    /* What the process wrote was no part of this job. */
+    j->out_used = 0;
+    j->captured.len = 0;
     j->restarted = 1;
     j->restarting = 1;
     hd_queue_remove(&j->rnode);
