@@ -182,7 +182,7 @@ static void sched_idle_close_cb(uv_handle_t *h) {
  *
  * A fork copies the context, and the copy shares every kernel object with
  * the original: the epoll instance of the loop, the supervisor's control
- * socket, each worker's socket. The child must not use them: a libuv call
+ * socket, each worker's pipes. The child must not use them: a libuv call
  * on its loop (uv_close, uv_poll_stop: epoll_ctl) would change the
  * parent's loop, a read would take the parent's reports and replies, and a
  * word to the supervisor would reach the parent's. So in the child, at the
@@ -555,8 +555,9 @@ void hd_sched_each_pid(hd_sched *s, void (*fn)(void *, pid_t), void *ud, pid_t *
     sched_proc *p = HD_QUEUE_DATA(q, sched_proc, node);
     pid_t pid = p->pid > 0 ? p->pid : hd_conn_pid(p->conn);
     if (!p->exited && pid > 0) fn(ud, pid);
-    /* Descriptors the host holds for its workers: the socket's end, the
-     * output pipes' and the pidfd of each, pid known or not yet. */
+    /* Descriptors the host holds for its workers: its ends of the
+     * protocol and output pipes and the pidfd of each, pid known or not
+     * yet. */
     *fds += hd_conn_fds(p->conn);
     if (p->pidfd >= 0) (*fds)++;
   }
@@ -619,7 +620,8 @@ static void proc_unidle(sched_proc *p) {
   if (hd_queue_linked(&p->inode)) hd_queue_remove(&p->inode);
 }
 
-/* An idle process is no longer wanted: closing its socket makes it exit. */
+/* An idle process is no longer wanted: closing its pipes makes it exit (its
+ * read of the job pipe ends). */
 static void proc_retire(sched_proc *p) {
   proc_unidle(p);
   p->state = PROC_DYING;
@@ -705,7 +707,7 @@ static void proc_job_died(sched_proc *p) {
 static void job_on_reply(hd_job *j, hd_buf *buf, size_t off, size_t len);
 
 /* Whether a root pool's workers serve one job each: the "syscalls" profile
- * keeps the FFI, so its job may reach the protocol socket and memory. */
+ * keeps the FFI, so its job may reach the protocol pipes and memory. */
 static int sched_one_job(const hd_pool *root) {
   return hd_pool_sandbox(root) == HD_SPAWN_SECCOMP;
 }
@@ -868,7 +870,7 @@ static void proc_on_exited(sched_proc *p, int status) {
   p->exited = 1;
   p->status = status;
   hd_pool_note_process(p->root, -1, 0);
-  /* A reply written just before the exit is already in the socket: read it
+  /* A reply written just before the exit is already in the pipe: read it
    * before deciding the job died. */
   if (p->job) hd_conn_drain(p->conn);
   proc_unidle(p);

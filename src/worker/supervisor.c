@@ -578,7 +578,7 @@ static int sup_read_ctl(sup *s) {
   if (n == 0) return -1;
   if (hd_wire_ctl_unpack(buf, (size_t)n, HD_CTL_DOWN, &m) == 0) {
     if (m.type == HD_CTL_SPAWN) {
-      /* A SPAWN comes with the worker's socket and output pipes; without
+      /* A SPAWN comes with the worker's protocol and output pipes; without
        * them (the kernel drops descriptors we have no room for) the host
        * must still hear back, or the job waiting for that worker waits for
        * ever. */
