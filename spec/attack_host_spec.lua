@@ -121,7 +121,7 @@ local function next_id(pool)
   return id + 1
 end
 
--- A job that writes `bytes` on its protocol socket, then exits: the host
+-- A job that writes `bytes` on its reply pipe, then exits: the host
 -- reads the reply it finds there before it learns of the exit.
 local function send_raw(bytes)
   return function()

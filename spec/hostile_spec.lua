@@ -1,5 +1,5 @@
--- hostile_spec.lua: a worker that writes whatever it likes on its protocol
--- socket, and the races around kills and exits.
+-- hostile_spec.lua: a worker that writes whatever it likes on its reply
+-- pipe, and the races around kills and exits.
 --
 -- A job plays the hostile worker: it writes raw frames to fd 3 through the
 -- FFI, then exits or sleeps so that the parent must react. After each case
@@ -48,7 +48,7 @@ end
 local read_file = H.read_file
 local report_pid = H.job_bodies().report_pid
 
--- A job that writes its pid to pidfile, then `bytes` on the protocol socket,
+-- A job that writes its pid to pidfile, then `bytes` on the reply pipe,
 -- then, when given `bytes2`, waits for the file `gate` to exist and writes
 -- them too; then it exits at once ("exit") or sleeps 20 s ("sleep"),
 -- leaving the parent to end it.
@@ -619,7 +619,7 @@ describe("races", function()
   end)
 
   -- A worker that dies while the parent is still writing its 50 MB job
-  -- frame: the worker is stopped so the socket fills, then killed.
+  -- frame: the worker is stopped so the job pipe fills, then killed.
   local function big_job_script()
     return [[
       local ffi = require("ffi")

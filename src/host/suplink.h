@@ -52,8 +52,8 @@ int hd_sup_ensure(hd_sup *s, const char *path, const char *cpath);
 
 const char *hd_sup_error(const hd_sup *s);
 
-/* Orders. `fds` (hd_sup_spawn: the worker's socket, stdout and stderr, in
- * the order of wire.h's HD_SPAWN_FD_*) are attached and closed here,
+/* Orders. `fds` (hd_sup_spawn: the worker's reply pipe, stdout, stderr and
+ * job pipe, in the order of wire.h's HD_SPAWN_FD_*) are attached and closed here,
  * whatever happens. Each returns 0, or -1 when it could not be sent. */
 int hd_sup_spawn(hd_sup *s, uint32_t id, int flags, const char *name,
                  const int fds[HD_SPAWN_FDS]);
@@ -62,7 +62,7 @@ int hd_sup_kill(hd_sup *s, uint32_t id);
 /* Reads the reports already sent, without blocking. */
 void hd_sup_drain(hd_sup *s);
 
-/* Descriptors held in orders not yet sent (a worker's socket and pipes
+/* Descriptors held in orders not yet sent (a worker's pipes
  * wait here while the supervisor is slow to read). For tests. */
 int hd_sup_held_fds(const hd_sup *s);
 

@@ -326,7 +326,7 @@ int hd_sandbox_process(void) {
   pid_t me = getpid();
   size_t i;
   int rc = -1;
-  /* Few descriptors (the protocol socket, stdio, a module file being read),
+  /* Few descriptors (the protocol pipes, stdio, a module file being read),
    * no core files, small files. */
   rl.rlim_cur = rl.rlim_max = SB_NOFILE;
   if (setrlimit(RLIMIT_NOFILE, &rl) != 0) return -1;

@@ -8,7 +8,7 @@
  * job's own (os.exit). The host reports a worker's death either way. */
 #define HD_EXIT_BAD_FRAME 71 /* the parent sent something that is not a job frame */
 #define HD_EXIT_NO_MEMORY 72 /* no room for a job frame */
-#define HD_EXIT_NO_SOCKET 73 /* the protocol socket could not be put in place */
+#define HD_EXIT_NO_SOCKET 73 /* the protocol pipes could not be put in place */
 #define HD_EXIT_ORPHAN 74    /* the supervisor was gone before the worker started */
 #define HD_EXIT_NO_DIR 75    /* the private directory could not be entered */
 #define HD_EXIT_SANDBOX 76   /* the sandbox profile could not be applied */
