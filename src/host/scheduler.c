@@ -12,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "affinity.h"
 #include "conn.h"
 #include "loop.h"
 #include "num.h"
@@ -87,7 +88,6 @@ struct hd_job {
   uint32_t nitems;      /* items in its frame (0: a plain job) */
   uint32_t item;        /* the item running: how many have replied before it */
   int restarted;        /* started again once, its worker gone before reading it */
-  int restarting;       /* in job_start for that: not counted as a start again */
   uint64_t item_started;/* uv_hrtime() when the host heard the previous item end */
   uint32_t item_seek;   /* hd_job_item's last item, and where it is in `items` */
   size_t item_seek_at;
@@ -430,14 +430,6 @@ void hd_sched_on_end(hd_sched *s, void (*fn)(void *ud, hd_job *j), void *ud) {
   s->on_end_ud = ud;
 }
 
-/* Whether this thread may run on one CPU only (pinned, as an nginx worker
- * with worker_cpu_affinity is). */
-static int sched_one_cpu(void) {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  return sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) == 1;
-}
-
 /* A short job's reply usually comes within a few tens of microseconds:
  * polling for that long first saves the host a sleep and a wake-up, which
  * cost more than the whole round trip on an idle machine. On a busy one
@@ -451,7 +443,7 @@ void hd_sched_wait(hd_sched *s, hd_job *j) {
   uint64_t start;
   int spin;
   s->in_loop = 1;
-  if ((s->waits++ % SCHED_CPUS_EVERY) == 0) s->one_cpu = sched_one_cpu();
+  if ((s->waits++ % SCHED_CPUS_EVERY) == 0) s->one_cpu = hd_one_cpu();
   spin = s->spin_ns > 0 && !s->one_cpu &&
          (s->spin_credit > 0 || (++s->spin_probe & SCHED_SPIN_PROBE_MASK) == 0);
   start = spin ? uv_hrtime() : 0;
@@ -775,8 +767,6 @@ static void proc_on_eof(hd_conn *c, void *ud) {
     j->out_used = 0;
     j->captured.len = 0;
     j->restarted = 1;
-    j->restarting = 1;
-    hd_queue_remove(&j->rnode);
     job_start(j);
     return;
   }
@@ -1375,10 +1365,13 @@ static void job_start(hd_job *j) {
   j->started = j->state == JOB_NEW ? j->submitted : uv_hrtime();
   p = proc_idle_of(s, root, j->started);
   if (j->state == JOB_NEW) s->active++;
-  j->state = JOB_RUNNING;
-  hd_queue_insert_head(&s->running, &j->rnode);
-  if (!j->restarting) hd_chains_count_start(j->chains);
-  j->restarting = 0;
+  /* A running job starts again only when its worker died before reading
+   * it (proc_on_eof): it is running and counted already. */
+  if (j->state != JOB_RUNNING) {
+    j->state = JOB_RUNNING;
+    hd_queue_insert_head(&s->running, &j->rnode);
+    hd_chains_count_start(j->chains);
+  }
   if (p == NULL) {
     char err[256];
     p = proc_spawn(s, root, err, sizeof err);

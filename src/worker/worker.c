@@ -24,6 +24,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "affinity.h"
 #include "alloc.h"
 #include "buf.h"
 #include "codec.h"
@@ -277,15 +278,25 @@ static int wk_fill(hd_wk *w) {
   }
 }
 
-/* A write to the reply pipe once the host has gone raises SIGPIPE, which
- * ends the worker: nothing is left to serve. */
-static int wk_write_full(int fd, const char *p, size_t n) {
+/* Writes n bytes to the reply pipe, whole; with `splice`, by vmsplice: the
+ * pipe takes the pages, not a copy, and they must not change until the host
+ * has read them (WK_SPLICE_MIN). A write once the host has gone raises
+ * SIGPIPE, which ends the worker: nothing is left to serve. */
+static int wk_write_full(int fd, const char *p, size_t n, int splice) {
   while (n > 0) {
-    ssize_t r = write(fd, p, n);
-    if (r >= 0) {
+    ssize_t r;
+    if (splice) {
+      struct iovec iov;
+      iov.iov_base = (void *)p;
+      iov.iov_len = n;
+      r = vmsplice(fd, &iov, 1, 0);
+    } else {
+      r = write(fd, p, n);
+    }
+    if (r > 0) {
       p += r;
       n -= (size_t)r;
-    } else if (errno != EINTR) {
+    } else if (r == 0 || errno != EINTR) {
       return -1;
     }
   }
@@ -312,7 +323,6 @@ static void wk_taint(lua_State *L) {
   (void)hd_hold_send();
   hd_hold_timer(0);
 }
-
 
 /* A wrapper that marks the worker tainted, then calls the wrapped function
  * (upvalue 1). Functions that reach state outside the Lua heap (files,
@@ -605,9 +615,10 @@ static void wk_fix(void *ud, const void *p, size_t n) {
   hd_alloc_fix(ud, p, n);
 }
 
-/* Takes the image. The codec's name cache, 40 KB of an 80 KB image, is
- * left out of the per-job restore but when the codec wrote to it during
- * the job (a job that changed package.loaded): a restore copies every
+/* Takes the image. The codec's name cache (40 KB of an 80 KB image, 28 KB
+ * of it hash parts and the filter's bits) is left out of the per-job
+ * restore but when the codec wrote to it during the job (a job that
+ * changed package.loaded): a restore copies every
  * byte of the image it covers, and on one CPU that is on the round trip.
  * The debug functions that could reach it otherwise taint (wk_wrap_all):
  * the worker exits after such a job. */
@@ -715,7 +726,7 @@ static int wk_emit(lua_State *L) {
    * do the replies of the items before it. */
   fflush(NULL);
   rc = hd_hold_send();
-  if (rc == 0) rc = wk_write_full(w->fd, b.data, b.len);
+  if (rc == 0) rc = wk_write_full(w->fd, b.data, b.len, 0);
   hd_buf_free(&b);
   if (rc != 0) return luaL_error(L, "handler: cannot send the event");
   return 0;
@@ -863,23 +874,6 @@ static void wk_cpu_rebase(hd_wk *w, uint64_t now) {
  * items follow are copied: the next item's reply reuses the buffer. */
 #define WK_SPLICE_MIN 65536
 
-static int wk_splice_full(int fd, const char *p, size_t n) {
-  while (n > 0) {
-    struct iovec iov;
-    ssize_t r;
-    iov.iov_base = (void *)p;
-    iov.iov_len = n;
-    r = vmsplice(fd, &iov, 1, 0);
-    if (r > 0) {
-      p += r;
-      n -= (size_t)r;
-    } else if (r == 0 || errno != EINTR) {
-      return -1;
-    }
-  }
-  return 0;
-}
-
 /* The job's STATS frame, then its reply. With `hold`, more items of the
  * job follow: the two are held (hold.c) and go out with the replies after
  * them, or when WK_HOLD_NS has passed since the last send. `final`: no
@@ -904,8 +898,8 @@ static int wk_reply_send(hd_wk *w, int last, int hold, int final) {
     /* The STATS frame is on the stack: copied, never spliced. */
     if (final && w->out.len > WK_SPLICE_MIN) {
       w->out_spliced = 1;
-      return wk_write_full(w->fd, stats, sizeof stats) != 0 ||
-                     wk_splice_full(w->fd, w->out.data, w->out.len) != 0
+      return wk_write_full(w->fd, stats, sizeof stats, 0) != 0 ||
+                     wk_write_full(w->fd, w->out.data, w->out.len, 1) != 0
                  ? -1
                  : 0;
     }
@@ -1164,28 +1158,23 @@ static uint64_t wk_now_ns(void) {
 /* How often (in jobs) a worker looks at the CPUs it may run on. */
 #define WK_CPUS_EVERY 256
 
-/* Whether the worker may run on one CPU only (pinned, with the host
- * usually: pins are inherited). Then polling cannot help: the host runs
- * only once the worker stops, and a plain blocking read is one system
- * call where polling is three. */
-static int wk_one_cpu(void) {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  return sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) == 1;
+/* Whether the job pipe is readable (or closed: the read that follows says
+ * which) within `ms` milliseconds. */
+static int wk_job_ready(const hd_wk *w, int ms) {
+  struct pollfd pf;
+  pf.fd = w->job_fd;
+  pf.events = POLLIN;
+  pf.revents = 0;
+  return poll(&pf, 1, ms) != 0;
 }
 
 static void wk_spin_for_job(hd_wk *w) {
   uint64_t start;
-  if ((w->jobs++ % WK_CPUS_EVERY) == 0) w->solo = wk_one_cpu();
+  if ((w->jobs++ % WK_CPUS_EVERY) == 0) w->solo = hd_one_cpu();
   if (w->solo || !w->back_to_back || w->in.len != 0) return;
   start = wk_now_ns();
   while (wk_now_ns() - start < WK_SPIN_NS) {
-    struct pollfd pf;
-    pf.fd = w->job_fd;
-    pf.events = POLLIN;
-    pf.revents = 0;
-    /* Readable or closed: the read that follows says which. */
-    if (poll(&pf, 1, 0) != 0) return;
+    if (wk_job_ready(w, 0)) return;
     /* Whoever else wants this CPU (the host, another worker) gets it. */
     sched_yield();
   }
@@ -1195,11 +1184,7 @@ static void wk_spin_for_job(hd_wk *w) {
  * reuses it without faulting pages in again; a worker that then sits idle
  * gives it back, so idle workers stay small. */
 static void wk_trim_when_idle(hd_wk *w) {
-  struct pollfd pf;
-  pf.fd = w->job_fd;
-  pf.events = POLLIN;
-  pf.revents = 0;
-  if (poll(&pf, 1, WK_IDLE_TRIM_MS) != 0) return;
+  if (wk_job_ready(w, WK_IDLE_TRIM_MS)) return;
   /* The I/O buffers too: cheap to make again, and every page counts for an
    * idle worker. Not a reply buffer the pipe may still hold pages of: the
    * host may not have read it yet, and freeing writes malloc's own data
@@ -1231,14 +1216,14 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
   /* The worker says who it is before anything else, so the parent knows its
    * pid by the time any reply of it arrives. */
   hd_wire_hello(h, pid);
-  if (wk_write_full(fd, h, sizeof h) != 0) return 0;
+  if (wk_write_full(fd, h, sizeof h, 0) != 0) return 0;
   w->cpu_base = wk_cpu_ns();
   w->cpu_base_at = wk_now_ns();
   for (;;) {
     hd_frame f;
     hd_wire_job job, items;
     uint64_t arrived;
-    int last;
+    int last, pending;
     wk_spin_for_job(w);
     if (w->trim && w->in.len == 0) wk_trim_when_idle(w);
     while (w->in.len < HD_FRAME_HEADER)
@@ -1302,13 +1287,14 @@ int hd_worker_run(int fd, int flags, pid_t pid) {
       /* A job's output reaches the host before its result does; the worker
        * leaves with _exit, which would drop anything still buffered. The
        * replies held go before this item's output. */
-      if (hd_hold_bytes() > 0 && (__fpending(stdout) > 0 || __fpending(stderr) > 0))
-        (void)hd_hold_send();
+      pending = __fpending(stdout) > 0 || __fpending(stderr) > 0;
+      if (pending && hd_hold_bytes() > 0) (void)hd_hold_send();
       last = w->alloc.taint || once;
       /* Untainted, the job had no stream but these (its files are closed):
        * walking every stream costs more than looking at two. */
-      if (last) fflush(NULL);
-      else if (__fpending(stdout) > 0 || __fpending(stderr) > 0) {
+      if (last) {
+        fflush(NULL);
+      } else if (pending) {
         fflush(stdout);
         fflush(stderr);
       }
