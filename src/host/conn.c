@@ -249,10 +249,15 @@ fail:
 static void conn_wpoll_cb(uv_poll_t *h, int status, int events);
 static void conn_read(hd_conn *c);
 
+/* The protocol pipe CONN_BIG_REPLY or CONN_BIG_JOB names: our end of it. */
+static int conn_pipe_fd(const hd_conn *c, int which) {
+  return which == CONN_BIG_REPLY ? c->fd : c->job_fd;
+}
+
 /* Grows a protocol pipe for a big frame (best effort: a quota may refuse),
  * or gives the room back. */
 static void conn_pipe_grow(hd_conn *c, int which) {
-  int fd = which == CONN_BIG_REPLY ? c->fd : c->job_fd;
+  int fd = conn_pipe_fd(c, which);
   if ((c->big & which) || fd < 0) return;
   if (fcntl(fd, F_SETPIPE_SZ, CONN_PIPE_BIG) >= 0) c->big |= which;
 }
@@ -260,7 +265,7 @@ static void conn_pipe_grow(hd_conn *c, int which) {
 static void conn_pipes_shrink(hd_conn *c) {
   int which;
   for (which = CONN_BIG_REPLY; which <= CONN_BIG_JOB; which <<= 1) {
-    int fd = which == CONN_BIG_REPLY ? c->fd : c->job_fd;
+    int fd = conn_pipe_fd(c, which);
     /* Fails only while the pipe holds more than fits: it stays big. */
     if ((c->big & which) && fd >= 0 && fcntl(fd, F_SETPIPE_SZ, CONN_PIPE_SMALL) >= 0)
       c->big &= ~which;
@@ -305,6 +310,15 @@ static void conn_wpoll_close_cb(uv_handle_t *h) {
   conn_handle_closed(h->data);
 }
 
+/* What a poll of fd for input says now (its revents; 0: nothing). */
+static short conn_poll_now(int fd) {
+  struct pollfd pf;
+  pf.fd = fd;
+  pf.events = POLLIN;
+  pf.revents = 0;
+  return poll(&pf, 1, 0) > 0 ? pf.revents : 0;
+}
+
 /* A job frame went by vmsplice, so the job pipe holds the caller's pages,
  * which the caller may reuse once the job has ended. A worker that has not
  * read them all yet and is still being killed must not read them then:
@@ -314,14 +328,8 @@ static void conn_job_pipe_empty(hd_conn *c) {
   char buf[CONN_OUT_CHUNK];
   if (c->job_fd >= 0) close(c->job_fd);
   c->job_fd = -1;
-  while (c->job_keep >= 0) {
-    struct pollfd pf;
-    ssize_t r;
-    pf.fd = c->job_keep;
-    pf.events = POLLIN;
-    pf.revents = 0;
-    if (poll(&pf, 1, 0) <= 0 || !(pf.revents & POLLIN)) break;
-    r = read(c->job_keep, buf, sizeof buf);
+  while (c->job_keep >= 0 && (conn_poll_now(c->job_keep) & POLLIN)) {
+    ssize_t r = read(c->job_keep, buf, sizeof buf);
     if (r > 0 || (r < 0 && errno == EINTR)) continue;
     break;
   }
@@ -560,7 +568,6 @@ static void conn_write(hd_conn *c) {
   }
 }
 
-
 void hd_conn_send(hd_conn *c, uint64_t id, double max_result, const hd_buf *frame) {
   c->id = id;
   c->has_stats = 0;
@@ -587,14 +594,9 @@ int hd_conn_stats(const hd_conn *c, uint64_t *cpu_ns, uint64_t *heap_peak, uint6
 }
 
 int hd_conn_fit(hd_conn *c, uint64_t now) {
-  struct pollfd pf;
   if (c->closing) return 0;
   c->unchecked = now - c->replied_at < CONN_FIT_NS;
-  if (c->unchecked) return 1;
-  pf.fd = c->fd;
-  pf.events = POLLIN;
-  pf.revents = 0;
-  if (poll(&pf, 1, 0) <= 0) return 1;
+  if (c->unchecked || conn_poll_now(c->fd) == 0) return 1;
   /* Bytes are a breach (conn_parse says so for an idle connection); EOF
    * means it is dying. */
   conn_read(c);
@@ -842,7 +844,7 @@ static void conn_read(hd_conn *c) {
       c->in.len += (size_t)r;
       c->replied_at = hd_loop_now(c->loop) * 1000000u;
       if (conn_parse(c) < 0) return;
-      /* The reply is in and nothing else is due: another recv would only
+      /* The reply is in and nothing else is due: another read would only
        * say EAGAIN. The poll is level-triggered, so later bytes or EOF are
        * not missed. */
       if (c->frame == NULL && conn_unread_len(c) == 0) return;
