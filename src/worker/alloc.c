@@ -171,10 +171,16 @@ void hd_alloc_arm(hd_alloc *a, size_t limit) {
   a->tripped = 0;
 }
 
+/* Copies the snapshot's bytes back over n (offset, length) pairs. */
+static void alloc_copy_back(hd_alloc *a, const size_t *parts, size_t n) {
+  size_t k;
+  for (k = 0; k < n; k++)
+    memcpy(a->region + parts[2 * k], a->snapshot + parts[2 * k], parts[2 * k + 1]);
+}
+
 void hd_alloc_restore(hd_alloc *a, int fixed_changed) {
   hd_blk *b = a->head.next;
   hd_chunk *c = a->chunks;
-  size_t k;
   while (b != &a->head) {
     hd_blk *next = b->next;
     free(b);
@@ -201,14 +207,8 @@ void hd_alloc_restore(hd_alloc *a, int fixed_changed) {
   a->chunks = NULL;
   a->bump_at = a->bump_end = NULL;
   memset(a->free_small, 0, sizeof a->free_small);
-  for (k = 0; k < a->nranges; k++) {
-    size_t at = a->ranges[2 * k];
-    memcpy(a->region + at, a->snapshot + at, a->ranges[2 * k + 1]);
-  }
-  for (k = 0; fixed_changed && k < a->nfixed; k++) {
-    size_t at = a->fixed[2 * k];
-    memcpy(a->region + at, a->snapshot + at, a->fixed[2 * k + 1]);
-  }
+  alloc_copy_back(a, a->ranges, a->nranges);
+  if (fixed_changed) alloc_copy_back(a, a->fixed, a->nfixed);
   a->used = a->snap_used;
   a->limit = 0;
   a->tripped = 0;
