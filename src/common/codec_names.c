@@ -17,8 +17,8 @@ static const char nc_std_key = 0;
 static const char nc_stdmod_key = 0;
 static const char nc_verdicts_key = 0;
 
-/* Set whenever the cache or the standard sets are written to (built,
- * rebuilt or extended): hd_codec_names_fixed. */
+/* Set by the code that writes the cache's tables and filter (nc_index) and
+ * makes the standard sets (nc_std_fill): hd_codec_names_fixed. */
 static int nc_touched;
 
 /* The Lua stack slots the cache's functions make sure of: indexing a module
@@ -300,6 +300,7 @@ static void nc_index(lua_State *L, int nc, int loaded) {
   lua_Number nseen;
   unsigned char *filter;
   if (!lua_checkstack(L, NC_INDEX_SLOTS)) cx_oom(L);
+  nc_touched = 1;
   lua_rawgeti(L, nc, CX_NC_FILTER);
   filter = lua_touserdata(L, -1);
   lua_pop(L, 1); /* the cache at nc keeps it */
@@ -377,7 +378,6 @@ static void nc_index(lua_State *L, int nc, int loaded) {
 void cx_names_build(lua_State *L) {
   int nc;
   if (!lua_checkstack(L, NC_SLOTS)) cx_oom(L);
-  nc_touched = 1;
   lua_createtable(L, 6, 0);
   nc = lua_gettop(L);
   nc_push_weak(L, 0, 64, "k");
@@ -449,7 +449,6 @@ int cx_names_push(lua_State *L) {
   if (!stale && lua_tonumber(L, -1) == same) {
     /* Modules were only added: index just those. */
     lua_pop(L, 2);
-    nc_touched = 1;
     nc_index(L, nc, loaded);
     lua_pop(L, 1);
     return 0;
