@@ -666,13 +666,6 @@ static unsigned enc_kslot(const char *s, size_t len) {
   return (unsigned)(h >> 26); /* CX_KSLOTS = 64 */
 }
 
-/* Writes the string at idx, a table key: a short one through the KREF
- * slots, where the keys of a list of records travel once. Its bytes pick
- * two slots; it is KSET into one (an empty one, else each in turn) and
- * sent as KREF while that slot holds it. A string is known by its address
- * (equal strings are one object in LuaJIT), and kfast maps addresses to
- * slots so that a repeated key is not hashed again; a KSET anchors its
- * string, so that the address stays its own while the message is made. */
 /* The slot of the pair of the key string s (len bytes) that holds it, or
  * the one a miss would take first (then kptr[slot] != s); *f is s's kfast
  * entry. */
@@ -689,6 +682,13 @@ static unsigned enc_kslot_of(enc_state *e, const char *s, size_t len, size_t *f)
   return slot;
 }
 
+/* Writes the string at idx, a table key: a short one through the KREF
+ * slots, where the keys of a list of records travel once. Its bytes pick
+ * two slots; it is KSET into one (an empty one, else each in turn) and
+ * sent as KREF while that slot holds it. A string is known by its address
+ * (equal strings are one object in LuaJIT), and kfast maps addresses to
+ * slots so that a repeated key is not hashed again; a KSET anchors its
+ * string, so that the address stays its own while the message is made. */
 static void enc_key_string(enc_state *e, int idx) {
   lua_State *L = e->L;
   size_t len, f;

@@ -141,13 +141,16 @@ static int l_pool_gc(lua_State *L) {
   return 0;
 }
 
+/* The userdata lets its job go (once). */
+static void l_job_release(l_job *u) {
+  hd_job *j = u->j;
+  if (j == NULL) return;
+  u->j = NULL;
+  hd_job_unref(j);
+}
+
 static int l_job_gc(lua_State *L) {
-  l_job *u = luaL_checkudata(L, 1, L_JOB);
-  if (u->j != NULL) {
-    hd_job *j = u->j;
-    u->j = NULL;
-    hd_job_unref(j);
-  }
+  l_job_release(luaL_checkudata(L, 1, L_JOB));
   return 0;
 }
 
@@ -559,27 +562,25 @@ static int l_await(lua_State *L) {
   return l_push_outcome(L, j, 1);
 }
 
-/* run(pool, chains|nil, fn, max_ms, max_heap, task_name, pool_timeout,
- *     max_result) -> like await, rejects included */
 /* The job userdata at `at` is no one's once run returns: the job goes now,
  * and the userdata loses its finalizer (the collector finalizes an object
  * with __gc in a separate step, a protected call each, and keeps it a cycle
  * longer) and its entry in the registry's table of jobs. */
 static void l_job_drop(lua_State *L, int at) {
   l_job *u = lua_touserdata(L, at);
-  hd_job *j = u->j;
   lua_pushlightuserdata(L, &l_jobs_key);
   lua_rawget(L, LUA_REGISTRYINDEX);
-  lua_pushlightuserdata(L, j);
+  lua_pushlightuserdata(L, u->j);
   lua_pushnil(L);
   lua_rawset(L, -3);
   lua_pop(L, 1);
   lua_pushnil(L);
   lua_setmetatable(L, at);
-  u->j = NULL;
-  hd_job_unref(j);
+  l_job_release(u);
 }
 
+/* run(pool, chains|nil, fn, max_ms, max_heap, task_name, pool_timeout,
+ *     max_result) -> like await, rejects included */
 static int l_run(lua_State *L) {
   hd_sched *s = l_core(L);
   hd_job *j;
