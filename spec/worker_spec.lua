@@ -116,6 +116,19 @@ describe("worker processes", function()
           debug.sethook()
           return type(real)
         end,
+        -- The FFI's loader a wrapper holds, and the real loadstring seen
+        -- from a call hook (it loads bytecode).
+        function() return type(select(2, debug.getupvalue(package.preload.ffi, 1))) end,
+        function()
+          local real
+          debug.sethook(function()
+            local i = debug.getinfo(2, "f")
+            if i and i.func ~= loadstring and i.func ~= debug.sethook then real = real or i.func end
+          end, "c")
+          loadstring("return 1")
+          debug.sethook()
+          return type(real)
+        end,
       }
       for _, way in ipairs(ways) do
         local started = pool:stats().processes_started
